@@ -1,0 +1,1 @@
+"""memlayer.integrations: LangChain classes and the HTTP service, over the public API."""

@@ -1,0 +1,1 @@
+"""memlayer.kernels: page scoring and paged sparse attention; torch reference and Triton on CUDA."""

@@ -1,0 +1,1 @@
+"""memlayer.kvretrieval: KV memory inside HF transformers models (cache, attention hook, selectors)."""

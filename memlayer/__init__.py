@@ -1,0 +1,66 @@
+"""memlayer: retrieval and memory for agents and streaming inputs.
+
+`import memlayer` is light: the public classes load their subsystems on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from memlayer.errors import (
+    CapacityError,
+    ClosedError,
+    CorruptionError,
+    InvalidInputError,
+    MemlayerError,
+    MissingExtraError,
+    ModelMismatchError,
+    NotFoundError,
+    StorageError,
+    UnsupportedModelError,
+)
+from memlayer.types import Hit, Page, Scope
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Memory": "memlayer.memory",
+    "AsyncMemory": "memlayer.async_memory",
+    "KVSession": "memlayer.kv_session",
+}
+
+if TYPE_CHECKING:
+    from memlayer.async_memory import AsyncMemory
+    from memlayer.kv_session import KVSession
+    from memlayer.memory import Memory
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'memlayer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "AsyncMemory",
+    "CapacityError",
+    "ClosedError",
+    "CorruptionError",
+    "Hit",
+    "InvalidInputError",
+    "KVSession",
+    "MemlayerError",
+    "Memory",
+    "MissingExtraError",
+    "ModelMismatchError",
+    "NotFoundError",
+    "Page",
+    "Scope",
+    "StorageError",
+    "UnsupportedModelError",
+    "__version__",
+]

@@ -1,0 +1,61 @@
+"""Configuration at the boundary: environment (prefix `MEMLAYER_`), byte sizes, data dir.
+
+Part of the ground. Pydantic validates what users give; subsystems receive plain values.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from memlayer.errors import InvalidInputError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: int | float | str, field: str = "size") -> int:
+    """Parse a byte size: an int, or a string with a unit ("512MiB", "8GiB", "1.5 GB")."""
+    if isinstance(value, bool):
+        raise InvalidInputError(field, "must be a byte count or a size such as '8GiB'", value)
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise InvalidInputError(field, "must not be negative", value)
+        return int(value)
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match and match.group(2).lower() in _UNITS:
+            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    raise InvalidInputError(
+        field, "must be a byte count or a size with a unit (B, KB, MB, GB, KiB, MiB, GiB)", value
+    )
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_bytes)]
+
+
+def default_data_dir() -> Path:
+    """The per-user data folder memlayer uses when no path is given."""
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("memlayer", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """Process-wide defaults, read from `MEMLAYER_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="MEMLAYER_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    url: str | None = None
+    embedder: str = "minilm"
+    log_level: str = "WARNING"

@@ -1,0 +1,1 @@
+"""memlayer.retrievers: semantic selection (vector indexes, BM25 fusion, clustered RAG)."""
