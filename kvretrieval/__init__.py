@@ -1,1 +1,1 @@
-"""memlayer.kvretrieval: KV memory inside HF transformers models (cache, attention hook, selectors)."""
+"""memlayer.kvretrieval: KV memory inside HF models (cache, attention hook, selectors)."""

@@ -49,7 +49,7 @@ class CapacityError(MemlayerError):
 
 
 class StorageError(MemlayerError, OSError):
-    """The storage below failed (disk full, permission, I/O error); nothing acknowledged was lost."""
+    """The storage below failed (disk full, permissions, I/O); nothing acknowledged was lost."""
 
 
 class CorruptionError(StorageError):
