@@ -62,9 +62,7 @@ class MissingExtraError(MemlayerError, ImportError):
     def __init__(self, module: str, extra: str) -> None:
         self.module = module
         self.extra = extra
-        super().__init__(
-            f"{module} is required for this feature: pip install 'memlayer[{extra}]'"
-        )
+        super().__init__(f"{module} is required for this feature: pip install 'memlayer[{extra}]'")
 
 
 class UnsupportedModelError(MemlayerError):

