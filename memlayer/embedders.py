@@ -51,7 +51,11 @@ class SentenceTransformerEmbedder:
         self._model = SentenceTransformer(
             str(folder), device=device or "cpu", local_files_only=True
         )
-        dim = self._model.get_sentence_embedding_dimension()
+        probe = (
+            getattr(self._model, "get_embedding_dimension", None)
+            or self._model.get_sentence_embedding_dimension
+        )
+        dim = probe()
         if not dim:
             raise InvalidInputError("embedder", "model must report its embedding dimension", path)
         self.dim = int(dim)

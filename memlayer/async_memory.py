@@ -1,0 +1,85 @@
+"""`AsyncMemory`: the `Memory` API for asyncio code, each call run in a worker thread.
+
+Embedding and SQL are blocking; running them off the event loop keeps an agent's loop
+responsive. Calls are serialized by Memory's own lock, so concurrent awaits are safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from memlayer.memory import Memory
+
+T = TypeVar("T")
+
+
+class AsyncMemory:
+    """Awaitable twin of `Memory`: same constructor, same methods, awaited."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._memory = Memory(*args, **kwargs)
+
+    @property
+    def sync(self) -> Memory:
+        """The underlying synchronous Memory."""
+        return self._memory
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+
+    async def add(self, text: str, **kwargs: Any) -> str:
+        """See `Memory.add`."""
+        return await self._run(self._memory.add, text, **kwargs)
+
+    async def add_many(self, items: Any, **scope: Any) -> list[str]:
+        """See `Memory.add_many`."""
+        return await self._run(self._memory.add_many, list(items), **scope)
+
+    async def ingest(self, stream: Any, **kwargs: Any) -> int:
+        """See `Memory.ingest`."""
+        return await self._run(self._memory.ingest, stream, **kwargs)
+
+    async def search(self, query: str, **kwargs: Any) -> list[Any]:
+        """See `Memory.search`."""
+        return await self._run(self._memory.search, query, **kwargs)
+
+    async def get(self, id: str) -> Any:
+        """See `Memory.get`."""
+        return await self._run(self._memory.get, id)
+
+    async def update(self, id: str, text: str | None = None, metadata: Any = None) -> None:
+        """See `Memory.update`."""
+        await self._run(self._memory.update, id, text, metadata)
+
+    async def delete(self, id: str) -> None:
+        """See `Memory.delete`."""
+        await self._run(self._memory.delete, id)
+
+    async def delete_scope(self, **scope: Any) -> int:
+        """See `Memory.delete_scope`."""
+        return await self._run(self._memory.delete_scope, **scope)
+
+    async def count(self, **kwargs: Any) -> int:
+        """See `Memory.count`."""
+        return await self._run(self._memory.count, **kwargs)
+
+    async def context(self, query: str, **kwargs: Any) -> Any:
+        """See `Memory.context`."""
+        return await self._run(self._memory.context, query, **kwargs)
+
+    async def stats(self) -> dict[str, Any]:
+        """See `Memory.stats`."""
+        return await self._run(self._memory.stats)
+
+    async def close(self) -> None:
+        """See `Memory.close`."""
+        await self._run(self._memory.close)
+
+    async def __aenter__(self) -> AsyncMemory:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
