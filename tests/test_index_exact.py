@@ -1,0 +1,83 @@
+"""VectorIndex: exact top-k against brute force, exact-k filtering, upserts, persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memlayer import CorruptionError, InvalidInputError
+from memlayer.retrievers.vector_index import IndexConfig, VectorIndex
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 300),
+    k=st.integers(1, 20),
+    frac=st.floats(0.0, 1.0),
+    brute=st.booleans(),
+)
+def test_filtered_search_is_exact_k(seed: int, n: int, k: int, frac: float, brute: bool) -> None:
+    rng = np.random.default_rng(seed)
+    vectors = _unit(rng, n, 16)
+    ids = rng.choice(10_000, size=n, replace=False).astype(np.int64)
+    index = VectorIndex(16, IndexConfig(brute_force_below=10_000 if brute else 0))
+    index.add(ids, vectors)
+    allowed = ids[rng.random(n) < frac]
+    allowed = np.concatenate([allowed, np.array([20_000], dtype=np.int64)])  # unknown id
+    query = _unit(rng, 1, 16)
+    scores, got = index.search(query, k, allowed)
+    mask = np.isin(ids, allowed)
+    sims = vectors[mask] @ query[0]
+    take = min(k, int(mask.sum()))
+    expected = np.sort(sims)[::-1][:take]
+    assert (got[0, :take] >= 0).all() and (got[0, take:] == -1).all()
+    assert set(got[0, :take]) <= set(ids[mask])
+    np.testing.assert_allclose(scores[0, :take], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_upsert_replaces_and_remove_forgets() -> None:
+    rng = np.random.default_rng(0)
+    v = _unit(rng, 3, 8)
+    index = VectorIndex(8)
+    index.add(np.array([1, 2, 3]), v)
+    index.add(np.array([2]), v[:1])
+    assert len(index) == 3
+    _, got = index.search(v[:1], 2)
+    assert set(got[0]) == {1, 2}
+    index.remove(np.array([1, 99]))
+    assert len(index) == 2 and 1 not in index and 2 in index
+
+
+def test_save_load_and_corruption(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    index = VectorIndex(8)
+    index.add(np.arange(50), _unit(rng, 50, 8))
+    path = tmp_path / "v.idx"
+    index.save(path, applied_seq=17)
+    loaded, seq = VectorIndex.load(path)
+    assert seq == 17 and len(loaded) == 50
+    q = _unit(rng, 2, 8)
+    np.testing.assert_array_equal(loaded.search(q, 5)[1], index.search(q, 5)[1])
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptionError):
+        VectorIndex.load(path)
+
+
+def test_bad_shapes_are_rejected() -> None:
+    index = VectorIndex(4)
+    with pytest.raises(InvalidInputError, match="vectors"):
+        index.add(np.array([1]), np.ones((1, 3), dtype=np.float32))
+    with pytest.raises(InvalidInputError, match="k"):
+        index.search(np.ones((1, 4), dtype=np.float32), 0)
