@@ -1,8 +1,7 @@
-"""The main demo (`make demo`): semantic memory, then KV memory, on the embedded offline default.
+"""The main demo (`make demo`): semantic memory on the embedded offline default.
 
-1. Semantic memory: ingest the Python standard library's documentation, recall, build a context.
-2. KV memory: SmolLM2-135M reads a text far longer than it attends to at once and answers a
-   question about its distant past from retrieved KV pages.
+Ingests the Python standard library's documentation (a few MB of real text rendered by
+pydoc), recalls answers to natural questions, and packs a prompt context.
 """
 
 from __future__ import annotations
@@ -11,20 +10,15 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import kv_session_demo
 import semantic_demo
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--path", type=Path, default=None, help="keep the demo's data here")
-    parser.add_argument("--skip-kv", action="store_true", help="run only the semantic part")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="memlayer-demo-") as tmp:
-        root = args.path or Path(tmp)
-        semantic_demo.run(root / "semantic")
-        if not args.skip_kv:
-            kv_session_demo.run(root / "kv")
+        semantic_demo.run((args.path or Path(tmp)) / "semantic")
 
 
 if __name__ == "__main__":
