@@ -3,7 +3,7 @@
 from memlayer import Memory
 
 with Memory(path="./agent-memory") as memory:
-    memory.add("Ada prefers window seats on long flights.", user_id="ada", metadata={"kind": "pref"})
+    memory.add("Ada prefers window seats.", user_id="ada", metadata={"kind": "pref"})
     memory.add("Ada's passport expires in March 2027.", user_id="ada", metadata={"kind": "doc"})
     memory.add("Bob is vegetarian.", user_id="bob")
 

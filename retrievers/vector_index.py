@@ -1,12 +1,15 @@
 """Vector index over record rowids (FAISS, inner product on unit vectors).
 
-Exact and exact-k: a filtered search returns exactly min(k, |allowed ∩ stored|) ids, scoring
-small allowed sets by brute force and larger ones through FAISS with an id selector. Saved as
-one checksummed file so a torn write is detected and the index rebuilt from the database.
+Exact (flat) while small; past `approx_threshold` vectors it trains an inverted-file index
+(IVF, exact vectors in each list) and retrains as the collection quadruples. Filtered searches
+are exact-k: small allowed sets are scored by brute force, larger ones through FAISS with an
+id selector, widening the probe until k are found. Saved as one checksummed file so a torn
+write is detected and the index rebuilt from the database.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import zlib
@@ -18,7 +21,7 @@ import numpy as np
 
 from memlayer.errors import CorruptionError, InvalidInputError
 
-_MAGIC = b"MLVIDX01"
+_MAGIC = b"MLVIDX02"
 _HEADER = struct.Struct("<8sqQI")  # magic, applied_seq, payload length, crc32
 
 
@@ -26,12 +29,16 @@ _HEADER = struct.Struct("<8sqQI")  # magic, applied_seq, payload length, crc32
 class IndexConfig:
     """Tuning of the vector index."""
 
-    brute_force_below: int = 50_000  # filtered searches over fewer allowed ids use a matmul
+    approx_threshold: int = 50_000  # flat (exact) below this many vectors, IVF above
+    nprobe_fraction: float = 1 / 64  # inverted lists probed per query, as a fraction of nlist
+    min_nprobe: int = 24
+    brute_force_below: int = 20_000  # filtered searches over fewer allowed ids use a matmul
+    train_sample: int = 100_000
     threads: int | None = None  # FAISS OpenMP threads; None keeps FAISS's default
 
 
 class VectorIndex:
-    """Upsertable id → unit vector map with exact (filtered) top-k search."""
+    """Upsertable id → unit vector map with top-k and exact-k filtered search."""
 
     def __init__(self, dim: int, config: IndexConfig | None = None, *, _index: Any = None):
         import faiss
@@ -42,19 +49,20 @@ class VectorIndex:
         self.config = config or IndexConfig()
         if self.config.threads:
             faiss.omp_set_num_threads(self.config.threads)
-        self._index = _index if _index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._index = _index if _index is not None else _flat(dim)
+        self._ids: set[int] = set(_stored_ids(self._index).tolist())
+        self._trained_at = len(self._ids) if self.approximate else 0
+
+    @property
+    def approximate(self) -> bool:
+        """True once the index is an IVF (approximate for unfiltered top-k)."""
+        return _is_ivf(self._index)
 
     def __len__(self) -> int:
-        return int(self._index.ntotal)
+        return len(self._ids)
 
     def __contains__(self, rowid: object) -> bool:
-        if not isinstance(rowid, (int, np.integer)):
-            return False
-        try:
-            self._index.reconstruct(int(rowid))
-        except RuntimeError:
-            return False
-        return True
+        return isinstance(rowid, (int, np.integer)) and int(rowid) in self._ids
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Insert or replace vectors by id."""
@@ -62,51 +70,77 @@ class VectorIndex:
         vectors = self._check(vectors, "vectors")
         if len(ids) != len(vectors):
             raise InvalidInputError("ids", "must have one id per vector", (len(ids), len(vectors)))
+        if len(np.unique(ids)) != len(ids):
+            raise InvalidInputError("ids", "must not repeat within one call")
         if len(ids) == 0:
             return
         self.remove(ids)
         self._index.add_with_ids(vectors, ids)
+        self._ids.update(ids.tolist())
+        self._maybe_retrain()
 
     def remove(self, ids: np.ndarray) -> None:
         """Remove ids (unknown ids are ignored)."""
         import faiss
 
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if len(ids) and self._index.ntotal:
-            self._index.remove_ids(faiss.IDSelectorBatch(ids))
+        wanted = np.asarray(ids, dtype=np.int64).tolist()
+        known = np.asarray([i for i in wanted if i in self._ids], dtype=np.int64)
+        if len(known):
+            # IVF's hashtable direct map removes only through an IDSelectorArray
+            self._index.remove_ids(faiss.IDSelectorArray(len(known), faiss.swig_ptr(known)))
+            self._ids.difference_update(known.tolist())
 
     def search(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query, best first, padded with (-inf, -1)."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidInputError("k", "must be an integer >= 1", k)
+        queries = self._check(queries, "queries")
+        if allowed is None:
+            scores, ids = self._search(queries, k, None, self._nprobe())
+        else:
+            present = self._present(np.asarray(allowed, dtype=np.int64))
+            if len(present) <= self.config.brute_force_below:
+                return self._brute_force(queries, k, present)
+            scores, ids = self._filtered(queries, k, present)
+        return np.where(ids < 0, -np.inf, scores).astype(np.float32), ids.astype(np.int64)
+
+    def _search(
+        self, queries: np.ndarray, k: int, selector: Any, nprobe: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
-        if k < 1:
-            raise InvalidInputError("k", "must be at least 1", k)
-        queries = self._check(queries, "queries")
-        if allowed is not None:
-            allowed = np.ascontiguousarray(allowed, dtype=np.int64)
-            if len(allowed) <= self.config.brute_force_below:
-                return self._brute_force(queries, k, allowed)
-            selector = faiss.IDSelectorBatch(allowed)
-            params = faiss.SearchParameters()
-            params.sel = selector
-            scores, ids = self._index.search(queries, k, params=params)
+        if self.approximate:
+            params: Any = faiss.SearchParametersIVF(nprobe=nprobe)
         else:
-            scores, ids = self._index.search(queries, k)
-        scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
-        return scores, ids.astype(np.int64)
+            params = faiss.SearchParameters()
+        if selector is not None:
+            params.sel = selector
+        return self._index.search(queries, k, params=params)
+
+    def _filtered(
+        self, queries: np.ndarray, k: int, present: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        selector = faiss.IDSelectorBatch(present)
+        want = min(k, len(present))
+        nprobe = self._nprobe()
+        while True:
+            scores, ids = self._search(queries, k, selector, nprobe)
+            if not self.approximate or (ids[:, :want] >= 0).all() or nprobe >= self._nlist():
+                return scores, ids
+            nprobe = min(self._nlist(), nprobe * 4)
 
     def _brute_force(
-        self, queries: np.ndarray, k: int, allowed: np.ndarray
+        self, queries: np.ndarray, k: int, present: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        present = self._present(allowed)
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         ids = np.full((len(queries), k), -1, dtype=np.int64)
         if len(present) == 0:
             return scores, ids
-        vectors = self._index.reconstruct_batch(present)
-        sims = queries @ vectors.T
+        sims = queries @ self._index.reconstruct_batch(present).T
         take = min(k, len(present))
         top = np.argpartition(-sims, take - 1, axis=1)[:, :take]
         for row in range(len(queries)):
@@ -116,10 +150,45 @@ class VectorIndex:
         return scores, ids
 
     def _present(self, allowed: np.ndarray) -> np.ndarray:
+        unique = np.unique(allowed)
+        keep = np.fromiter((i in self._ids for i in unique.tolist()), dtype=bool, count=len(unique))
+        return unique[keep]
+
+    def _nlist(self) -> int:
+        return int(self._index.nlist) if self.approximate else 1
+
+    def _nprobe(self) -> int:
+        if not self.approximate:
+            return 1
+        wanted = max(self.config.min_nprobe, round(self._nlist() * self.config.nprobe_fraction))
+        return min(self._nlist(), wanted)
+
+    def _maybe_retrain(self) -> None:
+        size = len(self._ids)
+        if size < self.config.approx_threshold:
+            return
+        if self.approximate and size < 4 * self._trained_at:
+            return
+        self._index = self._train_ivf()
+        self._trained_at = size
+
+    def _train_ivf(self) -> Any:
         import faiss
 
-        stored = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-        return np.intersect1d(allowed, stored)
+        ids = np.fromiter(self._ids, dtype=np.int64, count=len(self._ids))
+        ids.sort()
+        vectors = self._index.reconstruct_batch(ids)
+        nlist = int(min(65_536, max(64, 4 * math.sqrt(len(ids)))))
+        rng = np.random.default_rng(0)
+        sample = vectors[
+            rng.choice(len(ids), size=min(len(ids), self.config.train_sample), replace=False)
+        ]
+        quantizer = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(sample)
+        index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        index.add_with_ids(vectors, ids)
+        return index
 
     def _check(self, vectors: np.ndarray, field: str) -> np.ndarray:
         array = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -155,7 +224,33 @@ class VectorIndex:
         if magic != _MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
             raise CorruptionError(f"vector index {path} failed its checksum")
         index = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
+        if _is_ivf(index):
+            index.set_direct_map_type(faiss.DirectMap.Hashtable)
         return cls(index.d, config, _index=index), int(applied_seq)
+
+
+def _flat(dim: int) -> Any:
+    import faiss
+
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def _is_ivf(index: Any) -> bool:
+    return hasattr(index, "nlist")
+
+
+def _stored_ids(index: Any) -> np.ndarray:
+    import faiss
+
+    if not _is_ivf(index):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    invlists = index.invlists
+    parts = [
+        faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
+        for i in range(index.nlist)
+        if invlists.list_size(i)
+    ]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -81,3 +81,32 @@ def test_bad_shapes_are_rejected() -> None:
         index.add(np.array([1]), np.ones((1, 3), dtype=np.float32))
     with pytest.raises(InvalidInputError, match="k"):
         index.search(np.ones((1, 4), dtype=np.float32), 0)
+
+
+def _clustered(rng: np.random.Generator, n: int, dim: int, centres: int) -> np.ndarray:
+    means = _unit(rng, centres, dim)
+    x = means[rng.integers(0, centres, n)] + 0.35 * rng.standard_normal((n, dim)) / np.sqrt(dim)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_ivf_recall_updates_and_persistence(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    data = _clustered(rng, 12_000, 32, 200)
+    index = VectorIndex(32, IndexConfig(approx_threshold=5_000, train_sample=12_000))
+    for start in range(0, len(data), 1_000):
+        index.add(np.arange(start, start + 1_000), data[start : start + 1_000])
+    assert index.approximate and len(index) == 12_000
+    queries = _clustered(rng, 50, 32, 200)
+    _, got = index.search(queries, 10)
+    exact = np.argsort(-(queries @ data.T), axis=1)[:, :10]
+    recall = np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got, exact, strict=True)])
+    assert recall >= 0.9
+    index.remove(np.arange(0, 6_000))
+    index.add(np.array([7_000]), data[:1])
+    assert len(index) == 6_000 and 0 not in index
+    _, got = index.search(data[:1], 1)
+    assert got[0, 0] == 7_000
+    index.save(tmp_path / "ivf.idx", applied_seq=3)
+    loaded, _ = VectorIndex.load(tmp_path / "ivf.idx")
+    assert loaded.approximate and len(loaded) == 6_000
+    np.testing.assert_array_equal(loaded.search(queries, 5)[1], index.search(queries, 5)[1])
