@@ -76,4 +76,4 @@ def stdlib_docs(modules: tuple[str, ...] = DEMO_MODULES) -> Iterator[tuple[str, 
             module = importlib.import_module(name)
         except ImportError:
             continue
-        yield name, pydoc.render_doc(module, renderer=pydoc.plaintext)
+        yield name, pydoc.render_doc(module, renderer=pydoc.plaintext)  # type: ignore[attr-defined]

@@ -41,7 +41,7 @@ class VectorIndex:
     """Upsertable id → unit vector map with top-k and exact-k filtered search."""
 
     def __init__(self, dim: int, config: IndexConfig | None = None, *, _index: Any = None):
-        import faiss
+        faiss = _faiss()
 
         if dim < 1:
             raise InvalidInputError("dim", "must be at least 1", dim)
@@ -81,7 +81,7 @@ class VectorIndex:
 
     def remove(self, ids: np.ndarray) -> None:
         """Remove ids (unknown ids are ignored)."""
-        import faiss
+        faiss = _faiss()
 
         wanted = np.asarray(ids, dtype=np.int64).tolist()
         known = np.asarray([i for i in wanted if i in self._ids], dtype=np.int64)
@@ -109,7 +109,7 @@ class VectorIndex:
     def _search(
         self, queries: np.ndarray, k: int, selector: Any, nprobe: int
     ) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
+        faiss = _faiss()
 
         if self.approximate:
             params: Any = faiss.SearchParametersIVF(nprobe=nprobe)
@@ -122,7 +122,7 @@ class VectorIndex:
     def _filtered(
         self, queries: np.ndarray, k: int, present: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
+        faiss = _faiss()
 
         selector = faiss.IDSelectorBatch(present)
         want = min(k, len(present))
@@ -173,7 +173,7 @@ class VectorIndex:
         self._trained_at = size
 
     def _train_ivf(self) -> Any:
-        import faiss
+        faiss = _faiss()
 
         ids = np.fromiter(self._ids, dtype=np.int64, count=len(self._ids))
         ids.sort()
@@ -198,7 +198,7 @@ class VectorIndex:
 
     def save(self, path: Path, applied_seq: int) -> None:
         """Write atomically (temp file, fsync, rename) with the database seq it reflects."""
-        import faiss
+        faiss = _faiss()
 
         payload = faiss.serialize_index(self._index).tobytes()
         header = _HEADER.pack(_MAGIC, applied_seq, len(payload), zlib.crc32(payload))
@@ -214,7 +214,7 @@ class VectorIndex:
     @classmethod
     def load(cls, path: Path, config: IndexConfig | None = None) -> tuple[VectorIndex, int]:
         """Read an index saved by `save`; CorruptionError when the file is damaged."""
-        import faiss
+        faiss = _faiss()
 
         data = Path(path).read_bytes()
         if len(data) < _HEADER.size:
@@ -229,8 +229,15 @@ class VectorIndex:
         return cls(index.d, config, _index=index), int(applied_seq)
 
 
-def _flat(dim: int) -> Any:
+def _faiss() -> Any:
+    """FAISS, imported on first use (its type stubs lag its API, hence Any)."""
     import faiss
+
+    return faiss
+
+
+def _flat(dim: int) -> Any:
+    faiss = _faiss()
 
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
@@ -240,7 +247,7 @@ def _is_ivf(index: Any) -> bool:
 
 
 def _stored_ids(index: Any) -> np.ndarray:
-    import faiss
+    faiss = _faiss()
 
     if not _is_ivf(index):
         return faiss.vector_to_array(index.id_map).astype(np.int64)
