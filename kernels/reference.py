@@ -1,0 +1,130 @@
+"""Torch reference kernels: page scoring, top-k page selection, paged and windowed attention.
+
+Every function returns attention as (out, lse) so partial attentions over disjoint key sets
+merge exactly by log-sum-exp. Math in float32 whatever the input dtype; runs on any device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+SummaryKind = Literal["repr", "bounds", "centroid"]
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q [B, Hq, T, D] over k, v [B, Hkv, N, D] (GQA), with a bool mask."""
+    batch, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    qf = q.float().reshape(batch, kv_heads, group * length, dim)
+    logits = torch.matmul(qf, k.float().transpose(-1, -2)) * scale
+    logits = logits.reshape(batch, kv_heads, group, length, -1)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    weights = torch.exp(logits - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+    out = torch.matmul(weights.reshape(batch, kv_heads, group * length, -1), v.float())
+    out = out.reshape(batch, heads, length, dim)
+    return out.to(q.dtype), lse.reshape(batch, heads, length)
+
+
+def causal_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    q_start: int,
+    window: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query i (at key index q_start + i) sees keys j <= q_start + i, and > q_start + i - window."""
+    length, keys = q.shape[2], k.shape[2]
+    pos_q = torch.arange(length, device=q.device).unsqueeze(1) + q_start
+    pos_k = torch.arange(keys, device=q.device).unsqueeze(0)
+    mask = pos_k <= pos_q
+    if window is not None:
+        mask &= pos_k > pos_q - window
+    return _attend(q, k, v, scale, mask)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    page_idx: torch.Tensor,
+    *,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, Hq, T, D] over the pool pages listed per KV head in page_idx [B, Hkv, N].
+
+    k_pool, v_pool: [P, Hkv, S, D]. Index -1 marks an empty slot. No mask inside pages.
+    """
+    batch, kv_heads, count = page_idx.shape
+    page = k_pool.shape[2]
+    safe = page_idx.clamp(min=0)
+    heads = torch.arange(kv_heads, device=q.device).view(1, kv_heads, 1).expand_as(safe)
+    keys = k_pool[safe, heads]  # [B, Hkv, N, S, D]
+    values = v_pool[safe, heads]
+    keys = keys.reshape(batch, kv_heads, count * page, -1)
+    values = values.reshape(batch, kv_heads, count * page, -1)
+    valid = (page_idx >= 0).unsqueeze(-1).expand(batch, kv_heads, count, page)
+    mask = valid.reshape(batch, kv_heads, 1, 1, count * page)
+    return _attend(q, keys, values, scale, mask)
+
+
+def merge_attention(
+    outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax merge of attentions over disjoint key sets (out [B,H,T,D], lse [B,H,T])."""
+    stacked = torch.stack([lse.float() for lse in lses])
+    total = torch.logsumexp(stacked, dim=0)
+    finite_total = torch.where(torch.isinf(total), 0.0, total)
+    weights = torch.exp(stacked - finite_total)  # [parts, B, H, T]; 0 for empty parts
+    out = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs, strict=True))
+    assert isinstance(out, torch.Tensor)
+    return out.to(outs[0].dtype), total
+
+
+def score_pages(q: torch.Tensor, summary: torch.Tensor, *, kind: SummaryKind) -> torch.Tensor:
+    """Relevance of each page to the chunk's queries: [B, Hkv, P] float32.
+
+    q: [B, Hq, T, D]; summary: [P, Hkv, R, D].
+    repr: Σ over the group's heads of mean query · mean representative key (InfLLM).
+    bounds: R == 2 (min, max); max over heads and tokens of Σ_d max(q·min, q·max) (Quest).
+    centroid: max over centroids of the mean group query · centroid (Squeezed).
+    """
+    batch, heads, length, dim = q.shape
+    kv_heads = summary.shape[1]
+    group = heads // kv_heads
+    qf = q.float().reshape(batch, kv_heads, group, length, dim)
+    sf = summary.float()
+    if kind == "repr":
+        query = qf.mean(dim=3).sum(dim=2)  # [B, Hkv, D]
+        keys = sf.mean(dim=2)  # [P, Hkv, D]
+        return torch.einsum("bgd,pgd->bgp", query, keys)
+    if kind == "bounds":
+        low, high = sf[:, :, 0], sf[:, :, 1]  # [P, Hkv, D]
+        upper = torch.maximum(
+            torch.einsum("bghtd,pgd->bghtpd", qf, low), torch.einsum("bghtd,pgd->bghtpd", qf, high)
+        ).sum(dim=-1)
+        return upper.amax(dim=(2, 3))
+    if kind == "centroid":
+        query = qf.mean(dim=(2, 3))  # [B, Hkv, D]
+        return torch.einsum("bgd,pgrd->bgpr", query, sf).amax(dim=-1)
+    raise ValueError(f"kind must be 'repr', 'bounds' or 'centroid', got {kind!r}")
+
+
+def select_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k page indices per (batch, KV head), ascending, padded with -1: [B, Hkv, k] int64."""
+    batch, kv_heads, pages = scores.shape
+    take = min(k, pages)
+    out = torch.full((batch, kv_heads, k), -1, dtype=torch.long, device=scores.device)
+    if take:
+        top = torch.topk(scores, take, dim=-1).indices
+        out[..., :take] = torch.sort(top, dim=-1).values
+    return out
