@@ -108,10 +108,11 @@ def score_pages(q: torch.Tensor, summary: torch.Tensor, *, kind: SummaryKind) ->
         keys = sf.mean(dim=2)  # [P, Hkv, D]
         return torch.einsum("bgd,pgd->bgp", query, keys)
     if kind == "bounds":
+        # Σ_d max(q_d·min_d, q_d·max_d) = q⁺·max + q⁻·min: two matmuls, no [.., P, D] tensor
         low, high = sf[:, :, 0], sf[:, :, 1]  # [P, Hkv, D]
-        upper = torch.maximum(
-            torch.einsum("bghtd,pgd->bghtpd", qf, low), torch.einsum("bghtd,pgd->bghtpd", qf, high)
-        ).sum(dim=-1)
+        upper = torch.einsum("bghtd,pgd->bghtp", qf.clamp(min=0), high) + torch.einsum(
+            "bghtd,pgd->bghtp", qf.clamp(max=0), low
+        )
         return upper.amax(dim=(2, 3))
     if kind == "centroid":
         query = qf.mean(dim=(2, 3))  # [B, Hkv, D]

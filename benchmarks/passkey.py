@@ -1,0 +1,152 @@
+"""Passkey retrieval with SmolLM2-135M: dense attention vs memlayer's paged KV memory.
+
+For each length, the same fixed-seed samples (key depth spread 5–95%) go through dense
+attention (only up to the 8K trained window) and each selector. Reports accuracy, prefill
+and decode tokens/s, and peak resident memory per run.
+
+    python benchmarks/passkey.py --lengths 2k 4k 8k 16k 32k 64k --methods dense infllm quest
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from memlayer import KVSession
+from memlayer.kvretrieval.model import load_smollm2
+from memlayer.kvretrieval.passkey import is_correct, samples
+
+LENGTHS = {"1k": 1000, "2k": 2000, "4k": 4000, "8k": 8000, "16k": 16000, "32k": 32000, "64k": 64000}
+DEFAULT_SAMPLES = {"1k": 10, "2k": 10, "4k": 10, "8k": 10, "16k": 5, "32k": 5, "64k": 3}
+WINDOW = 8192
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def peak_mb() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_dense(model, tokenizer, case, new_tokens: int) -> tuple[bool, float, float]:
+    prompt = tokenizer(case.context + "\n" + case.question, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        started = time.perf_counter()
+        out = model(prompt, use_cache=True)
+        prefill = prompt.shape[1] / (time.perf_counter() - started)
+        cache, token, tokens = out.past_key_values, out.logits[0, -1].argmax(), []
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            tokens.append(int(token))
+            out = model(token.view(1, 1), past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[0, -1].argmax()
+        decode = new_tokens / (time.perf_counter() - started)
+    return is_correct(tokenizer.decode(tokens), case), prefill, decode
+
+
+def run_memlayer(
+    model, tokenizer, case, new_tokens: int, selector: str, args
+) -> tuple[bool, float, float]:
+    session = KVSession(
+        model,
+        tokenizer,
+        chat=False,
+        progress=False,
+        selector=selector,
+        n_local=args.n_local,
+        topk=args.topk,
+        block_size=args.block_size,
+        n_init=args.n_init,
+    )
+    session.feed(case.context)
+    answer = session.ask(case.question, max_new_tokens=new_tokens)
+    stats = session.stats()
+    prefill = stats["prefill_tokens"] / stats["prefill_s"]
+    decode = stats["decode_tokens"] / stats["decode_s"] if stats["decode_tokens"] else float("nan")
+    return is_correct(answer, case), prefill, decode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--lengths",
+        nargs="+",
+        default=["2k", "4k", "8k", "16k", "32k", "64k"],
+        choices=list(LENGTHS),
+    )
+    parser.add_argument("--methods", nargs="+", default=["dense", "infllm", "quest"])
+    parser.add_argument(
+        "--samples", type=int, default=None, help="samples per length (default: 10/5/3)"
+    )
+    parser.add_argument("--n-local", type=int, default=512)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--n-init", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 2)
+    models = {"dense": load_smollm2()[0]}
+    model, tokenizer = load_smollm2()
+    span = args.n_init + args.topk * args.block_size + args.n_local
+    print(f"attention span (init + selected + local): {span} tokens (+ up to one block)")
+    rows = []
+    header = "| length | method | accuracy | prefill tok/s | decode tok/s | peak RSS MB |"
+    print(header + "\n|---|---|---|---|---|---|", flush=True)
+    for label in args.lengths:
+        count = args.samples or DEFAULT_SAMPLES[label]
+        cases = samples(LENGTHS[label], count, seed=1)
+        for method in args.methods:
+            if method == "dense" and LENGTHS[label] > WINDOW:
+                print(f"| {label} | dense | out of window | | | |", flush=True)
+                continue
+            correct, prefills, decodes, peaks = 0, [], [], []
+            for case in cases:
+                reset_peak()
+                if method == "dense":
+                    ok, prefill, decode = run_dense(
+                        models["dense"], tokenizer, case, args.new_tokens
+                    )
+                else:
+                    ok, prefill, decode = run_memlayer(
+                        model, tokenizer, case, args.new_tokens, method, args
+                    )
+                correct += ok
+                prefills.append(prefill)
+                decodes.append(decode)
+                peaks.append(peak_mb())
+            row = {
+                "length": label,
+                "method": method,
+                "correct": correct,
+                "samples": count,
+                "prefill_tok_s": statistics.median(prefills),
+                "decode_tok_s": statistics.median(decodes),
+                "peak_rss_mb": max(peaks),
+            }
+            rows.append(row)
+            print(
+                f"| {label} | {method} | {correct}/{count} | {row['prefill_tok_s']:.0f} | "
+                f"{row['decode_tok_s']:.1f} | {row['peak_rss_mb']:.0f} |",
+                flush=True,
+            )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

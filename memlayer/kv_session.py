@@ -1,0 +1,304 @@
+"""`KVSession`: a HF causal LM that reads a stream far longer than its window and answers from it.
+
+The stream's KV cache is paged (see `memlayer.kvretrieval`): each step attends to sink
+tokens, the top-k pages chosen by a selector, and a local window, so the attention span
+and the model's positions stay bounded whatever the stream's length.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from memlayer.errors import (
+    InvalidInputError,
+    ModelMismatchError,
+    NotFoundError,
+    UnsupportedModelError,
+)
+from memlayer.optional import require
+
+_PLACEHOLDER = "\x00memlayer\x00"
+
+
+class KVSession:
+    """Stream text into a model's paged KV memory; ask questions that reuse it.
+
+    >>> session = KVSession()                      # SmolLM2-135M-Instruct, offline
+    >>> session.feed(open("book.txt").read())      # any length, chunked, with a progress bar
+    >>> session.ask("Who wrote the letter?")
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        tokenizer: Any = None,
+        *,
+        chat: bool = True,
+        progress: bool = True,
+        **config: Any,
+    ):
+        require("transformers", "kv")
+        import torch
+
+        from memlayer.kvretrieval.cache import PagedKVCache
+        from memlayer.kvretrieval.config import KVConfig
+        from memlayer.kvretrieval.model import attach, load_smollm2
+        from memlayer.kvretrieval.rope import Rotary, find_rotary
+
+        self.config = KVConfig.build(**config)
+        if model is None:
+            model, tokenizer = load_smollm2()
+        attach(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.progress = progress
+        param = next(model.parameters())
+        text_config = model.config.get_text_config()
+        head_dim = getattr(text_config, "head_dim", None) or (
+            text_config.hidden_size // text_config.num_attention_heads
+        )
+        self._rotary = Rotary(find_rotary(model), head_dim, param.device, param.dtype)
+        self.cache = PagedKVCache(
+            model.config, self.config, self._rotary, dtype=param.dtype, device=param.device
+        )
+        self._layers = text_config.num_hidden_layers
+        self._device = param.device
+        self._torch = torch
+        self._prefix, self._suffix = (
+            self._chat_frame() if chat and tokenizer is not None else ("", "")
+        )
+        self._opened = False
+        self._last_logits: Any = None
+        self.tokens_fed = 0
+        self._timing = {"prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0}
+
+    def _chat_frame(self) -> tuple[str, str]:
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            return "", ""
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": _PLACEHOLDER}], add_generation_prompt=True, tokenize=False
+        )
+        prefix, _, suffix = text.partition(_PLACEHOLDER)
+        return prefix, suffix
+
+    # -- feeding --------------------------------------------------------------------------
+
+    def feed(self, text: str | Sequence[int]) -> int:
+        """Append text (or token ids) to the session's memory; returns the tokens added."""
+        ids = self._ids(text, "text")
+        if not self._opened and self._prefix:
+            ids = self._encode(self._prefix) + ids
+        self._opened = True
+        self._last_logits = self._forward(ids, progress=self.progress)
+        return len(ids)
+
+    def _ids(self, text: str | Sequence[int], field: str) -> list[int]:
+        if isinstance(text, str):
+            if not text.strip():
+                raise InvalidInputError(field, "must not be empty")
+            if self.tokenizer is None:
+                raise InvalidInputError(field, "needs a tokenizer; pass token ids instead")
+            return self._encode(text)
+        ids = list(text)
+        if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise InvalidInputError(field, "must be a non-empty string or list of token ids")
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _forward(
+        self, ids: Sequence[int], *, progress: bool = False, all_logits: bool = False
+    ) -> Any:
+        """Run ids through the model chunk by chunk; logits of the last token (or of all)."""
+        from tqdm.auto import tqdm
+
+        from memlayer.kvretrieval.attention import active_cache
+
+        torch = self._torch
+        size = self.config.chunk_size
+        outputs = []
+        started = time.perf_counter()
+        with (
+            torch.no_grad(),
+            tqdm(
+                total=len(ids), unit="tok", desc="feed", disable=not progress or len(ids) <= size
+            ) as bar,
+        ):
+            for start in range(0, len(ids), size):
+                chunk = torch.tensor([ids[start : start + size]], device=self._device)
+                before = self.cache.calls
+                with active_cache(self.cache):
+                    result = self.model(
+                        input_ids=chunk,
+                        position_ids=torch.zeros_like(chunk),
+                        past_key_values=self.cache,
+                        use_cache=True,
+                        logits_to_keep=0 if all_logits else 1,
+                    )
+                if self.cache.calls - before != self._layers:
+                    raise UnsupportedModelError(
+                        f"{type(self.model).__name__} bypassed transformers' AttentionInterface "
+                        f"({self.cache.calls - before} of {self._layers} layers came through)"
+                    )
+                outputs.append(result.logits[0])
+                bar.update(chunk.shape[1])
+        self.tokens_fed += len(ids)
+        self._timing["prefill_s"] += time.perf_counter() - started
+        self._timing["prefill_tokens"] += len(ids)
+        return torch.cat(outputs) if all_logits else outputs[-1][-1]
+
+    # -- answering ------------------------------------------------------------------------
+
+    def ask(self, question: str, *, max_new_tokens: int = 32) -> str:
+        """Answer `question` from the fed memory; the memory is left exactly as it was."""
+        if self.tokens_fed == 0:
+            raise InvalidInputError("question", "feed the session before asking")
+        ids = self._ids(question, "question")
+        ids = self._encode("\n") + ids + (self._encode(self._suffix) if self._suffix else [])
+        return self._answer(ids, max_new_tokens)
+
+    def generate(
+        self, prompt: str | Sequence[int] | None = None, *, max_new_tokens: int = 32
+    ) -> str:
+        """Continue the stream (after an optional prompt); the memory is left as it was."""
+        if self.tokens_fed == 0 and prompt is None:
+            raise InvalidInputError("prompt", "feed the session or give a prompt first")
+        ids = self._ids(prompt, "prompt") if prompt is not None else []
+        return self._answer(ids, max_new_tokens)
+
+    def _answer(self, ids: list[int], max_new_tokens: int) -> str:
+        if max_new_tokens < 1:
+            raise InvalidInputError("max_new_tokens", "must be at least 1", max_new_tokens)
+        state = self.cache.checkpoint()
+        fed = self.tokens_fed
+        try:
+            tokens = self._greedy(ids, max_new_tokens)
+        finally:
+            self.cache.restore(state)
+            self.tokens_fed = fed
+        return (
+            self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            if self.tokenizer
+            else str(tokens)
+        )
+
+    def _greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        logits = self._forward(ids) if ids else self._last_logits
+        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else None
+        out: list[int] = []
+        started = time.perf_counter()
+        for _ in range(max_new_tokens):
+            if logits is None:
+                raise InvalidInputError("prompt", "nothing to continue from")
+            token = int(logits.argmax())
+            if token == eos:
+                break
+            out.append(token)
+            logits = self._forward([token])
+        self._timing["decode_s"] += time.perf_counter() - started
+        self._timing["decode_tokens"] += len(out)
+        return out
+
+    def token_ids_generate(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation of token ids, for exactness checks against dense generation."""
+        state = self.cache.checkpoint()
+        fed = self.tokens_fed
+        try:
+            return self._greedy(list(ids), max_new_tokens)
+        finally:
+            self.cache.restore(state)
+            self.tokens_fed = fed
+
+    # -- inspection and persistence -------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Pages, bytes, selection counts and time in selection vs attention."""
+        memories = self.cache.memories
+        pages = sum(m.pool.count for m in memories)
+        page_bytes = sum(
+            m.pool.count
+            * (m.pool.keys[0].numel() + m.pool.values[0].numel())
+            * m.pool.keys.element_size()
+            for m in memories
+            if m.pool.count
+        )
+        timing = dict(self._timing)
+        return {
+            "tokens": self.tokens_fed,
+            "pages": pages,
+            "page_bytes": page_bytes,
+            "tiers": {"ram": {"pages": pages, "bytes": page_bytes}},
+            "pages_selected": sum(m.stats.pages_selected for m in memories),
+            "selection_s": sum(m.stats.selection_s for m in memories),
+            "attention_s": sum(m.stats.attention_s for m in memories),
+            "attention_span": self.config.span,
+            **timing,
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Persist the session's memory (every layer's pages, sinks and window) to a folder."""
+        from memlayer.kvretrieval.model import fingerprint
+
+        torch = self._torch
+        folder = Path(path)
+        if folder.exists() and not folder.is_dir():
+            raise InvalidInputError("path", "must be a folder, not a file", str(folder))
+        folder.mkdir(parents=True, exist_ok=True)
+        layers = []
+        for m in self.cache.memories:
+            count = m.pool.count
+            layers.append(
+                {
+                    "buffer_k": m.buffer_k,
+                    "buffer_v": m.buffer_v,
+                    "init_k": m.init_k,
+                    "init_v": m.init_v,
+                    "keys": m.pool.keys[:count].clone(),
+                    "values": m.pool.values[:count].clone(),
+                    "summaries": m.pool.summaries[:count].clone(),
+                    "starts": torch.tensor(m.pool.starts, dtype=torch.long),
+                    "buffer_start": torch.tensor(m.buffer_start),
+                }
+            )
+        torch.save(layers, folder / "layers.pt")
+        meta = {
+            "fingerprint": fingerprint(self.model),
+            "config": self.config.model_dump(),
+            "tokens_fed": self.tokens_fed,
+            "opened": self._opened,
+        }
+        (folder / "session.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(
+        cls, path: str | Path, model: Any = None, tokenizer: Any = None, **kwargs: Any
+    ) -> KVSession:
+        """Reopen a saved session on the same model (ModelMismatchError otherwise)."""
+        from memlayer.kvretrieval.model import fingerprint, load_smollm2
+
+        torch = require("torch", "kv")
+        folder = Path(path)
+        if not (folder / "session.json").is_file():
+            raise NotFoundError("saved KV session", str(folder))
+        meta = json.loads((folder / "session.json").read_text())
+        if model is None:
+            model, tokenizer = load_smollm2()
+        if fingerprint(model) != meta["fingerprint"]:
+            raise ModelMismatchError(f"{folder} was saved from a different model")
+        session = cls(model, tokenizer, **{**meta["config"], **kwargs})
+        layers = torch.load(folder / "layers.pt", weights_only=True)
+        for m, saved in zip(session.cache.memories, layers, strict=True):
+            m.buffer_k, m.buffer_v = saved["buffer_k"], saved["buffer_v"]
+            m.init_k, m.init_v = saved["init_k"], saved["init_v"]
+            m.buffer_start = int(saved["buffer_start"])
+            for i, start in enumerate(saved["starts"].tolist()):
+                m.pool.append(saved["keys"][i], saved["values"][i], saved["summaries"][i], start)
+        session.tokens_fed = meta["tokens_fed"]
+        session._opened = meta["opened"]
+        return session

@@ -1,0 +1,42 @@
+"""Tiny random models of real transformers classes, shared by the KV memory tests."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+)
+
+
+def tiny(family: str, seed: int = 0) -> Any:
+    """A tiny random model of `family`, in float32 eval mode (sdpa attention)."""
+    import transformers as tf
+
+    configs = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {"use_sliding_window": False}),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"use_sliding_window": False}),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": None}),
+        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, {}),
+    }
+    config_cls, model_cls, extra = configs[family]
+    torch.manual_seed(seed)
+    config = config_cls(**COMMON, **extra)
+    config._attn_implementation = "sdpa"
+    return model_cls(config).eval()
+
+
+def twin(model: Any) -> Any:
+    """An independent copy (own config), so attaching memlayer to one leaves the other dense."""
+    return copy.deepcopy(model)

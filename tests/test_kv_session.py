@@ -1,0 +1,108 @@
+"""KVSession behaviour: selection, questions leave memory intact, save/load, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from kv_models import tiny, twin
+
+from memlayer import (
+    InvalidInputError,
+    KVSession,
+    ModelMismatchError,
+    NotFoundError,
+    UnsupportedModelError,
+)
+
+SMALL = dict(n_init=2, n_local=8, block_size=4, topk=2, chunk_size=8)
+
+
+def _ids(n: int, seed: int = 5) -> list[int]:
+    return torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("selector", ["infllm", "quest"])
+def test_a_planted_page_aligned_with_the_query_is_selected(selector: str) -> None:
+    session = KVSession(tiny("llama"), None, progress=False, selector=selector, **SMALL)
+    session.feed(_ids(80))
+    memory = session.cache.memories[0]
+    count = memory.pool.count
+    assert count >= 8
+    query = torch.randn(1, 4, 1, 16, generator=torch.Generator().manual_seed(9))
+    placed = memory.memory_queries(query)
+    target = 5
+    group_mean = placed[0].reshape(2, 2, 16).mean(dim=1)  # per KV head
+    keys = group_mean.unsqueeze(1).expand(2, 4, 16) * 20
+    memory.pool.keys[target] = keys
+    memory.pool.summaries[target] = memory.selector.summarize(keys, placed[0])
+    chosen = memory.select(placed)
+    assert (chosen == target).any(dim=-1).all()
+
+
+def test_questions_leave_the_fed_context_intact() -> None:
+    session = KVSession(tiny("llama"), None, progress=False, **SMALL)
+    session.feed(_ids(60))
+    fed, pages = session.tokens_fed, session.stats()["pages"]
+    first = session.token_ids_generate(_ids(5, seed=6), 6)
+    second = session.token_ids_generate(_ids(5, seed=6), 6)
+    assert first == second
+    assert session.tokens_fed == fed and session.stats()["pages"] == pages
+
+
+def test_save_then_load_answers_the_same(tmp_path: Path) -> None:
+    model = tiny("qwen3")
+    session = KVSession(twin(model), None, progress=False, selector="quest", **SMALL)
+    session.feed(_ids(70))
+    before = session.token_ids_generate(_ids(4, seed=7), 6)
+    session.save(tmp_path / "s")
+    loaded = KVSession.load(tmp_path / "s", twin(model), None, progress=False)
+    assert loaded.config == session.config
+    assert loaded.tokens_fed == session.tokens_fed
+    assert loaded.token_ids_generate(_ids(4, seed=7), 6) == before
+
+
+def test_loading_with_another_model_is_refused(tmp_path: Path) -> None:
+    session = KVSession(tiny("llama", seed=0), None, progress=False, **SMALL)
+    session.feed(_ids(20))
+    session.save(tmp_path / "s")
+    with pytest.raises(ModelMismatchError):
+        KVSession.load(tmp_path / "s", tiny("llama", seed=1), None)
+    with pytest.raises(NotFoundError):
+        KVSession.load(tmp_path / "missing", tiny("llama"), None)
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"block_size": 0}, "block_size"),
+        ({"n_local": -1}, "n_local"),
+        ({"topk": 0}, "topk"),
+        ({"selector": "magic"}, "selector"),
+        ({"positions": "absolute"}, "positions"),
+        ({"window": 3}, "window"),
+    ],
+)
+def test_bad_configuration_names_the_field(config: dict, field: str) -> None:
+    with pytest.raises(InvalidInputError) as info:
+        KVSession(tiny("llama"), None, progress=False, **config)
+    assert info.value.field == field
+
+
+def test_bad_calls() -> None:
+    session = KVSession(tiny("llama"), None, progress=False, **SMALL)
+    with pytest.raises(InvalidInputError, match="question"):
+        session.ask("anything?")
+    with pytest.raises(InvalidInputError, match="text"):
+        session.feed([])
+    with pytest.raises(InvalidInputError, match="text"):
+        session.feed("   ")
+
+
+def test_models_without_attention_interface_are_refused() -> None:
+    class Plain(torch.nn.Module):
+        config = None
+
+    with pytest.raises(UnsupportedModelError):
+        KVSession(Plain(), None, progress=False)
