@@ -173,20 +173,10 @@ class KVSession:
         return self._answer(ids, max_new_tokens)
 
     def _answer(self, ids: list[int], max_new_tokens: int) -> str:
-        if max_new_tokens < 1:
-            raise InvalidInputError("max_new_tokens", "must be at least 1", max_new_tokens)
-        state = self.cache.checkpoint()
-        fed = self.tokens_fed
-        try:
-            tokens = self._greedy(ids, max_new_tokens)
-        finally:
-            self.cache.restore(state)
-            self.tokens_fed = fed
-        return (
-            self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            if self.tokenizer
-            else str(tokens)
-        )
+        if self.tokenizer is None:
+            raise InvalidInputError("tokenizer", "is needed for text answers; use continue_ids")
+        tokens = self.continue_ids(ids, max_new_tokens)
+        return str(self.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
 
     def _greedy(self, ids: list[int], max_new_tokens: int) -> list[int]:
         logits = self._forward(ids) if ids else self._last_logits
@@ -205,8 +195,10 @@ class KVSession:
         self._timing["decode_tokens"] += len(out)
         return out
 
-    def token_ids_generate(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
-        """Greedy continuation of token ids, for exactness checks against dense generation."""
+    def continue_ids(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        """Greedy token ids continuing the memory after `ids`; the memory is left as it was."""
+        if isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise InvalidInputError("max_new_tokens", "must be at least 1", max_new_tokens)
         state = self.cache.checkpoint()
         fed = self.tokens_fed
         try:

@@ -57,22 +57,15 @@ class Memory:
         overlap: int = 40,
         index_config: IndexConfig | None = None,
     ):
-        folder = Path(path) if path is not None else None
-        if folder is None and url is None:
-            folder = Settings().data_dir
-        if folder is not None:
-            if folder.exists() and not folder.is_dir():
-                raise InvalidInputError("path", "must be a folder, not a file", str(folder))
-            folder.mkdir(parents=True, exist_ok=True)
+        folder = _folder(path, url)
         self.path = folder
         self.chunk_tokens = chunk_tokens
         self.overlap = overlap
         self._lock = threading.RLock()
         self._closed = False
         self.embedder = resolve_embedder(embedder)
-        assert folder is not None or url is not None
         self._records = RecordStore(
-            url or sqlite_url(folder / DB_FILE),  # type: ignore[operator]
+            sqlite_url(folder / DB_FILE) if url is None and folder is not None else str(url),
             embedder_name=self.embedder.name,
             dim=self.embedder.dim,
         )
@@ -343,6 +336,17 @@ class Memory:
         meta = _check_metadata(item.get("metadata"))
         rid = item.get("id")
         return text, meta, new_id() if rid is None else _check_id(rid)
+
+
+def _folder(path: str | Path | None, url: str | None) -> Path | None:
+    """The folder for the database (unless a URL is given) and the vector index, created."""
+    if path is None and url is not None:
+        return None
+    folder = Path(path) if path is not None else Settings().data_dir
+    if folder.exists() and not folder.is_dir():
+        raise InvalidInputError("path", "must be a folder, not a file", str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _check_text(text: object, field: str) -> str:

@@ -32,7 +32,7 @@ def test_logits_and_generation_equal_dense(family: str, selector: str) -> None:
 
     session = KVSession(twin(dense), None, progress=False, selector=selector, **EXACT)
     session.feed(ids[0].tolist())
-    assert session.token_ids_generate([], 8) == continuation
+    assert session.continue_ids([], 8) == continuation
 
 
 def test_bounded_span_differs_from_dense_but_stays_finite() -> None:

@@ -45,8 +45,8 @@ def test_questions_leave_the_fed_context_intact() -> None:
     session = KVSession(tiny("llama"), None, progress=False, **SMALL)
     session.feed(_ids(60))
     fed, pages = session.tokens_fed, session.stats()["pages"]
-    first = session.token_ids_generate(_ids(5, seed=6), 6)
-    second = session.token_ids_generate(_ids(5, seed=6), 6)
+    first = session.continue_ids(_ids(5, seed=6), 6)
+    second = session.continue_ids(_ids(5, seed=6), 6)
     assert first == second
     assert session.tokens_fed == fed and session.stats()["pages"] == pages
 
@@ -55,12 +55,12 @@ def test_save_then_load_answers_the_same(tmp_path: Path) -> None:
     model = tiny("qwen3")
     session = KVSession(twin(model), None, progress=False, selector="quest", **SMALL)
     session.feed(_ids(70))
-    before = session.token_ids_generate(_ids(4, seed=7), 6)
+    before = session.continue_ids(_ids(4, seed=7), 6)
     session.save(tmp_path / "s")
     loaded = KVSession.load(tmp_path / "s", twin(model), None, progress=False)
     assert loaded.config == session.config
     assert loaded.tokens_fed == session.tokens_fed
-    assert loaded.token_ids_generate(_ids(4, seed=7), 6) == before
+    assert loaded.continue_ids(_ids(4, seed=7), 6) == before
 
 
 def test_loading_with_another_model_is_refused(tmp_path: Path) -> None:
