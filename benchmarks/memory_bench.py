@@ -73,7 +73,7 @@ def real_corpus(n: int) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
 
     texts: list[str] = []
     for _, doc in stdlib_docs(DEMO_MODULES):
-        texts.extend(chunk_stream([doc], chunk_tokens=48, overlap=8))
+        texts.extend(chunk_stream([doc], chunk_tokens=40, overlap=8))
     rng = np.random.default_rng(0)
     picked = rng.permutation(len(texts))
     if len(picked) < n + 200:
