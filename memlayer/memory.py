@@ -16,7 +16,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from memlayer import filters as filter_rules
 from memlayer.chunking import chunk_stream
 from memlayer.config import Settings
 from memlayer.context import Context, get_strategy
@@ -24,6 +23,7 @@ from memlayer.embedders import Embedder, embed_checked, resolve_embedder
 from memlayer.errors import ClosedError, CorruptionError, InvalidInputError, NotFoundError
 from memlayer.retrievers.fusion import reciprocal_rank_fusion
 from memlayer.retrievers.vector_index import IndexConfig, VectorIndex
+from memlayer.stores import filters as filter_rules
 from memlayer.stores.database import sqlite_url
 from memlayer.stores.records import NewRecord, Record, RecordStore
 from memlayer.types import Hit, Scope, new_id

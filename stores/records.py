@@ -248,7 +248,7 @@ class RecordStore:
         """SQL condition selecting the records in `scope` that satisfy `filters`."""
         from sqlalchemy import and_
 
-        from memlayer.filters import to_sql
+        from memlayer.stores.filters import to_sql
 
         parts = [self.records.c[name] == value for name, value in scope.as_dict().items()]
         parts.append(to_sql(filters, self.records.c.metadata, self.dialect))

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memlayer import InvalidInputError, Memory
-from memlayer.filters import matches, validate
+from memlayer.stores.filters import matches, validate
 
 KEYS = ["color", "size", "flag", "nested.depth"]
 SCALARS = st.one_of(
