@@ -152,7 +152,7 @@ def bench_memlayer_memory(
             ]
         )
 
-    folder = root / "memlayer"
+    folder = root / "memlayer-memory"
     before = rss_mb()
     started = time.perf_counter()
     with Memory(path=folder, embedder=table_embedder) as memory:
@@ -189,7 +189,7 @@ def bench_memlayer_index(
     """memlayer's VectorIndex (what Memory searches), persisted to disk."""
     from memlayer.retrievers.vector_index import VectorIndex
 
-    folder = root / "memlayer"
+    folder = root / "memlayer-index"
     folder.mkdir()
     before = rss_mb()
     started = time.perf_counter()
