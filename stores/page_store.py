@@ -1,0 +1,295 @@
+"""`PageStore`: pages kept in an ordered list of tiers, hot at the front, durable below.
+
+`put` writes through to the first persistent tier (fsync'ed) before it returns, then
+places the page in the front tier. `get` returns pages from the highest tier holding them
+and promotes them to the front; pressure demotes the coldest one tier down (a page is
+dropped only where a persistent tier below still holds it). `prefetch` starts promotion
+on a worker thread (on CUDA inside a side stream, from pinned host memory) so `get`
+waits only for what has not arrived yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from memlayer.config import ByteSize
+from memlayer.errors import ClosedError, InvalidInputError, NotFoundError
+from memlayer.stores.codec import check_payload
+from memlayer.stores.disk_tier import DiskTier
+from memlayer.stores.sql_tier import SQLTier
+from memlayer.stores.tensor_tier import TensorTier
+from memlayer.stores.tier import Tier
+from memlayer.types import Page
+
+log = logging.getLogger(__name__)
+
+
+class StoreConfig(BaseModel):
+    """Which tiers a store has, front to back. Budgets accept units: "8GiB", "512MB"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu_budget: ByteSize | None = None
+    gpu_device: str = "cuda"
+    ram_budget: ByteSize | None = None
+    path: Path | None = None
+    url: str | None = None
+    policy: Literal["lru", "lfu"] = "lru"
+    segment_bytes: ByteSize = 256 * 2**20
+    sync: bool = True
+
+    def build(self) -> list[Tier]:
+        """The configured tiers, front (fastest) to back (durable)."""
+        tiers: list[Tier] = []
+        if self.gpu_budget is not None:
+            tiers.append(TensorTier("gpu", self.gpu_device, self.gpu_budget, policy=self.policy))
+        if self.ram_budget is not None or (self.path is None and self.url is None):
+            tiers.append(TensorTier("ram", "cpu", self.ram_budget, policy=self.policy))
+        if self.path is not None:
+            tiers.append(DiskTier(self.path, segment_bytes=self.segment_bytes, sync=self.sync))
+        if self.url is not None:
+            tiers.append(SQLTier(self.url))
+        return tiers
+
+
+class PageStore:
+    """Moves pages between tiers; callers never need to know which tier holds a page."""
+
+    def __init__(self, tiers: Sequence[Tier]):
+        if not tiers:
+            raise InvalidInputError("tiers", "must name at least one tier")
+        names = [tier.name for tier in tiers]
+        if len(set(names)) != len(names):
+            raise InvalidInputError("tiers", "names must be unique", names)
+        last = tiers[-1]
+        if not last.persistent and last.budget is not None:
+            raise InvalidInputError(
+                "tiers", "the last tier must be persistent (disk, sql) or have no budget"
+            )
+        self.tiers = list(tiers)
+        self._durable = next((t for t in self.tiers if t.persistent), None)
+        self._lock = threading.RLock()
+        self._pending: dict[str, Future[None]] = {}
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="memlayer-prefetch")
+        self._stream: Any = None
+        self._moved: dict[str, dict[str, float]] = defaultdict(
+            lambda: {"pages": 0, "bytes": 0, "seconds": 0.0}
+        )
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls, config: StoreConfig | Mapping[str, Any] | None = None, **options: Any
+    ) -> PageStore:
+        """A store built from a `StoreConfig` (or its fields as a dict / keywords)."""
+        if not isinstance(config, StoreConfig):
+            try:
+                config = StoreConfig(**{**(config or {}), **options})
+            except ValidationError as exc:
+                error = exc.errors()[0]
+                field = ".".join(str(part) for part in error["loc"]) or "config"
+                raise InvalidInputError(field, error["msg"]) from exc
+        return cls(config.build())
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def put(self, page: Page) -> None:
+        """Store a page; durable (when a persistent tier exists) once this returns."""
+        self.put_many([page])
+
+    def put_many(self, pages: Sequence[Page]) -> None:
+        """Store pages with one durable write (one fsync or one transaction)."""
+        for page in pages:
+            check_payload(page)
+        with self._lock:
+            self._check_open()
+            for page in pages:
+                self._wait(page.id)
+                self._drop_volatile(page.id)
+            if self._durable is not None:
+                writer = getattr(self._durable, "put_many", None)
+                if writer is not None:
+                    writer(pages)
+                else:
+                    for page in pages:
+                        self._durable.put(page)
+            for page in pages:
+                self._place(page, self._front_for(page))
+
+    def delete(self, page_id: str) -> None:
+        """Remove a page from every tier (durably first)."""
+        with self._lock:
+            self._check_open()
+            self._wait(page_id)
+            holders = [t for t in self.tiers if page_id in t]
+            if not holders:
+                raise NotFoundError("page", page_id)
+            for tier in sorted(holders, key=lambda t: not t.persistent):
+                tier.evict(page_id)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def __contains__(self, page_id: object) -> bool:
+        with self._lock:
+            return any(page_id in tier for tier in self.tiers)
+
+    def __len__(self) -> int:
+        return len(self.ids())
+
+    def ids(self) -> set[str]:
+        """Every stored page id."""
+        with self._lock:
+            if self._durable is not None:
+                return set(self._durable.ids())
+            return {pid for tier in self.tiers for pid in tier.ids()}
+
+    def get(self, page_ids: str | Iterable[str]) -> list[Page]:
+        """Pages in the order asked, promoted to the front tier; NotFoundError if any is unknown."""
+        ids = [page_ids] if isinstance(page_ids, str) else list(page_ids)
+        for page_id in ids:
+            self._wait(page_id)
+        with self._lock:
+            self._check_open()
+            levels = [self._level(page_id) for page_id in ids]
+            pages = []
+            for page_id, level in zip(ids, levels, strict=True):
+                for above in self.tiers[:level]:
+                    above.counters.misses += 1
+                page = self.tiers[level].get(page_id)
+                front = self._front_for(page)
+                if level > front:
+                    self._move(page, self.tiers[level], front)
+                pages.append(page)
+            return pages
+
+    def gather(self, page_ids: Sequence[str], name: str) -> torch.Tensor:
+        """Tensor `name` of many pages stacked [n, *shape] from the front tier: one gather."""
+        for page_id in page_ids:
+            self._wait(page_id)
+        with self._lock:
+            self._check_open()
+            front = self.tiers[0]
+            if not isinstance(front, TensorTier):
+                raise InvalidInputError("tiers", "gather needs a GPU or RAM tier in front")
+            self._promote([pid for pid in page_ids if pid not in front])
+            return front.gather(page_ids, name)
+
+    def prefetch(self, page_ids: Iterable[str]) -> Future[None]:
+        """Start bringing pages to the front tier; `get` and `gather` wait for them."""
+        ids = [pid for pid in page_ids if pid not in self.tiers[0]]
+        with self._lock:
+            self._check_open()
+            future = self._worker.submit(self._prefetch, ids)
+            for page_id in ids:
+                self._pending[page_id] = future
+        return future
+
+    # -- inspection and lifetime ----------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Pages, bytes and hit rate per tier; pages, bytes and seconds moved per direction."""
+        with self._lock:
+            result = {
+                "tiers": {tier.name: tier.stats() for tier in self.tiers},
+                "moved": {k: dict(v) for k, v in self._moved.items()},
+            }
+        log.debug("memlayer page store stats: %s", result)
+        return result
+
+    def close(self) -> None:
+        """Finish prefetches and close every tier; later calls raise ClosedError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._worker.shutdown(wait=True)
+        for tier in self.tiers:
+            tier.close()
+
+    def __enter__(self) -> PageStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("page store")
+
+    def _wait(self, page_id: str) -> None:
+        future = self._pending.get(page_id)
+        if future is not None:
+            future.result()
+
+    def _level(self, page_id: str) -> int:
+        for level, tier in enumerate(self.tiers):
+            if page_id in tier:
+                return level
+        raise NotFoundError("page", page_id)
+
+    def _front_for(self, page: Page) -> int:
+        return next(i for i, tier in enumerate(self.tiers) if tier.accepts(page))
+
+    def _drop_volatile(self, page_id: str) -> None:
+        for tier in self.tiers:
+            if not tier.persistent and page_id in tier:
+                tier.evict(page_id)
+
+    def _place(self, page: Page, level: int) -> None:
+        """Put a page at `level`; what that evicts moves one tier down (demotion)."""
+        tier = self.tiers[level]
+        if tier.persistent or page.id in tier:
+            return
+        for victim in tier.put(page):
+            below = next(
+                (i for i in range(level + 1, len(self.tiers)) if self.tiers[i].accepts(victim)),
+                None,
+            )
+            if below is not None and not self.tiers[below].persistent:
+                self._move(victim, tier, below)
+
+    def _move(self, page: Page, source: Tier, level: int) -> None:
+        started = time.perf_counter()
+        self._place(page, level)
+        stats = self._moved[f"{source.name}->{self.tiers[level].name}"]
+        stats["pages"] += 1
+        stats["bytes"] += page.nbytes
+        stats["seconds"] += time.perf_counter() - started
+
+    def _promote(self, page_ids: Sequence[str]) -> None:
+        for page_id in page_ids:
+            level = self._level(page_id)
+            source = self.tiers[level]
+            page = source.view(page_id) if isinstance(source, TensorTier) else source.get(page_id)
+            front = self._front_for(page)
+            if level > front:
+                self._move(page, source, front)
+
+    def _prefetch(self, page_ids: Sequence[str]) -> None:
+        front = self.tiers[0]
+        try:
+            with self._lock:
+                if isinstance(front, TensorTier) and front.device.type == "cuda":
+                    if self._stream is None:
+                        self._stream = torch.cuda.Stream(front.device)
+                    with torch.cuda.stream(self._stream):
+                        self._promote(page_ids)
+                    self._stream.synchronize()
+                else:
+                    self._promote(page_ids)
+        finally:
+            with self._lock:
+                for page_id in page_ids:
+                    self._pending.pop(page_id, None)

@@ -1,0 +1,228 @@
+"""GPU and RAM tiers: pages held as tensors on one device, in slabs, under a byte budget.
+
+Pages whose payloads have the same names, dtypes and shapes (a signature: every KV page
+of a layer has one) share a slab: one tensor per name, [slots, *shape]. A batch of pages
+is then read with one `index_select` per name, never a Python loop per page. Slabs grow
+by doubling while the budget allows and are released when empty; the bytes a tier
+reports are the bytes its slabs reserve, so a budget is a bound on device memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from memlayer.errors import CapacityError, InvalidInputError, NotFoundError
+from memlayer.stores.codec import check_payload
+from memlayer.stores.policy import make_policy
+from memlayer.stores.tier import Tier
+from memlayer.types import Page
+
+Signature = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
+
+
+def signature(payload: dict[str, torch.Tensor]) -> Signature:
+    """Names, dtypes and shapes of a tensor payload: pages with equal ones share a slab."""
+    return tuple((name, t.dtype, tuple(t.shape)) for name, t in payload.items())
+
+
+@dataclass
+class Slab:
+    """Pages of one signature: a tensor per payload name with one row (slot) per page."""
+
+    fields: dict[str, torch.Tensor]
+    slot_bytes: int
+    free: list[int] = field(default_factory=list)
+    used: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.fields.values())).shape[0]
+
+
+class TensorTier(Tier):
+    """Pages as tensors on `device` (the GPU tier on CUDA, the RAM tier on CPU).
+
+    `budget` None means unbounded; `pin` (default: when CUDA is available) pins host slabs
+    so copies to the GPU run asynchronously at full speed.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        device: str | torch.device,
+        budget: int | None,
+        *,
+        policy: str = "lru",
+        pin: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if budget is not None and budget <= 0:
+            raise InvalidInputError(f"{name}.budget", "must be positive", budget)
+        self.name = name
+        self.device = torch.device(device)
+        self.budget = budget
+        self.pin = torch.cuda.is_available() and self.device.type == "cpu" if pin is None else pin
+        self.policy = make_policy(policy)
+        self._slabs: dict[Signature, Slab] = {}
+        self._slots: dict[str, tuple[Signature, int]] = {}
+        self._blobs: dict[str, bytes] = {}
+        self._headers: dict[str, Page] = {}
+
+    # -- Tier -----------------------------------------------------------------------------
+
+    def accepts(self, page: Page) -> bool:
+        return self.device.type == "cpu" or not isinstance(page.payload, (bytes, bytearray))
+
+    @property
+    def nbytes(self) -> int:
+        slabs = sum(slab.capacity * slab.slot_bytes for slab in self._slabs.values())
+        return slabs + sum(len(blob) for blob in self._blobs.values())
+
+    def __contains__(self, page_id: object) -> bool:
+        return page_id in self._headers
+
+    def __len__(self) -> int:
+        return len(self._headers)
+
+    def ids(self) -> Iterator[str]:
+        return iter(list(self._headers))
+
+    def put(self, page: Page) -> list[Page]:
+        check_payload(page)
+        if not self.accepts(page):
+            raise InvalidInputError("page.payload", f"tier {self.name} holds tensors, not bytes")
+        size = page.nbytes
+        if self.budget is not None and size > self.budget:
+            raise CapacityError(
+                f"page {page.id!r} needs {size} bytes; tier {self.name!r} budget is {self.budget}"
+            )
+        if page.id in self:
+            self.evict(page.id)
+        evicted: list[Page] = []
+        if isinstance(page.payload, (bytes, bytearray)):
+            while self.budget is not None and self.nbytes + size > self.budget:
+                evicted.append(self._pop_victim())
+            self._blobs[page.id] = bytes(page.payload)
+        else:
+            payload = dict(page.payload)
+            sig = signature(payload)
+            while (slot := self._allocate(sig, payload)) is None:
+                evicted.append(self._pop_victim())
+            slab = self._slabs[sig]
+            for name, tensor in payload.items():
+                slab.fields[name][slot].copy_(tensor, non_blocking=True)
+            self._slots[page.id] = (sig, slot)
+        self._headers[page.id] = dataclasses.replace(page, payload=b"")
+        self.policy.touch(page.id)
+        return evicted
+
+    def get(self, page_id: str) -> Page:
+        if page_id not in self:
+            self.counters.misses += 1
+            raise NotFoundError("page", page_id)
+        self.counters.hits += 1
+        self.policy.touch(page_id)
+        return self._page(page_id)
+
+    def view(self, page_id: str) -> Page:
+        """The page with payload tensors that are views of its slot: valid until it is evicted."""
+        return self._page(page_id, copy=False)
+
+    def evict(self, page_id: str) -> None:
+        if page_id not in self:
+            raise NotFoundError("page", page_id)
+        self.policy.remove(page_id)
+        del self._headers[page_id]
+        if self._blobs.pop(page_id, None) is not None:
+            return
+        sig, slot = self._slots.pop(page_id)
+        slab = self._slabs[sig]
+        slab.used -= 1
+        if slab.used == 0:
+            del self._slabs[sig]
+        else:
+            slab.free.append(slot)
+
+    def close(self) -> None:
+        self._slabs.clear()
+        self._slots.clear()
+        self._blobs.clear()
+        self._headers.clear()
+
+    # -- batch reads ----------------------------------------------------------------------
+
+    def gather(self, page_ids: Sequence[str], name: str) -> torch.Tensor:
+        """Tensor `name` of many pages stacked [len(ids), *shape]: one gather on the device."""
+        slab, slots = self.locate(page_ids)
+        if name not in slab.fields:
+            raise InvalidInputError("name", f"is not a tensor of these pages: {list(slab.fields)}")
+        return slab.fields[name].index_select(0, slots)
+
+    def locate(self, page_ids: Sequence[str]) -> tuple[Slab, torch.Tensor]:
+        """The slab holding these pages (one signature) and their slot indices on the device."""
+        missing = [pid for pid in page_ids if pid not in self._slots]
+        if missing:
+            raise NotFoundError("page", missing[0])
+        sigs = {self._slots[pid][0] for pid in page_ids}
+        if len(sigs) != 1:
+            raise InvalidInputError("page_ids", "must name pages of one payload signature")
+        for pid in page_ids:
+            self.policy.touch(pid)
+        self.counters.hits += len(page_ids)
+        slots = [self._slots[pid][1] for pid in page_ids]
+        return self._slabs[sigs.pop()], torch.tensor(slots, device=self.device)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _page(self, page_id: str, *, copy: bool = True) -> Page:
+        header = self._headers[page_id]
+        if page_id in self._blobs:
+            return dataclasses.replace(header, payload=self._blobs[page_id])
+        sig, slot = self._slots[page_id]
+        fields = self._slabs[sig].fields
+        payload = {n: t[slot].clone() if copy else t[slot] for n, t in fields.items()}
+        return dataclasses.replace(header, payload=payload)
+
+    def _pop_victim(self) -> Page:
+        victim = self.policy.victim()
+        if victim is None:  # unreachable while size <= budget; kept as a clear failure
+            raise CapacityError(f"tier {self.name!r} has nothing left to evict")
+        page = self._page(victim)
+        self.evict(victim)
+        return page
+
+    def _allocate(self, sig: Signature, payload: dict[str, torch.Tensor]) -> int | None:
+        """A free slot for a page of `sig`, growing its slab within budget; None when full."""
+        slab = self._slabs.get(sig)
+        if slab is not None and slab.free:
+            slab.used += 1
+            return slab.free.pop()
+        slot_bytes = sum(t.numel() * t.element_size() for t in payload.values())
+        capacity = slab.capacity if slab else 0
+        room = self.budget - self.nbytes if self.budget is not None else 2**62
+        headroom = room // max(slot_bytes, 1)
+        grown = capacity + min(max(capacity, 1), headroom)
+        if grown <= capacity:
+            return None
+        fields = {
+            name: torch.empty(
+                (grown, *shape),
+                dtype=dtype,
+                device=self.device,
+                pin_memory=self.pin and self.device.type == "cpu",
+            )
+            for name, dtype, shape in sig
+        }
+        if slab is None:
+            slab = self._slabs[sig] = Slab(fields, slot_bytes)
+        else:
+            for name, tensor in fields.items():
+                tensor[:capacity].copy_(slab.fields[name])
+            slab.fields = fields
+        slab.free.extend(range(grown - 1, capacity, -1))
+        slab.used += 1
+        return capacity
