@@ -52,9 +52,13 @@ class PagedKVCache(Cache):
         key_states: torch.Tensor,
         value_states: torch.Tensor,
         layer_idx: int,
-        cache_kwargs: dict[str, Any] | None = None,
+        *args: Any,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store a chunk's keys/values [1, Hkv, T, D]; return them unchanged."""
+        """Store a chunk's keys/values [1, Hkv, T, D]; return them unchanged.
+
+        Extra arguments (cache_kwargs, or transformers >= 5.24's `kwargs=`) are not needed.
+        """
         self.memories[layer_idx].append(key_states[0], value_states[0])
         return key_states, value_states
 

@@ -7,6 +7,7 @@ and the model's positions stay bounded whatever the stream's length.
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Sequence
@@ -66,6 +67,10 @@ class KVSession:
             model.config, self.config, self._rotary, dtype=param.dtype, device=param.device
         )
         self._layers = text_config.num_hidden_layers
+        # transformers >= 5.24 names the cache argument `cache` (`past_key_values` is deprecated)
+        self._cache_argument = (
+            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        )
         self._device = param.device
         self._torch = torch
         self._prefix, self._suffix = (
@@ -137,7 +142,7 @@ class KVSession:
                     result = self.model(
                         input_ids=chunk,
                         position_ids=torch.zeros_like(chunk),
-                        past_key_values=self.cache,
+                        **{self._cache_argument: self.cache},
                         use_cache=True,
                         logits_to_keep=0 if all_logits else 1,
                     )
