@@ -111,9 +111,11 @@ def decode(blob: bytes | bytearray | memoryview) -> Page:
         else:
             payload = {}
             for name, dtype_name, shape, offset, nbytes in rows:
-                raw = torch.frombuffer(body, dtype=torch.uint8, count=nbytes, offset=offset)
-                if nbytes == 0:
-                    raw = torch.empty(0, dtype=torch.uint8)
+                raw = (
+                    torch.frombuffer(body, dtype=torch.uint8, count=nbytes, offset=offset)
+                    if nbytes
+                    else torch.empty(0, dtype=torch.uint8)
+                )
                 payload[name] = raw.view(DTYPES[dtype_name]).reshape(shape)
         return Page(
             id=header["id"],

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from memlayer.config import ByteSize
-from memlayer.errors import ClosedError, InvalidInputError, NotFoundError
+from memlayer.errors import CapacityError, ClosedError, InvalidInputError, NotFoundError
 from memlayer.stores.codec import check_payload
 from memlayer.stores.disk_tier import DiskTier
 from memlayer.stores.sql_tier import SQLTier
@@ -111,10 +111,15 @@ class PageStore:
         """Store pages with one durable write (one fsync or one transaction)."""
         for page in pages:
             check_payload(page)
+            for tier in self.tiers:
+                if tier.accepts(page) and tier.budget is not None and page.nbytes > tier.budget:
+                    raise CapacityError(
+                        f"page {page.id!r} needs {page.nbytes} bytes; "
+                        f"tier {tier.name!r} budget is {tier.budget}"
+                    )
         with self._lock:
             self._check_open()
             for page in pages:
-                self._wait(page.id)
                 self._drop_volatile(page.id)
             if self._durable is not None:
                 writer = getattr(self._durable, "put_many", None)
@@ -130,7 +135,6 @@ class PageStore:
         """Remove a page from every tier (durably first)."""
         with self._lock:
             self._check_open()
-            self._wait(page_id)
             holders = [t for t in self.tiers if page_id in t]
             if not holders:
                 raise NotFoundError("page", page_id)
@@ -160,9 +164,11 @@ class PageStore:
             self._wait(page_id)
         with self._lock:
             self._check_open()
-            levels = [self._level(page_id) for page_id in ids]
+            for page_id in ids:
+                self._level(page_id)  # every id known before anything moves
             pages = []
-            for page_id, level in zip(ids, levels, strict=True):
+            for page_id in ids:
+                level = self._level(page_id)  # promotions above may have moved it
                 for above in self.tiers[:level]:
                     above.counters.misses += 1
                 page = self.tiers[level].get(page_id)
@@ -181,7 +187,15 @@ class PageStore:
             front = self.tiers[0]
             if not isinstance(front, TensorTier):
                 raise InvalidInputError("tiers", "gather needs a GPU or RAM tier in front")
+            for page_id in page_ids:
+                if page_id in front:
+                    front.policy.touch(page_id)  # keep them while the rest come up
             self._promote([pid for pid in page_ids if pid not in front])
+            if any(pid not in front for pid in page_ids):
+                raise CapacityError(
+                    f"gather of {len(page_ids)} pages does not fit tier {front.name!r} "
+                    f"(budget {front.budget} bytes); gather fewer pages at a time"
+                )
             return front.gather(page_ids, name)
 
     def prefetch(self, page_ids: Iterable[str]) -> Future[None]:
@@ -268,8 +282,10 @@ class PageStore:
         stats["bytes"] += page.nbytes
         stats["seconds"] += time.perf_counter() - started
 
-    def _promote(self, page_ids: Sequence[str]) -> None:
+    def _promote(self, page_ids: Sequence[str], *, missing_ok: bool = False) -> None:
         for page_id in page_ids:
+            if missing_ok and page_id not in self:
+                continue  # deleted after a prefetch asked for it
             level = self._level(page_id)
             source = self.tiers[level]
             page = source.view(page_id) if isinstance(source, TensorTier) else source.get(page_id)
@@ -285,10 +301,10 @@ class PageStore:
                     if self._stream is None:
                         self._stream = torch.cuda.Stream(front.device)
                     with torch.cuda.stream(self._stream):
-                        self._promote(page_ids)
+                        self._promote(page_ids, missing_ok=True)
                     self._stream.synchronize()
                 else:
-                    self._promote(page_ids)
+                    self._promote(page_ids, missing_ok=True)
         finally:
             with self._lock:
                 for page_id in page_ids:

@@ -1,0 +1,378 @@
+"""The tiered page store: exact round trips, budgets, persistence, faults and prefetch."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from memlayer.errors import (
+    CapacityError,
+    ClosedError,
+    CorruptionError,
+    InvalidInputError,
+    NotFoundError,
+)
+from memlayer.stores import DiskTier, PageStore, SQLTier, StoreConfig, TensorTier
+from memlayer.stores.disk_tier import HEADER_BYTES, MAGIC
+from memlayer.types import Page, Scope
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool]
+
+
+def make_tensor(seed: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=generator) > 0.5
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=generator) * 100).to(dtype)
+    return torch.randint(-100, 100, shape, generator=generator).to(dtype)
+
+
+def kv_page(page_id: str, seed: int = 0, tokens: int = 8, dtype: torch.dtype = torch.bfloat16):
+    """A KV-shaped page: keys, values [heads, tokens, dim] and a summary."""
+    return Page(
+        id=page_id,
+        payload={
+            "k": make_tensor(seed, (2, tokens, 16), dtype),
+            "v": make_tensor(seed + 1, (2, tokens, 16), dtype),
+            "summary": make_tensor(seed + 2, (2, 2, 16), torch.float32),
+        },
+        scope=Scope(tenant_id="t1"),
+        metadata={"seed": seed},
+    )
+
+
+def assert_same(a: Page, b: Page) -> None:
+    """Byte-exact equality of two pages (payload dtypes, shapes and bits; header fields)."""
+    assert (a.id, a.kind, a.scope, a.metadata, a.created_at) == (
+        b.id,
+        b.kind,
+        b.scope,
+        b.metadata,
+        b.created_at,
+    )
+    if isinstance(a.payload, bytes):
+        assert a.payload == b.payload
+        return
+    assert isinstance(b.payload, dict) and list(a.payload) == list(b.payload)
+    for name, tensor in a.payload.items():
+        other = b.payload[name]
+        assert other.dtype == tensor.dtype and other.shape == tensor.shape, name
+        assert other.device.type == "cpu" or other.device == tensor.device
+        left = tensor.cpu().contiguous().reshape(-1).view(torch.uint8)
+        right = other.cpu().contiguous().reshape(-1).view(torch.uint8)
+        assert torch.equal(left, right), name
+
+
+payloads = st.one_of(
+    st.binary(min_size=0, max_size=300),
+    st.dictionaries(
+        st.text("abcdefgh", min_size=1, max_size=6),
+        st.tuples(
+            st.integers(0, 2**16),
+            st.lists(st.integers(0, 5), min_size=0, max_size=3),
+            st.sampled_from(DTYPES),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+)
+
+
+def build_page(page_id: str, spec: Any) -> Page:
+    if isinstance(spec, bytes):
+        return Page(id=page_id, payload=spec, kind="semantic")
+    payload = {
+        n: make_tensor(seed, tuple(shape), dtype) for n, (seed, shape, dtype) in spec.items()
+    }
+    return Page(id=page_id, payload=payload, metadata={"n": len(payload)})
+
+
+def every_tier(tmp: Path) -> list[Any]:
+    return [
+        TensorTier("ram", "cpu", 2**20),
+        DiskTier(tmp / "disk"),
+        SQLTier(f"sqlite:///{tmp / 'pages.db'}"),
+    ]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(specs=st.lists(payloads, min_size=1, max_size=6))
+def test_every_tier_round_trips_exactly(
+    tmp_path_factory: pytest.TempPathFactory, specs: list
+) -> None:
+    tmp = tmp_path_factory.mktemp("tiers")
+    pages = [build_page(f"p{i}", spec) for i, spec in enumerate(specs)]
+    for tier in every_tier(tmp):
+        for page in pages:
+            assert tier.put(page) == []
+        for page in pages:
+            assert_same(page, tier.get(page.id))
+        tier.close()
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(specs=st.lists(payloads, min_size=2, max_size=8), order=st.randoms(use_true_random=False))
+def test_every_promotion_path_round_trips(
+    tmp_path_factory: pytest.TempPathFactory, specs: list, order: Any
+) -> None:
+    """gpu(cpu device) <- ram <- disk and <- sql: small budgets force demotion and promotion."""
+    tmp = tmp_path_factory.mktemp("paths")
+    pages = {f"p{i}": build_page(f"p{i}", spec) for i, spec in enumerate(specs)}
+    biggest = max(p.nbytes for p in pages.values()) + 1
+    on_gpu = sum(p.nbytes for p in pages.values() if isinstance(p.payload, dict))
+    for back in ({"path": tmp / "disk"}, {"url": f"sqlite:///{tmp / 'p.db'}"}):
+        store = PageStore.open(
+            gpu_budget=biggest * 2, gpu_device="cpu", ram_budget=biggest * 3, **back
+        )
+        store.put_many(list(pages.values()))
+        ids = list(pages)
+        for _ in range(3):
+            order.shuffle(ids)
+            for page_id, got in zip(ids, store.get(ids), strict=True):
+                assert_same(pages[page_id], got)
+        moved = store.stats()["moved"]
+        store.close()
+        if on_gpu > biggest * 2:
+            assert moved["gpu->ram"]["pages"] > 0 and moved["ram->gpu"]["pages"] > 0
+
+
+def test_budgets_hold_after_every_operation(tmp_path: Path) -> None:
+    """A randomized sequence of puts, gets, deletes and prefetches against a dict model."""
+    import random
+
+    rng = random.Random(7)
+    store = PageStore.open(
+        gpu_budget="6KiB", gpu_device="cpu", ram_budget="10KiB", path=tmp_path / "d"
+    )
+    model: dict[str, Page] = {}
+    for step in range(400):
+        action = rng.random()
+        if action < 0.4 or not model:
+            page = kv_page(f"p{rng.randrange(60)}", seed=step, tokens=rng.choice([4, 8, 16]))
+            store.put(page)
+            model[page.id] = page
+        elif action < 0.75:
+            ids = rng.sample(sorted(model), min(len(model), rng.randint(1, 5)))
+            for page_id, got in zip(ids, store.get(ids), strict=True):
+                assert_same(model[page_id], got)
+        elif action < 0.85:
+            store.prefetch(rng.sample(sorted(model), min(len(model), 3)))
+        else:
+            victim = rng.choice(sorted(model))
+            store.delete(victim)
+            del model[victim]
+        for tier in store.tiers:
+            assert tier.budget is None or tier.nbytes <= tier.budget, (step, tier.name)
+        assert store.ids() == set(model)
+    store.close()
+
+
+def test_reopen_returns_every_page(tmp_path: Path) -> None:
+    pages = [kv_page(f"p{i}", seed=i) for i in range(50)]
+    with PageStore.open(ram_budget="4KiB", path=tmp_path / "d", segment_bytes="8KiB") as store:
+        store.put_many(pages[:25])
+        for page in pages[25:]:
+            store.put(page)
+        store.delete("p3")
+        assert store.tiers[1].stats()["segments"] > 1
+    with PageStore.open(ram_budget="4KiB", path=tmp_path / "d") as store:
+        assert store.ids() == {p.id for p in pages} - {"p3"}
+        for page in pages:
+            if page.id != "p3":
+                assert_same(page, store.get(page.id)[0])
+
+
+def test_prefetch_then_get_equals_get(tmp_path: Path) -> None:
+    pages = [kv_page(f"p{i}", seed=i) for i in range(30)]
+    with PageStore.open(gpu_budget="8KiB", gpu_device="cpu", path=tmp_path / "a") as store:
+        store.put_many(pages)
+        ids = [f"p{i}" for i in range(0, 30, 3)]
+        plain = store.get(ids)
+    with PageStore.open(gpu_budget="8KiB", gpu_device="cpu", path=tmp_path / "a") as store:
+        future = store.prefetch(ids)
+        fetched = store.get(ids)
+        assert future.done()
+        for a, b in zip(plain, fetched, strict=True):
+            assert_same(a, b)
+        assert store.stats()["moved"]["disk->gpu"]["pages"] >= len(ids)
+        gathered = store.gather(ids[:5], "k")
+        assert torch.equal(gathered, torch.stack([p.payload["k"] for p in plain[:5]]))
+        with pytest.raises(CapacityError, match="gather fewer"):
+            store.gather(ids, "k")
+
+
+def test_gather_is_one_stacked_read_of_the_front_tier(tmp_path: Path) -> None:
+    tier = TensorTier("gpu", "cpu", None)
+    pages = [kv_page(f"p{i}", seed=i) for i in range(40)]
+    for page in pages:
+        tier.put(page)
+    slab, slots = tier.locate([p.id for p in pages])
+    assert slab.fields["k"].shape[0] >= 40 and slots.shape == (40,)
+    stacked = tier.gather([p.id for p in pages[::-1]], "v")
+    assert torch.equal(stacked, torch.stack([p.payload["v"] for p in pages[::-1]]))
+
+
+def test_lru_and_lfu_evict_the_coldest() -> None:
+    size = kv_page("x").nbytes
+    for policy, expected in (("lru", "b"), ("lfu", "c")):
+        tier = TensorTier("ram", "cpu", size * 3, policy=policy)
+        for name in "abc":
+            tier.put(kv_page(name))
+        for name in ("a", "b", "a", "b", "c", "a"):
+            tier.get(name)
+        if policy == "lru":
+            tier.get("c")
+        evicted = tier.put(kv_page("d"))
+        assert [p.id for p in evicted] == [expected]
+        assert tier.nbytes <= size * 3
+
+
+def test_bad_input_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    store = PageStore.open(gpu_budget="4KiB", gpu_device="cpu", path=tmp_path / "d")
+    store.put(kv_page("ok"))
+    before = store.stats()["tiers"]
+    with pytest.raises(CapacityError, match="budget"):
+        store.put(kv_page("huge", tokens=512))
+    with pytest.raises(InvalidInputError, match=r"payload\['z'\].*dtype"):
+        store.put(Page(id="c", payload={"z": torch.zeros(2, dtype=torch.complex64)}))
+    with pytest.raises(InvalidInputError, match=r"page\.payload"):
+        store.put(Page(id="e", payload={}))
+    with pytest.raises(NotFoundError, match="nope"):
+        store.get(["ok", "nope"])
+    with pytest.raises(NotFoundError):
+        store.delete("nope")
+    assert store.ids() == {"ok"}
+    after = store.stats()["tiers"]
+    assert {k: v["pages"] for k, v in after.items()} == {k: v["pages"] for k, v in before.items()}
+    store.close()
+    with pytest.raises(ClosedError):
+        store.get("ok")
+    with pytest.raises(ClosedError):
+        store.put(kv_page("late"))
+
+
+def test_config_validates_budgets_and_units(tmp_path: Path) -> None:
+    assert StoreConfig(ram_budget="8GiB").ram_budget == 8 * 2**30
+    with pytest.raises(InvalidInputError, match="ram_budget"):
+        PageStore.open(ram_budget="lots")
+    with pytest.raises(InvalidInputError, match="colour"):
+        PageStore.open(colour="blue")
+    with pytest.raises(InvalidInputError, match="last tier"):
+        PageStore([TensorTier("ram", "cpu", 1024)])
+    with pytest.raises(InvalidInputError, match="budget"):
+        TensorTier("gpu", "cpu", 0)
+
+
+def test_flipped_byte_is_detected_and_never_returned(tmp_path: Path) -> None:
+    pages = [kv_page(f"p{i}", seed=i) for i in range(5)]
+    tier = DiskTier(tmp_path / "d")
+    for page in pages:
+        tier.put(page)
+    tier.close()
+    segment = next((tmp_path / "d").glob("segment-*.log"))
+    data = bytearray(segment.read_bytes())
+    starts = [i for i in range(len(data)) if data.startswith(MAGIC, i)]
+    assert len(starts) == 5
+    inside_p2 = (starts[2] + starts[3]) // 2
+    data[inside_p2] ^= 0x40
+    segment.write_bytes(bytes(data))
+    tier = DiskTier(tmp_path / "d")
+    with pytest.raises(CorruptionError, match="p2"):
+        tier.get("p2")
+    assert "p2" not in tier and tier.stats()["corrupt"] == 1
+    for page in pages:
+        if page.id != "p2":
+            assert_same(page, tier.get(page.id))
+    tier.close()
+    data[inside_p2] ^= 0x40
+    data[starts[3] + 5] ^= 0xFF  # p3's header: skipped on open, the rest still read
+    segment.write_bytes(bytes(data))
+    tier = DiskTier(tmp_path / "d")
+    assert set(tier.ids()) == {"p0", "p1", "p2", "p4"} and tier.stats()["corrupt"] == 1
+    assert tier.verify() == []
+    assert_same(pages[4], tier.get("p4"))
+    tier.close()
+
+
+def test_torn_tail_is_cut_and_earlier_records_kept(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path / "d")
+    for i in range(3):
+        tier.put(kv_page(f"p{i}", seed=i))
+    tier.close()
+    segment = next((tmp_path / "d").glob("segment-*.log"))
+    size = segment.stat().st_size
+    segment.write_bytes(segment.read_bytes()[: size - 10])
+    tier = DiskTier(tmp_path / "d")
+    assert set(tier.ids()) == {"p0", "p1"}
+    late = kv_page("p9", seed=9)
+    tier.put(late)
+    tier.close()
+    tier = DiskTier(tmp_path / "d")
+    assert set(tier.ids()) == {"p0", "p1", "p9"} and tier.stats()["corrupt"] == 0
+    assert_same(late, tier.get("p9"))
+    tier.close()
+
+
+def test_compaction_reclaims_deleted_pages(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path / "d", segment_bytes=16 * 2**10)
+    pages = [kv_page(f"p{i}", seed=i) for i in range(60)]
+    tier.put_many(pages)
+    for page in pages[:45]:
+        tier.evict(page.id)
+    freed = tier.compact()
+    assert freed > 40 * pages[0].nbytes
+    tier.close()
+    tier = DiskTier(tmp_path / "d")
+    assert set(tier.ids()) == {p.id for p in pages[45:]}
+    for page in pages[45:]:
+        assert_same(page, tier.get(page.id))
+    tier.close()
+
+
+def test_concurrent_readers_and_one_writer(tmp_path: Path) -> None:
+    store = PageStore.open(gpu_budget="16KiB", gpu_device="cpu", ram_budget="32KiB", path=tmp_path)
+    store.put_many([kv_page(f"p{i}", seed=i) for i in range(20)])
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader(offset: int) -> None:
+        try:
+            step = 0
+            while not stop.is_set():
+                page_id = f"p{(offset + step) % 20}"
+                got = store.get(page_id)[0]
+                assert torch.equal(
+                    got.payload["k"], kv_page(page_id, int(page_id[1:])).payload["k"]
+                )
+                step += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for i in range(20, 80):
+        store.put(kv_page(f"p{i}", seed=i))
+        if i % 7 == 0:
+            store.prefetch([f"p{i - 3}", f"p{i - 5}"])
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+    assert len(store) == 80
+    store.close()
+
+
+def test_header_bytes_constant_matches_layout() -> None:
+    assert HEADER_BYTES == 4 + 1 + 2 + 4 + 8 + 4
