@@ -1,0 +1,54 @@
+"""Kernel dispatch: Triton for CUDA tensors when triton imports, the torch reference otherwise.
+
+MEMLAYER_KERNELS=reference forces the reference. The Triton module (and triton itself) is
+imported on the first CUDA call only, so importing memlayer.kernels never touches either.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import torch
+
+from memlayer.kernels import reference
+from memlayer.kernels.reference import SummaryKind
+
+
+@functools.cache
+def _triton_kernels() -> ModuleType | None:
+    """The Triton kernel module, or None when triton is not importable (imported once)."""
+    try:
+        from memlayer.kernels import triton_paged
+    except ImportError:
+        return None
+    return triton_paged
+
+
+def _backend(tensor: torch.Tensor) -> ModuleType:
+    """Module whose kernels run on `tensor`: Triton on CUDA unless forced to the reference."""
+    if tensor.is_cuda and os.environ.get("MEMLAYER_KERNELS", "auto") != "reference":
+        return _triton_kernels() or reference
+    return reference
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    page_idx: torch.Tensor,
+    *,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over the pool pages in page_idx; see reference.paged_attention."""
+    out: tuple[torch.Tensor, torch.Tensor] = _backend(q).paged_attention(
+        q, k_pool, v_pool, page_idx, scale=scale
+    )
+    return out
+
+
+def score_pages(q: torch.Tensor, summary: torch.Tensor, *, kind: SummaryKind) -> torch.Tensor:
+    """Page relevance [B, Hkv, P] float32; see reference.score_pages."""
+    scores: torch.Tensor = _backend(q).score_pages(q, summary, kind=kind)
+    return scores
