@@ -1,0 +1,203 @@
+"""Tiered page store throughput, each side by side with the raw copy or read of the same bytes.
+
+Pages are one layer's KV of 64 tokens × 8 KV heads × 128 dims × (K, V) in bf16 (256 KiB).
+Rows:
+- promotion RAM→GPU (PageStore prefetch into the front tier) vs one plain copy of the same
+  bytes (pinned `tensor.to(device, non_blocking=True)` on CUDA; a host memcpy on CPU);
+- disk→RAM (PageStore get from segment files) vs a raw sequential `readinto` of the same
+  segment files (both from the page cache: run twice to see cold vs warm);
+- prefetch overlap: attention-like compute alone, fetch alone, and prefetch-then-compute,
+  reporting the share of the transfer time hidden behind compute.
+
+    python benchmarks/store_bench.py --pages 512 --repeats 5 --out benchmarks/out/store.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from memlayer.stores import DiskTier, PageStore, TensorTier
+from memlayer.types import Page
+
+TOKENS, KV_HEADS, DIM = 64, 8, 128
+
+
+def kv_page(index: int) -> Page:
+    keys = torch.randn(KV_HEADS, TOKENS, DIM).bfloat16()
+    return Page(id=f"p{index}", payload={"k": keys, "v": keys.flip(0)})
+
+
+def warm_front(device: torch.device, budget: int | None) -> TensorTier:
+    """A front tier in steady state: one resident page keeps its slab allocated between runs,
+    as in a running session (an emptied slab is released and the next put allocates anew)."""
+    tier = TensorTier("gpu" if device.type == "cuda" else "front", device, budget)
+    tier.put(kv_page(-1))
+    return tier
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(run: Callable[[], None], repeats: int, device: torch.device) -> float:
+    """Median wall time of `run` over `repeats` (after one warm-up)."""
+    run()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def promotion(pages: list[Page], device: torch.device, repeats: int) -> dict[str, float]:
+    """RAM→front-tier promotion vs one plain copy of the same bytes."""
+    total = sum(p.nbytes for p in pages)
+    ids = [p.id for p in pages]
+    ram = TensorTier("ram", "cpu", None)
+    for page in pages:
+        ram.put(page)
+    front = warm_front(device, total * 2)
+    store = PageStore([front, ram])
+
+    def promote() -> None:
+        for page_id in ids:
+            if page_id in front:
+                front.evict(page_id)
+        store.prefetch(ids).result()
+
+    source = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    target = torch.empty(total, dtype=torch.uint8, device=device)
+
+    def plain_copy() -> None:
+        target.copy_(source, non_blocking=True)
+
+    ours = median_seconds(promote, repeats, device)
+    raw = median_seconds(plain_copy, repeats, device)
+    store.close()
+    return {"bytes": total, "ours_s": ours, "baseline_s": raw}
+
+
+def disk_read(pages: list[Page], folder: Path, repeats: int) -> dict[str, float]:
+    """disk→RAM through the store vs a raw sequential read of the same segment files."""
+    disk = DiskTier(folder / "disk", sync=False)
+    disk.put_many(pages)
+    ids = [p.id for p in pages]
+    ram = warm_front(torch.device("cpu"), None)
+    store = PageStore([ram, disk])
+
+    def through_store() -> None:
+        for page_id in ids:
+            if page_id in ram:
+                ram.evict(page_id)
+        store.get(ids)
+
+    files = sorted((folder / "disk").glob("segment-*.log"))
+    size = sum(f.stat().st_size for f in files)
+    buffer = bytearray(size)
+
+    def raw_read() -> None:
+        view = memoryview(buffer)
+        for file in files:
+            with open(file, "rb", buffering=0) as handle:
+                view = view[handle.readinto(view) :]
+
+    cpu = torch.device("cpu")
+    ours = median_seconds(through_store, repeats, cpu)
+    raw = median_seconds(raw_read, repeats, cpu)
+    store.close()
+    return {"bytes": sum(p.nbytes for p in pages), "ours_s": ours, "baseline_s": raw}
+
+
+def prefetch_overlap(pages: list[Page], device: torch.device, repeats: int) -> dict[str, float]:
+    """Compute alone, fetch alone, and prefetch overlapped with compute."""
+    ids = [p.id for p in pages]
+    ram = TensorTier("ram", "cpu", None)
+    for page in pages:
+        ram.put(page)
+    front = warm_front(device, sum(p.nbytes for p in pages) * 2)
+    store = PageStore([front, ram])
+    queries = torch.randn(4096, DIM, device=device, dtype=torch.float32)
+    keys = torch.randn(DIM, 4096, device=device, dtype=torch.float32)
+
+    def compute() -> None:
+        for _ in range(4):
+            torch.softmax(queries @ keys, dim=-1)
+
+    def clear() -> None:
+        for page_id in ids:
+            if page_id in front:
+                front.evict(page_id)
+
+    def fetch() -> None:
+        clear()
+        store.get(ids)
+
+    def overlapped() -> None:
+        clear()
+        pending = store.prefetch(ids)
+        compute()
+        pending.result()
+        store.get(ids)
+
+    results = {
+        "compute_s": median_seconds(compute, repeats, device),
+        "fetch_s": median_seconds(fetch, repeats, device),
+        "overlapped_s": median_seconds(overlapped, repeats, device),
+    }
+    store.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pages", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pages = [kv_page(i) for i in range(args.pages)]
+    with tempfile.TemporaryDirectory() as folder:
+        results = {
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "page_bytes": pages[0].nbytes,
+            "promotion": promotion(pages, device, args.repeats),
+            "disk_read": disk_read(pages, Path(folder), args.repeats),
+            "prefetch": prefetch_overlap(pages[: args.pages // 4], device, args.repeats),
+        }
+    gb = 1e9
+    print(f"device: {results['device']}; {args.pages} pages of {pages[0].nbytes // 1024} KiB")
+    print("| measure | memlayer GB/s | baseline GB/s | ratio |")
+    print("|---|---|---|---|")
+    for key, label, baseline in (
+        ("promotion", "RAM→front tier promotion", "plain copy"),
+        ("disk_read", "disk→RAM get", "raw sequential read"),
+    ):
+        row = results[key]
+        ours, raw = row["bytes"] / row["ours_s"] / gb, row["bytes"] / row["baseline_s"] / gb
+        print(f"| {label} vs {baseline} | {ours:.2f} | {raw:.2f} | {ours / raw:.0%} |")
+    over = results["prefetch"]
+    hidden = (over["compute_s"] + over["fetch_s"] - over["overlapped_s"]) / over["fetch_s"]
+    results["prefetch"]["hidden_share"] = hidden
+    print(
+        f"prefetch: compute {over['compute_s'] * 1e3:.1f} ms, fetch {over['fetch_s'] * 1e3:.1f} ms,"
+        f" overlapped {over['overlapped_s'] * 1e3:.1f} ms: {hidden:.0%} of the transfer hidden"
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
