@@ -48,12 +48,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(run: Callable[[], None], repeats: int, device: torch.device) -> float:
-    """Median wall time of `run` over `repeats` (after one warm-up)."""
+def median_seconds(
+    run: Callable[[], None],
+    repeats: int,
+    device: torch.device,
+    setup: Callable[[], None] = lambda: None,
+) -> float:
+    """Median wall time of `run` over `repeats` (after one warm-up); `setup` is not timed."""
+    setup()
     run()
     sync(device)
     times = []
     for _ in range(repeats):
+        setup()
+        sync(device)
         started = time.perf_counter()
         run()
         sync(device)
@@ -71,10 +79,12 @@ def promotion(pages: list[Page], device: torch.device, repeats: int) -> dict[str
     front = warm_front(device, total * 2)
     store = PageStore([front, ram])
 
-    def promote() -> None:
+    def clear() -> None:
         for page_id in ids:
             if page_id in front:
                 front.evict(page_id)
+
+    def promote() -> None:
         store.prefetch(ids).result()
 
     source = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
@@ -83,7 +93,7 @@ def promotion(pages: list[Page], device: torch.device, repeats: int) -> dict[str
     def plain_copy() -> None:
         target.copy_(source, non_blocking=True)
 
-    ours = median_seconds(promote, repeats, device)
+    ours = median_seconds(promote, repeats, device, setup=clear)
     raw = median_seconds(plain_copy, repeats, device)
     store.close()
     return {"bytes": total, "ours_s": ours, "baseline_s": raw}
@@ -97,10 +107,12 @@ def disk_read(pages: list[Page], folder: Path, repeats: int) -> dict[str, float]
     ram = warm_front(torch.device("cpu"), None)
     store = PageStore([ram, disk])
 
-    def through_store() -> None:
+    def clear() -> None:
         for page_id in ids:
             if page_id in ram:
                 ram.evict(page_id)
+
+    def through_store() -> None:
         store.get(ids)
 
     files = sorted((folder / "disk").glob("segment-*.log"))
@@ -114,7 +126,7 @@ def disk_read(pages: list[Page], folder: Path, repeats: int) -> dict[str, float]
                 view = view[handle.readinto(view) :]
 
     cpu = torch.device("cpu")
-    ours = median_seconds(through_store, repeats, cpu)
+    ours = median_seconds(through_store, repeats, cpu, setup=clear)
     raw = median_seconds(raw_read, repeats, cpu)
     store.close()
     return {"bytes": sum(p.nbytes for p in pages), "ours_s": ours, "baseline_s": raw}
@@ -141,11 +153,9 @@ def prefetch_overlap(pages: list[Page], device: torch.device, repeats: int) -> d
                 front.evict(page_id)
 
     def fetch() -> None:
-        clear()
         store.get(ids)
 
     def overlapped() -> None:
-        clear()
         pending = store.prefetch(ids)
         compute()
         pending.result()
@@ -153,8 +163,8 @@ def prefetch_overlap(pages: list[Page], device: torch.device, repeats: int) -> d
 
     results = {
         "compute_s": median_seconds(compute, repeats, device),
-        "fetch_s": median_seconds(fetch, repeats, device),
-        "overlapped_s": median_seconds(overlapped, repeats, device),
+        "fetch_s": median_seconds(fetch, repeats, device, setup=clear),
+        "overlapped_s": median_seconds(overlapped, repeats, device, setup=clear),
     }
     store.close()
     return results

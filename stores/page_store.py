@@ -80,7 +80,13 @@ class PageStore:
         self._durable = next((t for t in self.tiers if t.persistent), None)
         self._lock = threading.RLock()
         self._pending: dict[str, Future[None]] = {}
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="memlayer-prefetch")
+        # one intra-op thread for copies: a second OpenMP team would fight the caller's compute
+        self._worker = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="memlayer-prefetch",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
         self._stream: Any = None
         self._moved: dict[str, dict[str, float]] = defaultdict(
             lambda: {"pages": 0, "bytes": 0, "seconds": 0.0}
