@@ -85,6 +85,7 @@ class DiskTier(Tier):
         self._index: dict[str, Location] = {}
         self._live_bytes = 0
         self._maps: dict[int, mmap.mmap] = {}
+        self._scratch = bytearray()
         self._lock = threading.RLock()
         self._closed = False
         try:
@@ -135,14 +136,18 @@ class DiskTier(Tier):
                 self._append(_PUT, page_id, body)
             self._flush()
 
-    def get(self, page_id: str) -> Page:
+    def get(self, page_id: str, *, transient: bool = False) -> Page:
+        """The page. `transient`: its tensors are views of a buffer the next transient read
+        reuses (no fresh memory per page), for callers that copy them at once."""
         with self._lock:
             self._check_open()
             location = self._index.get(page_id)
             if location is None:
                 self.counters.misses += 1
                 raise NotFoundError("page", page_id)
-            body = self._read(location)
+            if transient and len(self._scratch) < location.length:
+                self._scratch = bytearray(location.length)
+            body = self._read(location, self._scratch if transient else None)
         if zlib.crc32(body) != location.crc:
             self._report(location.segment, location.offset)
             with self._lock:
@@ -182,7 +187,7 @@ class DiskTier(Tier):
         for page_id in self.ids():
             with self._lock:
                 location = self._index.get(page_id)
-                body = self._read(location) if location else bytearray()
+                body = self._read(location) if location else memoryview(b"")
             if location and zlib.crc32(body) != location.crc:
                 self._report(location.segment, location.offset)
                 with self._lock:
@@ -280,7 +285,7 @@ class DiskTier(Tier):
         if location is not None:
             self._live_bytes -= location.length
 
-    def _read(self, location: Location) -> bytearray:
+    def _read(self, location: Location, scratch: bytearray | None = None) -> memoryview:
         """A copy of one body read through its segment's memory map (neighbours stay on disk)."""
         mapped = self._maps.get(location.segment)
         end = location.offset + location.length
@@ -290,7 +295,7 @@ class DiskTier(Tier):
             with open(self._segment_path(location.segment), "rb") as handle:
                 mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps[location.segment] = mapped
-        body = bytearray(location.length)
+        body = memoryview(scratch or bytearray(location.length))[: location.length]
         with memoryview(mapped) as whole:
             body[:] = whole[location.offset : end]
         return body

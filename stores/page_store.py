@@ -294,7 +294,12 @@ class PageStore:
                 continue  # deleted after a prefetch asked for it
             level = self._level(page_id)
             source = self.tiers[level]
-            page = source.view(page_id) if isinstance(source, TensorTier) else source.get(page_id)
+            if isinstance(source, TensorTier):
+                page = source.view(page_id)
+            elif isinstance(source, DiskTier):
+                page = source.get(page_id, transient=True)  # _move copies it at once
+            else:
+                page = source.get(page_id)
             front = self._front_for(page)
             if level > front:
                 self._move(page, source, front)
