@@ -13,6 +13,7 @@ from transformers.cache_utils import Cache
 
 from memlayer.kvretrieval.config import KVConfig
 from memlayer.kvretrieval.layer_memory import LayerMemory
+from memlayer.kvretrieval.page_pool import open_kv_store
 from memlayer.kvretrieval.rope import Rotary
 from memlayer.kvretrieval.selectors import make_selector
 
@@ -42,9 +43,14 @@ class PagedKVCache(Cache):
         rows = config.repr_topk if config.selector == "infllm" else 2
         self.config = config
         self.calls = 0  # attention calls routed through memlayer (checked per forward)
+        page_bytes = 2 * kv_heads * config.block_size * head_dim * dtype.itemsize
+        step_pages = config.topk * (1 if selector.shares_selection else kv_heads)
+        self.store, self._offload_folder = open_kv_store(config, device, page_bytes, step_pages)
         self.memories = [
-            LayerMemory(config, selector, rotary, kv_heads, head_dim, rows, dtype, device)
-            for _ in range(text_config.num_hidden_layers)
+            LayerMemory(
+                config, selector, rotary, kv_heads, head_dim, rows, dtype, device, self.store, i
+            )
+            for i in range(text_config.num_hidden_layers)
         ]
 
     def update(

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from memlayer.config import ByteSize
 from memlayer.errors import InvalidInputError
 
 PositionMode = Literal["infllm", "exact"]
 
 
 class KVConfig(BaseModel):
-    """How a KV session pages, selects and positions its memory.
+    """How a KV session pages, selects and positions its memory, and where pages are kept.
+
+    Page payloads live in a PageStore: a front tier on the model's device (GPU on CUDA,
+    else RAM) bounded by `gpu_budget` / `ram_budget` (None: unbounded), and pages pushed out
+    go to segment files under `offload_path` (a temporary folder when not given).
 
     Defaults follow InfLLM's published settings (128 sink tokens, 4K local window, 128-token
     blocks, 4 representative keys) scaled to a small model on a CPU: the attention span
@@ -29,6 +35,9 @@ class KVConfig(BaseModel):
     repr_topk: int = 4
     chunk_size: int = 512
     positions: PositionMode = "infllm"
+    gpu_budget: ByteSize | None = None
+    ram_budget: ByteSize | None = None
+    offload_path: Path | None = None
 
     @field_validator("n_local", "block_size", "topk", "repr_topk", "chunk_size")
     @classmethod

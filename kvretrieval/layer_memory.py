@@ -8,7 +8,7 @@ pages. Tokens leaving the window are sealed into `block_size` pages with a selec
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -19,8 +19,10 @@ from memlayer.kernels import (
     select_pages,
 )
 from memlayer.kvretrieval.config import KVConfig
+from memlayer.kvretrieval.page_pool import PagePool
 from memlayer.kvretrieval.rope import Rotary
 from memlayer.kvretrieval.selectors import PageSelector
+from memlayer.stores import PageStore
 
 
 @dataclass
@@ -31,39 +33,6 @@ class LayerStats:
     attention_s: float = 0.0
     steps: int = 0
     pages_selected: int = 0
-
-
-@dataclass
-class PagePool:
-    """Sealed pages of one layer in preallocated tensors that grow by doubling."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    summaries: torch.Tensor
-    starts: list[int] = field(default_factory=list)
-
-    @property
-    def count(self) -> int:
-        """Pages sealed so far."""
-        return len(self.starts)
-
-    def append(
-        self, keys: torch.Tensor, values: torch.Tensor, summary: torch.Tensor, start: int
-    ) -> None:
-        if self.count == self.keys.shape[0]:
-            grow = max(16, self.count)
-            self.keys, self.values, self.summaries = (
-                torch.cat([t, t.new_empty((grow, *t.shape[1:]))])
-                for t in (self.keys, self.values, self.summaries)
-            )
-        self.keys[self.count] = keys
-        self.values[self.count] = values
-        self.summaries[self.count] = summary
-        self.starts.append(start)
-
-    def truncate(self, count: int) -> None:
-        """Forget pages from index `count` on."""
-        del self.starts[count:]
 
 
 class LayerMemory:
@@ -79,6 +48,8 @@ class LayerMemory:
         summary_rows: int,
         dtype: torch.dtype,
         device: torch.device,
+        store: PageStore,
+        layer: int,
     ):
         self.config = config
         self.selector = selector
@@ -87,11 +58,8 @@ class LayerMemory:
         self.buffer_k, self.buffer_v = empty, empty
         self.buffer_start = 0  # absolute position of buffer[0]
         self.init_k, self.init_v = empty, empty
-        block = (0, kv_heads, config.block_size, head_dim)
         self.pool = PagePool(
-            keys=torch.empty(block, dtype=dtype, device=device),
-            values=torch.empty(block, dtype=dtype, device=device),
-            summaries=torch.empty(0, kv_heads, summary_rows, head_dim, dtype=dtype, device=device),
+            store, f"layer{layer}", (kv_heads, summary_rows, head_dim), dtype, device
         )
         self.stats = LayerStats()
 
@@ -138,13 +106,13 @@ class LayerMemory:
             picked = time.perf_counter()
             chosen = self.select(q_memory)
             selection = time.perf_counter() - picked
-            self.stats.pages_selected += int((chosen >= 0).sum())
-            count = self.pool.count
-            parts.append(
-                paged_attention(
-                    q_memory, self.pool.keys[:count], self.pool.values[:count], chosen, scale=scale
-                )
-            )
+            valid = chosen >= 0
+            self.stats.pages_selected += int(valid.sum())
+            wanted, slots = torch.unique(chosen[valid], return_inverse=True)
+            keys, values = self.pool.gather(wanted.tolist())
+            compact = torch.full_like(chosen, -1)
+            compact[valid] = slots  # selected page -> its row in the gathered pool
+            parts.append(paged_attention(q_memory, keys, values, compact, scale=scale))
         out, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts])
         self._seal(q_raw[0])
         self.stats.selection_s += selection

@@ -20,6 +20,7 @@ class PageSelector:
     """Builds page summaries and scores them against a chunk's queries."""
 
     name = "base"
+    shares_selection = False  # True when every KV head gets the same pages
 
     def summarize(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """Summary [Hkv, R, D] of one page's keys [Hkv, S, D], given recent queries [Hq, T, D]."""
@@ -40,6 +41,7 @@ class InfLLMSelector(PageSelector):
 
     repr_topk: int = 4
     name = "infllm"
+    shares_selection = True
 
     def summarize(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         kv_heads = keys.shape[0]

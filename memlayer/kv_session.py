@@ -217,20 +217,13 @@ class KVSession:
     def stats(self) -> dict[str, Any]:
         """Pages, bytes, selection counts and time in selection vs attention."""
         memories = self.cache.memories
-        pages = sum(m.pool.count for m in memories)
-        page_bytes = sum(
-            m.pool.count
-            * (m.pool.keys[0].numel() + m.pool.values[0].numel())
-            * m.pool.keys.element_size()
-            for m in memories
-            if m.pool.count
-        )
+        store = self.cache.store.stats()
         timing = dict(self._timing)
         return {
             "tokens": self.tokens_fed,
-            "pages": pages,
-            "page_bytes": page_bytes,
-            "tiers": {"ram": {"pages": pages, "bytes": page_bytes}},
+            "pages": sum(m.pool.count for m in memories),
+            "tiers": store["tiers"],
+            "moved": store["moved"],
             "pages_selected": sum(m.stats.pages_selected for m in memories),
             "selection_s": sum(m.stats.selection_s for m in memories),
             "attention_s": sum(m.stats.attention_s for m in memories),
@@ -241,6 +234,7 @@ class KVSession:
     def save(self, path: str | Path) -> None:
         """Persist the session's memory (every layer's pages, sinks and window) to a folder."""
         from memlayer.kvretrieval.model import fingerprint
+        from memlayer.stores import DiskTier
 
         torch = self._torch
         folder = Path(path)
@@ -248,25 +242,31 @@ class KVSession:
             raise InvalidInputError("path", "must be a folder, not a file", str(folder))
         folder.mkdir(parents=True, exist_ok=True)
         layers = []
-        for m in self.cache.memories:
-            count = m.pool.count
-            layers.append(
-                {
-                    "buffer_k": m.buffer_k,
-                    "buffer_v": m.buffer_v,
-                    "init_k": m.init_k,
-                    "init_v": m.init_v,
-                    "keys": m.pool.keys[:count].clone(),
-                    "values": m.pool.values[:count].clone(),
-                    "summaries": m.pool.summaries[:count].clone(),
-                    "starts": torch.tensor(m.pool.starts, dtype=torch.long),
-                    "buffer_start": torch.tensor(m.buffer_start),
-                }
-            )
+        saved_pages = DiskTier(folder / "pages", sync=False)
+        try:
+            for m in self.cache.memories:
+                count = m.pool.count
+                ids = [m.pool.page_id(i) for i in range(count)]
+                for start in range(0, count, 64):  # a bounded number of pages up at a time
+                    saved_pages.put_many(self.cache.store.get(ids[start : start + 64]))
+                layers.append(
+                    {
+                        "buffer_k": m.buffer_k,
+                        "buffer_v": m.buffer_v,
+                        "init_k": m.init_k,
+                        "init_v": m.init_v,
+                        "summaries": m.pool.summaries[:count].clone(),
+                        "starts": torch.tensor(m.pool.starts, dtype=torch.long),
+                        "buffer_start": torch.tensor(m.buffer_start),
+                    }
+                )
+            saved_pages.flush()
+        finally:
+            saved_pages.close()
         torch.save(layers, folder / "layers.pt")
         meta = {
             "fingerprint": fingerprint(self.model),
-            "config": self.config.model_dump(),
+            "config": self.config.model_dump(mode="json"),
             "tokens_fed": self.tokens_fed,
             "opened": self._opened,
         }
@@ -278,6 +278,7 @@ class KVSession:
     ) -> KVSession:
         """Reopen a saved session on the same model (ModelMismatchError otherwise)."""
         from memlayer.kvretrieval.model import fingerprint, load_smollm2
+        from memlayer.stores import DiskTier
 
         torch = require("torch", "kv")
         folder = Path(path)
@@ -290,12 +291,20 @@ class KVSession:
             raise ModelMismatchError(f"{folder} was saved from a different model")
         session = cls(model, tokenizer, **{**meta["config"], **kwargs})
         layers = torch.load(folder / "layers.pt", weights_only=True)
-        for m, saved in zip(session.cache.memories, layers, strict=True):
-            m.buffer_k, m.buffer_v = saved["buffer_k"], saved["buffer_v"]
-            m.init_k, m.init_v = saved["init_k"], saved["init_v"]
-            m.buffer_start = int(saved["buffer_start"])
-            for i, start in enumerate(saved["starts"].tolist()):
-                m.pool.append(saved["keys"][i], saved["values"][i], saved["summaries"][i], start)
+        saved_pages = DiskTier(folder / "pages")
+        try:
+            for m, saved in zip(session.cache.memories, layers, strict=True):
+                m.buffer_k, m.buffer_v = saved["buffer_k"], saved["buffer_v"]
+                m.init_k, m.init_v = saved["init_k"], saved["init_v"]
+                m.buffer_start = int(saved["buffer_start"])
+                for i, start in enumerate(saved["starts"].tolist()):
+                    page = saved_pages.get(m.pool.page_id(i))
+                    assert isinstance(page.payload, dict)
+                    m.pool.append(
+                        page.payload["k"], page.payload["v"], saved["summaries"][i], start
+                    )
+        finally:
+            saved_pages.close()
         session.tokens_fed = meta["tokens_fed"]
         session._opened = meta["opened"]
         return session

@@ -246,7 +246,14 @@ class DiskTier(Tier):
         finally:
             os.close(fd)
 
+    def flush(self) -> None:
+        """Make every record written so far durable (for tiers opened with sync=False)."""
+        with self._lock:
+            self._check_open()
+            self._flush(force=True)
+
     def _roll(self) -> None:
+        self._flush(force=not self.sync)  # a sealed segment is durable before the next opens
         os.close(self._fd)
         self._active += 1
         self._fd = self._open_segment(self._active)
@@ -273,8 +280,8 @@ class DiskTier(Tier):
             self._index[page_id] = Location(self._active, offset, len(body), zlib.crc32(body))
             self._live_bytes += len(body)
 
-    def _flush(self) -> None:
-        if self.sync:
+    def _flush(self, *, force: bool = False) -> None:
+        if self.sync or force:
             try:
                 os.fsync(self._fd)
             except OSError as exc:

@@ -15,6 +15,7 @@ from memlayer import (
     NotFoundError,
     UnsupportedModelError,
 )
+from memlayer.types import Page
 
 SMALL = dict(n_init=2, n_local=8, block_size=4, topk=2, chunk_size=8)
 
@@ -35,7 +36,7 @@ def test_a_planted_page_aligned_with_the_query_is_selected(selector: str) -> Non
     target = 5
     group_mean = placed[0].reshape(2, 2, 16).mean(dim=1)  # per KV head
     keys = group_mean.unsqueeze(1).expand(2, 4, 16) * 20
-    memory.pool.keys[target] = keys
+    memory.pool.store.put(Page(id=memory.pool.page_id(target), payload={"k": keys, "v": keys}))
     memory.pool.summaries[target] = memory.selector.summarize(keys, placed[0])
     chosen = memory.select(placed)
     assert (chosen == target).any(dim=-1).all()
@@ -106,3 +107,36 @@ def test_models_without_attention_interface_are_refused() -> None:
 
     with pytest.raises(UnsupportedModelError):
         KVSession(Plain(), None, progress=False)
+
+
+@pytest.mark.parametrize("selector", ["infllm", "quest"])
+def test_offloaded_pages_give_identical_outputs(selector: str, tmp_path: Path) -> None:
+    """A RAM budget of a few pages pushes most of them to disk; answers do not change."""
+    model = tiny("llama")
+    resident = KVSession(twin(model), None, progress=False, selector=selector, **SMALL)
+    offloaded = KVSession(
+        twin(model),
+        None,
+        progress=False,
+        selector=selector,
+        ram_budget="4KiB",
+        offload_path=tmp_path / "offload",
+        **SMALL,
+    )
+    for session in (resident, offloaded):
+        session.feed(_ids(120))
+    assert offloaded.continue_ids(_ids(6, seed=3), 8) == resident.continue_ids(_ids(6, seed=3), 8)
+    tiers = offloaded.stats()["tiers"]
+    assert tiers["ram"]["bytes"] <= 4096
+    assert tiers["disk"]["pages"] == offloaded.stats()["pages"] > tiers["ram"]["pages"]
+    assert offloaded.stats()["moved"]["disk->ram"]["pages"] > 0
+    assert any((tmp_path / "offload").glob("segment-*.log"))
+
+
+def test_budgets_too_small_for_a_step_are_refused() -> None:
+    with pytest.raises(InvalidInputError, match="ram_budget: must hold the 2 pages"):
+        KVSession(tiny("llama"), None, progress=False, ram_budget=1500, **SMALL)
+    with pytest.raises(InvalidInputError, match="ram_budget"):
+        KVSession(tiny("llama"), None, progress=False, ram_budget="100B", **SMALL)
+    with pytest.raises(InvalidInputError, match="gpu_budget: needs a model on a CUDA device"):
+        KVSession(tiny("llama"), None, progress=False, gpu_budget="1GiB", **SMALL)

@@ -1,0 +1,99 @@
+"""One layer's sealed pages: summaries resident for scoring, keys and values in the PageStore.
+
+Selection reads only the summaries; the payloads of the pages that win are gathered from
+whichever tier holds them (GPU, RAM, or offloaded to disk) into a compact pool per step.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from memlayer.errors import InvalidInputError
+from memlayer.kvretrieval.config import KVConfig
+from memlayer.stores import DiskTier, PageStore, TensorTier, Tier
+from memlayer.types import Page
+
+
+def open_kv_store(
+    config: KVConfig, device: torch.device, page_bytes: int, step_pages: int
+) -> tuple[PageStore, tempfile.TemporaryDirectory[str] | None]:
+    """The session's page store (and the temporary offload folder it owns, if any).
+
+    Each bounded front tier must hold the `step_pages` pages one layer's step gathers.
+    """
+    cuda = device.type == "cuda"
+    if config.gpu_budget is not None and not cuda:
+        raise InvalidInputError("gpu_budget", "needs a model on a CUDA device")
+    need = step_pages * page_bytes
+    for field, budget in (("gpu_budget", config.gpu_budget), ("ram_budget", config.ram_budget)):
+        if budget is not None and budget < need:
+            raise InvalidInputError(
+                field,
+                f"must hold the {step_pages} pages one step attends to: {need} bytes "
+                f"(one page is {page_bytes} bytes)",
+                budget,
+            )
+    tiers: list[Tier] = []
+    if cuda:
+        tiers.append(TensorTier("gpu", device, config.gpu_budget))
+    tiers.append(TensorTier("ram", "cpu", config.ram_budget))
+    owned = None
+    if config.offload_path is not None or tiers[-1].budget is not None:
+        folder = config.offload_path
+        if folder is None:
+            owned = tempfile.TemporaryDirectory(prefix="memlayer-kv-")
+            folder = Path(owned.name)
+        tiers.append(DiskTier(folder, sync=False))  # offload is a cache; save() is durable
+    return PageStore(tiers), owned
+
+
+class PagePool:
+    """Sealed pages of one layer; page `i` is stored as `{prefix}/{i}` with tensors k and v."""
+
+    def __init__(
+        self,
+        store: PageStore,
+        prefix: str,
+        summary_shape: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.store = store
+        self.prefix = prefix
+        self.summaries = torch.empty(0, *summary_shape, dtype=dtype, device=device)
+        self.starts: list[int] = []
+
+    @property
+    def count(self) -> int:
+        """Pages sealed so far."""
+        return len(self.starts)
+
+    def page_id(self, index: int) -> str:
+        """The store id of page `index`."""
+        return f"{self.prefix}/{index}"
+
+    def append(
+        self, keys: torch.Tensor, values: torch.Tensor, summary: torch.Tensor, start: int
+    ) -> None:
+        """Seal a page: keys/values [Hkv, S, D] to the store, its summary kept here."""
+        self.store.put(Page(id=self.page_id(self.count), payload={"k": keys, "v": values}))
+        if self.count == self.summaries.shape[0]:
+            grown = self.summaries.new_empty((max(16, self.count), *self.summaries.shape[1:]))
+            self.summaries = torch.cat([self.summaries, grown])
+        self.summaries[self.count] = summary
+        self.starts.append(start)
+
+    def gather(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of pages `indices` stacked [n, Hkv, S, D] on the front tier."""
+        ids = [self.page_id(i) for i in indices]
+        return self.store.gather(ids, "k"), self.store.gather(ids, "v")
+
+    def truncate(self, count: int) -> None:
+        """Forget pages from index `count` on (their payloads leave the store)."""
+        for index in range(count, self.count):
+            self.store.delete(self.page_id(index))
+        del self.starts[count:]
