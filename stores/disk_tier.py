@@ -92,9 +92,7 @@ class DiskTier(Tier):
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create {self.path}: {exc}") from exc
-        segments = sorted(
-            int(m.group(1)) for p in self.path.iterdir() if (m := _SEGMENT.match(p.name))
-        )
+        segments = self._segments()
         for number in segments:
             self._scan(number, last=number == segments[-1])
         self._active = segments[-1] if segments else 1

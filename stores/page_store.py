@@ -117,6 +117,8 @@ class PageStore:
         """Store pages with one durable write (one fsync or one transaction)."""
         for page in pages:
             check_payload(page)
+            if not any(tier.accepts(page) for tier in self.tiers):
+                raise InvalidInputError("page.payload", "no tier of this store can hold bytes")
             for tier in self.tiers:
                 if tier.accepts(page) and tier.budget is not None and page.nbytes > tier.budget:
                     raise CapacityError(
