@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from memlayer import KVSession
-from memlayer.kvretrieval.model import load_smollm2
+from memlayer.kvretrieval.model import cache_argument, load_smollm2
 from memlayer.kvretrieval.passkey import is_correct, samples
 
 LENGTHS = {"1k": 1000, "2k": 2000, "4k": 4000, "8k": 8000, "16k": 16000, "32k": 32000, "64k": 64000}
@@ -42,16 +43,18 @@ def peak_mb() -> float:
 
 def run_dense(model, tokenizer, case, new_tokens: int) -> tuple[bool, float, float]:
     prompt = tokenizer(case.context + "\n" + case.question, return_tensors="pt")["input_ids"]
+    cache = DynamicCache(config=model.config)
+    pass_cache = {cache_argument(model): cache}
     with torch.no_grad():
         started = time.perf_counter()
-        out = model(prompt, use_cache=True)
+        out = model(prompt, use_cache=True, **pass_cache)
         prefill = prompt.shape[1] / (time.perf_counter() - started)
-        cache, token, tokens = out.past_key_values, out.logits[0, -1].argmax(), []
+        token, tokens = out.logits[0, -1].argmax(), []
         started = time.perf_counter()
         for _ in range(new_tokens):
             tokens.append(int(token))
-            out = model(token.view(1, 1), past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[0, -1].argmax()
+            out = model(token.view(1, 1), use_cache=True, **pass_cache)
+            token = out.logits[0, -1].argmax()
         decode = new_tokens / (time.perf_counter() - started)
     return is_correct(tokenizer.decode(tokens), case), prefill, decode
 
@@ -69,6 +72,7 @@ def run_memlayer(
         topk=args.topk,
         block_size=args.block_size,
         n_init=args.n_init,
+        ram_budget=args.ram_budget,
     )
     session.feed(case.context)
     answer = session.ask(case.question, max_new_tokens=new_tokens)
@@ -97,6 +101,11 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--n-init", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument(
+        "--ram-budget",
+        default=None,
+        help="bound the in-RAM pages (e.g. 64MiB); the rest go to a temporary disk tier",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,12 @@ def attach(model: Any) -> None:
             f"{type(model).__name__} does not route attention through transformers' "
             f"AttentionInterface: {exc}"
         ) from exc
+
+
+def cache_argument(model: Any) -> str:
+    """The name `forward` takes the KV cache under: `cache` from transformers 5.24 on."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def fingerprint(model: Any) -> str:

@@ -7,7 +7,6 @@ and the model's positions stay bounded whatever the stream's length.
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ class KVSession:
 
         from memlayer.kvretrieval.cache import PagedKVCache
         from memlayer.kvretrieval.config import KVConfig
-        from memlayer.kvretrieval.model import attach, load_smollm2
+        from memlayer.kvretrieval.model import attach, cache_argument, load_smollm2
         from memlayer.kvretrieval.rope import Rotary, find_rotary
 
         self.config = KVConfig.build(**config)
@@ -67,10 +66,7 @@ class KVSession:
             model.config, self.config, self._rotary, dtype=param.dtype, device=param.device
         )
         self._layers = text_config.num_hidden_layers
-        # transformers >= 5.24 names the cache argument `cache` (`past_key_values` is deprecated)
-        self._cache_argument = (
-            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        )
+        self._cache_argument = cache_argument(model)
         self._device = param.device
         self._torch = torch
         self._prefix, self._suffix = (
