@@ -27,7 +27,7 @@ from memlayer.errors import CapacityError, ClosedError, InvalidInputError, NotFo
 from memlayer.stores.codec import check_payload
 from memlayer.stores.disk_tier import DiskTier
 from memlayer.stores.sql_tier import SQLTier
-from memlayer.stores.tensor_tier import TensorTier
+from memlayer.stores.tensor_tier import Signature, TensorTier, slot_bytes
 from memlayer.stores.tier import Tier
 from memlayer.types import Page
 
@@ -274,28 +274,44 @@ class PageStore:
         tier = self.tiers[level]
         if tier.persistent or page.id in tier:
             return
-        for victim in tier.put(page):
+        self._demote(level, tier.put(page))
+
+    def _demote(self, level: int, victims: Sequence[Page]) -> None:
+        """Move pages evicted from `level` to the next tier that takes them, unless durable."""
+        for victim in victims:
             below = next(
                 (i for i in range(level + 1, len(self.tiers)) if self.tiers[i].accepts(victim)),
                 None,
             )
             if below is not None and not self.tiers[below].persistent:
-                self._move(victim, tier, below)
+                self._move(victim, self.tiers[level], below)
 
     def _move(self, page: Page, source: Tier, level: int) -> None:
         started = time.perf_counter()
         self._place(page, level)
-        stats = self._moved[f"{source.name}->{self.tiers[level].name}"]
-        stats["pages"] += 1
-        stats["bytes"] += page.nbytes
+        self._count(source, self.tiers[level], 1, page.nbytes, started)
+
+    def _count(self, source: Tier, target: Tier, pages: int, nbytes: int, started: float) -> None:
+        stats = self._moved[f"{source.name}->{target.name}"]
+        stats["pages"] += pages
+        stats["bytes"] += nbytes
         stats["seconds"] += time.perf_counter() - started
 
     def _promote(self, page_ids: Sequence[str], *, missing_ok: bool = False) -> None:
-        for page_id in page_ids:
+        """Bring pages to the front: tensor pages of one tier and signature as one batch."""
+        batches: dict[tuple[TensorTier, Signature], list[str]] = defaultdict(list)
+        front_tier = self.tiers[0]
+        for page_id in dict.fromkeys(page_ids):
             if missing_ok and page_id not in self:
                 continue  # deleted after a prefetch asked for it
             level = self._level(page_id)
             source = self.tiers[level]
+            if isinstance(source, TensorTier) and isinstance(front_tier, TensorTier):
+                sig = source.signature_of(page_id)
+                if sig is not None:
+                    if source is not front_tier:
+                        batches[(source, sig)].append(page_id)
+                    continue
             if isinstance(source, TensorTier):
                 page = source.view(page_id)
             elif isinstance(source, DiskTier):
@@ -305,6 +321,21 @@ class PageStore:
             front = self._front_for(page)
             if level > front:
                 self._move(page, source, front)
+        for (source, sig), ids in batches.items():
+            if isinstance(front_tier, TensorTier):
+                self._promote_batch(front_tier, source, sig, ids)
+
+    def _promote_batch(
+        self, front: TensorTier, source: TensorTier, sig: Signature, page_ids: list[str]
+    ) -> None:
+        """Copy tensor pages of one signature from a lower tensor tier to the front."""
+        size = slot_bytes(sig)
+        step = len(page_ids) if front.budget is None else max(front.budget // size, 1)
+        for start in range(0, len(page_ids), step):  # more than fit: the last ones stay
+            chunk = page_ids[start : start + step]
+            started = time.perf_counter()
+            self._demote(0, front.copy_from(source, chunk))
+            self._count(source, front, len(chunk), len(chunk) * size, started)
 
     def _prefetch(self, page_ids: Sequence[str]) -> None:
         front = self.tiers[0]

@@ -10,6 +10,7 @@ reports are the bytes its slabs reserve, so a budget is a bound on device memory
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +28,11 @@ Signature = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
 def signature(payload: dict[str, torch.Tensor]) -> Signature:
     """Names, dtypes and shapes of a tensor payload: pages with equal ones share a slab."""
     return tuple((name, t.dtype, tuple(t.shape)) for name, t in payload.items())
+
+
+def slot_bytes(sig: Signature) -> int:
+    """Bytes one page of this signature takes in a slab."""
+    return sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in sig)
 
 
 @dataclass
@@ -110,7 +116,8 @@ class TensorTier(Tier):
         else:
             payload = dict(page.payload)
             sig = signature(payload)
-            while (slot := self._allocate(sig, payload)) is None:
+            slot_bytes = sum(t.numel() * t.element_size() for t in payload.values())
+            while (slot := self._allocate(sig, slot_bytes)) is None:
                 evicted.append(self._pop_victim())
             slab = self._slabs[sig]
             for name, tensor in payload.items():
@@ -153,6 +160,45 @@ class TensorTier(Tier):
         self._blobs.clear()
         self._headers.clear()
 
+    def copy_from(self, source: TensorTier, page_ids: Sequence[str]) -> list[Page]:
+        """Copy pages of one payload signature from another tensor tier, a batch at a time.
+
+        One `index_select` per tensor name on one device; runs of consecutive slots as
+        single slice copies across devices (async from pinned host slabs). Returns the
+        pages evicted to make room, as `put` does.
+        """
+        if source is self:
+            raise InvalidInputError("source", "must be another tier")
+        ids = list(dict.fromkeys(page_ids))
+        if not ids:
+            return []
+        src_slab, src_slots = source._slot_list(ids)
+        sig = source._slots[ids[0]][0]
+        needed = len(ids) * src_slab.slot_bytes
+        if self.budget is not None and needed > self.budget:
+            raise CapacityError(
+                f"{len(ids)} pages need {needed} bytes; tier {self.name!r} budget is {self.budget}"
+            )
+        for page_id in ids:
+            if page_id in self:
+                self.evict(page_id)
+        evicted: list[Page] = []
+        slots: list[int] = []
+        while len(slots) < len(ids):
+            slot = self._allocate(sig, src_slab.slot_bytes)
+            if slot is None:
+                evicted.append(self._pop_victim())
+            else:
+                slots.append(slot)
+        slab = self._slabs[sig]
+        for name, src in src_slab.fields.items():
+            copy_rows(slab.fields[name], slots, src, src_slots)
+        for page_id, slot in zip(ids, slots, strict=True):
+            self._slots[page_id] = (sig, slot)
+            self._headers[page_id] = source._headers[page_id]
+            self.policy.touch(page_id)
+        return evicted
+
     # -- batch reads ----------------------------------------------------------------------
 
     def gather(self, page_ids: Sequence[str], name: str) -> torch.Tensor:
@@ -164,19 +210,29 @@ class TensorTier(Tier):
 
     def locate(self, page_ids: Sequence[str]) -> tuple[Slab, torch.Tensor]:
         """The slab holding these pages (one signature) and their slot indices on the device."""
+        slab, slots = self._slot_list(page_ids)
+        for pid in page_ids:
+            self.policy.touch(pid)
+        self.counters.hits += len(page_ids)
+        return slab, torch.tensor(slots, device=self.device)
+
+    def signature_of(self, page_id: str) -> Signature | None:
+        """The payload signature of a page held as tensors here; None for a bytes page."""
+        held = self._slots.get(page_id)
+        if held is None and page_id not in self:
+            raise NotFoundError("page", page_id)
+        return held[0] if held else None
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _slot_list(self, page_ids: Sequence[str]) -> tuple[Slab, list[int]]:
         missing = [pid for pid in page_ids if pid not in self._slots]
         if missing:
             raise NotFoundError("page", missing[0])
         sigs = {self._slots[pid][0] for pid in page_ids}
         if len(sigs) != 1:
             raise InvalidInputError("page_ids", "must name pages of one payload signature")
-        for pid in page_ids:
-            self.policy.touch(pid)
-        self.counters.hits += len(page_ids)
-        slots = [self._slots[pid][1] for pid in page_ids]
-        return self._slabs[sigs.pop()], torch.tensor(slots, device=self.device)
-
-    # -- internals ------------------------------------------------------------------------
+        return self._slabs[sigs.pop()], [self._slots[pid][1] for pid in page_ids]
 
     def _page(self, page_id: str, *, copy: bool = True) -> Page:
         header = self._headers[page_id]
@@ -195,13 +251,12 @@ class TensorTier(Tier):
         self.evict(victim)
         return page
 
-    def _allocate(self, sig: Signature, payload: dict[str, torch.Tensor]) -> int | None:
+    def _allocate(self, sig: Signature, slot_bytes: int) -> int | None:
         """A free slot for a page of `sig`, growing its slab within budget; None when full."""
         slab = self._slabs.get(sig)
         if slab is not None and slab.free:
             slab.used += 1
             return slab.free.pop()
-        slot_bytes = sum(t.numel() * t.element_size() for t in payload.values())
         capacity = slab.capacity if slab else 0
         room = self.budget - self.nbytes if self.budget is not None else 2**62
         headroom = room // max(slot_bytes, 1)
@@ -226,3 +281,37 @@ class TensorTier(Tier):
         slab.free.extend(range(grown - 1, capacity, -1))
         slab.used += 1
         return capacity
+
+
+def copy_rows(
+    dst: torch.Tensor, dst_rows: list[int], src: torch.Tensor, src_rows: list[int]
+) -> None:
+    """dst[dst_rows] = src[src_rows]: one gather on one device, else a copy per run of rows."""
+    runs = _runs(dst_rows, src_rows)
+    if dst.device == src.device and len(runs) > 1:
+        index = torch.tensor(src_rows, device=src.device)
+        if len(_runs(dst_rows, dst_rows)) == 1:  # the usual case: freshly allocated slots
+            start = dst_rows[0]
+            torch.index_select(src, 0, index, out=dst[start : start + len(dst_rows)])
+        else:
+            dst.index_copy_(
+                0, torch.tensor(dst_rows, device=dst.device), src.index_select(0, index)
+            )
+        return
+    for dst_start, src_start, length in runs:
+        dst[dst_start : dst_start + length].copy_(
+            src[src_start : src_start + length], non_blocking=True
+        )
+
+
+def _runs(dst_rows: list[int], src_rows: list[int]) -> list[tuple[int, int, int]]:
+    """(dst start, src start, length) of the stretches where both row lists step by one."""
+    runs: list[tuple[int, int, int]] = []
+    for dst_row, src_row in zip(dst_rows, src_rows, strict=True):
+        if runs:
+            dst_start, src_start, length = runs[-1]
+            if dst_row == dst_start + length and src_row == src_start + length:
+                runs[-1] = (dst_start, src_start, length + 1)
+                continue
+        runs.append((dst_row, src_row, 1))
+    return runs

@@ -20,6 +20,7 @@ from memlayer.errors import (
 )
 from memlayer.stores import DiskTier, PageStore, SQLTier, StoreConfig, TensorTier
 from memlayer.stores.disk_tier import HEADER_BYTES, MAGIC
+from memlayer.stores.tensor_tier import copy_rows
 from memlayer.types import Page, Scope
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool]
@@ -221,6 +222,46 @@ def test_gather_is_one_stacked_read_of_the_front_tier(tmp_path: Path) -> None:
     assert slab.fields["k"].shape[0] >= 40 and slots.shape == (40,)
     stacked = tier.gather([p.id for p in pages[::-1]], "v")
     assert torch.equal(stacked, torch.stack([p.payload["v"] for p in pages[::-1]]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 11)), min_size=1, max_size=12),
+)
+def test_copy_rows_equals_indexed_assignment(rows: list[tuple[int, int]]) -> None:
+    """Runs, scattered rows and repeated destinations all land where dst[d] = src[s] puts them."""
+    rows = list(dict((d, s) for d, s in rows).items())  # a destination row is written once
+    dst_rows, src_rows = [d for d, _ in rows], [s for _, s in rows]
+    src = torch.arange(12 * 6, dtype=torch.bfloat16).reshape(12, 2, 3)
+    got, expected = torch.zeros(12, 2, 3, dtype=torch.bfloat16), torch.zeros(12, 2, 3)
+    copy_rows(got, dst_rows, src, src_rows)
+    expected[dst_rows] = src[src_rows].float()
+    assert torch.equal(got.float(), expected)
+
+
+def test_gather_promotes_a_batch_from_scattered_slots(tmp_path: Path) -> None:
+    """Pages spread over fragmented slabs come up to the front as exact batches."""
+    import random
+
+    rng = random.Random(3)
+    pages = {f"p{i}": kv_page(f"p{i}", seed=i) for i in range(48)}
+    size = pages["p0"].nbytes
+    gpu, ram = TensorTier("gpu", "cpu", size * 8), TensorTier("ram", "cpu", None)
+    store = PageStore([gpu, ram, DiskTier(tmp_path / "d")])
+    store.put_many([pages[f"p{i}"] for i in range(40)])
+    for page_id in ("p1", "p5", "p6", "p17"):
+        store.delete(page_id)
+        del pages[page_id]
+    store.put_many([pages[f"p{i}"] for i in range(40, 48)])  # refills the freed RAM slots
+    for _ in range(12):
+        picked = rng.sample(sorted(pages), rng.randint(1, 8))
+        stacked = store.gather(picked, "v")
+        assert torch.equal(stacked, torch.stack([pages[i].payload["v"] for i in picked]))
+        assert gpu.nbytes <= size * 8
+    assert store.stats()["moved"]["ram->gpu"]["pages"] > 12
+    with pytest.raises(CapacityError, match="budget"):
+        gpu.copy_from(ram, sorted(pages)[:9])
+    store.close()
 
 
 def test_lru_and_lfu_evict_the_coldest() -> None:
