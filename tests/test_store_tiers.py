@@ -17,9 +17,10 @@ from memlayer.errors import (
     CorruptionError,
     InvalidInputError,
     NotFoundError,
+    StorageError,
 )
 from memlayer.stores import DiskTier, PageStore, SQLTier, StoreConfig, TensorTier
-from memlayer.stores.disk_tier import HEADER_BYTES, MAGIC
+from memlayer.stores.disk_tier import HEADER_BYTES, MAGIC, OLD_MAGIC
 from memlayer.stores.tensor_tier import copy_rows
 from memlayer.types import Page, Scope
 
@@ -415,5 +416,29 @@ def test_concurrent_readers_and_one_writer(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_segment_of_the_old_format_is_refused_untouched(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    folder.mkdir()
+    segment = folder / "segment-00000001.log"
+    segment.write_bytes(OLD_MAGIC + bytes(64))
+    with pytest.raises(StorageError, match="format 1"):
+        DiskTier(folder)
+    assert segment.read_bytes() == OLD_MAGIC + bytes(64)
+
+
+def test_transient_pages_outlive_compaction(tmp_path: Path) -> None:
+    """A transient read views the segment's map; compaction must not pull it away."""
+    tier = DiskTier(tmp_path / "d")
+    pages = [kv_page(f"p{i}", seed=i) for i in range(4)]
+    tier.put_many(pages)
+    view = tier.get("p1", transient=True)
+    tier.evict("p0")
+    tier.compact()
+    assert_same(pages[1], view)
+    assert_same(pages[1], tier.get("p1"))
+    tier.close()
+    assert_same(pages[1], view)
+
+
 def test_header_bytes_constant_matches_layout() -> None:
-    assert HEADER_BYTES == 4 + 1 + 2 + 4 + 8 + 4
+    assert HEADER_BYTES == 4 + 1 + 2 + 8 + 8 + 8
