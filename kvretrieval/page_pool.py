@@ -66,6 +66,8 @@ class PagePool:
         self.prefix = prefix
         self.summaries = torch.empty(0, *summary_shape, dtype=dtype, device=device)
         self.starts: list[int] = []
+        self.gathered = 0  # pages gathered for attention
+        self.front_hits = 0  # of those, pages already in the front tier
 
     @property
     def count(self) -> int:
@@ -90,6 +92,9 @@ class PagePool:
     def gather(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of pages `indices` stacked [n, Hkv, S, D] on the front tier."""
         ids = [self.page_id(i) for i in indices]
+        front = self.store.tiers[0]
+        self.front_hits += sum(page_id in front for page_id in ids)
+        self.gathered += len(ids)
         return self.store.gather(ids, "k"), self.store.gather(ids, "v")
 
     def truncate(self, count: int) -> None:

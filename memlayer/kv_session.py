@@ -211,16 +211,23 @@ class KVSession:
     # -- inspection and persistence -------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Pages, bytes, selection counts and time in selection vs attention."""
+        """Pages, bytes, selection counts and time in selection vs attention.
+
+        `selection_hit_rate`: the share of selected pages already in the front tier (GPU, or
+        RAM on CPU) when a step gathered them; the rest came up from a slower tier.
+        """
         memories = self.cache.memories
         store = self.cache.store.stats()
         timing = dict(self._timing)
+        gathered = sum(m.pool.gathered for m in memories)
+        hits = sum(m.pool.front_hits for m in memories)
         return {
             "tokens": self.tokens_fed,
             "pages": sum(m.pool.count for m in memories),
             "tiers": store["tiers"],
             "moved": store["moved"],
             "pages_selected": sum(m.stats.pages_selected for m in memories),
+            "selection_hit_rate": hits / gathered if gathered else 0.0,
             "selection_s": sum(m.stats.selection_s for m in memories),
             "attention_s": sum(m.stats.attention_s for m in memories),
             "attention_span": self.config.span,

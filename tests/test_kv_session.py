@@ -130,6 +130,8 @@ def test_offloaded_pages_give_identical_outputs(selector: str, tmp_path: Path) -
     assert tiers["ram"]["bytes"] <= 4096
     assert tiers["disk"]["pages"] == offloaded.stats()["pages"] > tiers["ram"]["pages"]
     assert offloaded.stats()["moved"]["disk->ram"]["pages"] > 0
+    assert resident.stats()["selection_hit_rate"] == 1.0
+    assert 0.0 < offloaded.stats()["selection_hit_rate"] < 1.0
     assert any((tmp_path / "offload").glob("segment-*.log"))
 
 

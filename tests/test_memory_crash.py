@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from crash import kill_after_acks
 
 from memlayer import Memory
 
@@ -25,19 +22,7 @@ while True:
 
 def test_sigkill_loses_nothing_acknowledged(tmp_path: Path) -> None:
     folder = tmp_path / "mem"
-    child = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(folder)], stdout=subprocess.PIPE, text=True
-    )
-    assert child.stdout is not None
-    acknowledged = -1
-    deadline = time.monotonic() + 60
-    while acknowledged < 40 and time.monotonic() < deadline:
-        line = child.stdout.readline()
-        if line:
-            acknowledged = int(line)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    assert acknowledged >= 40, "writer made too little progress"
+    acknowledged = kill_after_acks(WRITER, str(folder), at_least=40)
     with Memory(path=folder, embedder="hash") as memory:
         for i in range(acknowledged + 1):
             hit = memory.get(f"r{i}")

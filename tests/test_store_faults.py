@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from crash import kill_after_acks
 
 from memlayer.errors import StorageError
 from memlayer.stores import DiskTier, PageStore, SQLTier
@@ -36,21 +34,7 @@ def expected(i: int) -> torch.Tensor:
 
 
 def test_sigkill_loses_no_acknowledged_page(tmp_path: Path) -> None:
-    child = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(tmp_path / "store")],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdout is not None
-    acknowledged = -1
-    deadline = time.monotonic() + 60
-    while acknowledged < 150 and time.monotonic() < deadline:
-        line = child.stdout.readline()
-        if line:
-            acknowledged = int(line)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    assert acknowledged >= 150, "writer made too little progress"
+    acknowledged = kill_after_acks(WRITER, str(tmp_path / "store"), at_least=150)
     with PageStore.open(ram_budget="64KiB", path=tmp_path / "store") as store:
         assert store.tiers[-1].stats()["segments"] > 1
         assert store.tiers[-1].stats()["corrupt"] == 0
