@@ -121,7 +121,7 @@ class TensorTier(Tier):
                 evicted.append(self._pop_victim())
             slab = self._slabs[sig]
             for name, tensor in payload.items():
-                slab.fields[name][slot].copy_(tensor, non_blocking=True)
+                slab.fields[name][slot].copy_(tensor, non_blocking=self._async_from(tensor))
             self._slots[page.id] = (sig, slot)
         self._headers[page.id] = dataclasses.replace(page, payload=b"")
         self.policy.touch(page.id)
@@ -225,6 +225,11 @@ class TensorTier(Tier):
 
     # -- internals ------------------------------------------------------------------------
 
+    def _async_from(self, tensor: torch.Tensor) -> bool:
+        """Copies into a GPU tier run async (stream-ordered); copies into host memory wait,
+        so nothing on the CPU can read a host slot before its bytes have landed."""
+        return self.device.type != "cpu" and tensor.device != self.device
+
     def _slot_list(self, page_ids: Sequence[str]) -> tuple[Slab, list[int]]:
         missing = [pid for pid in page_ids if pid not in self._slots]
         if missing:
@@ -286,7 +291,8 @@ class TensorTier(Tier):
 def copy_rows(
     dst: torch.Tensor, dst_rows: list[int], src: torch.Tensor, src_rows: list[int]
 ) -> None:
-    """dst[dst_rows] = src[src_rows]: one gather on one device, else a copy per run of rows."""
+    """dst[dst_rows] = src[src_rows]: one gather on one device, else a copy per run of rows
+    (async into a GPU, stream-ordered; synchronous into host memory, which the CPU reads)."""
     runs = _runs(dst_rows, src_rows)
     if dst.device == src.device and len(runs) > 1:
         index = torch.tensor(src_rows, device=src.device)
@@ -300,7 +306,7 @@ def copy_rows(
         return
     for dst_start, src_start, length in runs:
         dst[dst_start : dst_start + length].copy_(
-            src[src_start : src_start + length], non_blocking=True
+            src[src_start : src_start + length], non_blocking=dst.device.type != "cpu"
         )
 
 
