@@ -173,6 +173,8 @@ class TensorTier(Tier):
         if not ids:
             return []
         src_slab, src_slots = source._slot_list(ids)
+        by_slot = sorted(zip(src_slots, ids, strict=True))  # source order: longest runs
+        src_slots, ids = [slot for slot, _ in by_slot], [page_id for _, page_id in by_slot]
         sig = source._slots[ids[0]][0]
         needed = len(ids) * src_slab.slot_bytes
         if self.budget is not None and needed > self.budget:
@@ -190,6 +192,7 @@ class TensorTier(Tier):
                 evicted.append(self._pop_victim())
             else:
                 slots.append(slot)
+        slots.sort()  # ascending slots for ascending sources: runs copy as one slice
         slab = self._slabs[sig]
         for name, src in src_slab.fields.items():
             copy_rows(slab.fields[name], slots, src, src_slots)
@@ -291,29 +294,40 @@ class TensorTier(Tier):
 def copy_rows(
     dst: torch.Tensor, dst_rows: list[int], src: torch.Tensor, src_rows: list[int]
 ) -> None:
-    """dst[dst_rows] = src[src_rows]: one gather on one device, else a copy per run of rows
-    (async into a GPU, stream-ordered; synchronous into host memory, which the CPU reads)."""
-    runs = _runs(dst_rows, src_rows)
-    if dst.device == src.device and len(runs) > 1:
-        index = torch.tensor(src_rows, device=src.device)
-        if len(_runs(dst_rows, dst_rows)) == 1:  # the usual case: freshly allocated slots
-            start = dst_rows[0]
-            torch.index_select(src, 0, index, out=dst[start : start + len(dst_rows)])
-        else:
-            dst.index_copy_(
-                0, torch.tensor(dst_rows, device=dst.device), src.index_select(0, index)
+    """dst[dst_rows] = src[src_rows] with no temporary: per stretch of consecutive destination
+    rows, a slice copy where the source rows are consecutive too, else one `index_select`
+    into the slice. Across devices only slice copies exist (async into a GPU, stream-ordered;
+    synchronous into host memory, which the CPU reads)."""
+    pairs = sorted(zip(dst_rows, src_rows, strict=True))
+    if dst.device != src.device:
+        for dst_start, src_start, length in _runs(pairs):
+            dst[dst_start : dst_start + length].copy_(
+                src[src_start : src_start + length], non_blocking=dst.device.type != "cpu"
             )
         return
-    for dst_start, src_start, length in runs:
-        dst[dst_start : dst_start + length].copy_(
-            src[src_start : src_start + length], non_blocking=dst.device.type != "cpu"
-        )
+    for dst_start, sources in _stretches(pairs):
+        target = dst[dst_start : dst_start + len(sources)]
+        if sources == list(range(sources[0], sources[0] + len(sources))):
+            target.copy_(src[sources[0] : sources[0] + len(sources)])
+        else:
+            torch.index_select(src, 0, torch.tensor(sources, device=src.device), out=target)
 
 
-def _runs(dst_rows: list[int], src_rows: list[int]) -> list[tuple[int, int, int]]:
-    """(dst start, src start, length) of the stretches where both row lists step by one."""
+def _stretches(pairs: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
+    """(first destination row, source rows) per stretch of consecutive destination rows."""
+    stretches: list[tuple[int, list[int]]] = []
+    for dst_row, src_row in pairs:
+        if stretches and dst_row == stretches[-1][0] + len(stretches[-1][1]):
+            stretches[-1][1].append(src_row)
+        else:
+            stretches.append((dst_row, [src_row]))
+    return stretches
+
+
+def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(dst start, src start, length) of the stretches where both rows step by one."""
     runs: list[tuple[int, int, int]] = []
-    for dst_row, src_row in zip(dst_rows, src_rows, strict=True):
+    for dst_row, src_row in pairs:
         if runs:
             dst_start, src_start, length = runs[-1]
             if dst_row == dst_start + length and src_row == src_start + length:
