@@ -45,6 +45,17 @@ def warm_front(device: torch.device, budget: int | None) -> TensorTier:
     return tier
 
 
+def evicting(tier: TensorTier, ids: list[str]) -> Callable[[], None]:
+    """A set-up step that takes these pages out of `tier` (so the next run promotes them)."""
+
+    def evict() -> None:
+        for page_id in ids:
+            if page_id in tier:
+                tier.evict(page_id)
+
+    return evict
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -88,11 +99,6 @@ def promotion(
     front = warm_front(device, total * 2)
     store = PageStore([front, ram])
 
-    def clear() -> None:
-        for page_id in ids:
-            if page_id in front:
-                front.evict(page_id)
-
     def promote() -> None:
         store.prefetch(ids).result()
 
@@ -103,7 +109,7 @@ def promotion(
     def plain_copy() -> None:
         target.copy_(source, non_blocking=True)
 
-    ours = median_seconds(promote, repeats, device, setup=clear)
+    ours = median_seconds(promote, repeats, device, setup=evicting(front, ids))
     raw = median_seconds(plain_copy, repeats, device)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the prefetch worker copies on one thread
@@ -121,11 +127,6 @@ def disk_read(pages: list[Page], folder: Path, repeats: int) -> dict[str, float]
     ram = warm_front(torch.device("cpu"), None)
     store = PageStore([ram, disk])
 
-    def clear() -> None:
-        for page_id in ids:
-            if page_id in ram:
-                ram.evict(page_id)
-
     def through_store() -> None:
         store.prefetch(ids).result()
 
@@ -140,7 +141,7 @@ def disk_read(pages: list[Page], folder: Path, repeats: int) -> dict[str, float]
                 view = view[handle.readinto(view) :]
 
     cpu = torch.device("cpu")
-    ours = median_seconds(through_store, repeats, cpu, setup=clear)
+    ours = median_seconds(through_store, repeats, cpu, setup=evicting(ram, ids))
     raw = median_seconds(raw_read, repeats, cpu)
     store.close()
     return {"bytes": sum(p.nbytes for p in pages), "ours_s": ours, "baseline_s": raw}
@@ -167,11 +168,6 @@ def prefetch_overlap(
             torch.softmax(queries @ keys, dim=-1)
         torch.set_num_threads(threads)
 
-    def clear() -> None:
-        for page_id in ids:
-            if page_id in front:
-                front.evict(page_id)
-
     def fetch() -> None:
         store.prefetch(ids).result()
 
@@ -180,12 +176,12 @@ def prefetch_overlap(
         compute()
         pending.result()
 
-    fetch_s = median_seconds(fetch, repeats, device, setup=clear)
+    fetch_s = median_seconds(fetch, repeats, device, setup=evicting(front, ids))
     steps = max(1, round(3 * fetch_s / median_seconds(compute, repeats, device)))
     results = {  # compute sized to about 3× the transfer
         "compute_s": median_seconds(compute, repeats, device),
         "fetch_s": fetch_s,
-        "overlapped_s": median_seconds(overlapped, repeats, device, setup=clear),
+        "overlapped_s": median_seconds(overlapped, repeats, device, setup=evicting(front, ids)),
     }
     store.close()
     return results

@@ -300,13 +300,13 @@ class PageStore:
     def _promote(self, page_ids: Sequence[str], *, missing_ok: bool = False) -> None:
         """Bring pages to the front: tensor pages of one tier and signature as one batch."""
         batches: dict[tuple[TensorTier, Signature], list[str]] = defaultdict(list)
-        front_tier = self.tiers[0]
+        front_tier = self.tiers[0] if isinstance(self.tiers[0], TensorTier) else None
         for page_id in dict.fromkeys(page_ids):
             if missing_ok and page_id not in self:
                 continue  # deleted after a prefetch asked for it
             level = self._level(page_id)
             source = self.tiers[level]
-            if isinstance(source, TensorTier) and isinstance(front_tier, TensorTier):
+            if isinstance(source, TensorTier) and front_tier is not None:
                 sig = source.signature_of(page_id)
                 if sig is not None:
                     if source is not front_tier:
@@ -321,8 +321,8 @@ class PageStore:
             front = self._front_for(page)
             if level > front:
                 self._move(page, source, front)
-        for (source, sig), ids in batches.items():
-            if isinstance(front_tier, TensorTier):
+        if front_tier is not None:
+            for (source, sig), ids in batches.items():
                 self._promote_batch(front_tier, source, sig, ids)
 
     def _promote_batch(

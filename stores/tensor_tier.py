@@ -30,6 +30,12 @@ def signature(payload: dict[str, torch.Tensor]) -> Signature:
     return tuple((name, t.dtype, tuple(t.shape)) for name, t in payload.items())
 
 
+def non_blocking(target: torch.device) -> bool:
+    """Copies into a GPU run async (stream-ordered); copies into host memory wait, so nothing
+    on the CPU reads a host slot before its bytes have landed."""
+    return target.type != "cpu"
+
+
 def slot_bytes(sig: Signature) -> int:
     """Bytes one page of this signature takes in a slab."""
     return sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in sig)
@@ -116,12 +122,11 @@ class TensorTier(Tier):
         else:
             payload = dict(page.payload)
             sig = signature(payload)
-            slot_bytes = sum(t.numel() * t.element_size() for t in payload.values())
-            while (slot := self._allocate(sig, slot_bytes)) is None:
+            while (slot := self._allocate(sig)) is None:
                 evicted.append(self._pop_victim())
             slab = self._slabs[sig]
             for name, tensor in payload.items():
-                slab.fields[name][slot].copy_(tensor, non_blocking=self._async_from(tensor))
+                slab.fields[name][slot].copy_(tensor, non_blocking=non_blocking(self.device))
             self._slots[page.id] = (sig, slot)
         self._headers[page.id] = dataclasses.replace(page, payload=b"")
         self.policy.touch(page.id)
@@ -161,12 +166,8 @@ class TensorTier(Tier):
         self._headers.clear()
 
     def copy_from(self, source: TensorTier, page_ids: Sequence[str]) -> list[Page]:
-        """Copy pages of one payload signature from another tensor tier, a batch at a time.
-
-        One `index_select` per tensor name on one device; runs of consecutive slots as
-        single slice copies across devices (async from pinned host slabs). Returns the
-        pages evicted to make room, as `put` does.
-        """
+        """Copy pages of one payload signature from another tensor tier as one batch
+        (see `copy_rows`). Returns the pages evicted to make room, as `put` does."""
         if source is self:
             raise InvalidInputError("source", "must be another tier")
         ids = list(dict.fromkeys(page_ids))
@@ -187,7 +188,7 @@ class TensorTier(Tier):
         evicted: list[Page] = []
         slots: list[int] = []
         while len(slots) < len(ids):
-            slot = self._allocate(sig, src_slab.slot_bytes)
+            slot = self._allocate(sig)
             if slot is None:
                 evicted.append(self._pop_victim())
             else:
@@ -228,11 +229,6 @@ class TensorTier(Tier):
 
     # -- internals ------------------------------------------------------------------------
 
-    def _async_from(self, tensor: torch.Tensor) -> bool:
-        """Copies into a GPU tier run async (stream-ordered); copies into host memory wait,
-        so nothing on the CPU can read a host slot before its bytes have landed."""
-        return self.device.type != "cpu" and tensor.device != self.device
-
     def _slot_list(self, page_ids: Sequence[str]) -> tuple[Slab, list[int]]:
         missing = [pid for pid in page_ids if pid not in self._slots]
         if missing:
@@ -259,7 +255,7 @@ class TensorTier(Tier):
         self.evict(victim)
         return page
 
-    def _allocate(self, sig: Signature, slot_bytes: int) -> int | None:
+    def _allocate(self, sig: Signature) -> int | None:
         """A free slot for a page of `sig`, growing its slab within budget; None when full."""
         slab = self._slabs.get(sig)
         if slab is not None and slab.free:
@@ -267,7 +263,8 @@ class TensorTier(Tier):
             return slab.free.pop()
         capacity = slab.capacity if slab else 0
         room = self.budget - self.nbytes if self.budget is not None else 2**62
-        headroom = room // max(slot_bytes, 1)
+        size = slot_bytes(sig)
+        headroom = room // max(size, 1)
         grown = capacity + min(max(capacity, 1), headroom)
         if grown <= capacity:
             return None
@@ -281,7 +278,7 @@ class TensorTier(Tier):
             for name, dtype, shape in sig
         }
         if slab is None:
-            slab = self._slabs[sig] = Slab(fields, slot_bytes)
+            slab = self._slabs[sig] = Slab(fields, size)
         else:
             for name, tensor in fields.items():
                 tensor[:capacity].copy_(slab.fields[name])
@@ -296,13 +293,12 @@ def copy_rows(
 ) -> None:
     """dst[dst_rows] = src[src_rows] with no temporary: per stretch of consecutive destination
     rows, a slice copy where the source rows are consecutive too, else one `index_select`
-    into the slice. Across devices only slice copies exist (async into a GPU, stream-ordered;
-    synchronous into host memory, which the CPU reads)."""
+    into the slice. Across devices, one slice copy per run of rows consecutive on both sides."""
     pairs = sorted(zip(dst_rows, src_rows, strict=True))
     if dst.device != src.device:
         for dst_start, src_start, length in _runs(pairs):
             dst[dst_start : dst_start + length].copy_(
-                src[src_start : src_start + length], non_blocking=dst.device.type != "cpu"
+                src[src_start : src_start + length], non_blocking=non_blocking(dst.device)
             )
         return
     for dst_start, sources in _stretches(pairs):

@@ -21,7 +21,7 @@ from memlayer.errors import (
 )
 from memlayer.stores import DiskTier, PageStore, SQLTier, StoreConfig, TensorTier
 from memlayer.stores.disk_tier import HEADER_BYTES, MAGIC, OLD_MAGIC
-from memlayer.stores.tensor_tier import copy_rows
+from memlayer.stores.tensor_tier import _runs, copy_rows
 from memlayer.types import Page, Scope
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool]
@@ -238,6 +238,10 @@ def test_copy_rows_equals_indexed_assignment(rows: list[tuple[int, int]]) -> Non
     copy_rows(got, dst_rows, src, src_rows)
     expected[dst_rows] = src[src_rows].float()
     assert torch.equal(got.float(), expected)
+    # the cross-device plan (one slice copy per run) covers exactly the same row pairs
+    runs = _runs(sorted(rows))
+    covered = [(d + i, s + i) for d, s, length in runs for i in range(length)]
+    assert covered == sorted(rows)
 
 
 def test_gather_promotes_a_batch_from_scattered_slots(tmp_path: Path) -> None:
