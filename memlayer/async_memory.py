@@ -46,17 +46,19 @@ class AsyncMemory:
         """See `Memory.search`."""
         return await self._run(self._memory.search, query, **kwargs)
 
-    async def get(self, id: str) -> Any:
+    async def get(self, id: str, **scope: Any) -> Any:
         """See `Memory.get`."""
-        return await self._run(self._memory.get, id)
+        return await self._run(self._memory.get, id, **scope)
 
-    async def update(self, id: str, text: str | None = None, metadata: Any = None) -> None:
+    async def update(
+        self, id: str, text: str | None = None, metadata: Any = None, **scope: Any
+    ) -> None:
         """See `Memory.update`."""
-        await self._run(self._memory.update, id, text, metadata)
+        await self._run(self._memory.update, id, text, metadata, **scope)
 
-    async def delete(self, id: str) -> None:
+    async def delete(self, id: str, **scope: Any) -> None:
         """See `Memory.delete`."""
-        await self._run(self._memory.delete, id)
+        await self._run(self._memory.delete, id, **scope)
 
     async def delete_scope(self, **scope: Any) -> int:
         """See `Memory.delete_scope`."""

@@ -1,16 +1,22 @@
-"""The `memlayer` command: add, search, ingest and inspect a memory from the shell."""
+"""The `memlayer` command: add, get, delete, search, ingest and inspect a memory from the shell.
+
+Scope flags follow the Python API's rules (an empty value is refused, not ignored), and every
+error a user can cause (bad JSON, a missing, unreadable, empty or non-UTF-8 file, invalid
+input) prints one line and exits with status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from memlayer.errors import MemlayerError
-from memlayer.types import SCOPE_FIELDS
+from memlayer.errors import InvalidInputError, MemlayerError, NotFoundError
+from memlayer.types import SCOPE_FIELDS, Hit, Scope
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,8 +33,17 @@ def _parser() -> argparse.ArgumentParser:
 
     add = commands.add_parser("add", parents=[common], help="remember one text")
     add.add_argument("text")
-    add.add_argument("--id", help="record id (an existing id is updated)")
-    add.add_argument("--metadata", type=json.loads, help="JSON object")
+    add.add_argument("--id", help="record id (an existing id in the tenant is replaced)")
+    add.add_argument("--metadata", help="JSON object")
+
+    get = commands.add_parser("get", parents=[common], help="print one record of the scope")
+    get.add_argument("id")
+
+    delete = commands.add_parser("delete", parents=[common], help="forget one record of the scope")
+    delete.add_argument("id")
+
+    count = commands.add_parser("count", parents=[common], help="how many records the scope has")
+    count.add_argument("--filters", help="Mongo-style JSON filter")
 
     search = commands.add_parser(
         "search", parents=[common], help="recall the best matches for a query"
@@ -36,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("query")
     search.add_argument("-k", type=int, default=5)
     search.add_argument("--mode", choices=("hybrid", "vector", "keyword"), default="hybrid")
-    search.add_argument("--filters", type=json.loads, help="Mongo-style JSON filter")
+    search.add_argument("--filters", help="Mongo-style JSON filter")
     search.add_argument("--json", action="store_true", help="print JSON lines")
 
     ingest = commands.add_parser(
@@ -50,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _read_lazily(name: str, block: int = 1 << 20) -> Iterator[str]:
-    handle = sys.stdin if name == "-" else open(name, encoding="utf-8", errors="replace")  # noqa: SIM115
+    handle = sys.stdin if name == "-" else open(name, encoding="utf-8")  # noqa: SIM115
     try:
         while piece := handle.read(block):
             yield piece
@@ -59,48 +74,101 @@ def _read_lazily(name: str, block: int = 1 << 20) -> Iterator[str]:
             handle.close()
 
 
+def _check_readable(name: str, block: int = 1 << 20) -> None:
+    """Refuse, before anything is stored, a file that is missing, unreadable, empty or not
+    UTF-8 text (standard input is read as it comes)."""
+    if name == "-":
+        return
+    path = Path(name)
+    if not path.is_file():
+        raise InvalidInputError("file", "must be an existing file", name)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    read = 0
+    with open(path, "rb") as handle:
+        while piece := handle.read(block):
+            try:
+                decoder.decode(piece)
+            except UnicodeDecodeError as exc:
+                raise InvalidInputError(
+                    "file", f"must be UTF-8 text (bad byte at offset {read + exc.start})", name
+                ) from exc
+            read += len(piece)
+    decoder.decode(b"", final=True)
+    if read == 0:
+        raise InvalidInputError("file", "must not be empty", name)
+
+
+def _json(value: str | None, field: str) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(field, f"must be valid JSON ({exc})", value) from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `memlayer` console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    scope = {name: getattr(args, name) for name in SCOPE_FIELDS if getattr(args, name)}
+    scope = {name: getattr(args, name) for name in SCOPE_FIELDS if getattr(args, name) is not None}
     try:
+        Scope.of(scope)
         from memlayer.memory import Memory
 
         with Memory(path=args.path, url=args.url, embedder=args.embedder) as memory:
             return _run(memory, args, scope)
-    except MemlayerError as exc:
-        print(f"memlayer: error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
+    except (MemlayerError, OSError) as exc:
         print(f"memlayer: error: {exc}", file=sys.stderr)
         return 2
 
 
 def _run(memory: Any, args: argparse.Namespace, scope: dict[str, str]) -> int:
     if args.command == "add":
-        print(memory.add(args.text, id=args.id, metadata=args.metadata, **scope))
+        metadata = _json(args.metadata, "metadata")
+        print(memory.add(args.text, id=args.id, metadata=metadata, **scope))
+    elif args.command == "get":
+        hit = memory.get(args.id, **scope)
+        if hit is None:
+            raise NotFoundError("record", args.id)
+        print(json.dumps(_row(hit)))
+    elif args.command == "delete":
+        memory.delete(args.id, **scope)
+        print(f"deleted {args.id}")
+    elif args.command == "count":
+        print(memory.count(filters=_json(args.filters, "filters"), **scope))
     elif args.command == "search":
-        hits = memory.search(args.query, k=args.k, mode=args.mode, filters=args.filters, **scope)
+        filters = _json(args.filters, "filters")
+        hits = memory.search(args.query, k=args.k, mode=args.mode, filters=filters, **scope)
         for hit in hits:
             if args.json:
-                row = {"id": hit.id, "score": hit.score, "text": hit.text, "metadata": hit.metadata}
-                print(json.dumps(row))
+                print(json.dumps(_row(hit)))
             else:
                 print(f"{hit.score:.4f}  {hit.id}  {' '.join(hit.text.split())[:120]}")
     elif args.command == "ingest":
-        if args.file != "-" and not Path(args.file).is_file():
-            raise FileNotFoundError(f"{args.file} is not a file")
+        _check_readable(args.file)
         stored = memory.ingest(
             _read_lazily(args.file),
             metadata={"source": args.file},
             progress=not args.no_progress,
             **scope,
         )
+        if stored == 0:
+            raise InvalidInputError("file", "holds no text to ingest", args.file)
         print(f"stored {stored} chunks from {args.file}")
     else:
         for key, value in memory.stats().items():
             print(f"{key}: {value}")
     return 0
+
+
+def _row(hit: Hit) -> dict[str, Any]:
+    return {
+        "id": hit.id,
+        "score": hit.score,
+        "text": hit.text,
+        "metadata": hit.metadata,
+        **hit.scope.as_dict(),
+    }
 
 
 if __name__ == "__main__":

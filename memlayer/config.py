@@ -1,4 +1,5 @@
-"""Configuration at the boundary: environment (prefix `MEMLAYER_`), byte sizes, data dir.
+"""Configuration at the boundary: environment (prefix `MEMLAYER_`), byte sizes, data dir,
+input limits.
 
 Part of the ground. Pydantic validates what users give; subsystems receive plain values.
 """
@@ -6,6 +7,7 @@ Part of the ground. Pydantic validates what users give; subsystems receive plain
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -69,3 +71,20 @@ class Settings(BaseSettings):
     url: str | None = None
     embedder: str = "minilm"
     log_level: str = "WARNING"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on what one call may store or ask; larger input is refused with
+    `InvalidInputError` naming the field and the cap, and nothing is stored."""
+
+    max_text_chars: int = 100_000  # one record's text, and one query
+    max_metadata_bytes: int = 64 * 1024  # a record's metadata, encoded as JSON
+    max_metadata_depth: int = 16  # nesting of dicts and lists in metadata
+    max_batch: int = 10_000  # items in one add_many call
+
+    def __post_init__(self) -> None:
+        for name in ("max_text_chars", "max_metadata_bytes", "max_metadata_depth", "max_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(name, "must be an integer >= 1", value)

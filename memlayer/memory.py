@@ -1,28 +1,34 @@
 """`Memory`: the semantic memory an agent writes to and recalls from, persistent and offline.
 
 Composes the pieces below it: chunking, an embedder, the SQL records (source of truth), a
-FAISS vector index (a cache of the records' embeddings, rebuilt when stale), BM25 through
-SQLite FTS5, reciprocal-rank fusion and context strategies.
+FAISS vector index mirroring the records' embeddings (caught up from the records' change log,
+so many `Memory` objects and processes can share one folder), BM25 through SQLite FTS5,
+reciprocal-rank fusion and context strategies.
+
+Every call works inside one tenant (`tenant_id`, None for the default tenant); record ids are
+unique per tenant, and a by-id call sees only the records of the scope it names.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import re
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from memlayer.chunking import chunk_stream
-from memlayer.config import Settings
+from memlayer.config import Limits, Settings
 from memlayer.context import Context, get_strategy
 from memlayer.embedders import Embedder, embed_checked, resolve_embedder
-from memlayer.errors import ClosedError, CorruptionError, InvalidInputError, NotFoundError
+from memlayer.errors import ClosedError, InvalidInputError, NotFoundError
 from memlayer.retrievers.fusion import reciprocal_rank_fusion
-from memlayer.retrievers.vector_index import IndexConfig, VectorIndex
+from memlayer.retrievers.keywords import index_text, match_query
+from memlayer.retrievers.mirror import IndexMirror
+from memlayer.retrievers.vector_index import IndexConfig
 from memlayer.stores import filters as filter_rules
 from memlayer.stores.database import sqlite_url
 from memlayer.stores.records import NewRecord, Record, RecordStore
@@ -32,7 +38,6 @@ log = logging.getLogger(__name__)
 
 SearchMode = Literal["hybrid", "vector", "keyword"]
 MODES = ("hybrid", "vector", "keyword")
-_WORDS = re.compile(r"\w+", re.UNICODE)
 _MAX_ID_LEN = 128
 DB_FILE = "memory.db"
 INDEX_FILE = "vectors.idx"
@@ -56,11 +61,13 @@ class Memory:
         chunk_tokens: int = 200,
         overlap: int = 40,
         index_config: IndexConfig | None = None,
+        limits: Limits | None = None,
     ):
         folder = _folder(path, url)
         self.path = folder
         self.chunk_tokens = chunk_tokens
         self.overlap = overlap
+        self.limits = limits or Limits()
         self._lock = threading.RLock()
         self._closed = False
         self.embedder = resolve_embedder(embedder)
@@ -68,26 +75,14 @@ class Memory:
             sqlite_url(folder / DB_FILE) if url is None and folder is not None else str(url),
             embedder_name=self.embedder.name,
             dim=self.embedder.dim,
+            keywords=index_text,
         )
-        self._index_path = folder / INDEX_FILE if folder is not None else None
-        self._index_config = index_config or IndexConfig()
-        self._index = self._open_index()
-        self._dirty = False
-
-    def _open_index(self) -> VectorIndex:
-        seq = self._records.seq()
-        if self._index_path is not None and self._index_path.exists():
-            try:
-                index, applied = VectorIndex.load(self._index_path, self._index_config)
-                if applied == seq and index.dim == self.embedder.dim:
-                    return index
-                log.info("vector index is stale (seq %s, database %s): rebuilding", applied, seq)
-            except CorruptionError as exc:
-                log.warning("%s: rebuilding from the database", exc)
-        index = VectorIndex(self.embedder.dim, self._index_config)
-        for rowids, vectors in self._records.iter_embeddings():
-            index.add(rowids, vectors)
-        return index
+        self._mirror = IndexMirror(
+            self._records,
+            self.embedder.dim,
+            folder / INDEX_FILE if folder is not None else None,
+            index_config or IndexConfig(),
+        )
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -99,15 +94,24 @@ class Memory:
         id: str | None = None,
         **scope: str | None,
     ) -> str:
-        """Store `text` (an existing `id` is updated in place); returns the record id."""
+        """Store `text`; an `id` that exists in this tenant is replaced. Returns the id."""
         return self.add_many([{"text": text, "metadata": metadata, "id": id}], **scope)[0]
 
     def add_many(self, items: Iterable[str | Mapping[str, Any]], **scope: str | None) -> list[str]:
         """Store many texts (strings or dicts with text/metadata/id) with one embedding batch."""
         owner = Scope.of(scope)
-        rows = [self._validated_item(item, index) for index, item in enumerate(items)]
+        rows = []
+        for index, item in enumerate(items):
+            if index == self.limits.max_batch:
+                raise InvalidInputError(
+                    "items", f"must hold at most {self.limits.max_batch} items (Limits.max_batch)"
+                )
+            rows.append(self._validated_item(item, index))
         if not rows:
             return []
+        ids = [rid for _, _, rid in rows]
+        if len(set(ids)) != len(ids):
+            raise InvalidInputError("items", "must not repeat an id within one call")
         vectors = embed_checked(self.embedder, [text for text, _, _ in rows])
         new = [
             NewRecord(id=rid, text=text, metadata=meta, scope=owner, embedding=vector)
@@ -115,10 +119,9 @@ class Memory:
         ]
         with self._lock:
             self._check_open()
-            written = self._records.upsert(new)
-            self._index.add(np.asarray([rowid for rowid, _ in written]), vectors)
-            self._dirty = True
-        return [record.id for record in new]
+            rowids, seq = self._records.upsert(new)
+            self._mirror.wrote(seq, np.asarray(rowids, dtype=np.int64), vectors)
+        return ids
 
     def ingest(
         self,
@@ -155,31 +158,35 @@ class Memory:
         return stored
 
     def update(
-        self, id: str, text: str | None = None, metadata: Mapping[str, Any] | None = None
+        self,
+        id: str,
+        text: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        **scope: str | None,
     ) -> None:
-        """Change a record's text (re-embedded) and/or replace its metadata."""
+        """Change the text (re-embedded) and/or replace the metadata of the record `id` in
+        `scope`; NotFoundError when the scope holds no such record."""
+        owner = Scope.of(scope)
+        condition = self._records.condition(owner, id=_check_id(id))
         if text is not None:
-            _check_text(text, "text")
-        meta = _check_metadata(metadata) if metadata is not None else None
-        vector = embed_checked(self.embedder, [text])[0] if text is not None else None
+            self._check_text(text, "text")
+        meta = self._check_metadata(metadata) if metadata is not None else None
+        vector = embed_checked(self.embedder, [text]) if text is not None else None
         with self._lock:
             self._check_open()
-            record = self._records.by_id(_check_id(id))
-            if record is None:
+            written = self._records.update(condition, text=text, metadata=meta, embedding=vector)
+            if written is None:
                 raise NotFoundError("record", id)
-            self._records.update(record.rowid, text=text, metadata=meta, embedding=vector)
-            if vector is not None:
-                self._index.add(np.asarray([record.rowid]), vector[None, :])
-                self._dirty = True
+            rowid, seq = written
+            self._mirror.wrote(seq, np.asarray([rowid], dtype=np.int64), vector)
 
-    def delete(self, id: str) -> None:
-        """Delete one record; NotFoundError if it does not exist."""
+    def delete(self, id: str, **scope: str | None) -> None:
+        """Delete the record `id` in `scope`; NotFoundError when the scope holds no such record."""
+        condition = self._records.condition(Scope.of(scope), id=_check_id(id))
         with self._lock:
             self._check_open()
-            rowids = self._records.delete_where(self._records.records.c.id == _check_id(id))
-            if not rowids:
+            if not self._delete_where(condition):
                 raise NotFoundError("record", id)
-            self._forget(rowids)
 
     def delete_scope(self, **scope: str | None) -> int:
         """Delete every record in a scope (at least one scope field is required)."""
@@ -188,28 +195,29 @@ class Memory:
             raise InvalidInputError("scope", "name at least one scope field to delete a scope")
         with self._lock:
             self._check_open()
-            rowids = self._records.delete_where(self._records.condition(owner, None))
-            self._forget(rowids)
-            return len(rowids)
+            return self._delete_where(self._records.condition(owner))
 
-    def _forget(self, rowids: Sequence[int]) -> None:
+    def _delete_where(self, condition: Any) -> int:
+        rowids, seq = self._records.delete_where(condition)
         if rowids:
-            self._index.remove(np.asarray(rowids, dtype=np.int64))
-            self._dirty = True
+            self._mirror.wrote(seq, np.asarray(rowids, dtype=np.int64), None)
+        return len(rowids)
 
     # -- reads ----------------------------------------------------------------------------
 
-    def get(self, id: str) -> Hit | None:
-        """The record with this id as a Hit (score 1.0), or None."""
+    def get(self, id: str, **scope: str | None) -> Hit | None:
+        """The record `id` in `scope` as a Hit (score 1.0), or None when the scope has none."""
+        condition = self._records.condition(Scope.of(scope), id=_check_id(id))
         self._check_open()
-        record = self._records.by_id(_check_id(id))
-        return None if record is None else _hit(record, 1.0)
+        found = self._records.fetch_where(condition)
+        return _hit(found[0], 1.0) if found else None
 
     def count(self, *, filters: Mapping[str, Any] | None = None, **scope: str | None) -> int:
         """How many records are in the scope (and match `filters`)."""
-        self._check_open()
+        owner = Scope.of(scope)
         filter_rules.validate(filters)
-        return self._records.count_where(self._records.condition(Scope.of(scope), filters))
+        self._check_open()
+        return self._records.count_where(self._records.condition(owner, filters))
 
     def search(
         self,
@@ -230,7 +238,7 @@ class Memory:
     def _search(
         self, query: str, k: int, filters: Mapping[str, Any] | None, mode: str, owner: Scope
     ) -> list[Hit]:
-        _check_text(query, "query")
+        self._check_text(query, "query")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidInputError("k", "must be an integer >= 1", k)
         if mode not in MODES:
@@ -238,26 +246,32 @@ class Memory:
         filter_rules.validate(filters)
         self._check_open()
         condition = self._records.condition(owner, filters)
-        restricted = bool(owner.as_dict()) or bool(filters)
         pool = k if mode != "hybrid" else max(4 * k, 40)
         rankings: list[list[tuple[int, float]]] = []
         if mode in ("vector", "hybrid"):
-            rankings.append(self._vector_ranking(query, pool, condition, restricted))
+            whole_tenant = not filters and set(owner.as_dict()) <= {"tenant_id"}
+            rankings.append(self._vector_ranking(query, pool, condition, owner, whole_tenant))
         if mode in ("keyword", "hybrid"):
-            words = [word.lower() for word in _WORDS.findall(query)]
-            rankings.append(self._records.keyword_search(words, pool, condition))
+            rankings.append(self._records.keyword_search(match_query(query), pool, condition))
         ranked = rankings[0] if len(rankings) == 1 else reciprocal_rank_fusion(rankings)
         ranked = ranked[:k]
-        records = self._records.fetch([rowid for rowid, _ in ranked])
+        records = self._records.fetch([rowid for rowid, _ in ranked], condition)
         return [_hit(records[rowid], score) for rowid, score in ranked if rowid in records]
 
     def _vector_ranking(
-        self, query: str, k: int, condition: Any, restricted: bool
+        self, query: str, k: int, condition: Any, owner: Scope, whole_tenant: bool
     ) -> list[tuple[int, float]]:
+        """Vector top-k among the records matching `condition`: the index searched whole when
+        it holds one tenant only and the call narrows no further, else restricted to the
+        rowids the database allows. Hits are fetched under `condition` again, so a record
+        written by another process in between can never slip in."""
         vector = embed_checked(self.embedder, [query])
-        allowed = self._records.rowids_where(condition) if restricted else None
         with self._lock:
-            scores, ids = self._index.search(vector, k, allowed)
+            self._mirror.refresh()
+            allowed = None
+            if not (whole_tenant and self._records.only_tenant(owner.tenant_id)):
+                allowed = self._records.rowids_where(condition)
+            scores, ids = self._mirror.index.search(vector, k, allowed)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
 
     def context(
@@ -282,11 +296,14 @@ class Memory:
         return packer.pack(hits, budget_tokens)
 
     def stats(self) -> dict[str, Any]:
-        """Counts and locations, for the CLI and monitoring."""
+        """Counts and locations over every tenant, for the CLI and monitoring."""
         self._check_open()
+        with self._lock:
+            self._mirror.refresh()
+            vectors = len(self._mirror.index)
         return {
-            "records": self._records.count_where(self._records.condition(Scope(), None)),
-            "vectors": len(self._index),
+            "records": self._records.count_where(self._records.everything()),
+            "vectors": vectors,
             "embedder": self.embedder.name,
             "dim": self.embedder.dim,
             "path": str(self.path) if self.path else None,
@@ -299,9 +316,8 @@ class Memory:
         """Save the vector index so the next open needs no rebuild (records are always durable)."""
         with self._lock:
             self._check_open()
-            if self._dirty and self._index_path is not None:
-                self._index.save(self._index_path, self._records.seq())
-                self._dirty = False
+            if self._mirror.dirty:
+                self._mirror.save()
 
     def close(self) -> None:
         """Save the index and release the database; further calls raise ClosedError."""
@@ -322,20 +338,65 @@ class Memory:
         if self._closed:
             raise ClosedError("Memory")
 
+    # -- input rules ----------------------------------------------------------------------
+
     def _validated_item(
         self, item: str | Mapping[str, Any], index: int
     ) -> tuple[str, dict[str, Any], str]:
         if isinstance(item, str):
-            return _check_text(item, f"items[{index}]"), {}, new_id()
+            return self._check_text(item, f"items[{index}]"), {}, new_id()
         if not isinstance(item, Mapping):
             raise InvalidInputError(f"items[{index}]", "must be a string or a dict with 'text'")
         unknown = set(item) - {"text", "metadata", "id"}
         if unknown:
             raise InvalidInputError(f"items[{index}].{sorted(unknown)[0]}", "unknown key")
-        text = _check_text(item.get("text"), "text" if index == 0 else f"items[{index}].text")
-        meta = _check_metadata(item.get("metadata"))
+        field = "" if index == 0 else f"items[{index}]."
+        text = self._check_text(item.get("text"), f"{field}text")
+        meta = self._check_metadata(item.get("metadata"), f"{field}metadata")
         rid = item.get("id")
         return text, meta, new_id() if rid is None else _check_id(rid)
+
+    def _check_text(self, text: object, field: str) -> str:
+        if not isinstance(text, str):
+            raise InvalidInputError(field, "must be a string", type(text).__name__)
+        if not text.strip():
+            raise InvalidInputError(field, "must not be empty")
+        if len(text) > self.limits.max_text_chars:
+            raise InvalidInputError(
+                field,
+                f"must be at most {self.limits.max_text_chars} characters "
+                "(Limits.max_text_chars; ingest() chunks long documents)",
+                f"{len(text)} characters",
+            )
+        return text
+
+    def _check_metadata(
+        self, metadata: Mapping[str, Any] | None, field: str = "metadata"
+    ) -> dict[str, Any]:
+        if metadata is None:
+            return {}
+        if not isinstance(metadata, Mapping):
+            raise InvalidInputError(field, "must be a dict", type(metadata).__name__)
+        try:
+            encoded = json.dumps(dict(metadata), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(field, f"must be JSON-serializable ({exc})") from exc
+        size = len(encoded.encode())
+        if size > self.limits.max_metadata_bytes:
+            raise InvalidInputError(
+                field,
+                f"must encode to at most {self.limits.max_metadata_bytes} bytes of JSON "
+                "(Limits.max_metadata_bytes)",
+                f"{size} bytes",
+            )
+        decoded = dict(json.loads(encoded))
+        if _depth(decoded) > self.limits.max_metadata_depth:
+            raise InvalidInputError(
+                field,
+                f"must nest at most {self.limits.max_metadata_depth} levels "
+                "(Limits.max_metadata_depth)",
+            )
+        return decoded
 
 
 def _folder(path: str | Path | None, url: str | None) -> Path | None:
@@ -349,31 +410,19 @@ def _folder(path: str | Path | None, url: str | None) -> Path | None:
     return folder
 
 
-def _check_text(text: object, field: str) -> str:
-    if not isinstance(text, str):
-        raise InvalidInputError(field, "must be a string", type(text).__name__)
-    if not text.strip():
-        raise InvalidInputError(field, "must not be empty")
-    return text
-
-
 def _check_id(record_id: object) -> str:
     if not isinstance(record_id, str) or not record_id or len(record_id) > _MAX_ID_LEN:
         raise InvalidInputError("id", f"must be a non-empty string of at most {_MAX_ID_LEN} chars")
     return record_id
 
 
-def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    import json
-
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, Mapping):
-        raise InvalidInputError("metadata", "must be a dict", type(metadata).__name__)
-    try:
-        return dict(json.loads(json.dumps(dict(metadata), allow_nan=False)))
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError("metadata", f"must be JSON-serializable ({exc})") from exc
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value: 0 for a scalar, 1 for a flat dict or list."""
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
 
 
 def _hit(record: Record, score: float) -> Hit:

@@ -1,14 +1,17 @@
 """Semantic records in SQL: text, metadata, scope and embedding, the source of truth of `Memory`.
 
 SQLAlchemy Core over SQLite (default; WAL, synchronous=FULL, FTS5 for BM25) or PostgreSQL.
-Every write bumps a sequence number so a vector index can tell whether it is stale.
+A record's key is (tenant, id): the same id in two tenants names two records, and every
+lookup by id is confined to one tenant. Every write transaction takes the next sequence
+number and logs the rowids it touched under it, so a vector index kept by any process can
+catch up with writes made by others (`changes_since`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,17 +20,24 @@ import numpy as np
 from memlayer.errors import InvalidInputError, StorageError
 from memlayer.types import SCOPE_FIELDS, Scope
 
+SCHEMA = 2  # 1: memlayer 0.1.0 (ids unique across tenants, FTS over the raw text)
+DEFAULT_TENANT = ""  # stored for tenant_id=None: a user-given tenant is never empty
+LOG_KEEP = 100_000  # write sequence numbers of change log kept behind a saved vector index
+
 _FTS_DDL = (
-    "CREATE VIRTUAL TABLE IF NOT EXISTS records_fts USING fts5("
-    "text, content='records', content_rowid='rowid')",
+    "CREATE VIRTUAL TABLE IF NOT EXISTS records_fts USING fts5(keywords, content='records', "
+    "content_rowid='rowid', tokenize='unicode61 remove_diacritics 0')",
     "CREATE TRIGGER IF NOT EXISTS records_ai AFTER INSERT ON records BEGIN "
-    "INSERT INTO records_fts(rowid, text) VALUES (new.rowid, new.text); END",
+    "INSERT INTO records_fts(rowid, keywords) VALUES (new.rowid, new.keywords); END",
     "CREATE TRIGGER IF NOT EXISTS records_ad AFTER DELETE ON records BEGIN "
-    "INSERT INTO records_fts(records_fts, rowid, text) VALUES('delete', old.rowid, old.text); END",
-    "CREATE TRIGGER IF NOT EXISTS records_au AFTER UPDATE OF text ON records BEGIN "
-    "INSERT INTO records_fts(records_fts, rowid, text) VALUES('delete', old.rowid, old.text); "
-    "INSERT INTO records_fts(rowid, text) VALUES (new.rowid, new.text); END",
+    "INSERT INTO records_fts(records_fts, rowid, keywords) "
+    "VALUES('delete', old.rowid, old.keywords); END",
+    "CREATE TRIGGER IF NOT EXISTS records_au AFTER UPDATE OF keywords ON records BEGIN "
+    "INSERT INTO records_fts(records_fts, rowid, keywords) "
+    "VALUES('delete', old.rowid, old.keywords); "
+    "INSERT INTO records_fts(rowid, keywords) VALUES (new.rowid, new.keywords); END",
 )
+_OLD_FTS = ("records_ai", "records_ad", "records_au")
 
 
 @dataclass
@@ -46,7 +56,7 @@ class Record:
 
 @dataclass
 class NewRecord:
-    """A record to insert or replace (by `id`)."""
+    """A record to insert, or to replace when its (tenant, id) exists."""
 
     id: str
     text: str
@@ -55,64 +65,85 @@ class NewRecord:
     embedding: np.ndarray
 
 
+@dataclass
+class Changes:
+    """What changed after a sequence number: the rows now present and the rowids now gone."""
+
+    seq: int
+    rowids: np.ndarray
+    vectors: np.ndarray
+    gone: np.ndarray
+
+
 class RecordStore:
-    """The records table: upsert, read, delete, scope/filter selection and BM25 keyword search."""
+    """The records table: upsert, read, delete, scope/filter selection, BM25 and the change log."""
 
-    def __init__(self, url: str, *, embedder_name: str, dim: int):
-        from sqlalchemy import (
-            JSON,
-            Column,
-            Float,
-            Index,
-            Integer,
-            LargeBinary,
-            MetaData,
-            String,
-            Table,
-            Text,
-        )
+    def __init__(self, url: str, *, embedder_name: str, dim: int, keywords: Callable[[str], str]):
+        """`keywords` derives the string full-text search indexes from a record's text."""
+        from memlayer.stores.database import open_engine, writer
 
-        from memlayer.stores.database import open_engine
-
+        self._keywords = keywords
         self.engine = open_engine(url)
+        self._writer = writer(self.engine)
         self.dialect = self.engine.dialect.name
-        meta = MetaData()
-        self.records = Table(
-            "records",
-            meta,
-            Column("rowid", Integer, primary_key=True, autoincrement=True),
-            Column("id", String(128), nullable=False, unique=True),
-            *(Column(name, String(256), nullable=True) for name in SCOPE_FIELDS),
-            Column("text", Text, nullable=False),
-            Column("metadata", JSON, nullable=False),
-            Column("embedding", LargeBinary, nullable=False),
-            Column("created_at", Float, nullable=False),
-            Column("updated_at", Float, nullable=False),
-            Index("records_scope", *SCOPE_FIELDS),
-        )
-        self.settings = Table(
-            "memlayer_settings",
-            meta,
-            Column("key", String(64), primary_key=True),
-            Column("value", Text, nullable=False),
-        )
+        self.records, self.changes, self.settings, self._meta = _tables()
         try:
-            with self.engine.begin() as conn:
-                meta.create_all(conn)
-                if self.dialect == "sqlite":
-                    for ddl in _FTS_DDL:
-                        conn.exec_driver_sql(ddl)
+            with self._writer.begin() as conn:
+                self._create_or_migrate(conn)
+        except StorageError:
+            raise
         except Exception as exc:
             raise StorageError(f"cannot open the records database at {url}: {exc}") from exc
         self._check_embedder(embedder_name, dim)
 
+    # -- schema ---------------------------------------------------------------------------
+
+    def _create_or_migrate(self, conn: Any) -> None:
+        from sqlalchemy import inspect
+
+        tables = set(inspect(conn).get_table_names())
+        migrate = "records" in tables and int(self._setting("schema", conn) or 1) < SCHEMA
+        if migrate:
+            self._migrate_from_1(conn)
+        self._meta.create_all(conn)
+        if self.dialect == "sqlite":
+            for ddl in _FTS_DDL:
+                conn.exec_driver_sql(ddl)
+            if migrate:
+                conn.exec_driver_sql("INSERT INTO records_fts(records_fts) VALUES('rebuild')")
+        self._set_setting("schema", str(SCHEMA), conn)
+
+    def _migrate_from_1(self, conn: Any) -> None:
+        """Rebuild a 0.1.0 records table in place: key (tenant, id), keywords derived, rowids
+        kept (so a vector index saved by 0.1.0 stays valid and is not rebuilt)."""
+        if self.dialect == "sqlite":
+            for trigger in _OLD_FTS:
+                conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger}")
+            conn.exec_driver_sql("DROP TABLE IF EXISTS records_fts")
+        conn.exec_driver_sql("DROP INDEX IF EXISTS records_scope")
+        conn.exec_driver_sql("ALTER TABLE records RENAME TO records_v1")
+        self.records.create(conn)
+        columns = ["rowid", "id", *SCOPE_FIELDS, "text", "metadata", "embedding"]
+        columns += ["created_at", "updated_at"]
+        old = conn.exec_driver_sql(f"SELECT {', '.join(columns)} FROM records_v1")
+        rows = [dict(zip(columns, row, strict=True)) for row in old]
+        for row in rows:
+            row["tenant_id"] = row["tenant_id"] or DEFAULT_TENANT
+            row["keywords"] = self._keywords(row["text"])
+            if isinstance(row["metadata"], str):
+                row["metadata"] = json.loads(row["metadata"])
+        if rows:
+            conn.execute(self.records.insert(), rows)
+        conn.exec_driver_sql("DROP TABLE records_v1")
+
     def _check_embedder(self, name: str, dim: int) -> None:
-        stored = self._setting("embedder")
-        wanted = json.dumps({"name": name, "dim": dim})
-        if stored is None:
-            self._set_setting("embedder", wanted)
-            self._set_setting("seq", "0")
-        elif json.loads(stored)["dim"] != dim:
+        with self._write() as conn:
+            stored = self._setting("embedder", conn)
+            if stored is None:
+                self._set_setting("embedder", json.dumps({"name": name, "dim": dim}), conn)
+                self._set_setting("seq", "0", conn)
+                return
+        if json.loads(stored)["dim"] != dim:
             raise InvalidInputError(
                 "embedder",
                 f"must produce {json.loads(stored)['dim']}-dim vectors like the "
@@ -129,130 +160,189 @@ class RecordStore:
         with self.engine.connect() as own:
             return own.execute(stmt).scalar_one_or_none()
 
-    def _set_setting(self, key: str, value: str, conn: Any = None) -> None:
-        if conn is None:
-            with self.engine.begin() as own:
-                self._set_setting(key, value, own)
-            return
+    def _set_setting(self, key: str, value: str, conn: Any) -> None:
         table = self.settings
         updated = conn.execute(table.update().where(table.c.key == key).values(value=value))
         if updated.rowcount == 0:
             conn.execute(table.insert().values(key=key, value=value))
 
+    # -- the write sequence and its log ---------------------------------------------------
+
     def seq(self) -> int:
-        """The write sequence number: it changes with every committed write."""
+        """The write sequence number: it grows with every committed write."""
         return int(self._setting("seq") or 0)
 
-    def _bump(self, conn: Any) -> None:
-        self._set_setting("seq", str(int(self._setting("seq", conn) or 0) + 1), conn)
+    def _log(self, conn: Any, rowids: Sequence[int]) -> int:
+        """Take the next sequence number and record the rowids this transaction touched."""
+        seq = int(self._setting("seq", conn) or 0) + 1
+        self._set_setting("seq", str(seq), conn)
+        if rowids:
+            conn.execute(self.changes.insert(), [{"seq": seq, "rowid": r} for r in rowids])
+        return seq
 
-    def upsert(self, rows: Sequence[NewRecord]) -> list[tuple[int, bool]]:
-        """Insert or replace rows by id in one transaction; returns (rowid, was_new) per row."""
+    def changes_since(self, applied: int) -> Changes | None:
+        """Rows written or deleted after sequence `applied`, read in one snapshot.
+
+        None when the log no longer reaches back to `applied` (pruned): rebuild instead.
+        """
+        from sqlalchemy import select
+
+        table = self.records
+        with self.engine.connect() as conn:
+            seq = int(self._setting("seq", conn) or 0)
+            if seq == applied:
+                nothing = np.zeros(0, dtype=np.int64)
+                return Changes(seq, nothing, np.zeros((0, 0), dtype=np.float32), nothing)
+            if applied < int(self._setting("log_floor", conn) or 0):
+                return None
+            touched = sorted(
+                {
+                    int(r)
+                    for r in conn.execute(
+                        select(self.changes.c.rowid).where(self.changes.c.seq > applied)
+                    ).scalars()
+                }
+            )
+            present = conn.execute(
+                select(table.c.rowid, table.c.embedding).where(table.c.rowid.in_(touched))
+            ).all()
+        rowids = np.asarray([int(r) for r, _ in present], dtype=np.int64)
+        vectors = _vectors([blob for _, blob in present])
+        gone = np.setdiff1d(np.asarray(touched, dtype=np.int64), rowids)
+        return Changes(seq, rowids, vectors, gone)
+
+    def prune_log(self, saved: int) -> None:
+        """Drop log entries far behind `saved`, the sequence a saved vector index reflects."""
+        floor = saved - LOG_KEEP
+        if floor <= int(self._setting("log_floor") or 0):
+            return
+        with self._write() as conn:
+            conn.execute(self.changes.delete().where(self.changes.c.seq <= floor))
+            self._set_setting("log_floor", str(floor), conn)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def upsert(self, rows: Sequence[NewRecord]) -> tuple[list[int], int]:
+        """Insert or replace rows by (tenant, id) in one transaction: (rowids, sequence)."""
         from sqlalchemy import select
 
         now = time.time()
-        out: list[tuple[int, bool]] = []
+        out: list[int] = []
         table = self.records
-        with self._begin() as conn:
+        with self._write() as conn:
             for row in rows:
+                tenant = row.scope.tenant_id or DEFAULT_TENANT
                 values = {
                     "text": row.text,
+                    "keywords": self._keywords(row.text),
                     "metadata": row.metadata,
-                    "embedding": np.ascontiguousarray(row.embedding, dtype=np.float32).tobytes(),
+                    "embedding": _blob(row.embedding),
                     "updated_at": now,
                     **{name: getattr(row.scope, name) for name in SCOPE_FIELDS},
+                    "tenant_id": tenant,
                 }
-                found = conn.execute(select(table.c.rowid).where(table.c.id == row.id)).first()
+                key = (table.c.tenant_id == tenant) & (table.c.id == row.id)
+                found = conn.execute(select(table.c.rowid).where(key)).first()
                 if found is None:
                     result = conn.execute(
                         table.insert().values(id=row.id, created_at=now, **values)
                     )
-                    out.append((int(result.inserted_primary_key[0]), True))
+                    out.append(int(result.inserted_primary_key[0]))
                 else:
                     conn.execute(table.update().where(table.c.rowid == found[0]).values(**values))
-                    out.append((int(found[0]), False))
-            self._bump(conn)
-        return out
+                    out.append(int(found[0]))
+            seq = self._log(conn, out)
+        return out, seq
 
     def update(
         self,
-        rowid: int,
+        condition: Any,
         *,
         text: str | None,
         metadata: dict[str, Any] | None,
         embedding: np.ndarray | None,
-    ) -> None:
-        """Change a record's text (with its new embedding) and/or metadata."""
+    ) -> tuple[int, int] | None:
+        """Change the one record matching `condition`: (rowid, sequence), or None if none does."""
+        from sqlalchemy import select
+
         values: dict[str, Any] = {"updated_at": time.time()}
         if text is not None and embedding is not None:
-            values["text"] = text
-            values["embedding"] = np.ascontiguousarray(embedding, dtype=np.float32).tobytes()
+            values.update(text=text, keywords=self._keywords(text), embedding=_blob(embedding))
         if metadata is not None:
             values["metadata"] = metadata
-        with self._begin() as conn:
-            conn.execute(
-                self.records.update().where(self.records.c.rowid == rowid).values(**values)
-            )
-            self._bump(conn)
+        table = self.records
+        with self._write() as conn:
+            found = conn.execute(select(table.c.rowid).where(condition)).first()
+            if found is None:
+                return None
+            conn.execute(table.update().where(table.c.rowid == found[0]).values(**values))
+            return int(found[0]), self._log(conn, [int(found[0])])
 
-    def delete_where(self, condition: Any) -> list[int]:
-        """Delete the rows matching a SQL condition; returns their rowids."""
+    def delete_where(self, condition: Any) -> tuple[list[int], int]:
+        """Delete the rows matching a SQL condition: (their rowids, sequence)."""
         from sqlalchemy import select
 
         table = self.records
-        with self._begin() as conn:
+        with self._write() as conn:
             rowids = [
                 int(r) for r in conn.execute(select(table.c.rowid).where(condition)).scalars()
             ]
-            if rowids:
-                conn.execute(table.delete().where(table.c.rowid.in_(rowids)))
-                self._bump(conn)
-        return rowids
+            if not rowids:
+                return [], int(self._setting("seq", conn) or 0)
+            conn.execute(table.delete().where(table.c.rowid.in_(rowids)))
+            return rowids, self._log(conn, rowids)
 
-    def by_id(self, record_id: str) -> Record | None:
-        """The record with this id, or None."""
-        rows = self.fetch_where(self.records.c.id == record_id, with_embedding=True)
-        return rows[0] if rows else None
+    # -- reads ----------------------------------------------------------------------------
 
-    def fetch(self, rowids: Sequence[int]) -> dict[int, Record]:
-        """Records by rowid."""
+    def fetch(self, rowids: Sequence[int], condition: Any) -> dict[int, Record]:
+        """The records with these rowids that (still) match `condition`."""
         if not rowids:
             return {}
-        rows = self.fetch_where(self.records.c.rowid.in_([int(r) for r in rowids]))
+        rows = self.fetch_where(self.records.c.rowid.in_([int(r) for r in rowids]) & condition)
         return {row.rowid: row for row in rows}
 
-    def fetch_where(self, condition: Any, *, with_embedding: bool = False) -> list[Record]:
+    def fetch_where(self, condition: Any) -> list[Record]:
         """Records matching a SQL condition."""
         from sqlalchemy import select
 
         table = self.records
-        columns = [c for c in table.c if with_embedding or c.name != "embedding"]
+        columns = [c for c in table.c if c.name not in ("embedding", "keywords")]
         with self.engine.connect() as conn:
             result = conn.execute(select(*columns).where(condition))
-            return [self._record(row._mapping) for row in result]
+            return [_record(row._mapping) for row in result]
 
-    def _record(self, row: Mapping[str, Any]) -> Record:
-        blob = row.get("embedding")
-        return Record(
-            rowid=int(row["rowid"]),
-            id=row["id"],
-            text=row["text"],
-            metadata=dict(row["metadata"] or {}),
-            scope=Scope(**{name: row[name] for name in SCOPE_FIELDS}),
-            created_at=float(row["created_at"]),
-            updated_at=float(row["updated_at"]),
-            embedding=None if blob is None else np.frombuffer(blob, dtype=np.float32).copy(),
-        )
-
-    def condition(self, scope: Scope, filters: Mapping[str, Any] | None) -> Any:
-        """SQL condition selecting the records in `scope` that satisfy `filters`."""
+    def condition(
+        self, scope: Scope, filters: Mapping[str, Any] | None = None, *, id: str | None = None
+    ) -> Any:
+        """SQL condition: records of `scope`'s tenant whose other named scope fields match,
+        that satisfy `filters` and, when given, have this id."""
         from sqlalchemy import and_
 
         from memlayer.stores.filters import to_sql
 
-        parts = [self.records.c[name] == value for name, value in scope.as_dict().items()]
-        parts.append(to_sql(filters, self.records.c.metadata, self.dialect))
+        table = self.records
+        parts = [table.c.tenant_id == (scope.tenant_id or DEFAULT_TENANT)]
+        parts += [table.c[k] == v for k, v in scope.as_dict().items() if k != "tenant_id"]
+        if id is not None:
+            parts.append(table.c.id == id)
+        parts.append(to_sql(filters, table.c.metadata, self.dialect))
         return and_(*parts)
+
+    def only_tenant(self, tenant: str | None) -> bool:
+        """True when no record belongs to another tenant (two index seeks)."""
+        from sqlalchemy import select
+
+        key = tenant or DEFAULT_TENANT
+        column = self.records.c.tenant_id
+        stmt = select(self.records.c.rowid).where((column < key) | (column > key)).limit(1)
+        with self.engine.connect() as conn:
+            return conn.execute(stmt).first() is None
+
+    def everything(self) -> Any:
+        """SQL condition true for every record of every tenant (for stats)."""
+        from sqlalchemy import true
+
+        return true()
 
     def rowids_where(self, condition: Any) -> np.ndarray:
         """Rowids of the records matching a condition, as int64."""
@@ -270,11 +360,9 @@ class RecordStore:
             stmt = select(func.count()).select_from(self.records).where(condition)
             return int(conn.execute(stmt).scalar_one())
 
-    def keyword_search(
-        self, words: Sequence[str], k: int, condition: Any
-    ) -> list[tuple[int, float]]:
-        """Top-k BM25 matches of any of `words` among records matching `condition`."""
-        if not words:
+    def keyword_search(self, match: str | None, k: int, condition: Any) -> list[tuple[int, float]]:
+        """Top-k BM25 matches of an FTS5 MATCH expression among records matching `condition`."""
+        if match is None:
             return []
         if self.dialect != "sqlite":
             raise InvalidInputError(
@@ -283,7 +371,6 @@ class RecordStore:
         from sqlalchemy import column, literal_column, select, table
 
         fts = table("records_fts", column("rowid"))
-        match = " OR ".join('"' + word.replace('"', "") + '"' for word in words)
         score: Any = literal_column("bm25(records_fts)")
         stmt = (
             select(self.records.c.rowid, score)
@@ -295,44 +382,126 @@ class RecordStore:
         with self.engine.connect() as conn:
             return [(int(rowid), -float(bm25)) for rowid, bm25 in conn.execute(stmt)]
 
-    def iter_embeddings(self, batch: int = 10_000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """All (rowids, vectors) in batches, to rebuild a vector index from the source of truth."""
+    def snapshot(self, batch: int = 10_000) -> tuple[int, Iterator[tuple[np.ndarray, np.ndarray]]]:
+        """The sequence number and every (rowids, vectors) batch, read in one snapshot.
+
+        The iterator holds one read transaction open until it is exhausted.
+        """
         from sqlalchemy import select
 
+        conn = self.engine.connect()
+        seq = int(self._setting("seq", conn) or 0)
         table = self.records
-        last = 0
-        while True:
-            stmt = (
-                select(table.c.rowid, table.c.embedding)
-                .where(table.c.rowid > last)
-                .order_by(table.c.rowid)
-                .limit(batch)
-            )
-            with self.engine.connect() as conn:
-                rows = conn.execute(stmt).all()
-            if not rows:
-                return
-            rowids = np.asarray([r[0] for r in rows], dtype=np.int64)
-            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32)
-            yield rowids, vectors.reshape(len(rows), -1)
-            last = int(rowids[-1])
 
-    def _begin(self) -> Any:
-        return _Transaction(self.engine)
+        def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            try:
+                stmt = select(table.c.rowid, table.c.embedding).order_by(table.c.rowid)
+                result = conn.execute(stmt)
+                while rows := result.fetchmany(batch):
+                    yield (
+                        np.asarray([r[0] for r in rows], dtype=np.int64),
+                        _vectors([r[1] for r in rows]),
+                    )
+            finally:
+                conn.close()
+
+        return seq, batches()
+
+    def _write(self) -> Any:
+        return _Transaction(self._writer)
 
     def close(self) -> None:
         """Release connections."""
         self.engine.dispose()
 
 
+def _tables() -> tuple[Any, Any, Any, Any]:
+    """The records table, the change log and the settings table, on one MetaData."""
+    from sqlalchemy import (
+        JSON,
+        Column,
+        Float,
+        Index,
+        Integer,
+        LargeBinary,
+        MetaData,
+        String,
+        Table,
+        Text,
+        UniqueConstraint,
+    )
+
+    meta = MetaData()
+    records = Table(
+        "records",
+        meta,
+        Column("rowid", Integer, primary_key=True, autoincrement=True),
+        Column("id", String(128), nullable=False),
+        Column("tenant_id", String(256), nullable=False),
+        *(Column(name, String(256), nullable=True) for name in SCOPE_FIELDS[1:]),
+        Column("text", Text, nullable=False),
+        Column("keywords", Text, nullable=False),
+        Column("metadata", JSON, nullable=False),
+        Column("embedding", LargeBinary, nullable=False),
+        Column("created_at", Float, nullable=False),
+        Column("updated_at", Float, nullable=False),
+        UniqueConstraint("tenant_id", "id", name="records_key"),
+        Index("records_scope", *SCOPE_FIELDS),
+        sqlite_autoincrement=True,  # a deleted rowid is never reused by a later record
+    )
+    changes = Table(
+        "record_changes",
+        meta,
+        Column("seq", Integer, nullable=False),
+        Column("rowid", Integer, nullable=False),
+        Index("record_changes_seq", "seq"),
+    )
+    settings = Table(
+        "memlayer_settings",
+        meta,
+        Column("key", String(64), primary_key=True),
+        Column("value", Text, nullable=False),
+    )
+    return records, changes, settings, meta
+
+
+def _record(row: Mapping[str, Any]) -> Record:
+    scope = {name: row[name] for name in SCOPE_FIELDS}
+    scope["tenant_id"] = scope["tenant_id"] or None
+    return Record(
+        rowid=int(row["rowid"]),
+        id=row["id"],
+        text=row["text"],
+        metadata=dict(row["metadata"] or {}),
+        scope=Scope(**scope),
+        created_at=float(row["created_at"]),
+        updated_at=float(row["updated_at"]),
+    )
+
+
+def _blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+def _vectors(blobs: Sequence[bytes]) -> np.ndarray:
+    if not blobs:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1)
+
+
 class _Transaction:
-    """engine.begin() that turns driver failures (disk full, locked) into StorageError."""
+    """A write transaction that turns driver failures (disk full, locked) into StorageError."""
 
     def __init__(self, engine: Any):
         self._context = engine.begin()
 
     def __enter__(self) -> Any:
-        return self._context.__enter__()
+        from sqlalchemy.exc import OperationalError
+
+        try:
+            return self._context.__enter__()
+        except OperationalError as error:
+            raise StorageError(f"the records database refused the write: {error}") from error
 
     def __exit__(self, *exc: Any) -> bool:
         from sqlalchemy.exc import OperationalError
