@@ -22,16 +22,18 @@ from memlayer.errors import (
 )
 from memlayer.types import Hit, Page, Scope
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "Memory": "memlayer.memory",
     "AsyncMemory": "memlayer.async_memory",
     "KVSession": "memlayer.kv_session",
+    "Limits": "memlayer.config",
 }
 
 if TYPE_CHECKING:
     from memlayer.async_memory import AsyncMemory
+    from memlayer.config import Limits
     from memlayer.kv_session import KVSession
     from memlayer.memory import Memory
 
@@ -53,6 +55,7 @@ __all__ = [
     "Hit",
     "InvalidInputError",
     "KVSession",
+    "Limits",
     "MemlayerError",
     "Memory",
     "MissingExtraError",

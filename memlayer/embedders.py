@@ -84,7 +84,10 @@ class SentenceTransformerEmbedder:
     def _windows(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Cut each text at token boundaries into pieces that fit the model's window:
         (pieces, index of the text each came from, tokens in each piece)."""
-        room = max(1, int(self._model.max_seq_length) - _WINDOW_MARGIN)
+        limit = self._model.max_seq_length
+        if not limit:  # the model reads any length
+            return list(texts), np.arange(len(texts)), np.ones(len(texts), dtype=np.float32)
+        room = max(1, limit - _WINDOW_MARGIN)
         offsets = self._model.tokenizer(
             list(texts), add_special_tokens=False, return_offsets_mapping=True, verbose=False
         )["offset_mapping"]
@@ -150,9 +153,9 @@ class CallableEmbedder:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         vectors = np.asarray(self._fn(list(texts)), dtype=np.float32)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True) if vectors.ndim == 2 else None
-        if norms is None:
-            return vectors
+        if vectors.ndim != 2 or not np.isfinite(vectors).all():
+            return vectors  # embed_checked refuses it, naming the rule
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
 
 

@@ -63,3 +63,23 @@ def test_hybrid_beats_vector_on_keyword_heavy_queries(memory: Memory) -> None:
     print(f"hit@1 on 40 keyword queries: vector {vector}, hybrid {hybrid}")
     assert hybrid > vector
     assert hybrid >= 36  # BM25 finds the exact code; fusion keeps it on top
+
+
+def test_a_text_longer_than_the_window_is_embedded_whole(memory: Memory) -> None:
+    """MiniLM reads 256 tokens; a longer record is embedded window by window, so a fact near
+    its end is found, where a silently truncated embedding would never see it."""
+    garden = [
+        f"In week {i} the gardener watered the tomatoes, pruned the roses and weeded the beds."
+        for i in range(30)
+    ]
+    tail = "The vault combination is written behind the lighthouse painting in the attic."
+    long_text = " ".join([*garden, tail])
+    tokenizer = memory.embedder._model.tokenizer  # type: ignore[attr-defined]
+    assert len(tokenizer(long_text, add_special_tokens=False)["input_ids"]) > 2 * 256
+    rid = memory.add(long_text, user_id="long")
+    memory.add_many(garden[:10], user_id="long")
+
+    top = memory.search(
+        "where is the vault combination written?", k=1, mode="vector", user_id="long"
+    )
+    assert top[0].id == rid
