@@ -110,3 +110,20 @@ def test_ivf_recall_updates_and_persistence(tmp_path: Path) -> None:
     loaded, _ = VectorIndex.load(tmp_path / "ivf.idx")
     assert loaded.approximate and len(loaded) == 6_000
     np.testing.assert_array_equal(loaded.search(queries, 5)[1], index.search(queries, 5)[1])
+
+
+@pytest.mark.parametrize("brute", [True, False])
+def test_filtered_search_sees_later_adds_and_removes(brute: bool) -> None:
+    """A large allowed set is matched against the stored ids as they are now, not as cached."""
+    rng = np.random.default_rng(3)
+    index = VectorIndex(8, IndexConfig(brute_force_below=1_000 if brute else 0))
+    index.add(np.arange(100), _unit(rng, 100, 8))
+    everything = np.arange(200)
+    query = _unit(rng, 1, 8)
+    index.search(query, 3, everything)
+    index.add(np.array([150]), query)
+    scores, got = index.search(query, 3, everything)
+    assert got[0, 0] == 150 and scores[0, 0] == pytest.approx(1.0)
+    index.remove(np.array([150]))
+    _, got = index.search(query, 3, everything)
+    assert 150 not in got[0] and (got[0] >= 0).all()
