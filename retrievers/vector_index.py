@@ -68,9 +68,9 @@ class VectorIndex:
         return isinstance(rowid, (int, np.integer)) and int(rowid) in self._ids
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Insert or replace vectors by id."""
+        """Insert or replace vectors by id; all-zero or non-finite vectors are refused."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
-        vectors = self._check(vectors, "vectors")
+        vectors = _storable(self._check(vectors, "vectors"))
         if len(ids) != len(vectors):
             raise InvalidInputError("ids", "must have one id per vector", (len(ids), len(vectors)))
         if len(np.unique(ids)) != len(ids):
@@ -327,6 +327,21 @@ def _stored_ids(index: Any) -> np.ndarray:
         if invlists.list_size(i)
     ]
     return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _storable(vectors: np.ndarray) -> np.ndarray:
+    """`vectors` unchanged, or InvalidInputError naming the first row no search could rank.
+
+    A NaN or infinite component makes every inner product with it meaningless, and an
+    all-zero vector has no direction (it scores 0 against every query).
+    """
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if len(bad):
+        raise InvalidInputError("vectors", "must be finite (no NaN or inf)", f"row {bad[0]}")
+    zero = np.flatnonzero(~vectors.any(axis=1))
+    if len(zero):
+        raise InvalidInputError("vectors", "must not be all zeros", f"row {zero[0]}")
+    return vectors
 
 
 def _distinct(ids: np.ndarray) -> np.ndarray:
