@@ -1,46 +1,124 @@
-"""Semantic memory benchmark: memlayer vs an embedded peer (Chroma, LanceDB), side by side.
+"""Semantic memory benchmark: memlayer against Chroma, LanceDB and FAISS, like for like.
 
-Sizes: 10K records of real text with real MiniLM embeddings (memlayer's `Memory` end to end:
-SQL + FTS + vector index), and 100K / 1M precomputed unit vectors drawn around random
-centres so they cluster like real embeddings (memlayer's `VectorIndex`). Every system gets
-the same vectors, so embedding time is excluded for all. Reports add throughput, search
-p50/p95 (k=10, one query at a time), recall@10 against exact search, disk and RAM.
+Like for like means two things:
 
-    python benchmarks/memory_bench.py --sizes 10k 100k 1m --peers chroma lancedb
+- **matched quality**: every approximate index is swept over its search settings (a
+  recall-vs-latency curve) and compared at the cheapest setting that reaches recall@10 >= 0.95
+  (`--target`); a system that never reaches it is reported at its best point, and says so;
+- **matched durability**: add rates are compared inside one durability class. "durable"
+  systems return from an add only after the write is on disk: memlayer's `Memory` (SQLite,
+  WAL, synchronous=FULL) and Chroma's persistent client; LanceDB's on-disk table writes files
+  without fsync (it survives a process crash, not a power cut) and is labelled so. "RAM"
+  systems lose everything on exit: memlayer's `VectorIndex`, plain FAISS indexes and Chroma's
+  ephemeral client. Every system gets the same batch size per add call. `--fsync-probe`
+  counts each durable system's fsync calls per add under strace, so the labels are measured.
+
+Data: `10k` = 10K distinct 40-token chunks of the Python stdlib docs with real MiniLM
+embeddings (memlayer runs its whole `Memory`: SQL records + FTS5 + vector index, vector mode)
+and 200 held-out chunks as queries; `20k`, `100k`, `1m` = 384-d unit vectors around 4,096
+random centres (clustered like text embeddings), or uniform on the sphere with `--uniform`
+(the worst case for IVF and HNSW). Durable systems also store a text per vector there (the
+stdlib chunks, cycled and numbered). Embedding time is excluded everywhere. Search is one
+query at a time, k = 10; recall@10 is against exact search, tie-aware (a hit counts when its
+similarity reaches the 10th exact one, so duplicate vectors do not lower it).
+
+Every run writes its results, the command, versions, machine, load and git commit as JSON
+under benchmarks/results/ and prints the markdown tables; `--render FILE` prints them again.
+
+    python benchmarks/memory_bench.py --sizes 100k --fsync-probe
+    python benchmarks/memory_bench.py --sizes 100k --uniform
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import os
+import platform
+import re
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 DIM = 384
 K = 10
-SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}
+SIZES = {"10k": 10_000, "20k": 20_000, "100k": 100_000, "1m": 1_000_000}
+RESULTS = Path(__file__).resolve().parent / "results"
+DURABLE = "durable"
+RAM = "RAM"
+SYSTEMS = [
+    "memlayer-index",
+    "faiss-flat",
+    "faiss-hnsw",
+    "chroma-persistent",
+    "chroma-ephemeral",
+    "memlayer-memory",
+    "lancedb",
+]
+EXTRA_MODULES = ("calendar", "configparser", "inspect", "io", "pprint", "traceback")
+STOP_AT = 0.99  # a sweep stops after the first setting at or above this recall
+
+Search = Callable[[np.ndarray], list[int]]
+Adder = Callable[[int, int], object]  # adds records [a, b)
 
 
 @dataclass
-class Row:
-    size: str
-    system: str
-    add_per_s: float
+class Point:
+    """One search setting of one system: its recall and latency."""
+
+    setting: str
+    recall: float
     p50_ms: float
     p95_ms: float
-    recall_at_10: float
-    disk_mb: float
+
+
+@dataclass
+class Result:
+    """One system on one data set: adds, readiness, search curve and footprint."""
+
+    system: str
+    durability: str  # DURABLE or RAM
+    durability_note: str
+    batch: int
+    add_per_s: float  # records per second over the add calls alone
+    ready_s: float  # adds + any index build, until searchable at the reported points
+    add1_ms: float  # median latency of a one-record add after the build
+    disk_mb: float | None
     ram_mb: float
-    build_s: float
+    curve: list[Point] = field(default_factory=list)
+    matched: Point | None = None
+    note: str = ""
+
+
+@dataclass
+class Workload:
+    """What every system of one run gets: vectors, texts, queries and the exact answers."""
+
+    label: str
+    data: np.ndarray
+    docs: list[str]
+    queries: np.ndarray
+    truth: np.ndarray
+    kth: np.ndarray  # similarity of the 10th exact neighbour, per query
+    batch: int
+    root: Path
+    target: float
+    context: dict[str, Any] = field(default_factory=dict)  # settings shared between systems
+
+
+# -- data ---------------------------------------------------------------------------------
 
 
 def clustered_vectors(n: int, seed: int, centres: int = 4096, spread: float = 0.8) -> np.ndarray:
@@ -60,336 +138,860 @@ def clustered_vectors(n: int, seed: int, centres: int = 4096, spread: float = 0.
 
 
 def uniform_vectors(n: int, seed: int) -> np.ndarray:
+    """Unit vectors uniform on the sphere: no structure for an index to exploit."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, DIM)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def real_corpus(n: int) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
-    """n chunks of the Python stdlib docs and 200 held-out chunks as queries, MiniLM-embedded."""
+def stdlib_chunks() -> list[str]:
+    """Distinct 40-token chunks of the Python stdlib docs (the demo's modules and a few
+    more, so that 10K + the queries are distinct), in a fixed random order."""
     from memlayer.chunking import chunk_stream
     from memlayer.demo_corpus import DEMO_MODULES, stdlib_docs
-    from memlayer.embedders import MiniLMEmbedder
 
     texts: list[str] = []
-    for _, doc in stdlib_docs(DEMO_MODULES):
+    for _, doc in stdlib_docs(DEMO_MODULES + EXTRA_MODULES):
         texts.extend(chunk_stream([doc], chunk_tokens=40, overlap=8))
-    rng = np.random.default_rng(0)
-    picked = rng.permutation(len(texts))
-    if len(picked) < n + 200:
-        raise SystemExit(f"only {len(picked)} chunks in the corpus, {n + 200} needed")
-    docs = [texts[i] for i in picked[:n]]
-    queries = [texts[i] for i in picked[n : n + 200]]
+    distinct = list(dict.fromkeys(texts))
+    order = np.random.default_rng(0).permutation(len(distinct))
+    return [distinct[i] for i in order]
+
+
+def real_corpus(n: int, n_queries: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """n stdlib chunks and n_queries held-out chunks as queries, MiniLM-embedded."""
+    from memlayer.embedders import MiniLMEmbedder
+
+    texts = stdlib_chunks()
+    if len(texts) < n + n_queries:
+        raise SystemExit(f"only {len(texts)} distinct chunks, {n + n_queries} needed")
+    docs, queries = texts[:n], texts[n : n + n_queries]
     embedder = MiniLMEmbedder()
     started = time.perf_counter()
     doc_vectors = embedder.embed(docs)
     print(f"  embedded {n} chunks with MiniLM in {time.perf_counter() - started:.0f} s")
-    return docs, doc_vectors, queries, embedder.embed(queries)
+    return docs, np.asarray(doc_vectors, np.float32), np.asarray(embedder.embed(queries))
 
 
-def exact_topk(data: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    out = np.empty((len(queries), K), dtype=np.int64)
+def numbered_texts(n: int) -> list[str]:
+    """n distinct texts for the synthetic sizes: stdlib chunks, cycled and numbered."""
+    base = stdlib_chunks()
+    return [f"{base[i % len(base)]} [{i}]" for i in range(n)]
+
+
+def exact_topk(data: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-K ids per query and the similarity of each query's K-th neighbour."""
+    ids = np.empty((len(queries), K), dtype=np.int64)
+    kth = np.empty(len(queries), dtype=np.float32)
     for start in range(0, len(queries), 64):
         sims = queries[start : start + 64] @ data.T
         top = np.argpartition(-sims, K, axis=1)[:, :K]
-        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1)
-        out[start : start + 64] = np.take_along_axis(top, order, axis=1)
-    return out
+        top_sims = np.take_along_axis(sims, top, axis=1)
+        order = np.argsort(-top_sims, axis=1)
+        ids[start : start + 64] = np.take_along_axis(top, order, axis=1)
+        kth[start : start + 64] = top_sims.min(axis=1)
+    return ids, kth
 
 
-def recall(found: list[list[int]], truth: np.ndarray) -> float:
-    return float(
-        np.mean([len(set(f) & set(t.tolist())) / K for f, t in zip(found, truth, strict=True)])
-    )
+def recall(found: list[list[int]], work: Workload) -> float:
+    """Mean share of the K answers that are true top-K neighbours (ties count)."""
+    shares = []
+    for query, ids, kth in zip(work.queries, found, work.kth, strict=True):
+        distinct = [i for i in dict.fromkeys(ids) if 0 <= i < len(work.data)][:K]
+        sims = work.data[distinct] @ query if distinct else np.zeros(0)
+        shares.append(min(K, int((sims >= kth - 1e-5).sum())) / K)
+    return float(np.mean(shares))
+
+
+# -- measuring ----------------------------------------------------------------------------
 
 
 def disk_mb(folder: Path) -> float:
+    """Bytes under a folder, in MiB."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
 
 def rss_mb() -> float:
+    """This process's resident memory, in MiB."""
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def timed_queries(
-    search: Callable[[np.ndarray], list[int]], queries: np.ndarray
-) -> tuple[list[list[int]], float, float]:
-    for query in queries[:5]:
+def measure(search: Search, setting: str, work: Workload) -> Point:
+    """Recall and p50/p95 latency of one-at-a-time queries (after 5 warm-up queries)."""
+    for query in work.queries[:5]:
         search(query)
     found, times = [], []
-    for query in queries:
+    for query in work.queries:
         started = time.perf_counter()
         found.append(search(query))
         times.append((time.perf_counter() - started) * 1000)
     times.sort()
-    return found, statistics.median(times), times[int(0.95 * (len(times) - 1))]
-
-
-def bench_memlayer_memory(
-    label: str,
-    docs: list[str],
-    vectors: np.ndarray,
-    queries: np.ndarray,
-    truth: np.ndarray,
-    root: Path,
-) -> Row:
-    """memlayer.Memory end to end (SQL records + FTS + vector index), vector mode."""
-    from memlayer import Memory
-
-    lookup = {text: i for i, text in enumerate(docs)}
-    query_box: dict[str, np.ndarray] = {}
-
-    def table_embedder(texts: list[str]) -> np.ndarray:
-        return np.stack(
-            [
-                query_box[t]
-                if t in query_box
-                else vectors[lookup[t]]
-                if t in lookup
-                else vectors[0]
-                for t in texts
-            ]
-        )
-
-    folder = root / "memlayer-memory"
-    before = rss_mb()
-    started = time.perf_counter()
-    with Memory(path=folder, embedder=table_embedder) as memory:
-        ids: list[str] = []
-        for start in range(0, len(docs), 1000):
-            ids.extend(memory.add_many(docs[start : start + 1000]))
-        memory.flush()
-        build = time.perf_counter() - started
-        position = {rid: i for i, rid in enumerate(ids)}
-
-        def search(query: np.ndarray) -> list[int]:
-            key = f"q{hash(query.tobytes())}"
-            query_box[key] = query
-            return [position[h.id] for h in memory.search(key, k=K, mode="vector")]
-
-        found, p50, p95 = timed_queries(search, queries)
-        ram = rss_mb() - before
-    return Row(
-        label,
-        "memlayer Memory",
-        len(docs) / build,
-        p50,
-        p95,
-        recall(found, truth),
-        disk_mb(folder),
-        ram,
-        build,
+    point = Point(
+        setting, recall(found, work), statistics.median(times), times[int(0.95 * (len(times) - 1))]
     )
+    print(f"    {setting}: recall {point.recall:.3f}  p50 {point.p50_ms:.2f} ms", flush=True)
+    return point
 
 
-def bench_memlayer_index(
-    label: str, data: np.ndarray, queries: np.ndarray, truth: np.ndarray, root: Path
-) -> Row:
-    """memlayer's VectorIndex (what Memory searches), persisted to disk."""
-    from memlayer.retrievers.vector_index import VectorIndex
+def sweep(settings: Iterator[tuple[str, Search]], work: Workload) -> list[Point]:
+    """Measure settings in order of growing effort until one reaches STOP_AT recall."""
+    points = []
+    for setting, search in settings:
+        points.append(measure(search, setting, work))
+        if points[-1].recall >= STOP_AT:
+            break
+    return points
 
-    folder = root / "memlayer-index"
-    folder.mkdir()
-    before = rss_mb()
+
+def matched(points: list[Point], target: float) -> Point | None:
+    """The fastest point at or above the recall target, or None when none reaches it."""
+    good = [p for p in points if p.recall >= target]
+    return min(good, key=lambda p: p.p50_ms) if good else None
+
+
+def timed_adds(add: Adder, n: int, batch: int) -> float:
+    """Seconds to add records [0, n) in calls of `batch`."""
     started = time.perf_counter()
-    index = VectorIndex(DIM)
-    for start in range(0, len(data), 10_000):
-        index.add(np.arange(start, min(len(data), start + 10_000)), data[start : start + 10_000])
-    index.save(folder / "vectors.idx", applied_seq=1)
-    build = time.perf_counter() - started
+    for start in range(0, n, batch):
+        add(start, min(n, start + batch))
+    return time.perf_counter() - started
+
+
+def single_add_ms(add_one: Callable[[int], object], first: int, count: int = 30) -> float:
+    """Median latency of one-record adds (ids first, first+1, ...)."""
+    times = []
+    for i in range(first, first + count):
+        started = time.perf_counter()
+        add_one(i)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def finish(result: Result, target: float) -> Result:
+    """Pick the matched point and print the system's summary line."""
+    result.matched = matched(result.curve, target)
+    best = result.matched or max(result.curve, key=lambda p: p.recall)
+    print(
+        f"  {result.system}: {result.add_per_s:,.0f} adds/s, ready {result.ready_s:.1f} s, "
+        f"{best.setting}: recall {best.recall:.3f} p50 {best.p50_ms:.2f} ms",
+        flush=True,
+    )
+    return result
+
+
+# -- memlayer -----------------------------------------------------------------------------
+
+
+def nprobe_settings(index: Any, config: Any) -> Iterator[tuple[str, Search]]:
+    """memlayer VectorIndex searches, exact when flat, else growing IVF probe counts."""
 
     def search(query: np.ndarray) -> list[int]:
         return [int(i) for i in index.search(query[None, :], K)[1][0]]
 
-    found, p50, p95 = timed_queries(search, queries)
-    row = Row(
-        label,
+    if not index.approximate:
+        yield "exact (flat, under the IVF threshold)", search
+        return
+    nlist = int(getattr(getattr(index, "_index", None), "nlist", 65_536))  # for the labels
+    default = max(config.min_nprobe, round(nlist * config.nprobe_fraction))
+    for nprobe in sorted({8, 16, 32, 64, 128, 256, 512, 1024, min(default, nlist)}):
+        if nprobe > nlist:
+            break
+        config.nprobe_fraction, config.min_nprobe = 0.0, nprobe
+        mark = ", default" if nprobe == default else ""
+        yield f"IVF nprobe={nprobe} of {nlist} lists{mark}", search
+
+
+def bench_memlayer_index(work: Workload) -> Result:
+    """memlayer's VectorIndex (what Memory searches), in RAM."""
+    from memlayer.retrievers.vector_index import IndexConfig, VectorIndex
+
+    config = IndexConfig()
+    before = rss_mb()
+    index = VectorIndex(DIM, config)
+    adds = timed_adds(
+        lambda a, b: index.add(np.arange(a, b), work.data[a:b]), len(work.data), work.batch
+    )
+    curve = sweep(nprobe_settings(index, config), work)
+    point = matched(curve, work.target)
+    if point is not None and "nprobe=" in point.setting:
+        work.context["memlayer_nprobe"] = int(re.findall(r"nprobe=(\d+)", point.setting)[0])
+    one = work.data[:1]
+    add1 = single_add_ms(lambda i: index.add(np.array([len(work.data) + i]), one), 0)
+    result = Result(
         "memlayer VectorIndex",
-        len(data) / build,
-        p50,
-        p95,
-        recall(found, truth),
-        disk_mb(folder),
+        RAM,
+        "RAM only (Memory saves it as a cache on flush/close)",
+        work.batch,
+        len(work.data) / adds,
+        adds,
+        add1,
+        None,
         rss_mb() - before,
-        build,
+        curve,
     )
-    return row
+    return finish(result, work.target)
 
 
-def bench_chroma(
-    label: str,
-    data: np.ndarray,
-    queries: np.ndarray,
-    truth: np.ndarray,
-    root: Path,
-    docs: list[str] | None,
-) -> Row:
-    import chromadb
+def table_embedder(work: Workload) -> tuple[Callable[[list[str]], np.ndarray], dict[str, Any]]:
+    """A callable embedder that looks texts up in the workload (queries go in by key)."""
+    lookup = {text: i for i, text in enumerate(work.docs)}
+    queries: dict[str, np.ndarray] = {}
 
-    folder = root / "chroma"
-    before = rss_mb()
-    started = time.perf_counter()
-    client = chromadb.PersistentClient(path=str(folder))
-    collection = client.create_collection(
-        "bench", metadata={"hnsw:space": "ip"}, embedding_function=None
-    )
-    batch = 5_000
-    for start in range(0, len(data), batch):
-        stop = min(len(data), start + batch)
-        collection.add(
-            ids=[str(i) for i in range(start, stop)],
-            embeddings=data[start:stop],
-            documents=docs[start:stop] if docs else None,
+    def embed(texts: list[str]) -> np.ndarray:
+        return np.stack(
+            [queries[t] if t in queries else work.data[lookup.get(t, 0)] for t in texts]
         )
-    build = time.perf_counter() - started
 
-    def search(query: np.ndarray) -> list[int]:
-        result = collection.query(query_embeddings=query[None, :], n_results=K)
-        return [int(i) for i in result["ids"][0]]
-
-    found, p50, p95 = timed_queries(search, queries)
-    row = Row(
-        label,
-        "chroma (embedded)",
-        len(data) / build,
-        p50,
-        p95,
-        recall(found, truth),
-        disk_mb(folder),
-        rss_mb() - before,
-        build,
-    )
-    return row
+    return embed, queries
 
 
-def bench_lancedb(
-    label: str,
-    data: np.ndarray,
-    queries: np.ndarray,
-    truth: np.ndarray,
-    root: Path,
-    docs: list[str] | None,
-) -> Row:
-    import lancedb
-    import pyarrow as pa
+def bench_memlayer_memory(work: Workload) -> Result:
+    """memlayer.Memory end to end (SQLite records + FTS5 + vector index), vector mode."""
+    from memlayer import Memory
+    from memlayer.retrievers.vector_index import IndexConfig
 
-    folder = root / "lancedb"
+    embed, query_box = table_embedder(work)
+    nprobe = work.context.get("memlayer_nprobe")
+    config = IndexConfig(nprobe_fraction=0.0, min_nprobe=nprobe) if nprobe else IndexConfig()
+    folder = work.root / "memlayer-memory"
     before = rss_mb()
-    started = time.perf_counter()
-    db = lancedb.connect(str(folder))
-    batch = 50_000
-    table = None
-    for start in range(0, len(data), batch):
-        stop = min(len(data), start + batch)
-        columns = {
-            "id": pa.array(np.arange(start, stop)),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(data[start:stop].ravel()), DIM),
-        }
-        if docs:
-            columns["text"] = pa.array(docs[start:stop])
-        chunk = pa.table(columns)
-        table = db.create_table("bench", chunk) if table is None else table
-        if start:
-            table.add(chunk)
-    assert table is not None
-    if len(data) >= 100_000:
-        table.create_index(metric="dot", vector_column_name="vector")
-    build = time.perf_counter() - started
+    with Memory(path=folder, embedder=embed, index_config=config) as memory:
+        rowids: list[str] = []
+        adds = timed_adds(
+            lambda a, b: rowids.extend(memory.add_many(work.docs[a:b])),
+            len(work.docs),
+            work.batch,
+        )
+        position = {rid: i for i, rid in enumerate(rowids)}
 
-    def search(query: np.ndarray) -> list[int]:
-        hits = table.search(query).metric("dot").limit(K).select(["id"]).to_list()
-        return [int(h["id"]) for h in hits]
+        def search(query: np.ndarray) -> list[int]:
+            key = f"q{hash(query.tobytes())}"
+            query_box[key] = query
+            return [position.get(h.id, -1) for h in memory.search(key, k=K, mode="vector")]
 
-    found, p50, p95 = timed_queries(search, queries)
-    return Row(
-        label,
-        "lancedb (embedded)",
-        len(data) / build,
-        p50,
-        p95,
-        recall(found, truth),
+        setting = f"IVF nprobe={nprobe} (VectorIndex's matched point)" if nprobe else "default"
+        curve = [measure(search, setting, work)]
+        extra = [f"{work.docs[i % len(work.docs)]} (again {i})" for i in range(30)]
+        add1 = single_add_ms(lambda i: memory.add(extra[i]), 0)
+        ram = rss_mb() - before
+    result = Result(
+        "memlayer Memory",
+        DURABLE,
+        "fsync per add call (SQLite WAL, synchronous=FULL)",
+        work.batch,
+        len(work.docs) / adds,
+        adds,
+        add1,
         disk_mb(folder),
-        rss_mb() - before,
-        build,
+        ram,
+        curve,
     )
+    return finish(result, work.target)
 
 
-def run_size(label: str, peers: list[str], n_queries: int, uniform: bool) -> list[Row]:
-    n = SIZES[label]
-    root = Path(tempfile.mkdtemp(prefix=f"memlayer-bench-{label}-"))
-    rows: list[Row] = []
-    try:
-        if label == "10k":
-            docs, data, _, queries = real_corpus(n)
-            queries = queries[:n_queries]
-        else:
-            docs = None
-            generate = uniform_vectors if uniform else clustered_vectors
-            both = generate(n + n_queries, 1)  # queries come from the same distribution
-            data, queries = both[:n], both[n:]
-        truth = exact_topk(data, queries)
-        tag = label + (" uniform" if uniform else "")
-        if docs is not None:
-            rows.append(bench_memlayer_memory(tag, docs, data, queries, truth, root))
-        rows.append(bench_memlayer_index(tag, data, queries, truth, root))
-        print(_line(rows[-1]), flush=True)
-        for peer in peers:
-            gc.collect()
-            try:
-                bench = bench_chroma if peer == "chroma" else bench_lancedb
-                rows.append(bench(tag, data, queries, truth, root, docs))
-                print(_line(rows[-1]), flush=True)
-            except ImportError:
-                print(f"  {peer} is not installed (pip install {peer}); skipped")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    return rows
+# -- FAISS --------------------------------------------------------------------------------
 
 
-HEADER = (
-    "| size | system | add/s | search p50 ms | p95 ms | recall@10 | disk MB | RAM MB | build s |"
-)
-
-
-def _line(row: Row) -> str:
-    return (
-        f"| {row.size} | {row.system} | {row.add_per_s:,.0f} | {row.p50_ms:.2f} "
-        f"| {row.p95_ms:.2f} | {row.recall_at_10:.3f} | {row.disk_mb:,.0f} "
-        f"| {row.ram_mb:,.0f} | {row.build_s:.1f} |"
-    )
-
-
-def _faiss_threads() -> int:
+def bench_faiss_flat(work: Workload) -> Result:
+    """A plain FAISS exact inner-product index (IndexFlatIP), in RAM."""
     import faiss
 
-    return int(faiss.omp_get_max_threads())
+    before = rss_mb()
+    index = faiss.IndexFlatIP(DIM)
+    adds = timed_adds(lambda a, b: index.add(work.data[a:b]), len(work.data), work.batch)
+
+    def search(query: np.ndarray) -> list[int]:
+        return [int(i) for i in index.search(query[None, :], K)[1][0]]
+
+    curve = [measure(search, "exact", work)]
+    add1 = single_add_ms(lambda i: index.add(work.data[:1]), 0)
+    result = Result(
+        "faiss IndexFlatIP",
+        RAM,
+        "RAM only",
+        work.batch,
+        len(work.data) / adds,
+        adds,
+        add1,
+        None,
+        rss_mb() - before,
+        curve,
+    )
+    return finish(result, work.target)
 
 
-def main() -> None:
+def bench_faiss_hnsw(work: Workload) -> Result:
+    """A plain FAISS HNSW index (IndexHNSWFlat, M=32, efConstruction=40), in RAM."""
+    import faiss
+
+    before = rss_mb()
+    index = faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
+    adds = timed_adds(lambda a, b: index.add(work.data[a:b]), len(work.data), work.batch)
+
+    def settings() -> Iterator[tuple[str, Search]]:
+        for ef in (16, 32, 64, 128, 256, 512, 1024):
+            params = faiss.SearchParametersHNSW(efSearch=ef)  # type: ignore[attr-defined]
+
+            def search(query: np.ndarray, params: Any = params) -> list[int]:
+                return [int(i) for i in index.search(query[None, :], K, params=params)[1][0]]
+
+            yield f"efSearch={ef}" + (", default" if ef == 16 else ""), search
+
+    curve = sweep(settings(), work)
+    add1 = single_add_ms(lambda i: index.add(work.data[:1]), 0)
+    result = Result(
+        "faiss IndexHNSWFlat",
+        RAM,
+        "RAM only",
+        work.batch,
+        len(work.data) / adds,
+        adds,
+        add1,
+        None,
+        rss_mb() - before,
+        curve,
+        note="M=32, efConstruction=40",
+    )
+    return finish(result, work.target)
+
+
+# -- Chroma -------------------------------------------------------------------------------
+
+CHROMA_EF = (25, 50, 100, 200, 400, 800, 1600)  # HNSW ef_search; Chroma's default is 100
+
+
+def chroma_add(collection: Any, work: Workload, with_docs: bool) -> Adder:
+    """An add call for Chroma over records [a, b)."""
+
+    def add(a: int, b: int) -> None:
+        collection.add(
+            ids=[str(i) for i in range(a, b)],
+            embeddings=work.data[a:b],
+            documents=work.docs[a:b] if with_docs else None,
+        )
+
+    return add
+
+
+def chroma_search(collection: Any, include: list[str]) -> Search:
+    """One Chroma query returning ids (plus whatever `include` asks for)."""
+
+    def search(query: np.ndarray) -> list[int]:
+        result = collection.query(query_embeddings=query[None, :], n_results=K, include=include)
+        return [int(i) for i in result["ids"][0]]
+
+    return search
+
+
+def chroma_reopened(folder: Path, ef: int) -> Any:
+    """The persistent collection with ef_search set, reopened so the index reloads with it."""
+    import chromadb
+    from chromadb.api.client import SharedSystemClient
+
+    chromadb.PersistentClient(path=str(folder)).get_collection("bench").modify(
+        configuration={"hnsw": {"ef_search": ef}}
+    )
+    SharedSystemClient.clear_system_cache()  # a loaded index keeps its old ef_search
+    return chromadb.PersistentClient(path=str(folder)).get_collection("bench")
+
+
+def bench_chroma_persistent(work: Workload) -> Result:
+    """Chroma's embedded persistent client (SQLite log + HNSW files), defaults for building."""
+    import chromadb
+
+    folder = work.root / "chroma"
+    before = rss_mb()
+    collection = chromadb.PersistentClient(path=str(folder)).create_collection(
+        "bench", configuration={"hnsw": {"space": "ip"}}, embedding_function=None
+    )
+    adds = timed_adds(chroma_add(collection, work, True), len(work.data), work.batch)
+    del collection
+
+    def settings() -> Iterator[tuple[str, Search]]:
+        for ef in CHROMA_EF:
+            search = chroma_search(chroma_reopened(folder, ef), ["documents", "distances"])
+            yield f"ef_search={ef}" + (", default" if ef == 100 else ""), search
+
+    curve = sweep(settings(), work)
+    point = matched(curve, work.target) or max(curve, key=lambda p: p.recall)
+    work.context["chroma_ef"] = int(re.findall(r"ef_search=(\d+)", point.setting)[0])
+    collection = chroma_reopened(folder, work.context["chroma_ef"])
+    add1 = single_add_ms(
+        lambda i: collection.add(ids=[f"x{i}"], embeddings=work.data[:1], documents=["x"]), 0
+    )
+    result = Result(
+        "chroma persistent",
+        DURABLE,
+        "fsync per add call (SQLite WAL log; HNSW files written behind)",
+        work.batch,
+        len(work.data) / adds,
+        adds,
+        add1,
+        disk_mb(folder),
+        rss_mb() - before,
+        curve,
+        note="HNSW M=16, ef_construction=100 (defaults); ef_search set, client reopened",
+    )
+    return finish(result, work.target)
+
+
+def bench_chroma_ephemeral(work: Workload) -> Result:
+    """Chroma's in-memory client, built with the ef_search the persistent sweep matched."""
+    import chromadb
+
+    ef = work.context.get("chroma_ef", 100)
+    before = rss_mb()
+    client = chromadb.EphemeralClient()
+    collection = client.create_collection(
+        "bench-ram",
+        configuration={"hnsw": {"space": "ip", "ef_search": ef}},
+        embedding_function=None,
+    )
+    adds = timed_adds(chroma_add(collection, work, False), len(work.data), work.batch)
+    setting = f"ef_search={ef}" + (
+        " (persistent's matched point)" if "chroma_ef" in work.context else ""
+    )
+    curve = [measure(chroma_search(collection, ["distances"]), setting, work)]
+    add1 = single_add_ms(lambda i: collection.add(ids=[f"x{i}"], embeddings=work.data[:1]), 0)
+    ram = rss_mb() - before
+    client.delete_collection("bench-ram")
+    result = Result(
+        "chroma ephemeral",
+        RAM,
+        "RAM only",
+        work.batch,
+        len(work.data) / adds,
+        adds,
+        add1,
+        None,
+        ram,
+        curve,
+        note="HNSW M=16, ef_construction=100 (defaults); a loaded index cannot change ef_search",
+    )
+    return finish(result, work.target)
+
+
+# -- LanceDB ------------------------------------------------------------------------------
+
+LANCE_PQ = ((20, None), (20, 10), (20, 30), (50, 30), (50, 100), (100, 300))  # nprobes, refine
+LANCE_FLAT = (10, 20, 50, 100, 200, 400)  # nprobes
+
+
+def lance_search(table: Any, nprobes: int | None, refine: int | None) -> Search:
+    """One LanceDB query by dot product returning ids and texts."""
+
+    def search(query: np.ndarray) -> list[int]:
+        builder = (
+            table.search(query).distance_type("dot").limit(K).select(["id", "text", "_distance"])
+        )
+        if nprobes is not None:
+            builder = builder.nprobes(nprobes)
+        if refine is not None:
+            builder = builder.refine_factor(refine)
+        return [int(h["id"]) for h in builder.to_list()]
+
+    return search
+
+
+def lance_chunk(ids: np.ndarray, vectors: np.ndarray, texts: list[str]) -> Any:
+    """An Arrow table of (id, vector, text) rows for LanceDB."""
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), DIM),
+            "text": pa.array(texts),
+        }
+    )
+
+
+def lance_table(work: Workload) -> tuple[Any, float]:
+    """A LanceDB table of every record (id, vector, text); returns it and the add seconds."""
+    import lancedb
+
+    db = lancedb.connect(str(work.root / "lancedb"))
+    holder: list[Any] = []
+
+    def add(a: int, b: int) -> None:
+        chunk = lance_chunk(np.arange(a, b), work.data[a:b], work.docs[a:b])
+        if holder:
+            holder[0].add(chunk)
+        else:
+            holder.append(db.create_table("bench", chunk))
+
+    adds = timed_adds(add, len(work.data), work.batch)
+    return holder[0], adds
+
+
+def lance_result(
+    name: str, work: Workload, adds: float, ready: float, curve: list[Point]
+) -> Result:
+    """A LanceDB row (its durability is the same whatever the index)."""
+    return Result(
+        name,
+        DURABLE,
+        "files written, no fsync: survives a process crash, not a power cut",
+        work.batch,
+        len(work.data) / adds,
+        ready,
+        0.0,
+        disk_mb(work.root / "lancedb"),
+        0.0,
+        curve,
+    )
+
+
+def bench_lancedb(work: Workload) -> list[Result]:
+    """LanceDB on disk: flat scan at 10K; else its default IVF_PQ and an IVF_FLAT index."""
+    from lancedb.index import IvfFlat, IvfPq
+
+    before = rss_mb()
+    table, adds = lance_table(work)
+    rows: list[Result] = []
+    if work.label.startswith("10k"):
+        curve = [measure(lance_search(table, None, None), "no index (flat scan)", work)]
+        rows.append(lance_result("lancedb", work, adds, adds, curve))
+    else:
+        for name, config, settings in (
+            ("lancedb IVF_PQ", IvfPq(distance_type="dot"), LANCE_PQ),
+            ("lancedb IVF_FLAT", IvfFlat(distance_type="dot"), [(p, None) for p in LANCE_FLAT]),
+        ):
+            started = time.perf_counter()
+            table.create_index("vector", config=config, replace=True)
+            ready = adds + time.perf_counter() - started
+            curve = sweep(
+                (
+                    (
+                        f"nprobes={p}" + (f", refine_factor={r}" if r else ""),
+                        lance_search(table, p, r),
+                    )
+                    for p, r in settings
+                ),
+                work,
+            )
+            rows.append(lance_result(name, work, adds, ready, curve))
+            rows[-1].note = "index built after the adds (ready s includes it)"
+    add1 = single_add_ms(
+        lambda i: table.add(lance_chunk(np.array([-1 - i]), work.data[:1], ["x"])), 0
+    )
+    for row in rows:
+        row.add1_ms, row.ram_mb = add1, rss_mb() - before
+    return [finish(row, work.target) for row in rows]
+
+
+# -- durability probe ---------------------------------------------------------------------
+
+
+def probe_adder(system: str, work: Workload) -> Adder:
+    """An add call over records [a, b) of one durable system, on a fresh store."""
+    if system == "memlayer Memory":
+        from memlayer import Memory
+
+        embed, _ = table_embedder(work)
+        memory = Memory(path=work.root / "m", embedder=embed)
+        return lambda a, b: memory.add_many(work.docs[a:b])
+    if system == "chroma persistent":
+        import chromadb
+
+        collection = chromadb.PersistentClient(path=str(work.root / "c")).create_collection(
+            "bench", embedding_function=None
+        )
+        return chroma_add(collection, work, True)
+    table, _ = lance_table(Workload("probe", work.data[:100], work.docs[:100], *work_tail(work)))
+    return lambda a, b: table.add(lance_chunk(np.arange(a, b), work.data[a:b], work.docs[a:b]))
+
+
+def work_tail(work: Workload) -> tuple[Any, ...]:
+    """A workload's fields after its data and texts (queries .. target)."""
+    return work.queries, work.truth, work.kth, work.batch, work.root, work.target
+
+
+def probe_child(system: str, folder: Path, calls: int) -> None:
+    """Run `calls` add calls of 100 records, each between two marker syscalls (for strace)."""
+    add = probe_adder(system, small_workload(folder))
+    add(10_000, 10_100)  # the first call creates files; it is not counted
+    for call in range(calls):
+        os.access(f"/MEMLAYER_PROBE_BEGIN_{call}", os.F_OK)
+        add(100 * call, 100 * call + 100)
+        os.access(f"/MEMLAYER_PROBE_END_{call}", os.F_OK)
+
+
+def small_workload(folder: Path) -> Workload:
+    """A small synthetic workload for the durability probe."""
+    data = uniform_vectors(10_200, 3)
+    docs = [f"probe text {i}" for i in range(len(data))]
+    empty = np.zeros((0, DIM), np.float32)
+    return Workload("probe", data, docs, empty, np.zeros((0, K)), np.zeros(0), 100, folder, 0.95)
+
+
+def fsync_probe(systems: list[str], calls: int = 5) -> dict[str, Any]:
+    """fsync/fdatasync calls made inside each add call, counted with strace."""
+    strace = shutil.which("strace")
+    if strace is None:
+        return {"error": "strace is not installed"}
+    out: dict[str, Any] = {}
+    for system in systems:
+        with tempfile.TemporaryDirectory() as folder:
+            trace = Path(folder) / "trace"
+            command = [
+                strace,
+                "-f",
+                "-qq",
+                "-o",
+                str(trace),
+                "-e",
+                "trace=fsync,fdatasync,sync_file_range,syncfs,msync,access,faccessat,faccessat2",
+                sys.executable,
+                __file__,
+                "--probe-child",
+                system,
+                folder,
+                str(calls),
+            ]
+            subprocess.run(command, check=True, capture_output=True)
+            out[system] = fsyncs_per_call(trace.read_text(), calls)
+        print(f"  fsync probe: {system}: {out[system]} fsync calls inside each add call")
+    return out
+
+
+def fsyncs_per_call(trace: str, calls: int) -> list[int]:
+    """Count sync syscalls between each BEGIN/END marker pair of a trace."""
+    counts, inside = [0] * calls, None
+    for line in trace.splitlines():
+        begin = re.search(r"MEMLAYER_PROBE_BEGIN_(\d+)", line)
+        if begin:
+            inside = int(begin.group(1))
+        elif "MEMLAYER_PROBE_END_" in line:
+            inside = None
+        elif inside is not None and re.search(
+            r"\b(fsync|fdatasync|sync_file_range|syncfs)\(", line
+        ):
+            counts[inside] += 1
+    return counts
+
+
+# -- runs ---------------------------------------------------------------------------------
+
+RUNNERS: dict[str, Callable[[Workload], Result | list[Result]]] = {
+    "memlayer-index": bench_memlayer_index,
+    "faiss-flat": bench_faiss_flat,
+    "faiss-hnsw": bench_faiss_hnsw,
+    "chroma-persistent": bench_chroma_persistent,
+    "chroma-ephemeral": bench_chroma_ephemeral,
+    "memlayer-memory": bench_memlayer_memory,
+    "lancedb": bench_lancedb,
+}
+
+
+def make_workload(label: str, uniform: bool, n_queries: int, root: Path, target: float) -> Workload:
+    """Data, texts, queries and exact answers for one size."""
+    n = SIZES[label]
+    if label == "10k":
+        docs, data, queries = real_corpus(n, n_queries)
+        tag, batch = "10k stdlib/MiniLM", 1_000
+    else:
+        generate = uniform_vectors if uniform else clustered_vectors
+        both = generate(n + n_queries, 1)  # queries come from the same distribution
+        data, queries = both[:n], both[n:]
+        docs = numbered_texts(n)
+        tag, batch = f"{label} {'uniform' if uniform else 'clustered'}", 5_000
+    truth, kth = exact_topk(data, queries)
+    return Workload(tag, data, docs, queries, truth, kth, batch, root, target)
+
+
+def run_size(label: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Every chosen system on one data set, in one process, side by side."""
+    root = Path(tempfile.mkdtemp(prefix=f"memlayer-bench-{label}-", dir=args.tmp))
+    try:
+        work = make_workload(label, args.uniform, args.queries, root, args.target)
+        print(f"== {work.label}: {len(work.data):,} vectors, batch {work.batch:,} ==", flush=True)
+        results: list[Result] = []
+        for system in args.systems:
+            gc.collect()
+            print(f"  -- {system}", flush=True)
+            out = RUNNERS[system](work)
+            results.extend(out if isinstance(out, list) else [out])
+        return {
+            "data": work.label,
+            "n": len(work.data),
+            "batch": work.batch,
+            "results": [asdict(r) for r in results],
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- context and report -------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    """Short commit of the checkout, with '+dirty' when this script has local changes."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True).stdout
+
+    dirty = git("status", "--porcelain", "--", Path(__file__).name).strip()
+    return git("rev-parse", "--short", "HEAD").strip() + ("+dirty" if dirty else "")
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything measured."""
+    names = ["memlayer", "numpy", "faiss-cpu", "chromadb", "lancedb", "pylance", "pyarrow", "torch"]
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores and memory of this machine."""
+    cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
+    mem = re.search(r"MemTotal:\s*(\d+)", Path("/proc/meminfo").read_text())
+    return {
+        "cpu": cpu.group(1) if cpu else platform.processor(),
+        "cores": os.cpu_count(),
+        "ram_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
+        "gpu": "none",
+    }
+
+
+def loadavg() -> list[float]:
+    """The 1, 5 and 15 minute load averages."""
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def fmt_point(point: dict[str, Any] | None) -> str:
+    """'recall r at p50/p95' or a dash."""
+    if point is None:
+        return "–"
+    return f"{point['recall']:.3f} | {point['p50_ms']:.2f} | {point['p95_ms']:.2f}"
+
+
+def search_table(run: dict[str, Any], target: float) -> list[str]:
+    """Markdown: each system at its matched point (or its best point, marked)."""
+    lines = [
+        f"| {run['data']} | system | durability | setting | recall@10 | p50 ms | p95 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in run["results"]:
+        point = r["matched"]
+        setting = point["setting"] if point else None
+        if point is None:
+            point = max(r["curve"], key=lambda p: p["recall"])
+            setting = f"**< {target} everywhere**; best: {point['setting']}"
+        lines.append(f"| | {r['system']} | {r['durability']} | {setting} | {fmt_point(point)} |")
+    return lines
+
+
+def curve_table(run: dict[str, Any]) -> list[str]:
+    """Markdown: every measured setting, in sweep order."""
+    lines = [
+        f"| {run['data']} | system | setting | recall@10 | p50 ms | p95 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in run["results"]:
+        for point in r["curve"]:
+            lines.append(f"| | {r['system']} | {point['setting']} | {fmt_point(point)} |")
+    return lines
+
+
+def add_table(run: dict[str, Any]) -> list[str]:
+    """Markdown: adds grouped by durability, durable first."""
+    lines = [
+        f"| {run['data']} | system | durability | add/s ({run['batch']:,} per call) "
+        "| ready s | 1-record add ms | disk MB | RSS growth MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for group in (DURABLE, RAM):
+        for r in run["results"]:
+            if r["durability"] != group:
+                continue
+            disk = f"{r['disk_mb']:,.0f}" if r["disk_mb"] is not None else "–"
+            lines.append(
+                f"| {group} | {r['system']} | {r['durability_note']} | {r['add_per_s']:,.0f} "
+                f"| {r['ready_s']:.1f} | {r['add1_ms']:.2f} | {disk} | {r['ram_mb']:,.0f} |"
+            )
+    return lines
+
+
+def render(report: dict[str, Any]) -> str:
+    """All tables of a report, as markdown."""
+    out = [
+        f"commit {report['commit']}, {report['date']}, load {report['load_start']} → "
+        f"{report['load_end']}, {report['machine']}",
+        f"command: {report['command']}",
+    ]
+    for run in report["runs"]:
+        for table in (search_table(run, report["target"]), curve_table(run), add_table(run)):
+            out += ["", *table]
+    if report.get("fsync_probe"):
+        out += ["", f"fsync calls inside each add call: {report['fsync_probe']}"]
+    return "\n".join(out)
+
+
+def output_path(args: argparse.Namespace, date: str) -> Path:
+    """benchmarks/results/memory-<sizes>[-uniform]-<date>.json unless --json names one."""
+    if args.json:
+        return args.json
+    name = "memory-" + "-".join(args.sizes) + ("-uniform" if args.uniform else "")
+    return RESULTS / f"{name}-{date[:10]}.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", nargs="+", default=["10k", "100k", "1m"], choices=list(SIZES))
-    parser.add_argument(
-        "--peers", nargs="*", default=["chroma", "lancedb"], choices=["chroma", "lancedb"]
-    )
+    parser.add_argument("--sizes", nargs="+", default=["10k"], choices=list(SIZES))
+    parser.add_argument("--uniform", action="store_true", help="uniform instead of clustered")
+    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--uniform", action="store_true", help="also run uniform random vectors")
-    parser.add_argument("--json", type=Path, help="write the rows here")
-    args = parser.parse_args()
-    print(f"cores: {os.cpu_count()}  faiss threads: {_faiss_threads()}")
-    rows: list[Row] = []
-    for label in args.sizes:
-        print(f"== {label} ==", flush=True)
-        rows.extend(run_size(label, args.peers, args.queries, uniform=False))
-        if args.uniform and label != "10k":
-            rows.extend(run_size(label, args.peers, args.queries, uniform=True))
-    print("\n" + HEADER + "\n|" + "---|" * 9)
-    for row in rows:
-        print(_line(row))
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    parser.add_argument("--target", type=float, default=0.95, help="recall@10 to match")
+    parser.add_argument("--fsync-probe", action="store_true", help="count fsyncs per add")
+    parser.add_argument("--json", type=Path, help="where to write (default benchmarks/results/)")
+    parser.add_argument("--tmp", type=Path, help="folder for the systems' files")
+    parser.add_argument("--render", type=Path, help="print the tables of a results file")
+    parser.add_argument("--probe-child", nargs=3, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    """Run the chosen sizes and systems; write JSON and print the tables."""
+    args = parse_args()
+    if args.probe_child:
+        system, folder, calls = args.probe_child
+        probe_child(system, Path(folder), int(calls))
+        return
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    report: dict[str, Any] = {
+        "command": "python benchmarks/memory_bench.py " + " ".join(sys.argv[1:]),
+        "date": date,
+        "commit": git_commit(),
+        "versions": versions(),
+        "machine": machine(),
+        "load_start": loadavg(),
+        "target": args.target,
+        "k": K,
+        "queries": args.queries,
+    }
+    print(json.dumps({k: report[k] for k in ("commit", "versions", "machine", "load_start")}))
+    if args.fsync_probe:
+        report["fsync_probe"] = fsync_probe(["memlayer Memory", "chroma persistent", "lancedb"])
+    report["runs"] = [run_size(label, args) for label in args.sizes]
+    report["load_end"] = loadavg()
+    path = output_path(args, date)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    print("\n" + render(report) + f"\n\nwritten to {path}")
 
 
 if __name__ == "__main__":

@@ -4,15 +4,25 @@ For each length, the same fixed-seed samples (key depth spread 5–95%) go throu
 attention (only up to the 8K trained window) and each selector. Reports accuracy, prefill
 and decode tokens/s, and peak resident memory per run.
 
+Like for like: both methods get the same token ids (the context, then a newline and the
+question, tokenized apart as `KVSession` does). Prefill is the context's tokens over the
+time of its forwards only (the question is run but not timed); decode is the one-token
+forwards of generated tokens over their time. Every run writes its rows, the command, the
+date and the machine to a JSON file under benchmarks/results/ (or `--json`).
+
     python benchmarks/passkey.py --lengths 2k 4k 8k 16k 32k 64k --methods dense infllm quest
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +36,7 @@ from memlayer.kvretrieval.passkey import is_correct, samples
 LENGTHS = {"1k": 1000, "2k": 2000, "4k": 4000, "8k": 8000, "16k": 16000, "32k": 32000, "64k": 64000}
 DEFAULT_SAMPLES = {"1k": 10, "2k": 10, "4k": 10, "8k": 10, "16k": 5, "32k": 5, "64k": 3}
 WINDOW = 8192
+RESULTS = Path(__file__).parent / "results"
 
 
 def reset_peak() -> None:
@@ -41,27 +52,38 @@ def peak_mb() -> float:
     return float("nan")
 
 
+def encode(tokenizer, case) -> tuple[list[int], list[int]]:
+    """Context ids and question ids, tokenized apart as `KVSession.feed` and `ask` do."""
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return ids(case.context), ids("\n") + ids(case.question)
+
+
 def run_dense(model, tokenizer, case, new_tokens: int) -> tuple[bool, float, float]:
-    prompt = tokenizer(case.context + "\n" + case.question, return_tensors="pt")["input_ids"]
+    context, question = encode(tokenizer, case)
     cache = DynamicCache(config=model.config)
     pass_cache = {cache_argument(model): cache}
     with torch.no_grad():
         started = time.perf_counter()
-        out = model(prompt, use_cache=True, **pass_cache)
-        prefill = prompt.shape[1] / (time.perf_counter() - started)
-        token, tokens = out.logits[0, -1].argmax(), []
+        model(torch.tensor([context]), use_cache=True, **pass_cache)
+        prefill = len(context) / (time.perf_counter() - started)
+        out = model(torch.tensor([question]), use_cache=True, **pass_cache)
+        token, tokens = int(out.logits[0, -1].argmax()), []
         started = time.perf_counter()
-        for _ in range(new_tokens):
-            tokens.append(int(token))
-            out = model(token.view(1, 1), use_cache=True, **pass_cache)
-            token = out.logits[0, -1].argmax()
-        decode = new_tokens / (time.perf_counter() - started)
+        while len(tokens) < new_tokens and token != tokenizer.eos_token_id:
+            tokens.append(token)
+            out = model(torch.tensor([[token]]), use_cache=True, **pass_cache)
+            token = int(out.logits[0, -1].argmax())
+        decode = len(tokens) / (time.perf_counter() - started) if tokens else float("nan")
     return is_correct(tokenizer.decode(tokens), case), prefill, decode
 
 
 def run_memlayer(
     model, tokenizer, case, new_tokens: int, selector: str, args
 ) -> tuple[bool, float, float]:
+    context, _ = encode(tokenizer, case)
     session = KVSession(
         model,
         tokenizer,
@@ -74,12 +96,44 @@ def run_memlayer(
         n_init=args.n_init,
         ram_budget=args.ram_budget,
     )
-    session.feed(case.context)
+    session.feed(context)
+    fed = session.stats()  # before the question, prefill is the context alone
+    prefill = fed["prefill_tokens"] / fed["prefill_s"]
     answer = session.ask(case.question, max_new_tokens=new_tokens)
     stats = session.stats()
-    prefill = stats["prefill_tokens"] / stats["prefill_s"]
     decode = stats["decode_tokens"] / stats["decode_s"] if stats["decode_tokens"] else float("nan")
     return is_correct(answer, case), prefill, decode
+
+
+def machine() -> dict[str, object]:
+    """What the numbers were measured on."""
+    import transformers
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def write_json(path: Path | None, args: argparse.Namespace, rows: list[dict]) -> Path:
+    """The run's rows with the command, date, settings and machine; returns where."""
+    now = datetime.datetime.now().astimezone()
+    if path is None:
+        path = RESULTS / f"passkey-{now:%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": shlex.join(["python", "benchmarks/passkey.py", *sys.argv[1:]]),
+        "date": now.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "rows": rows,
+    }
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
 
 
 def main() -> None:
@@ -106,7 +160,9 @@ def main() -> None:
         default=None,
         help="bound the in-RAM pages (e.g. 64MiB); the rest go to a temporary disk tier",
     )
-    parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--json", type=Path, help="where to write the run (default: benchmarks/results/)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     models = {"dense": load_smollm2()[0]}
@@ -153,8 +209,7 @@ def main() -> None:
                 f"{row['decode_tok_s']:.1f} | {row['peak_rss_mb']:.0f} |",
                 flush=True,
             )
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {write_json(args.json, args, rows)}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from memlayer.errors import (
     InvalidInputError,
@@ -114,9 +114,18 @@ class KVSession:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _forward(
-        self, ids: Sequence[int], *, progress: bool = False, all_logits: bool = False
+        self,
+        ids: Sequence[int],
+        *,
+        phase: Literal["prefill", "decode"] = "prefill",
+        progress: bool = False,
+        all_logits: bool = False,
     ) -> Any:
-        """Run ids through the model chunk by chunk; logits of the last token (or of all)."""
+        """Run ids through the model chunk by chunk; logits of the last token (or of all).
+
+        The time and tokens count towards `phase` in `stats()`: "prefill" for fed text and
+        prompts, "decode" for the one-token forwards of generated tokens.
+        """
         from tqdm.auto import tqdm
 
         from memlayer.kvretrieval.attention import active_cache
@@ -150,8 +159,8 @@ class KVSession:
                 outputs.append(result.logits[0])
                 bar.update(chunk.shape[1])
         self.tokens_fed += len(ids)
-        self._timing["prefill_s"] += time.perf_counter() - started
-        self._timing["prefill_tokens"] += len(ids)
+        self._timing[f"{phase}_s"] += time.perf_counter() - started
+        self._timing[f"{phase}_tokens"] += len(ids)
         return torch.cat(outputs) if all_logits else outputs[-1][-1]
 
     # -- answering ------------------------------------------------------------------------
@@ -183,7 +192,6 @@ class KVSession:
         logits = self._forward(ids) if ids else self._last_logits
         eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else None
         out: list[int] = []
-        started = time.perf_counter()
         for _ in range(max_new_tokens):
             if logits is None:
                 raise InvalidInputError("prompt", "nothing to continue from")
@@ -191,9 +199,7 @@ class KVSession:
             if token == eos:
                 break
             out.append(token)
-            logits = self._forward([token])
-        self._timing["decode_s"] += time.perf_counter() - started
-        self._timing["decode_tokens"] += len(out)
+            logits = self._forward([token], phase="decode")
         return out
 
     def continue_ids(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
@@ -211,7 +217,11 @@ class KVSession:
     # -- inspection and persistence -------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Pages, bytes, selection counts and time in selection vs attention.
+        """Pages, bytes, selection counts, time in selection vs attention, prefill vs decode.
+
+        `prefill_tokens` / `prefill_s`: tokens fed and prompts or questions run before
+        generating, and the time their forwards took; `decode_tokens` / `decode_s`: the
+        one-token forwards of generated tokens. Every forward counts in exactly one of the two.
 
         `selection_hit_rate`: the share of selected pages already in the front tier (GPU, or
         RAM on CPU) when a step gathered them; the rest came up from a slower tier.

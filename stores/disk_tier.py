@@ -3,11 +3,33 @@
 A record is a fixed header (magic, op, id length, body checksum, body length, header
 checksum), the page id and the encoded page; checksums are 64-bit XXH3, which verifies a
 page at memory speed (CRC32 ran at a fifth of a raw read). `put` returns only after the
-record is fsync'ed, so an acknowledged page survives `kill -9`; a torn record at the end
-of the newest segment is cut off when the tier opens, and earlier records are never
-rewritten. A record whose checksum fails is reported, counted and skipped, never returned
-as data. Deletes append a tombstone; `compact` copies live records into fresh segments and
-removes the old ones.
+record's bytes are fsync'ed (every write and fsync goes through `write_all` and `fsync`, so a
+test can watch the order), so an acknowledged page survives `kill -9`. Deletes append a
+tombstone; `compact` copies live records into fresh segments and removes the old ones.
+
+Torn and corrupt are told apart, because one is cut and the other never is:
+
+- A record is **torn** when its segment ends before the record's declared end: the file
+  ends inside the fixed header, inside the id the header covers (unless the stored id
+  length with one byte changed makes the header check out: then that length is what is
+  damaged), or inside the body. A torn record was never acknowledged (`put` returns after
+  the whole record is written), so a torn tail of the newest segment is cut when the tier
+  opens, and only that tail. A segment that is not the newest is never written again, so
+  one that ends inside a record was damaged after it was sealed: that is corrupt.
+- A record is **corrupt** when all of it is present and a check fails: the magic or op
+  is wrong, the header checksum fails (its lengths are then not trusted: the scan goes on
+  at the next magic, and everything in between is one damaged region), or the body
+  checksum fails. Corruption is reported (`verify()`, `stats()["corrupt"]`, an error in the
+  log), never returned as data and never removed: its bytes stay where they are, in any
+  position of any segment. A newest segment that ends in damage is sealed when the tier
+  opens and new records go to a fresh segment, so nothing is ever appended behind bytes
+  whose length is not known.
+- A record whose body fails its checksum keeps its place in the index: `get` raises
+  `CorruptionError` for it every time (never `NotFoundError`, which would say it was never
+  stored), `verify()` names it, and `ids()` and `nbytes` count it, until a `put` of the
+  same id replaces it or `evict` deletes it. `compact` copies it with its recorded
+  checksum, so it stays corrupt, and copies each damaged region whose header failed into
+  `quarantine/` (logged) before its segment is removed.
 """
 
 from __future__ import annotations
@@ -20,7 +42,7 @@ import re
 import struct
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import xxhash
@@ -47,6 +69,24 @@ HEADER_BYTES = _HEAD.size + _CHECK.size
 checksum = xxhash.xxh3_64_intdigest
 _PUT, _DELETE = 1, 2
 _SEGMENT = re.compile(r"^segment-(\d{8})\.log$")
+QUARANTINE = "quarantine"
+_TORN = "the segment ends inside the record"
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Append all of `data` to `fd` (opened with O_APPEND).
+
+    The tier's only data write, so a test can wrap it and see which bytes went where.
+    """
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def fsync(fd: int) -> None:
+    """fsync `fd`. The tier's only durability call, so a test can wrap it and check that
+    `put` returns only after the bytes it wrote were synced."""
+    os.fsync(fd)
 
 
 @dataclass(frozen=True)
@@ -59,12 +99,108 @@ class Location:
     checksum: int
 
 
-def _record(op: int, page_id: str, body: bytes) -> tuple[bytes, int]:
-    """The record's bytes and its body checksum."""
+@dataclass(frozen=True)
+class Damage:
+    """A corrupt stretch of a segment: bytes [`offset`, `end`) of `segment` and why.
+
+    `page_id` names the page when a header that checks out vouches for it (a body that
+    fails its checksum); it is None when the header itself failed.
+    """
+
+    segment: int
+    offset: int
+    end: int
+    reason: str
+    page_id: str | None = None
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """A record whose header checks out and whose body is all present."""
+
+    op: int
+    page_id: str
+    location: Location
+
+    @property
+    def end(self) -> int:
+        return self.location.offset + self.location.length
+
+
+def _record(
+    op: int, page_id: str, body: bytes, body_checksum: int | None = None
+) -> tuple[bytes, int]:
+    """The record's bytes and its body checksum; a `body_checksum` given is kept as it was
+    recorded, so copying a corrupt body never makes it pass."""
     key = page_id.encode()
-    body_checksum = checksum(body)
+    if body_checksum is None:
+        body_checksum = checksum(body)
     head = _HEAD.pack(MAGIC, op, len(key), body_checksum, len(body))
     return head + _CHECK.pack(checksum(head + key)) + key + body, body_checksum
+
+
+def _read_frame(data: mmap.mmap, position: int, segment: int) -> _Frame | str:
+    """The record at `position`, or why there is none: `_TORN`, or the check that failed."""
+    present = data[position : position + HEADER_BYTES]
+    if len(present) < HEADER_BYTES:
+        return _TORN if _plausible_start(present) else "bad magic or op"
+    magic, op, key_length, body_checksum, length = _HEAD.unpack_from(data, position)
+    if magic != MAGIC or op not in (_PUT, _DELETE):
+        return "bad magic or op"  # a torn record's bytes are what was written: never this
+    (head_checksum,) = _CHECK.unpack_from(data, position + _HEAD.size)
+    key_start = position + HEADER_BYTES
+    body_offset = key_start + key_length
+    if body_offset > len(data):
+        return "damaged id length" if _id_length_damaged(data, position) else _TORN
+    key = data[key_start:body_offset]
+    if checksum(present[: _HEAD.size] + key) != head_checksum:
+        return "header checksum"
+    try:
+        page_id = key.decode()
+    except UnicodeDecodeError:
+        return "id is not UTF-8"
+    if body_offset + length > len(data):
+        return _TORN
+    return _Frame(op, page_id, Location(segment, body_offset, length, body_checksum))
+
+
+def _plausible_start(present: bytes) -> bool:
+    """Whether bytes cut short inside a fixed header could start a record this tier wrote."""
+    return MAGIC.startswith(present[:4]) and (len(present) <= 4 or present[4] in (_PUT, _DELETE))
+
+
+def _id_length_damaged(data: mmap.mmap, position: int) -> bool:
+    """Whether the header at `position`, whose id seems to run past the end of the file,
+    checks out once its id length is changed in one byte.
+
+    Then the header is complete and that field is damaged (corrupt); otherwise the file
+    ends inside the id (torn).
+    """
+    magic, op, stored, body_checksum, length = _HEAD.unpack_from(data, position)
+    (head_checksum,) = _CHECK.unpack_from(data, position + _HEAD.size)
+    key_start = position + HEADER_BYTES
+    room = len(data) - key_start
+    for key_length in _one_byte_changes(stored):
+        if key_length <= room:
+            head = _HEAD.pack(magic, op, key_length, body_checksum, length)
+            if checksum(head + data[key_start : key_start + key_length]) == head_checksum:
+                return True
+    return False
+
+
+def _one_byte_changes(value: int) -> Iterator[int]:
+    """Every 16-bit value that differs from `value` in exactly one of its two bytes."""
+    for shift in (0, 8):
+        for byte in range(256):
+            candidate = (value & ~(0xFF << shift)) | (byte << shift)
+            if candidate != value:
+                yield candidate
+
+
+def _resync(data: mmap.mmap, position: int) -> int:
+    """Where the next record may start after a header that failed: the next magic."""
+    found = data.find(MAGIC, position + 1)
+    return len(data) if found < 0 else found
 
 
 class DiskTier(Tier):
@@ -88,7 +224,9 @@ class DiskTier(Tier):
         self.budget = budget
         self.segment_bytes = segment_bytes
         self.sync = sync
-        self.corrupt: list[tuple[int, int]] = []  # (segment, offset) of records skipped
+        self.torn: list[tuple[int, int]] = []  # (segment, offset) of torn tails cut on open
+        self._damaged: dict[tuple[int, int], Damage] = {}  # regions whose framing failed
+        self._bad_bodies: dict[str, Damage] = {}  # indexed pages whose body failed
         self._index: dict[str, Location] = {}
         self._live_bytes = 0
         self._maps: dict[int, mmap.mmap] = {}
@@ -99,10 +237,13 @@ class DiskTier(Tier):
         except OSError as exc:
             raise StorageError(f"cannot create {self.path}: {exc}") from exc
         segments = self._segments()
+        ends_damaged = False
         for number in segments:
-            self._scan(number, last=number == segments[-1])
+            ends_damaged = self._scan(number, newest=number == segments[-1])
         self._active = segments[-1] if segments else 1
         self._fd = self._open_segment(self._active)
+        if ends_damaged:
+            self._roll()  # nothing is appended behind bytes whose length is not known
 
     # -- Tier -----------------------------------------------------------------------------
 
@@ -142,7 +283,8 @@ class DiskTier(Tier):
 
     def get(self, page_id: str, *, transient: bool = False) -> Page:
         """The page. `transient`: its tensors are views of the segment's private memory map
-        (no copy at all), for callers that copy them at once and never write to them."""
+        (no copy at all), for callers that copy them at once and never write to them.
+        CorruptionError, every time, for a page whose body fails its checksum."""
         with self._lock:
             self._check_open()
             location = self._index.get(page_id)
@@ -151,11 +293,11 @@ class DiskTier(Tier):
                 raise NotFoundError("page", page_id)
             body = self._view(location) if transient else self._read(location)
         if checksum(body) != location.checksum:
-            self._report(location.segment, location.offset)
-            with self._lock:
-                if self._index.get(page_id) == location:
-                    self._forget(page_id)
-            raise CorruptionError(f"page {page_id!r}: checksum mismatch in segment {location}")
+            damage = self._body_failed(page_id, location)
+            raise CorruptionError(
+                f"page {page_id!r}: body checksum mismatch in segment {damage.segment} "
+                f"at {damage.offset} (kept on disk, never returned)"
+            )
         self.counters.hits += 1
         return decode(body)
 
@@ -177,45 +319,66 @@ class DiskTier(Tier):
             self._maps.clear()  # each map is unmapped once no transient page views it
 
     def stats(self) -> dict[str, float | int | str | None]:
-        return {**super().stats(), "segments": len(self._segments()), "corrupt": len(self.corrupt)}
+        return {
+            **super().stats(),
+            "segments": len(self._segments()),
+            "corrupt": len(self.corrupt),
+            "torn": len(self.torn),
+            "quarantined": len(list((self.path / QUARANTINE).glob("*.bin"))),
+        }
 
     # -- maintenance ----------------------------------------------------------------------
 
-    def verify(self) -> list[str]:
-        """Check every live record's checksum; drop and return the ids that fail."""
-        bad = []
+    @property
+    def corrupt(self) -> list[Damage]:
+        """Every damaged region and body found so far, in file order."""
+        with self._lock:
+            found = [*self._damaged.values(), *self._bad_bodies.values()]
+        return sorted(found, key=lambda damage: (damage.segment, damage.offset))
+
+    def verify(self) -> list[Damage]:
+        """Check the body of every indexed page; return all damage known, in file order.
+
+        Regions whose header failed were found when the tier opened; bodies that fail stay
+        indexed, so `get` keeps raising CorruptionError for them.
+        """
+        self._check_open()
         for page_id in self.ids():
             with self._lock:
                 location = self._index.get(page_id)
-                body = self._read(location) if location else memoryview(b"")
-            if location and checksum(body) != location.checksum:
-                self._report(location.segment, location.offset)
-                with self._lock:
-                    self._forget(page_id)
-                bad.append(page_id)
-        return bad
+                if location is None:
+                    continue  # deleted meanwhile
+                body = self._view(location)
+            if checksum(body) != location.checksum:
+                self._body_failed(page_id, location)
+        return self.corrupt
 
     def compact(self) -> int:
-        """Rewrite live pages into fresh segments and delete the old files; bytes freed."""
+        """Rewrite indexed pages into fresh segments and delete the old files; bytes freed.
+
+        Damaged regions of the old segments are copied into `quarantine/` first, and a page
+        whose body fails keeps its recorded checksum, so compaction loses no evidence.
+        """
         with self._lock:
             self._check_open()
             old = self._segments()
             before = sum(self._segment_path(n).stat().st_size for n in old)
+            kept = self._quarantine(old)
             self._roll()
-            for page_id, location in sorted(self._index.items(), key=lambda kv: kv[1].offset):
-                body = self._read(location)
+            for page_id, location in sorted(
+                self._index.items(), key=lambda kv: (kv[1].segment, kv[1].offset)
+            ):
+                body = bytes(self._view(location))
+                moved = self._append(_PUT, page_id, body, location.checksum)
                 if checksum(body) != location.checksum:
-                    self._report(location.segment, location.offset)
-                    self._forget(page_id)
-                    continue
-                self._append(_PUT, page_id, bytes(body))
+                    self._body_failed(page_id, moved)
             self._flush()
             for number in old:  # oldest first: a tombstone never outlives the put it hides
                 self._maps.pop(number, None)  # unmapped once no transient page views it
                 self._segment_path(number).unlink()
-            self._sync_dir()
+            self._sync_dir(self.path)
             after = sum(self._segment_path(n).stat().st_size for n in self._segments())
-            return before - after
+            return before - after - kept
 
     # -- internals ------------------------------------------------------------------------
 
@@ -234,13 +397,15 @@ class DiskTier(Tier):
             fd = os.open(self._segment_path(number), os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as exc:
             raise StorageError(f"cannot open segment {number} in {self.path}: {exc}") from exc
-        self._sync_dir()
+        self._sync_dir(self.path)
         return fd
 
-    def _sync_dir(self) -> None:
-        fd = os.open(self.path, os.O_RDONLY)
+    @staticmethod
+    def _sync_dir(folder: Path) -> None:
+        """Make the folder's entries (a new or removed file) durable."""
+        fd = os.open(folder, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            fsync(fd)
         finally:
             os.close(fd)
 
@@ -256,8 +421,12 @@ class DiskTier(Tier):
         self._active += 1
         self._fd = self._open_segment(self._active)
 
-    def _append(self, op: int, page_id: str, body: bytes) -> None:
-        record, body_checksum = _record(op, page_id, body)
+    def _append(
+        self, op: int, page_id: str, body: bytes, body_checksum: int | None = None
+    ) -> Location:
+        """Write one record at the end of the active segment (rolling first when it is
+        full); a put enters the index. Where its body lies."""
+        record, body_checksum = _record(op, page_id, body, body_checksum)
         if (
             os.fstat(self._fd).st_size + len(record) > self.segment_bytes
             and os.fstat(self._fd).st_size
@@ -265,23 +434,22 @@ class DiskTier(Tier):
             self._roll()
         start = os.fstat(self._fd).st_size
         try:
-            view = memoryview(record)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            write_all(self._fd, record)
         except OSError as exc:
             os.ftruncate(self._fd, start)  # leave no torn record behind
             kind = "disk full" if exc.errno in (errno.ENOSPC, errno.EFBIG) else "write failed"
             raise StorageError(f"{kind} writing page {page_id!r} to {self.path}: {exc}") from exc
+        location = Location(self._active, start + len(record) - len(body), len(body), body_checksum)
         if op == _PUT:
-            offset = start + HEADER_BYTES + len(page_id.encode())
             self._forget(page_id)
-            self._index[page_id] = Location(self._active, offset, len(body), body_checksum)
+            self._index[page_id] = location
             self._live_bytes += len(body)
+        return location
 
     def _flush(self, *, force: bool = False) -> None:
         if self.sync or force:
             try:
-                os.fsync(self._fd)
+                fsync(self._fd)
             except OSError as exc:
                 raise StorageError(f"fsync failed in {self.path}: {exc}") from exc
 
@@ -289,6 +457,7 @@ class DiskTier(Tier):
         location = self._index.pop(page_id, None)
         if location is not None:
             self._live_bytes -= location.length
+        self._bad_bodies.pop(page_id, None)
 
     def _read(self, location: Location) -> memoryview:
         """A copy of one body read through its segment's memory map (neighbours stay on disk)."""
@@ -309,20 +478,70 @@ class DiskTier(Tier):
             self._maps[location.segment] = mapped
         return memoryview(mapped)[location.offset : end]
 
-    def _report(self, segment: int, offset: int) -> None:
-        self.corrupt.append((segment, offset))
+    def _body_failed(self, page_id: str, location: Location) -> Damage:
+        """Record (once, logged) that the indexed body of `page_id` fails its checksum."""
+        start = location.offset - HEADER_BYTES - len(page_id.encode())
+        damage = Damage(
+            location.segment, start, location.offset + location.length, "body checksum", page_id
+        )
+        with self._lock:
+            if self._index.get(page_id) == location and page_id not in self._bad_bodies:
+                self._bad_bodies[page_id] = damage
+                self._report(damage)
+        return damage
+
+    def _report(self, damage: Damage) -> None:
         log.error(
-            "memlayer disk tier %s: corrupt record in segment %d at %d, skipped",
+            "memlayer disk tier %s: corrupt record in segment %d, bytes %d..%d (%s%s): "
+            "kept on disk, never returned",
             self.path,
-            segment,
-            offset,
+            damage.segment,
+            damage.offset,
+            damage.end,
+            damage.reason,
+            f", page {damage.page_id!r}" if damage.page_id is not None else "",
         )
 
-    def _scan(self, number: int, *, last: bool) -> None:
-        """Index a segment's records from their headers; cut a torn tail off the newest."""
+    def _quarantine(self, segments: Sequence[int]) -> int:
+        """Copy every damaged region of `segments` into quarantine/ (fsync'ed, logged) before
+        the segments are removed; bytes copied."""
+        doomed = [damage for damage in self._damaged.values() if damage.segment in segments]
+        if not doomed:
+            return 0
+        folder = self.path / QUARANTINE
+        folder.mkdir(exist_ok=True)
+        copied = 0
+        for damage in doomed:
+            with open(self._segment_path(damage.segment), "rb") as handle:
+                handle.seek(damage.offset)
+                data = handle.read(damage.end - damage.offset)
+            target = folder / f"segment-{damage.segment:08d}-at-{damage.offset}.bin"
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                write_all(fd, data)
+                fsync(fd)
+            finally:
+                os.close(fd)
+            log.error(
+                "memlayer disk tier %s: compaction moved corrupt bytes %d..%d of segment %d to %s",
+                self.path,
+                damage.offset,
+                damage.end,
+                damage.segment,
+                target,
+            )
+            del self._damaged[(damage.segment, damage.offset)]
+            copied += len(data)
+        self._sync_dir(folder)
+        return copied
+
+    def _scan(self, number: int, *, newest: bool) -> bool:
+        """Index a segment's records, report its damage and cut a torn tail off the newest;
+        whether the segment ends in damage."""
         path = self._segment_path(number)
-        if path.stat().st_size == 0:
-            return
+        size = path.stat().st_size
+        if size == 0:
+            return False
         with open(path, "rb") as handle:
             data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         try:
@@ -331,57 +550,57 @@ class DiskTier(Tier):
                     f"{path} is in disk format 1 (CRC32 records), which this memlayer does "
                     "not read: re-create the store, or read it with the version that wrote it"
                 )
-            self._scan_records(number, data, last=last)
+            regions = self._scan_records(number, data, newest=newest)
         finally:
             data.close()
+        for damage in regions:
+            self._damaged[(damage.segment, damage.offset)] = damage
+            self._report(damage)
+        return bool(regions) and regions[-1].end == size
 
-    def _scan_records(self, number: int, data: mmap.mmap, *, last: bool) -> None:
-        path = self._segment_path(number)
+    def _scan_records(self, number: int, data: mmap.mmap, *, newest: bool) -> list[Damage]:
+        """Index the records of one segment; its damaged regions, merged where they touch.
+
+        Only a torn record at the end of the newest segment that follows a sound record (or
+        starts the file) is cut: right behind damage it may be a stray magic inside the
+        damaged bytes, so it is kept as part of that damage.
+        """
+        regions: list[Damage] = []
         position = 0
         while position < len(data):
-            parsed = self._parse(data, position)
-            if parsed is None:
-                resync = data.find(MAGIC, position + 1)
-                if resync < 0:
-                    if last:
-                        log.warning(
-                            "memlayer disk tier %s: cut torn tail of segment %d at %d",
-                            self.path,
-                            number,
-                            position,
-                        )
-                        with open(path, "r+b") as handle:
-                            handle.truncate(position)
-                            os.fsync(handle.fileno())
-                    else:
-                        self._report(number, position)
-                    return
-                self._report(number, position)
-                position = resync
-                continue
-            op, page_id, body_offset, length, body_checksum = parsed
-            self._forget(page_id)
-            if op == _PUT:
-                self._index[page_id] = Location(number, body_offset, length, body_checksum)
-                self._live_bytes += length
-            position = body_offset + length
+            found = _read_frame(data, position, number)
+            after_damage = bool(regions) and regions[-1].end == position
+            if isinstance(found, _Frame):
+                self._index_frame(found)
+                position = found.end
+            elif found == _TORN and newest and not after_damage:
+                self._cut(number, position, len(data))
+                break
+            else:
+                end = len(data) if found == _TORN else _resync(data, position)
+                if after_damage:
+                    regions[-1] = replace(regions[-1], end=end)
+                else:
+                    regions.append(Damage(number, position, end, found))
+                position = end
+        return regions
 
-    @staticmethod
-    def _parse(data: mmap.mmap, position: int) -> tuple[int, str, int, int, int] | None:
-        """(op, id, body offset, body length, body checksum) of the record at `position`."""
-        if position + HEADER_BYTES > len(data):
-            return None
-        magic, op, key_length, body_checksum, length = _HEAD.unpack_from(data, position)
-        (head_checksum,) = _CHECK.unpack_from(data, position + _HEAD.size)
-        key_start = position + HEADER_BYTES
-        body_offset = key_start + key_length
-        head = data[position : position + _HEAD.size] + data[key_start:body_offset]
-        if magic != MAGIC or op not in (_PUT, _DELETE) or checksum(head) != head_checksum:
-            return None
-        if body_offset + length > len(data):
-            return None
-        try:
-            page_id = data[key_start:body_offset].decode()
-        except UnicodeDecodeError:
-            return None
-        return op, page_id, body_offset, length, body_checksum
+    def _index_frame(self, frame: _Frame) -> None:
+        self._forget(frame.page_id)
+        if frame.op == _PUT:
+            self._index[frame.page_id] = frame.location
+            self._live_bytes += frame.location.length
+
+    def _cut(self, number: int, offset: int, size: int) -> None:
+        """Cut the torn tail [offset, size) off segment `number` (it was never acknowledged)."""
+        log.warning(
+            "memlayer disk tier %s: cut torn tail of segment %d, bytes %d..%d",
+            self.path,
+            number,
+            offset,
+            size,
+        )
+        with open(self._segment_path(number), "r+b") as handle:
+            handle.truncate(offset)
+            fsync(handle.fileno())
+        self.torn.append((number, offset))

@@ -110,3 +110,43 @@ def test_ivf_recall_updates_and_persistence(tmp_path: Path) -> None:
     loaded, _ = VectorIndex.load(tmp_path / "ivf.idx")
     assert loaded.approximate and len(loaded) == 6_000
     np.testing.assert_array_equal(loaded.search(queries, 5)[1], index.search(queries, 5)[1])
+
+
+@pytest.mark.parametrize("brute", [True, False])
+def test_filtered_search_sees_later_adds_and_removes(brute: bool) -> None:
+    """A large allowed set is matched against the stored ids as they are now, not as cached."""
+    rng = np.random.default_rng(3)
+    index = VectorIndex(8, IndexConfig(brute_force_below=1_000 if brute else 0))
+    index.add(np.arange(100), _unit(rng, 100, 8))
+    everything = np.arange(200)
+    query = _unit(rng, 1, 8)
+    index.search(query, 3, everything)
+    index.add(np.array([150]), query)
+    scores, got = index.search(query, 3, everything)
+    assert got[0, 0] == 150 and scores[0, 0] == pytest.approx(1.0)
+    index.remove(np.array([150]))
+    _, got = index.search(query, 3, everything)
+    assert 150 not in got[0] and (got[0] >= 0).all()
+
+
+@pytest.mark.parametrize(
+    ("bad", "rule"),
+    [(0.0, "all zeros"), (np.nan, "finite"), (np.inf, "finite"), (-np.inf, "finite")],
+)
+def test_add_refuses_zero_and_non_finite_vectors(bad: float, rule: str) -> None:
+    """The whole batch is refused, naming the field and the rule, and nothing changes."""
+    rng = np.random.default_rng(4)
+    index = VectorIndex(8)
+    old = _unit(rng, 3, 8)
+    index.add(np.array([1, 2, 3]), old)
+    batch = _unit(rng, 2, 8)
+    if bad == 0.0:
+        batch[1] = 0.0
+    else:
+        batch[1, 5] = bad
+    with pytest.raises(InvalidInputError, match=rule) as caught:
+        index.add(np.array([2, 4]), batch)
+    assert caught.value.field == "vectors"
+    assert len(index) == 3 and 4 not in index
+    scores, got = index.search(old[1:2], 1)
+    assert got[0, 0] == 2 and scores[0, 0] == pytest.approx(1.0)

@@ -1,6 +1,17 @@
-"""Reference kernels against plain dense softmax attention: exact merges, paged gathers, scoring."""
+"""Reference kernels against plain dense softmax attention: exact merges, paged gathers, scoring.
+
+Small cases compare against float32 dense attention at 1e-5. The paged cases (64 slots, empty
+slots, decode, GQA, logits in the hundreds) compare against float64 dense attention over the
+same inputs, so the bound is what the reference's own float32 costs: lse to 1e-5·max(1, |lse|)
+(float32 logits of size |z| round by a few eps32·|z|); out to half an ulp of the output dtype
+plus what a logit error δz ≤ 8·eps32·(1 + max|z|) moves a softmax mean, δz·(p·|v| + |out|).
+Every random case draws its tensors from the seed in its test id.
+"""
 
 from __future__ import annotations
+
+import itertools
+from typing import Literal
 
 import pytest
 import torch
@@ -13,8 +24,15 @@ from memlayer.kernels import (
     select_pages,
 )
 
+SEED = 1234
+EPS32 = torch.finfo(torch.float32).eps
+Logits = Literal["normal", "large", "negative"]
 
-def _dense(q, k, v, scale, mask):
+
+def _dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with GQA by repeating KV heads, in float32: (out, lse)."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1).float()
     v = v.repeat_interleave(group, dim=1).float()
@@ -23,12 +41,14 @@ def _dense(q, k, v, scale, mask):
     return torch.softmax(logits, dim=-1) @ v, torch.logsumexp(logits, dim=-1)
 
 
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(1234)
+@pytest.fixture(params=[SEED], ids=lambda seed: f"seed{seed}")
+def gen(request: pytest.FixtureRequest) -> torch.Generator:
+    """A generator seeded with the seed named in the test id."""
+    return torch.Generator().manual_seed(request.param)
 
 
-def test_window_attention_matches_dense(gen) -> None:
+def test_window_attention_matches_dense(gen: torch.Generator) -> None:
+    """A causal sliding window over GQA heads equals masked dense attention."""
     q = torch.randn(2, 6, 5, 16, generator=gen)
     k = torch.randn(2, 2, 12, 16, generator=gen)
     v = torch.randn(2, 2, 12, 16, generator=gen)
@@ -41,7 +61,8 @@ def test_window_attention_matches_dense(gen) -> None:
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
-def test_paged_plus_local_merge_equals_dense_over_the_union(gen) -> None:
+def test_paged_plus_local_merge_equals_dense_over_the_union(gen: torch.Generator) -> None:
+    """Pages plus a causal local window, merged by log-sum-exp, equal dense over their union."""
     pool_k = torch.randn(7, 2, 4, 8, generator=gen)
     pool_v = torch.randn(7, 2, 4, 8, generator=gen)
     local_k = torch.randn(1, 2, 6, 8, generator=gen)
@@ -67,7 +88,8 @@ def test_paged_plus_local_merge_equals_dense_over_the_union(gen) -> None:
         torch.testing.assert_close(lse[0, head], ref_lse[0, 0], rtol=1e-5, atol=1e-5)
 
 
-def test_empty_parts_contribute_nothing(gen) -> None:
+def test_empty_parts_contribute_nothing(gen: torch.Generator) -> None:
+    """A part with every slot empty is (0, -inf) and leaves a merge unchanged."""
     q = torch.randn(1, 2, 2, 8, generator=gen)
     pool = torch.randn(3, 1, 4, 8, generator=gen)
     empty = paged_attention(q, pool, pool, torch.full((1, 1, 2), -1), scale=1.0)
@@ -75,16 +97,120 @@ def test_empty_parts_contribute_nothing(gen) -> None:
     local = causal_window_attention(q, pool[:1], pool[:1], scale=1.0, q_start=3)
     merged = merge_attention([empty[0], local[0]], [empty[1], local[1]])
     torch.testing.assert_close(merged[0], local[0])
+    torch.testing.assert_close(merged[1], local[1])
 
 
-def test_bf16_inputs_keep_their_dtype(gen) -> None:
+def test_bf16_inputs_keep_their_dtype(gen: torch.Generator) -> None:
+    """out keeps the input dtype; lse is float32."""
     q = torch.randn(1, 2, 1, 8, generator=gen).bfloat16()
     pool = torch.randn(3, 1, 4, 8, generator=gen).bfloat16()
     out, lse = paged_attention(q, pool, pool, torch.tensor([[[0, 2]]]), scale=0.5)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
 
 
-def test_scoring_and_selection_pick_the_aligned_page(gen) -> None:
+def _paged_inputs(
+    seed: int, dtype: torch.dtype, group: int, length: int, logits: Logits
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k_pool, v_pool (dtype) and a page_idx of 64 slots per KV head, ~30% of them empty.
+
+    "large" scales q and k 8× (logits ~ N(0, 64²), past float32 exp's 88.7); "negative"
+    adds -300 to every logit (exp is 0 in float32). KV head 1 of batch 1 selects nothing.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    batch, kv_heads, dim, page, slots = 2, 2, 32, 8, 64
+    q = torch.randn(batch, kv_heads * group, length, dim, generator=gen)
+    k_pool = torch.randn(slots + 6, kv_heads, page, dim, generator=gen)
+    v_pool = torch.randn(slots + 6, kv_heads, page, dim, generator=gen)
+    if logits == "large":
+        q, k_pool = q * 8, k_pool * 8
+    elif logits == "negative":
+        q[..., 0] = 16.0
+        k_pool[..., 0] = -300 / 16 * dim**0.5
+    perms = [torch.randperm(slots + 6, generator=gen)[:slots] for _ in range(batch * kv_heads)]
+    idx = torch.stack(perms).reshape(batch, kv_heads, slots)
+    idx[torch.rand(idx.shape, generator=gen) < 0.3] = -1
+    idx[1, 1] = -1
+    return q.to(dtype), k_pool.to(dtype), v_pool.to(dtype), idx
+
+
+def _float64_paged(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, idx: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Dense float64 attention over each KV head's valid pages: out, lse, p·|v|, max|logit|."""
+    batch, heads, length, dim = q.shape
+    kv_heads = idx.shape[1]
+    group = heads // kv_heads
+    out = torch.zeros(batch, heads, length, dim, dtype=torch.float64)
+    mean_abs_v = torch.zeros_like(out)
+    lse = torch.full((batch, heads, length), float("-inf"), dtype=torch.float64)
+    zmax = 0.0
+    for b, g in itertools.product(range(batch), range(kv_heads)):
+        pages = [p for p in idx[b, g].tolist() if p >= 0]
+        if not pages:
+            continue
+        keys = k_pool[pages, g].reshape(-1, dim).double()
+        values = v_pool[pages, g].reshape(-1, dim).double()
+        rows = slice(g * group, (g + 1) * group)
+        logits = q[b, rows].double() @ keys.T * scale  # [group, T, keys]
+        weights = torch.softmax(logits, dim=-1)
+        out[b, rows] = weights @ values
+        mean_abs_v[b, rows] = weights @ values.abs()
+        lse[b, rows] = torch.logsumexp(logits, dim=-1)
+        zmax = max(zmax, float(logits.abs().max()))
+    return out, lse, mean_abs_v, zmax
+
+
+PAGED_CASES = list(
+    itertools.product(
+        (torch.float32, torch.float16, torch.bfloat16),
+        (1, 4),
+        (1, 5),
+        ("normal", "large", "negative"),
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "group", "length", "logits"),
+    PAGED_CASES,
+    ids=[f"{str(d).removeprefix('torch.')}-g{g}-t{t}-{z}-seed{SEED}" for d, g, t, z in PAGED_CASES],
+)
+def test_paged_attention_matches_float64_over_64_slots(
+    dtype: torch.dtype, group: int, length: int, logits: Logits
+) -> None:
+    """Decode and prefill, GQA, empty slots and logits in the hundreds, against float64."""
+    q, k_pool, v_pool, idx = _paged_inputs(SEED, dtype, group, length, logits)
+    scale = q.shape[-1] ** -0.5
+    out, lse = paged_attention(q, k_pool, v_pool, idx, scale=scale)
+    ref, ref_lse, mean_abs_v, zmax = _float64_paged(q, k_pool, v_pool, idx, scale)
+    assert zmax > 100 if logits != "normal" else zmax < 10
+    assert out.dtype == dtype and out.isfinite().all()
+    assert torch.equal(lse.isneginf(), ref_lse.isneginf())
+    finite = ref_lse.isfinite()
+    lse_error = (lse[finite].double() - ref_lse[finite]).abs()
+    assert (lse_error <= 1e-5 * ref_lse[finite].abs().clamp(min=1)).all(), lse_error.max()
+    logit_error = 8 * EPS32 * (1 + zmax)
+    eps = torch.finfo(dtype).eps
+    bound = eps / 2 * ref.abs() + logit_error * (mean_abs_v + ref.abs())
+    error = (out.double() - ref).abs()
+    assert (error <= bound).all(), float((error / bound.clamp(min=1e-300)).max())
+
+
+@pytest.mark.parametrize("logits", ["normal", "large", "negative"])
+def test_merging_slices_of_the_pages_equals_attending_to_all(logits: Logits) -> None:
+    """Split-K in the reference: the LSE merge of three page slices is the attention over all."""
+    q, k_pool, v_pool, idx = _paged_inputs(SEED, torch.float32, 3, 2, logits)
+    whole, whole_lse = paged_attention(q, k_pool, v_pool, idx, scale=0.2)
+    parts = [paged_attention(q, k_pool, v_pool, s, scale=0.2) for s in idx.split(22, dim=-1)]
+    out, lse = merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    assert torch.equal(lse.isneginf(), whole_lse.isneginf()), f"seed {SEED}"
+    finite = whole_lse.isfinite()
+    torch.testing.assert_close(lse[finite], whole_lse[finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_scoring_and_selection_pick_the_aligned_page(gen: torch.Generator) -> None:
+    """Every summary kind ranks the page built from the mean query first; top-k keeps it."""
     q = torch.randn(1, 4, 3, 8, generator=gen)
     keys = torch.randn(10, 2, 6, 8, generator=gen) * 0.1
     target = q[0].reshape(2, 2, 3, 8).mean(dim=(1, 2))  # the mean query per KV head
@@ -103,7 +229,8 @@ def test_scoring_and_selection_pick_the_aligned_page(gen) -> None:
     assert (chosen.diff(dim=-1) > 0).all()
 
 
-def test_quest_bound_is_an_upper_bound(gen) -> None:
+def test_quest_bound_is_an_upper_bound(gen: torch.Generator) -> None:
+    """The Quest score is at least the best real q·k of the page."""
     q = torch.randn(1, 2, 1, 8, generator=gen)
     keys = torch.randn(5, 1, 16, 8, generator=gen)
     bounds = torch.stack([keys.amin(dim=2), keys.amax(dim=2)], dim=2)
@@ -113,5 +240,6 @@ def test_quest_bound_is_an_upper_bound(gen) -> None:
 
 
 def test_selection_pads_when_pages_are_few() -> None:
+    """Fewer pages than k: all of them, ascending, then -1."""
     chosen = select_pages(torch.tensor([[[0.3, 0.9]]]), 4)
     assert chosen.tolist() == [[[0, 1, -1, -1]]]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 from kv_models import tiny, twin
 
+import memlayer.kv_session as kv_session_module
 from memlayer import (
     InvalidInputError,
     KVSession,
@@ -50,6 +53,31 @@ def test_questions_leave_the_fed_context_intact() -> None:
     second = session.continue_ids(_ids(5, seed=6), 6)
     assert first == second
     assert session.tokens_fed == fed and session.stats()["pages"] == pages
+
+
+def test_stats_count_prefill_and_decode_forwards_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fed and prompt tokens are prefill, generated tokens' forwards decode, nothing twice.
+
+    A fake clock advances one second per token each time the model runs, so a phase's
+    seconds equal the tokens its forwards carried exactly when the two timers split the
+    forwards between them.
+    """
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(kv_session_module, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    model = tiny("llama")
+
+    def advance(module: Any, args: tuple, kwargs: dict) -> None:
+        clock.now += kwargs["input_ids"].shape[1]
+
+    model.register_forward_pre_hook(advance, with_kwargs=True)
+    session = KVSession(model, None, progress=False, **SMALL)
+    session.feed(_ids(20))  # three chunks
+    assert len(session.continue_ids(_ids(5, seed=6), 6)) == 6  # a prompt, then 6 tokens
+    assert len(session.continue_ids([], 4)) == 4  # from the fed memory's last logits
+    stats = session.stats()
+    assert (stats["prefill_tokens"], stats["decode_tokens"]) == (20 + 5, 6 + 4)
+    assert (stats["prefill_s"], stats["decode_s"]) == (25.0, 10.0)
+    assert stats["prefill_s"] + stats["decode_s"] == clock.now
 
 
 def test_save_then_load_answers_the_same(tmp_path: Path) -> None:
