@@ -7,7 +7,7 @@ STAMP := $(VENV)/.memlayer-installed
 PKG_DIRS := stores retrievers kvretrieval kernels integrations
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck unit clean
+.PHONY: setup demo test lint tree typecheck imports unit clean
 
 setup: $(STAMP)
 
@@ -26,14 +26,21 @@ demo: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(MAKE) typecheck
+	$(MAKE) typecheck imports
 
-# mypy cannot follow the package-dir mapping, so check a tree of links laid out as installed.
-typecheck: setup
+# mypy and import-linter cannot follow the package-dir mapping, so both read a tree of links
+# laid out as installed.
+tree: setup
 	rm -rf .build/typecheck && mkdir -p .build/typecheck/memlayer
 	cd .build/typecheck/memlayer && for f in ../../../memlayer/*.py; do ln -s $$f .; done
 	cd .build/typecheck/memlayer && for d in $(PKG_DIRS); do ln -s ../../../$$d $$d; done
+
+typecheck: tree
 	cd .build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p memlayer
+
+# ARCHITECTURE.md's import rules ([tool.importlinter] in pyproject.toml)
+imports: tree
+	cd .build/typecheck && PYTHONPATH=. ../../$(BIN)/lint-imports --no-cache ../../pyproject.toml
 
 unit: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
