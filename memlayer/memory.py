@@ -1,9 +1,9 @@
 """`Memory`: the semantic memory an agent writes to and recalls from, persistent and offline.
 
-Composes the pieces below it: chunking, an embedder, the SQL records (source of truth), a
-FAISS vector index mirroring the records' embeddings (caught up from the records' change log,
-so many `Memory` objects and processes can share one folder), BM25 through SQLite FTS5,
-reciprocal-rank fusion and context strategies.
+Composes the pieces below it: chunking, an embedder, the SQL records (the source of truth),
+the retriever (a FAISS vector index caught up from the records' change log, so many `Memory`
+objects and processes can share one folder; BM25 keyword search; reciprocal-rank fusion) and
+context strategies. It validates every argument and leaves the work to them.
 
 Every call works inside one tenant (`tenant_id`, None for the default tenant); record ids are
 unique per tenant, and a by-id call sees only the records of the scope it names.
@@ -16,18 +16,15 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
-
-import numpy as np
+from typing import Any
 
 from memlayer.chunking import chunk_stream
 from memlayer.config import Limits, Settings
 from memlayer.context import Context, get_strategy
 from memlayer.embedders import Embedder, embed_checked, resolve_embedder
 from memlayer.errors import ClosedError, InvalidInputError, NotFoundError
-from memlayer.retrievers.fusion import reciprocal_rank_fusion
-from memlayer.retrievers.keywords import index_text, match_query
-from memlayer.retrievers.mirror import IndexMirror
+from memlayer.retrievers.keywords import index_text
+from memlayer.retrievers.search import MODES, Retriever, SearchMode, SearchPlan
 from memlayer.retrievers.vector_index import IndexConfig
 from memlayer.stores import filters as filter_rules
 from memlayer.stores.database import sqlite_url
@@ -36,8 +33,6 @@ from memlayer.types import Hit, Scope, new_id
 
 log = logging.getLogger(__name__)
 
-SearchMode = Literal["hybrid", "vector", "keyword"]
-MODES = ("hybrid", "vector", "keyword")
 _MAX_ID_LEN = 128
 DB_FILE = "memory.db"
 INDEX_FILE = "vectors.idx"
@@ -61,6 +56,7 @@ class Memory:
         chunk_tokens: int = 200,
         overlap: int = 40,
         index_config: IndexConfig | None = None,
+        search_plan: SearchPlan | None = None,
         limits: Limits | None = None,
     ):
         folder = _folder(path, url)
@@ -77,11 +73,13 @@ class Memory:
             dim=self.embedder.dim,
             keywords=index_text,
         )
-        self._mirror = IndexMirror(
+        self._retriever = Retriever(
             self._records,
+            lambda texts: embed_checked(self.embedder, texts),
             self.embedder.dim,
             folder / INDEX_FILE if folder is not None else None,
-            index_config or IndexConfig(),
+            index_config,
+            search_plan,
         )
 
     # -- writes ---------------------------------------------------------------------------
@@ -120,7 +118,7 @@ class Memory:
         with self._lock:
             self._check_open()
             rowids, seq = self._records.upsert(new)
-            self._mirror.wrote(seq, np.asarray(rowids, dtype=np.int64), vectors)
+            self._retriever.wrote(seq, rowids, vectors)
         return ids
 
     def ingest(
@@ -178,7 +176,7 @@ class Memory:
             if written is None:
                 raise NotFoundError("record", id)
             rowid, seq = written
-            self._mirror.wrote(seq, np.asarray([rowid], dtype=np.int64), vector)
+            self._retriever.wrote(seq, [rowid], vector)
 
     def delete(self, id: str, **scope: str | None) -> None:
         """Delete the record `id` in `scope`; NotFoundError when the scope holds no such record."""
@@ -200,7 +198,7 @@ class Memory:
     def _delete_where(self, condition: Any) -> int:
         rowids, seq = self._records.delete_where(condition)
         if rowids:
-            self._mirror.wrote(seq, np.asarray(rowids, dtype=np.int64), None)
+            self._retriever.wrote(seq, rowids, None)
         return len(rowids)
 
     # -- reads ----------------------------------------------------------------------------
@@ -236,7 +234,7 @@ class Memory:
         return self._search(query, k, filters, mode, Scope.of(scope))
 
     def _search(
-        self, query: str, k: int, filters: Mapping[str, Any] | None, mode: str, owner: Scope
+        self, query: str, k: int, filters: Mapping[str, Any] | None, mode: Any, owner: Scope
     ) -> list[Hit]:
         self._check_text(query, "query")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -245,34 +243,10 @@ class Memory:
             raise InvalidInputError("mode", f"must be one of {', '.join(MODES)}", mode)
         filter_rules.validate(filters)
         self._check_open()
+        ranked = self._retriever.rank(query, k, mode, owner, filters)
         condition = self._records.condition(owner, filters)
-        pool = k if mode != "hybrid" else max(4 * k, 40)
-        rankings: list[list[tuple[int, float]]] = []
-        if mode in ("vector", "hybrid"):
-            whole_tenant = not filters and set(owner.as_dict()) <= {"tenant_id"}
-            rankings.append(self._vector_ranking(query, pool, condition, owner, whole_tenant))
-        if mode in ("keyword", "hybrid"):
-            rankings.append(self._records.keyword_search(match_query(query), pool, condition))
-        ranked = rankings[0] if len(rankings) == 1 else reciprocal_rank_fusion(rankings)
-        ranked = ranked[:k]
         records = self._records.fetch([rowid for rowid, _ in ranked], condition)
         return [_hit(records[rowid], score) for rowid, score in ranked if rowid in records]
-
-    def _vector_ranking(
-        self, query: str, k: int, condition: Any, owner: Scope, whole_tenant: bool
-    ) -> list[tuple[int, float]]:
-        """Vector top-k among the records matching `condition`: the index searched whole when
-        it holds one tenant only and the call narrows no further, else restricted to the
-        rowids the database allows. Hits are fetched under `condition` again, so a record
-        written by another process in between can never slip in."""
-        vector = embed_checked(self.embedder, [query])
-        with self._lock:
-            self._mirror.refresh()
-            allowed = None
-            if not (whole_tenant and self._records.only_tenant(owner.tenant_id)):
-                allowed = self._records.rowids_where(condition)
-            scores, ids = self._mirror.index.search(vector, k, allowed)
-        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
 
     def context(
         self,
@@ -298,9 +272,7 @@ class Memory:
     def stats(self) -> dict[str, Any]:
         """Counts and locations over every tenant, for the CLI and monitoring."""
         self._check_open()
-        with self._lock:
-            self._mirror.refresh()
-            vectors = len(self._mirror.index)
+        vectors = self._retriever.vectors()
         return {
             "records": self._records.count_where(self._records.everything()),
             "vectors": vectors,
@@ -316,8 +288,7 @@ class Memory:
         """Save the vector index so the next open needs no rebuild (records are always durable)."""
         with self._lock:
             self._check_open()
-            if self._mirror.dirty:
-                self._mirror.save()
+            self._retriever.save()
 
     def close(self) -> None:
         """Save the index and release the database; further calls raise ClosedError."""

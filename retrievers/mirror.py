@@ -35,8 +35,8 @@ class IndexMirror:
         self._dim = dim
         self._path = path
         self._config = config
+        self._changed = False  # the index moved since it was loaded or saved
         self.index, self.applied = self._load()
-        self._saved = self.applied if path is not None and path.exists() else -1
 
     def _load(self) -> tuple[VectorIndex, int]:
         """The saved index brought up to date, or one rebuilt from the table."""
@@ -54,10 +54,12 @@ class IndexMirror:
         return self._rebuild()
 
     def _rebuild(self) -> tuple[VectorIndex, int]:
+        self._changed = True
         index = VectorIndex(self._dim, self._config)
         seq, batches = self._records.snapshot()
         for rowids, vectors in batches:
-            index.add(rowids, vectors)
+            keep = _searchable(rowids, vectors)
+            index.add(rowids[keep], vectors[keep])
         return index, seq
 
     def catch_up(self) -> bool:
@@ -69,8 +71,11 @@ class IndexMirror:
         if changes.seq != self.applied:
             self.index.remove(changes.gone)
             if len(changes.rowids):
-                self.index.add(changes.rowids, changes.vectors)
+                keep = _searchable(changes.rowids, changes.vectors)
+                self.index.remove(changes.rowids[~keep])
+                self.index.add(changes.rowids[keep], changes.vectors[keep])
             self.applied = changes.seq
+            self._changed = True
         return True
 
     def refresh(self) -> None:
@@ -88,13 +93,14 @@ class IndexMirror:
             self.index.remove(rowids)
         else:
             self.index.add(rowids, vectors)
+        self._changed = True
         if seq == self.applied + 1:
             self.applied = seq
 
     @property
     def dirty(self) -> bool:
-        """True when the saved file is behind what this mirror reflects."""
-        return self._path is not None and self.applied != self._saved
+        """True when the index moved since it was loaded or last saved."""
+        return self._path is not None and self._changed
 
     def save(self) -> None:
         """Catch up, then save atomically, stamped with the sequence the index reflects."""
@@ -103,8 +109,23 @@ class IndexMirror:
         self.refresh()
         with _locked(self._path.with_name(self._path.name + ".lock")):
             self.index.save(self._path, self.applied)
-        self._saved = self.applied
+        self._changed = False
         self._records.prune_log(self.applied)
+
+
+def _searchable(rowids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Mask of the rows whose stored vector can be indexed. Releases before 0.2.0 stored an
+    all-zero vector for a text its embedder could not place; such a record stays readable
+    and keyword-searchable, and is left out of vector search."""
+    keep = np.isfinite(vectors).all(axis=1) & np.any(vectors, axis=1)
+    if not keep.all():
+        log.warning(
+            "%d records have an all-zero or non-finite embedding (rowids %s): "
+            "left out of vector search",
+            int((~keep).sum()),
+            rowids[~keep][:10].tolist(),
+        )
+    return keep
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
 """Semantic records in SQL: text, metadata, scope and embedding, the source of truth of `Memory`.
 
-SQLAlchemy Core over SQLite (default; WAL, synchronous=FULL, FTS5 for BM25) or PostgreSQL.
+SQLAlchemy Core over SQLite (default; WAL, synchronous=FULL) or PostgreSQL. Each row keeps
+the keyword string full-text search indexes (derived by a function the caller gives), so a
+keyword index in `memlayer.retrievers` can follow the table with triggers.
 A record's key is (tenant, id): the same id in two tenants names two records, and every
 lookup by id is confined to one tenant. Every write transaction takes the next sequence
 number and logs the rowids it touched under it, so a vector index kept by any process can
@@ -24,20 +26,7 @@ SCHEMA = 2  # 1: memlayer 0.1.0 (ids unique across tenants, FTS over the raw tex
 DEFAULT_TENANT = ""  # stored for tenant_id=None: a user-given tenant is never empty
 LOG_KEEP = 100_000  # write sequence numbers of change log kept behind a saved vector index
 
-_FTS_DDL = (
-    "CREATE VIRTUAL TABLE IF NOT EXISTS records_fts USING fts5(keywords, content='records', "
-    "content_rowid='rowid', tokenize='unicode61 remove_diacritics 0')",
-    "CREATE TRIGGER IF NOT EXISTS records_ai AFTER INSERT ON records BEGIN "
-    "INSERT INTO records_fts(rowid, keywords) VALUES (new.rowid, new.keywords); END",
-    "CREATE TRIGGER IF NOT EXISTS records_ad AFTER DELETE ON records BEGIN "
-    "INSERT INTO records_fts(records_fts, rowid, keywords) "
-    "VALUES('delete', old.rowid, old.keywords); END",
-    "CREATE TRIGGER IF NOT EXISTS records_au AFTER UPDATE OF keywords ON records BEGIN "
-    "INSERT INTO records_fts(records_fts, rowid, keywords) "
-    "VALUES('delete', old.rowid, old.keywords); "
-    "INSERT INTO records_fts(rowid, keywords) VALUES (new.rowid, new.keywords); END",
-)
-_OLD_FTS = ("records_ai", "records_ad", "records_au")
+_OLD_FTS = ("records_ai", "records_ad", "records_au")  # 0.1.0's triggers on its FTS table
 
 
 @dataclass
@@ -102,15 +91,9 @@ class RecordStore:
         from sqlalchemy import inspect
 
         tables = set(inspect(conn).get_table_names())
-        migrate = "records" in tables and int(self._setting("schema", conn) or 1) < SCHEMA
-        if migrate:
+        if "records" in tables and int(self._setting("schema", conn) or 1) < SCHEMA:
             self._migrate_from_1(conn)
         self._meta.create_all(conn)
-        if self.dialect == "sqlite":
-            for ddl in _FTS_DDL:
-                conn.exec_driver_sql(ddl)
-            if migrate:
-                conn.exec_driver_sql("INSERT INTO records_fts(records_fts) VALUES('rebuild')")
         self._set_setting("schema", str(SCHEMA), conn)
 
     def _migrate_from_1(self, conn: Any) -> None:
@@ -137,7 +120,7 @@ class RecordStore:
         conn.exec_driver_sql("DROP TABLE records_v1")
 
     def _check_embedder(self, name: str, dim: int) -> None:
-        with self._write() as conn:
+        with self.write() as conn:
             stored = self._setting("embedder", conn)
             if stored is None:
                 self._set_setting("embedder", json.dumps({"name": name, "dim": dim}), conn)
@@ -216,7 +199,7 @@ class RecordStore:
         floor = saved - LOG_KEEP
         if floor <= int(self._setting("log_floor") or 0):
             return
-        with self._write() as conn:
+        with self.write() as conn:
             conn.execute(self.changes.delete().where(self.changes.c.seq <= floor))
             self._set_setting("log_floor", str(floor), conn)
 
@@ -229,7 +212,7 @@ class RecordStore:
         now = time.time()
         out: list[int] = []
         table = self.records
-        with self._write() as conn:
+        with self.write() as conn:
             for row in rows:
                 tenant = row.scope.tenant_id or DEFAULT_TENANT
                 values = {
@@ -271,7 +254,7 @@ class RecordStore:
         if metadata is not None:
             values["metadata"] = metadata
         table = self.records
-        with self._write() as conn:
+        with self.write() as conn:
             found = conn.execute(select(table.c.rowid).where(condition)).first()
             if found is None:
                 return None
@@ -283,7 +266,7 @@ class RecordStore:
         from sqlalchemy import select
 
         table = self.records
-        with self._write() as conn:
+        with self.write() as conn:
             rowids = [
                 int(r) for r in conn.execute(select(table.c.rowid).where(condition)).scalars()
             ]
@@ -360,28 +343,6 @@ class RecordStore:
             stmt = select(func.count()).select_from(self.records).where(condition)
             return int(conn.execute(stmt).scalar_one())
 
-    def keyword_search(self, match: str | None, k: int, condition: Any) -> list[tuple[int, float]]:
-        """Top-k BM25 matches of an FTS5 MATCH expression among records matching `condition`."""
-        if match is None:
-            return []
-        if self.dialect != "sqlite":
-            raise InvalidInputError(
-                "mode", "keyword and hybrid search need SQLite (FTS5) in this release", self.dialect
-            )
-        from sqlalchemy import column, literal_column, select, table
-
-        fts = table("records_fts", column("rowid"))
-        score: Any = literal_column("bm25(records_fts)")
-        stmt = (
-            select(self.records.c.rowid, score)
-            .select_from(fts.join(self.records, self.records.c.rowid == fts.c.rowid))
-            .where(literal_column("records_fts").op("MATCH")(match), condition)
-            .order_by(score)
-            .limit(k)
-        )
-        with self.engine.connect() as conn:
-            return [(int(rowid), -float(bm25)) for rowid, bm25 in conn.execute(stmt)]
-
     def snapshot(self, batch: int = 10_000) -> tuple[int, Iterator[tuple[np.ndarray, np.ndarray]]]:
         """The sequence number and every (rowids, vectors) batch, read in one snapshot.
 
@@ -407,7 +368,8 @@ class RecordStore:
 
         return seq, batches()
 
-    def _write(self) -> Any:
+    def write(self) -> Any:
+        """A write transaction (SQLite: begun IMMEDIATE); driver failures become StorageError."""
         return _Transaction(self._writer)
 
     def close(self) -> None:

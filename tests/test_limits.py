@@ -100,3 +100,22 @@ def test_bad_embeddings_are_refused_and_store_nothing(
         with pytest.raises(InvalidInputError):
             mem.search("poison")
         assert mem.count() == 1 and mem.stats()["vectors"] == 1
+
+
+def test_a_legacy_all_zero_embedding_is_left_out_of_vector_search(tmp_path: Path) -> None:
+    """0.1.0 stored an all-zero vector for a text its callable embedder could not place; the
+    index (which refuses such vectors) must still rebuild and catch up around it."""
+    import sqlite3
+
+    folder = tmp_path / "m"
+    with Memory(path=folder, embedder="hash") as mem:
+        mem.add("ordinary travel note", id="ok")
+        mem.add("a note whose vector was lost", id="zero")
+    with sqlite3.connect(folder / "memory.db") as db:
+        db.execute("UPDATE records SET embedding = ? WHERE id = 'zero'", (bytes(4 * 64),))
+    (folder / "vectors.idx").unlink()
+    with Memory(path=folder, embedder="hash") as mem:
+        assert mem.stats()["vectors"] == 1 and mem.stats()["records"] == 2
+        assert [h.id for h in mem.search("note", k=5, mode="vector")] == ["ok"]
+        assert [h.id for h in mem.search("vector was lost", k=5, mode="keyword")] == ["zero"]
+        assert mem.get("zero").text == "a note whose vector was lost"

@@ -122,15 +122,23 @@ def test_updates_and_deletes_from_another_object_show_at_the_next_call(tmp_path:
 def test_a_saved_index_is_stamped_with_what_it_reflects(tmp_path: Path) -> None:
     """An index saved while another writer's records were unseen must not claim them."""
     folder = tmp_path / "m"
+    crashing_writer = (
+        "import os, sys\n"
+        "from memlayer import Memory\n"
+        "memory = Memory(path=sys.argv[1], embedder=sys.argv[2])\n"
+        "memory.add('written behind the first memory', id='b')\n"
+        "os._exit(0)  # dies without saving its index\n"
+    )
     with Memory(path=folder, embedder=EMBEDDER) as first:
         first.add("seen by the first memory", id="a")
-        with Memory(path=folder, embedder=EMBEDDER) as second:
-            second.add("written behind the first memory's back", id="b")
-            second._mirror._saved = second._mirror.applied  # as if it crashed: no save
         first.flush()
+        subprocess.run(
+            [sys.executable, "-c", crashing_writer, str(folder), EMBEDDER], check=True, timeout=120
+        )
+        first.add("a third record", id="c")
     with Memory(path=folder, embedder=EMBEDDER) as memory:
-        assert memory.search("behind the back", k=1, mode="vector")[0].id == "b"
-        assert memory.stats()["vectors"] == 2
+        assert memory.search("behind the first memory", k=1, mode="vector")[0].id == "b"
+        assert memory.stats()["vectors"] == 3
 
 
 def test_a_memory_behind_a_pruned_log_rebuilds(
@@ -145,7 +153,7 @@ def test_a_memory_behind_a_pruned_log_rebuilds(
                 busy.add(f"record number {i} from the busy writer", id=f"r{i}")
             busy.delete("r0")
         # busy saved at sequence 9 and pruned the log up to 7; lagging reflects 1
-        assert lagging._records.changes_since(lagging._mirror.applied) is None
+        assert lagging._records.changes_since(lagging._retriever._mirror.applied) is None
         hits = lagging.search("record busy writer", k=10, mode="vector")
         assert {h.id for h in hits} == {f"r{i}" for i in range(1, 8)}
         assert lagging.stats()["vectors"] == 7

@@ -1,0 +1,109 @@
+"""The search plan: which retrievers a mode asks, how many candidates each proposes, and how
+their rankings are fused.
+
+`Memory.search` validates its arguments, hands the query, mode, scope and filters to
+`Retriever.rank`, and fetches the records of the rowids it returns.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from memlayer.retrievers.fusion import reciprocal_rank_fusion
+from memlayer.retrievers.keyword_index import open_keyword_index
+from memlayer.retrievers.mirror import IndexMirror
+from memlayer.retrievers.vector_index import IndexConfig
+from memlayer.stores.records import RecordStore
+from memlayer.types import Scope
+
+SearchMode = Literal["hybrid", "vector", "keyword"]
+MODES: tuple[SearchMode, ...] = ("hybrid", "vector", "keyword")
+Ranking = list[tuple[int, float]]
+Filters = Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """Candidates each retriever proposes for fusion in hybrid mode: k × `pool_factor`, at
+    least `min_pool`, so a record ranked modestly by both can still win."""
+
+    pool_factor: int = 4
+    min_pool: int = 40
+
+    def pool(self, k: int, mode: SearchMode) -> int:
+        """Candidates to ask each retriever for."""
+        return max(self.pool_factor * k, self.min_pool) if mode == "hybrid" else k
+
+
+class Retriever:
+    """Vector and keyword retrieval over one records table, fused by reciprocal rank."""
+
+    def __init__(
+        self,
+        records: RecordStore,
+        embed: Callable[[Sequence[str]], np.ndarray],
+        dim: int,
+        index_path: Path | None,
+        index_config: IndexConfig | None = None,
+        plan: SearchPlan | None = None,
+    ) -> None:
+        self._records = records
+        self._embed = embed
+        self._lock = threading.RLock()
+        self._mirror = IndexMirror(records, dim, index_path, index_config or IndexConfig())
+        self._keywords = open_keyword_index(records)
+        self.plan = plan or SearchPlan()
+
+    def rank(
+        self, query: str, k: int, mode: SearchMode, scope: Scope, filters: Filters = None
+    ) -> Ranking:
+        """Best-first (rowid, score) of the records in `scope` matching `filters`, at most k."""
+        condition = self._records.condition(scope, filters)
+        pool = self.plan.pool(k, mode)
+        rankings: list[Ranking] = []
+        if mode in ("vector", "hybrid"):
+            whole_tenant = not filters and set(scope.as_dict()) <= {"tenant_id"}
+            rankings.append(self._vector(query, pool, condition, scope, whole_tenant))
+        if mode in ("keyword", "hybrid"):
+            rankings.append(self._keywords.search(query, pool, condition))
+        ranked = rankings[0] if len(rankings) == 1 else reciprocal_rank_fusion(rankings)
+        return ranked[:k]
+
+    def _vector(
+        self, query: str, k: int, condition: Any, scope: Scope, whole_tenant: bool
+    ) -> Ranking:
+        """Vector top-k: the index searched whole when the call asks for a whole tenant and
+        the store holds no other, else restricted to the rowids the database allows. The
+        caller fetches hits under the scope again, so a record another process writes in
+        between can never slip in."""
+        vector = self._embed([query])
+        with self._lock:
+            self._mirror.refresh()
+            allowed = None
+            if not (whole_tenant and self._records.only_tenant(scope.tenant_id)):
+                allowed = self._records.rowids_where(condition)
+            scores, ids = self._mirror.index.search(vector, k, allowed)
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+
+    def wrote(self, seq: int, rowids: Sequence[int], vectors: np.ndarray | None) -> None:
+        """Apply this process's own committed write (vectors None: a delete)."""
+        with self._lock:
+            self._mirror.wrote(seq, np.asarray(rowids, dtype=np.int64), vectors)
+
+    def vectors(self) -> int:
+        """How many vectors the index holds once caught up."""
+        with self._lock:
+            self._mirror.refresh()
+            return len(self._mirror.index)
+
+    def save(self) -> None:
+        """Save the vector index if it moved since it was last saved."""
+        with self._lock:
+            if self._mirror.dirty:
+                self._mirror.save()
