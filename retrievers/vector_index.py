@@ -11,9 +11,11 @@ the database.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,19 +268,17 @@ class VectorIndex:
         return array
 
     def save(self, path: Path, applied_seq: int) -> None:
-        """Write atomically (temp file, fsync, rename) with the database seq it reflects."""
+        """Write atomically with the database seq it reflects, safe against concurrent saves.
+
+        Each save writes a temporary file of its own (unique name, same folder), fsyncs it,
+        renames it over `path` and fsyncs the folder: a reader, or another saver, only ever
+        sees a whole file, the previous one or one of the new ones.
+        """
         faiss = _faiss()
 
         payload = faiss.serialize_index(self._index).tobytes()
         header = _HEADER.pack(_MAGIC, applied_seq, len(payload), zlib.crc32(payload))
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(header)
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _write_atomically(Path(path), header, payload)
 
     @classmethod
     def load(cls, path: Path, config: IndexConfig | None = None) -> tuple[VectorIndex, int]:
@@ -380,6 +380,27 @@ def _merge_top(
     top_ids = np.take_along_axis(all_ids, top, axis=1)
     took = ((top >= k) & (top_ids >= 0)).any(axis=1)
     return np.take_along_axis(all_scores, top, axis=1), top_ids, took
+
+
+def _write_atomically(path: Path, *chunks: bytes) -> None:
+    """Replace `path` by `chunks` through a uniquely named, fsync'ed temporary file.
+
+    A shared temporary name would let two writers interleave their bytes in one file, or
+    rename it from under each other; on any failure the temporary file is removed.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(folder: Path) -> None:
