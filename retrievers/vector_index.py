@@ -36,7 +36,8 @@ class IndexConfig:
     approx_threshold: int = 50_000  # flat (exact) below this many vectors, IVF above
     nprobe_fraction: float = 1 / 64  # inverted lists probed per query, as a fraction of nlist
     min_nprobe: int = 24
-    brute_force_below: int = 20_000  # filtered searches over fewer allowed ids use a matmul
+    brute_force_below: int = 5_000  # filtered searches over fewer allowed ids use a matmul
+    settle_rounds: int = 2  # filtered IVF search stops after this many doublings add no hit
     train_sample: int = 100_000
     threads: int | None = None  # FAISS OpenMP threads; None keeps FAISS's default
 
@@ -143,10 +144,12 @@ class VectorIndex:
         The first round is the unfiltered probe widened by the filter's selectivity (a 10%
         filter probes 10x the lists), so it meets about as many allowed vectors as an
         unfiltered search meets vectors. A query is settled once it holds min(k, allowed)
-        hits and a round, which probed as many lists as all earlier rounds together, added
-        none of them; or once every allowed id is in hand, or every list is probed. At worst
-        this scans every list: one membership test per stored id and one inner product per
-        allowed id, the cost of exact filtered search.
+        hits and `settle_rounds` rounds in a row added none of them, so the lists probed have
+        quadrupled (at the default 2) since its answer last changed; or once every allowed id
+        is in hand, or every list is probed. One quiet round is not enough: on uniform data
+        the second round sometimes adds nothing by chance and a query stopped there keeps
+        1 of its 10. At worst this scans every list: one membership test per stored id and
+        one inner product per allowed id, the cost of exact filtered search.
         """
         nlist = self._nlist()
         order = self._index.quantizer.search(queries, nlist)[1]
@@ -155,12 +158,14 @@ class VectorIndex:
         want = min(k, len(present))
         start, stop = 0, min(nlist, math.ceil(self._nprobe() * len(self) / len(present)))
         active = np.arange(len(queries))
+        quiet = np.zeros(len(queries), dtype=np.int64)  # rounds in a row that added no hit
         while len(active):
             found = self._scan_lists(queries[active], k, order[active, start:stop], selector)
             merged_scores, merged_ids, took = _merge_top(scores[active], ids[active], *found)
             scores[active], ids[active] = merged_scores, merged_ids
             held = (merged_ids >= 0).sum(axis=1)
-            settled = (held >= want) & ~took
+            quiet[active] = np.where((held >= want) & ~took, quiet[active] + 1, 0)
+            settled = quiet[active] >= self.config.settle_rounds
             done = settled | (held == len(present)) | (stop == nlist)
             active = active[~done]
             start, stop = stop, min(nlist, 2 * stop)
