@@ -130,6 +130,11 @@ class VectorIndex:
     def _filtered(
         self, queries: np.ndarray, k: int, present: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k among `present` through FAISS.
+
+        The flat index is scanned once with the id selector (exact); the IVF is probed in
+        widening rounds until the answer settles.
+        """
         selector = _selector(present)
         if not self.approximate:
             return self._search(queries, k, selector, 1)
