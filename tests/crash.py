@@ -12,13 +12,20 @@ import itertools
 import multiprocessing
 import os
 import random
+import re
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from memlayer import Memory
@@ -153,3 +160,72 @@ def memory_writer(acks: Connection, folder: str, seed: int, round_: int) -> None
             metadata={"round": round_, "i": i},
         )
         acks.send(i)
+
+
+# pid, call, fd, the fd's path (strace -y), the rest of the line
+_TRACED = re.compile(r"^\d+\s+(\w+)\((\d+)<([^>]*)>(.*)$")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One traced system call on a file descriptor: its name, fd, the fd's path, the rest."""
+
+    name: str
+    fd: int
+    path: str
+    rest: str
+
+
+def traced(script: str, *args: str) -> list[Call]:
+    """Run `script` in a fresh interpreter under strace and return, in order, its writes and
+    syncs (write, pwrite64, fsync, fdatasync) with the path of each fd.
+
+    Skips where strace is missing or may not trace; fails instead under CI=true, where
+    .ci/run installs it.
+    """
+    strace = shutil.which("strace")
+    if strace is None:
+        _unavailable("strace is not installed")
+    with tempfile.TemporaryDirectory() as folder:
+        log = Path(folder) / "trace"
+        command = [strace, "-f", "-y", "-s", "64", "-o", str(log)]
+        command += ["-e", "trace=write,pwrite64,fsync,fdatasync"]
+        result = subprocess.run(
+            [*command, sys.executable, "-c", script, *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if "ptrace" in result.stderr and not log.exists():
+            _unavailable(f"strace cannot trace here: {result.stderr.strip()}")
+        assert result.returncode == 0, result.stderr
+        lines = log.read_text(errors="replace").splitlines()
+    return [
+        Call(m.group(1), int(m.group(2)), m.group(3), m.group(4))
+        for m in map(_TRACED.match, lines)
+        if m
+    ]
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI must run this test (.ci/run installs strace)")
+    pytest.skip(reason)
+
+
+def acknowledged(calls: list[Call], prefix: str) -> list[tuple[int, int]]:
+    """(position in `calls`, index) of every acknowledgement `prefix i` written to stdout."""
+    found = []
+    for position, call in enumerate(calls):
+        ack = re.match(rf', "{prefix} (\d+)\\n"', call.rest)
+        if call.name == "write" and call.fd == 1 and ack:
+            found.append((position, int(ack.group(1))))
+    return found
+
+
+def synced_after(calls: list[Call], write: int, end: int) -> bool:
+    """Whether the file written by `calls[write]` is fsync'ed (or fdatasync'ed) before `end`."""
+    path = calls[write].path
+    return any(
+        call.name in ("fsync", "fdatasync") and call.path == path for call in calls[write + 1 : end]
+    )

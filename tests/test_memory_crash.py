@@ -8,7 +8,16 @@ import signal
 import sqlite3
 from pathlib import Path
 
-from crash import crash_seed, kill_writer, memory_writer, record_id, record_text
+from crash import (
+    acknowledged,
+    crash_seed,
+    kill_writer,
+    memory_writer,
+    record_id,
+    record_text,
+    synced_after,
+    traced,
+)
 
 from memlayer import Memory
 
@@ -64,3 +73,31 @@ def test_random_sigkills_lose_nothing_acknowledged(tmp_path: Path) -> None:
         check_memory(folder, expected, f"{record_id(seed, round_, 0)}-after", where)
     with Memory(folder, embedder="hash") as memory:
         assert all(memory.get(rid) is not None for rid in expected), f"seed {seed}"
+
+
+TRACED_WRITER = """
+import os, sys
+from memlayer import Memory
+memory = Memory(sys.argv[1], embedder="hash")
+for i in range(5):
+    memory.add(f"traced record {i}", id=f"t{i}")
+    os.write(1, f"add {i}\\n".encode())
+"""
+
+
+def test_traced_add_syncs_the_wal_before_it_is_acknowledged(tmp_path: Path) -> None:
+    """SIGKILL cannot tell a synced commit from one in the page cache; strace can: each add
+    writes SQLite's WAL and fsyncs it before add returns."""
+    calls = traced(TRACED_WRITER, str(tmp_path / "mem"))
+    acks = acknowledged(calls, "add")
+    assert [i for _, i in acks] == list(range(5))
+    previous = 0
+    for position, i in acks:
+        wal = [
+            n
+            for n in range(previous, position)
+            if calls[n].name == "pwrite64" and calls[n].path.endswith("-wal")
+        ]
+        assert wal, f"add {i}: nothing written to the WAL before the acknowledgement"
+        assert synced_after(calls, wal[-1], position), f"add {i}: acknowledged before fsync"
+        previous = position

@@ -13,7 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from crash import STORE, Tear, crash_seed, kill_writer, page_id, page_tensor, page_writer
+from crash import (
+    STORE,
+    Tear,
+    acknowledged,
+    crash_seed,
+    kill_writer,
+    page_id,
+    page_tensor,
+    page_writer,
+    synced_after,
+    traced,
+)
 
 from memlayer.errors import StorageError
 from memlayer.stores import DiskTier, PageStore, SQLTier, disk_tier
@@ -178,6 +189,37 @@ def test_put_returns_only_after_its_record_is_fsynced(
         if event[0] == "write":
             _, (_, inode), start, end, data = event
             assert on_disk[inode][start:end] == data  # the bytes logged are the bytes on disk
+
+
+TRACED_WRITER = """
+import os, sys
+from memlayer.stores import DiskTier
+from memlayer.types import Page
+tier = DiskTier(sys.argv[1], segment_bytes=4096)
+for i in range(6):
+    tier.put(Page(id=f"id{i:04d}x", payload=bytes([i]) * 1500))
+    os.write(1, f"put {i}\\n".encode())
+"""
+
+
+def test_traced_put_is_fsynced_before_it_is_acknowledged(tmp_path: Path) -> None:
+    """The same order seen from outside: strace on a real writer process, the system calls
+    themselves (segments roll every two records)."""
+    calls = traced(TRACED_WRITER, str(tmp_path / "d"))
+    acks = acknowledged(calls, "put")
+    assert [i for _, i in acks] == list(range(6))
+    previous = 0
+    for position, i in acks:
+        writes = [
+            n
+            for n in range(previous, position)
+            if calls[n].name == "write"
+            and calls[n].path.endswith(".log")
+            and f"id{i:04d}x" in calls[n].rest
+        ]
+        assert writes, f"put {i}: its record was not written before the acknowledgement"
+        assert synced_after(calls, writes[-1], position), f"put {i}: acknowledged before fsync"
+        previous = position
 
 
 FULL_DISK = """
