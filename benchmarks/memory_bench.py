@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -166,11 +167,21 @@ def real_corpus(n: int, n_queries: int) -> tuple[list[str], np.ndarray, np.ndarr
     if len(texts) < n + n_queries:
         raise SystemExit(f"only {len(texts)} distinct chunks, {n + n_queries} needed")
     docs, queries = texts[:n], texts[n : n + n_queries]
-    embedder = MiniLMEmbedder()
+    vectors = cached_embeddings(docs + queries, MiniLMEmbedder)
+    return docs, vectors[:n], vectors[n:]
+
+
+def cached_embeddings(texts: list[str], make: Callable[[], Any]) -> np.ndarray:
+    """Embeddings of texts, kept in the temp folder keyed by the texts (embedding is slow)."""
+    key = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"memlayer-bench-minilm-{key}.npy"
+    if path.exists():
+        return np.load(path)
     started = time.perf_counter()
-    doc_vectors = embedder.embed(docs)
-    print(f"  embedded {n} chunks with MiniLM in {time.perf_counter() - started:.0f} s")
-    return docs, np.asarray(doc_vectors, np.float32), np.asarray(embedder.embed(queries))
+    vectors = np.asarray(make().embed(texts), np.float32)
+    print(f"  embedded {len(texts)} chunks with MiniLM in {time.perf_counter() - started:.0f} s")
+    np.save(path, vectors)
+    return vectors
 
 
 def numbered_texts(n: int) -> list[str]:
@@ -294,9 +305,10 @@ def nprobe_settings(index: Any, config: Any) -> Iterator[tuple[str, Search]]:
         return
     nlist = int(getattr(getattr(index, "_index", None), "nlist", 65_536))  # for the labels
     default = max(config.min_nprobe, round(nlist * config.nprobe_fraction))
-    for nprobe in sorted({8, 16, 32, 64, 128, 256, 512, 1024, min(default, nlist)}):
-        if nprobe > nlist:
-            break
+    for nprobe in sorted(
+        {p for p in (8, 16, 32, 64, 128, 256, 512, 1024) if p < nlist}
+        | {min(default, nlist), nlist}
+    ):
         config.nprobe_fraction, config.min_nprobe = 0.0, nprobe
         mark = ", default" if nprobe == default else ""
         yield f"IVF nprobe={nprobe} of {nlist} lists{mark}", search
@@ -839,7 +851,7 @@ def git_commit() -> str:
 
 def versions() -> dict[str, str]:
     """Versions of everything measured."""
-    names = ["memlayer", "numpy", "faiss-cpu", "chromadb", "lancedb", "pylance", "pyarrow", "torch"]
+    names = ["memlayer", "numpy", "faiss-cpu", "chromadb", "lancedb", "pyarrow", "torch"]
     out = {"python": platform.python_version()}
     for name in names:
         try:
@@ -864,6 +876,14 @@ def machine() -> dict[str, Any]:
 def loadavg() -> list[float]:
     """The 1, 5 and 15 minute load averages."""
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def wait_for_quiet(threshold: float, limit_s: float = 1200, poll_s: float = 30) -> None:
+    """Wait until the 1-minute load is below threshold (at most limit_s), polling."""
+    deadline = time.monotonic() + limit_s
+    while loadavg()[0] >= threshold and time.monotonic() < deadline:
+        print(f"  load {loadavg()[0]:.2f} >= {threshold}: waiting", flush=True)
+        time.sleep(poll_s)
 
 
 def fmt_point(point: dict[str, Any] | None) -> str:
@@ -955,6 +975,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", type=float, default=0.95, help="recall@10 to match")
     parser.add_argument("--fsync-probe", action="store_true", help="count fsyncs per add")
     parser.add_argument("--json", type=Path, help="where to write (default benchmarks/results/)")
+    parser.add_argument(
+        "--wait-load", type=float, help="first wait (up to 20 min) for a 1-minute load below this"
+    )
     parser.add_argument("--tmp", type=Path, help="folder for the systems' files")
     parser.add_argument("--render", type=Path, help="print the tables of a results file")
     parser.add_argument("--probe-child", nargs=3, help=argparse.SUPPRESS)
@@ -971,6 +994,8 @@ def main() -> None:
     if args.render:
         print(render(json.loads(args.render.read_text())))
         return
+    if args.wait_load:
+        wait_for_quiet(args.wait_load)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     report: dict[str, Any] = {
         "command": "python benchmarks/memory_bench.py " + " ".join(sys.argv[1:]),

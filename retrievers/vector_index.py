@@ -11,9 +11,11 @@ the database.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,8 @@ class IndexConfig:
     approx_threshold: int = 50_000  # flat (exact) below this many vectors, IVF above
     nprobe_fraction: float = 1 / 64  # inverted lists probed per query, as a fraction of nlist
     min_nprobe: int = 24
-    brute_force_below: int = 20_000  # filtered searches over fewer allowed ids use a matmul
+    brute_force_below: int = 5_000  # filtered searches over fewer allowed ids use a matmul
+    settle_rounds: int = 2  # filtered IVF search stops after this many doublings add no hit
     train_sample: int = 100_000
     threads: int | None = None  # FAISS OpenMP threads; None keeps FAISS's default
 
@@ -127,6 +130,11 @@ class VectorIndex:
     def _filtered(
         self, queries: np.ndarray, k: int, present: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k among `present` through FAISS.
+
+        The flat index is scanned once with the id selector (exact); the IVF is probed in
+        widening rounds until the answer settles.
+        """
         selector = _selector(present)
         if not self.approximate:
             return self._search(queries, k, selector, 1)
@@ -141,10 +149,12 @@ class VectorIndex:
         The first round is the unfiltered probe widened by the filter's selectivity (a 10%
         filter probes 10x the lists), so it meets about as many allowed vectors as an
         unfiltered search meets vectors. A query is settled once it holds min(k, allowed)
-        hits and a round, which probed as many lists as all earlier rounds together, added
-        none of them; or once every allowed id is in hand, or every list is probed. At worst
-        this scans every list: one membership test per stored id and one inner product per
-        allowed id, the cost of exact filtered search.
+        hits and `settle_rounds` rounds in a row added none of them, so the lists probed have
+        quadrupled (at the default 2) since its answer last changed; or once every allowed id
+        is in hand, or every list is probed. One quiet round is not enough: on uniform data
+        the second round sometimes adds nothing by chance and a query stopped there keeps
+        1 of its 10. At worst this scans every list: one membership test per stored id and
+        one inner product per allowed id, the cost of exact filtered search.
         """
         nlist = self._nlist()
         order = self._index.quantizer.search(queries, nlist)[1]
@@ -153,12 +163,14 @@ class VectorIndex:
         want = min(k, len(present))
         start, stop = 0, min(nlist, math.ceil(self._nprobe() * len(self) / len(present)))
         active = np.arange(len(queries))
+        quiet = np.zeros(len(queries), dtype=np.int64)  # rounds in a row that added no hit
         while len(active):
             found = self._scan_lists(queries[active], k, order[active, start:stop], selector)
             merged_scores, merged_ids, took = _merge_top(scores[active], ids[active], *found)
             scores[active], ids[active] = merged_scores, merged_ids
             held = (merged_ids >= 0).sum(axis=1)
-            settled = (held >= want) & ~took
+            quiet[active] = np.where((held >= want) & ~took, quiet[active] + 1, 0)
+            settled = quiet[active] >= self.config.settle_rounds
             done = settled | (held == len(present)) | (stop == nlist)
             active = active[~done]
             start, stop = stop, min(nlist, 2 * stop)
@@ -266,19 +278,17 @@ class VectorIndex:
         return array
 
     def save(self, path: Path, applied_seq: int) -> None:
-        """Write atomically (temp file, fsync, rename) with the database seq it reflects."""
+        """Write atomically with the database seq it reflects, safe against concurrent saves.
+
+        Each save writes a temporary file of its own (unique name, same folder), fsyncs it,
+        renames it over `path` and fsyncs the folder: a reader, or another saver, only ever
+        sees a whole file, the previous one or one of the new ones.
+        """
         faiss = _faiss()
 
         payload = faiss.serialize_index(self._index).tobytes()
         header = _HEADER.pack(_MAGIC, applied_seq, len(payload), zlib.crc32(payload))
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(header)
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _write_atomically(Path(path), header, payload)
 
     @classmethod
     def load(cls, path: Path, config: IndexConfig | None = None) -> tuple[VectorIndex, int]:
@@ -380,6 +390,27 @@ def _merge_top(
     top_ids = np.take_along_axis(all_ids, top, axis=1)
     took = ((top >= k) & (top_ids >= 0)).any(axis=1)
     return np.take_along_axis(all_scores, top, axis=1), top_ids, took
+
+
+def _write_atomically(path: Path, *chunks: bytes) -> None:
+    """Replace `path` by `chunks` through a uniquely named, fsync'ed temporary file.
+
+    A shared temporary name would let two writers interleave their bytes in one file, or
+    rename it from under each other; on any failure the temporary file is removed.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -150,3 +152,65 @@ def test_add_refuses_zero_and_non_finite_vectors(bad: float, rule: str) -> None:
     assert len(index) == 3 and 4 not in index
     scores, got = index.search(old[1:2], 1)
     assert got[0, 0] == 2 and scores[0, 0] == pytest.approx(1.0)
+
+
+SAVED_SIZES = {1: 30_000, 2: 20_000}  # applied_seq -> vectors, one index per saver
+
+
+def _save_repeatedly(path: str, seq: int, rounds: int, start: Any) -> None:
+    """Saver process: build its own index, wait for the others, save it `rounds` times."""
+    index = VectorIndex(16)
+    index.add(np.arange(SAVED_SIZES[seq]), _unit(np.random.default_rng(seq), SAVED_SIZES[seq], 16))
+    start.wait()
+    for _ in range(rounds):
+        index.save(Path(path), applied_seq=seq)
+
+
+def test_concurrent_saves_never_tear_or_mix(tmp_path: Path) -> None:
+    """Two processes save different indexes to one path while this one loads it.
+
+    Every load must succeed and be one of the two saved indexes, whole.
+    """
+    path = tmp_path / "v.idx"
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(3)
+    _save_repeatedly(str(path), 1, 1, context.Barrier(1))
+    savers = [
+        context.Process(target=_save_repeatedly, args=(str(path), seq, 40, start))
+        for seq in SAVED_SIZES
+    ]
+    for saver in savers:
+        saver.start()
+    loads = 0
+    try:
+        start.wait(timeout=120)
+        while any(saver.is_alive() for saver in savers) or loads < 20:
+            index, seq = VectorIndex.load(path)
+            assert len(index) == SAVED_SIZES[seq]
+            loads += 1
+    finally:
+        for saver in savers:
+            saver.join(timeout=120)
+    assert [saver.exitcode for saver in savers] == [0, 0]
+    assert [entry.name for entry in tmp_path.iterdir()] == ["v.idx"]
+
+
+def test_failed_save_leaves_the_old_file_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(6)
+    path = tmp_path / "v.idx"
+    VectorIndex(8).save(path, applied_seq=1)
+    index = VectorIndex(8)
+    index.add(np.arange(10), _unit(rng, 10, 8))
+
+    def refuse(*_: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr("os.replace", refuse)
+    with pytest.raises(OSError, match="disk gone"):
+        index.save(path, applied_seq=2)
+    monkeypatch.undo()
+    loaded, seq = VectorIndex.load(path)
+    assert seq == 1 and len(loaded) == 0
+    assert [entry.name for entry in tmp_path.iterdir()] == ["v.idx"]

@@ -122,3 +122,17 @@ def test_ivf_path_is_exact_k_and_pads(count: int) -> None:
         assert (got == -1).all() and np.isneginf(scores).all()
         return
     assert _check(index, vectors, queries, allowed) >= (1.0 if count <= K else 0.95)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_no_query_stops_far_from_its_answer(fraction: float) -> None:
+    """Per query, not just on average: on uniform data, where list order says little."""
+    rng = np.random.default_rng(11)
+    vectors = _vectors("uniform", rng, SIZE)
+    queries = _vectors("uniform", rng, 300)
+    index = _index(vectors, BRUTE)
+    allowed = rng.choice(SIZE, size=int(fraction * SIZE), replace=False)
+    _, got = index.search(queries, K, allowed)
+    _, truth = _exact(vectors, queries, allowed, K)
+    recall = [len(truth[row] & set(got[row].tolist())) / K for row in range(len(queries))]
+    assert min(recall) >= 0.8
