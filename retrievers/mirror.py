@@ -108,6 +108,8 @@ class IndexMirror:
             return
         self.refresh()
         with _locked(self._path.with_name(self._path.name + ".lock")):
+            for stale in self._path.parent.glob(f"{self._path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)  # left by a saver killed mid-save
             self.index.save(self._path, self.applied)
         self._changed = False
         self._records.prune_log(self.applied)

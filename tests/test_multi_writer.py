@@ -157,3 +157,14 @@ def test_a_memory_behind_a_pruned_log_rebuilds(
         hits = lagging.search("record busy writer", k=10, mode="vector")
         assert {h.id for h in hits} == {f"r{i}" for i in range(1, 8)}
         assert lagging.stats()["vectors"] == 7
+
+
+def test_a_save_clears_what_a_killed_saver_left(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    with Memory(path=folder, embedder=EMBEDDER) as memory:
+        memory.add("first", id="a")
+        (folder / "vectors.idx.k1ll3d.tmp").write_bytes(b"half a save")
+        memory.add("second", id="b")
+    assert sorted(p.name for p in folder.iterdir() if p.suffix == ".tmp") == []
+    with Memory(path=folder, embedder=EMBEDDER) as memory:
+        assert memory.stats()["vectors"] == 2
