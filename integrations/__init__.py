@@ -1,1 +1,2 @@
-"""memlayer.integrations: LangChain classes and the HTTP service, over the public API."""
+"""memlayer.integrations: adapters over the public API (LangChain, the HTTP service); none is
+built yet."""

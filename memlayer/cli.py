@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from memlayer.errors import InvalidInputError, MemlayerError, NotFoundError
+from memlayer.retrievers.search import MODES
 from memlayer.types import SCOPE_FIELDS, Hit, Scope
 
 
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     search.add_argument("query")
     search.add_argument("-k", type=int, default=5)
-    search.add_argument("--mode", choices=("hybrid", "vector", "keyword"), default="hybrid")
+    search.add_argument("--mode", choices=MODES, default="hybrid")
     search.add_argument("--filters", help="Mongo-style JSON filter")
     search.add_argument("--json", action="store_true", help="print JSON lines")
 

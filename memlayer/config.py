@@ -67,10 +67,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MEMLAYER_", extra="ignore")
 
-    data_dir: Path = Field(default_factory=default_data_dir)
-    url: str | None = None
-    embedder: str = "minilm"
-    log_level: str = "WARNING"
+    data_dir: Path = Field(default_factory=default_data_dir)  # MEMLAYER_DATA_DIR
+    url: str | None = None  # MEMLAYER_URL: a database URL used when no path or url is given
+    embedder: str | None = None  # MEMLAYER_EMBEDDER: a name or folder used when none is given
 
 
 @dataclass(frozen=True)

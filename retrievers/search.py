@@ -30,15 +30,15 @@ Filters = Mapping[str, Any] | None
 
 @dataclass(frozen=True)
 class SearchPlan:
-    """Candidates each retriever proposes for fusion in hybrid mode: k × `pool_factor`, at
-    least `min_pool`, so a record ranked modestly by both can still win."""
+    """Candidates each retriever proposes for fusion in hybrid mode: k × `factor`, at least
+    `minimum`, so a record ranked modestly by both can still win."""
 
-    pool_factor: int = 4
-    min_pool: int = 40
+    factor: int = 4
+    minimum: int = 40
 
-    def pool(self, k: int, mode: SearchMode) -> int:
-        """Candidates to ask each retriever for."""
-        return max(self.pool_factor * k, self.min_pool) if mode == "hybrid" else k
+    def candidates(self, k: int, mode: SearchMode) -> int:
+        """How many candidates to ask each retriever for."""
+        return max(self.factor * k, self.minimum) if mode == "hybrid" else k
 
 
 class Retriever:
@@ -65,13 +65,13 @@ class Retriever:
     ) -> Ranking:
         """Best-first (rowid, score) of the records in `scope` matching `filters`, at most k."""
         condition = self._records.condition(scope, filters)
-        pool = self.plan.pool(k, mode)
+        wanted = self.plan.candidates(k, mode)
         rankings: list[Ranking] = []
         if mode in ("vector", "hybrid"):
             whole_tenant = not filters and set(scope.as_dict()) <= {"tenant_id"}
-            rankings.append(self._vector(query, pool, condition, scope, whole_tenant))
+            rankings.append(self._vector(query, wanted, condition, scope, whole_tenant))
         if mode in ("keyword", "hybrid"):
-            rankings.append(self._keywords.search(query, pool, condition))
+            rankings.append(self._keywords.search(query, wanted, condition))
         ranked = rankings[0] if len(rankings) == 1 else reciprocal_rank_fusion(rankings)
         return ranked[:k]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from typing import Protocol
 
-from memlayer.errors import InvalidInputError
+from memlayer.registry import Registry
 
 
 class EvictionPolicy(Protocol):
@@ -16,6 +16,10 @@ class EvictionPolicy(Protocol):
     def victim(self) -> str | None: ...
 
 
+POLICIES: Registry[EvictionPolicy] = Registry("policy")
+
+
+@POLICIES.register("lru")
 class LRU:
     """Least recently used first."""
 
@@ -33,6 +37,7 @@ class LRU:
         return next(iter(self.order), None)
 
 
+@POLICIES.register("lfu")
 class LFU(LRU):
     """Least frequently used first; ties go to the least recently used."""
 
@@ -51,13 +56,3 @@ class LFU(LRU):
     def victim(self) -> str | None:
         fewest = min(self.uses.values(), default=None)
         return next((pid for pid in self.order if self.uses[pid] == fewest), None)
-
-
-POLICIES: dict[str, type[LRU]] = {"lru": LRU, "lfu": LFU}
-
-
-def make_policy(name: str) -> EvictionPolicy:
-    """The policy registered under `name`."""
-    if name not in POLICIES:
-        raise InvalidInputError("policy", f"must be one of {', '.join(POLICIES)}", name)
-    return POLICIES[name]()

@@ -18,7 +18,7 @@ import torch
 
 from memlayer.errors import CapacityError, InvalidInputError, NotFoundError
 from memlayer.stores.codec import check_payload
-from memlayer.stores.policy import make_policy
+from memlayer.stores.policy import POLICIES
 from memlayer.stores.tier import Tier
 from memlayer.types import Page
 
@@ -78,7 +78,7 @@ class TensorTier(Tier):
         self.device = torch.device(device)
         self.budget = budget
         self.pin = torch.cuda.is_available() and self.device.type == "cpu" if pin is None else pin
-        self.policy = make_policy(policy)
+        self.policy = POLICIES.create(policy)
         self._slabs: dict[Signature, Slab] = {}
         self._slots: dict[str, tuple[Signature, int]] = {}
         self._blobs: dict[str, bytes] = {}

@@ -246,3 +246,20 @@ def test_async_twin(tmp_path: Path) -> None:
             assert await mem.count(user_id="u") == 7
 
     asyncio.run(scenario())
+
+
+def test_environment_names_the_database_and_the_embedder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MEMLAYER_URL", f"sqlite:///{tmp_path / 'env.db'}")
+    monkeypatch.setenv("MEMLAYER_EMBEDDER", "hash-32")
+    with Memory() as mem:
+        mem.add("configured by the environment")
+        assert mem.embedder.dim == 32 and mem.path is None
+    assert (tmp_path / "env.db").is_file()
+    with Memory(path=tmp_path / "folder", embedder="hash-16") as mem:  # arguments win
+        assert mem.embedder.dim == 16 and mem.path == tmp_path / "folder"
+
+
+def test_unknown_embedder_name_lists_the_registered_ones(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="embedder: must be a name") as info:
+        Memory(path=tmp_path / "m", embedder="hash-wide")
+    assert info.value.field == "embedder"
