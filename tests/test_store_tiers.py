@@ -336,7 +336,9 @@ def test_flipped_byte_is_detected_and_never_returned(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path / "d")
     with pytest.raises(CorruptionError, match="p2"):
         tier.get("p2")
-    assert "p2" not in tier and tier.stats()["corrupt"] == 1
+    assert "p2" in tier and tier.stats()["corrupt"] == 1  # kept: get raises every time
+    with pytest.raises(CorruptionError, match="p2"):
+        tier.get("p2")
     for page in pages:
         if page.id != "p2":
             assert_same(page, tier.get(page.id))
@@ -346,7 +348,7 @@ def test_flipped_byte_is_detected_and_never_returned(tmp_path: Path) -> None:
     segment.write_bytes(bytes(data))
     tier = DiskTier(tmp_path / "d")
     assert set(tier.ids()) == {"p0", "p1", "p2", "p4"} and tier.stats()["corrupt"] == 1
-    assert tier.verify() == []
+    assert [(d.segment, d.offset, d.page_id) for d in tier.verify()] == [(1, starts[3], None)]
     assert_same(pages[4], tier.get("p4"))
     tier.close()
 
