@@ -159,10 +159,16 @@ class LayerMemory:
             self.buffer_start += take
 
     def _placed(self, keys: torch.Tensor, start: int) -> torch.Tensor:
-        """Keys as memory stores them: unrotated (position 0), or at their absolute positions."""
-        if self.config.positions != "exact":
-            return keys
-        positions = torch.arange(keys.shape[1], device=keys.device) + start
+        """Keys as memory stores them: rotated to position 0, or to their absolute positions.
+
+        Position 0 is the identity for plain RoPE, but scaled RoPE (YaRN, LongRoPE) multiplies
+        by its attention scaling at every position, 0 included, as it does the query.
+        """
+        count = keys.shape[1]
+        if self.config.positions == "exact":
+            positions = torch.arange(start, start + count, device=keys.device)
+        else:
+            positions = torch.zeros(count, dtype=torch.long, device=keys.device)
         return self.rotary.rotate(keys, positions)
 
     def checkpoint(self) -> tuple[object, ...]:

@@ -18,6 +18,14 @@ COMMON = dict(
     max_position_embeddings=4096,
 )
 
+# YaRN scales the rotary cos/sin by about 1.14: catches any placement that drops the scale.
+YARN = {
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "rope_theta": 10000.0,
+    "original_max_position_embeddings": 1024,
+}
+
 
 def tiny(family: str, seed: int = 0) -> Any:
     """A tiny random model of `family`, in float32 eval mode (sdpa attention)."""
@@ -29,6 +37,7 @@ def tiny(family: str, seed: int = 0) -> Any:
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"use_sliding_window": False}),
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": None}),
         "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, {}),
+        "llama-yarn": (tf.LlamaConfig, tf.LlamaForCausalLM, {"rope_parameters": YARN}),
     }
     config_cls, model_cls, extra = configs[family]
     torch.manual_seed(seed)

@@ -1,0 +1,181 @@
+"""In the default `positions="infllm"` mode, with every page selected, KVSession computes
+exactly the attention its documented position scheme defines.
+
+The scheme, pinned down from kvretrieval/layer_memory.py (`attend`, `_seal`) and rope.py:
+
+- The model runs chunk by chunk: a feed or a prompt in `chunk_size` pieces from where the
+  stream stands, each generated token alone. A layer seals tokens only after the whole
+  chunk has been attended, so every query of a chunk that starts at absolute position `s`
+  sees the memory as it stood after `s` tokens.
+- Sinks: the first tokens to leave the local window, up to `n_init`:
+  [0, I) with I = min(n_init, max(0, s - n_local)).
+- Pages: once the sinks are full, tokens leave the window one whole block at a time:
+  [n_init, n_init + P * block_size) with P = max(0, (s - n_local - n_init) // block_size).
+- Local window of the query at t: [W, t] with W = I + P * block_size, that is the last
+  `n_local` tokens before the chunk, the block being sealed (the fewer than `block_size`
+  older tokens that have left the window but do not fill a page yet), and the chunk's own
+  tokens up to t (causal).
+- Positions: local keys j at j - W, the query at t - W (true relative distances, counted
+  from the window's start); sinks and pages with keys at position 0 and the query at
+  `n_local`, however far back they are. One softmax over the union of the three.
+
+The reference below implements that as a plain attention function registered with
+transformers for a reference run of the same model over the whole sequence at once, with
+its own rotary embedding built from the model's `inv_freq`; it shares no code with
+memlayer's attention, cache or kernels.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from kv_models import tiny, twin
+from transformers import AttentionInterface
+
+from memlayer import KVSession
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "llama-yarn"]
+CONFIGS = {
+    "sinks-then-blocks": dict(n_init=3, n_local=8, block_size=4, chunk_size=8),
+    "no-sinks-long-chunks": dict(n_init=0, n_local=6, block_size=4, chunk_size=10),
+}
+REFERENCE = "memlayer_test_reference"
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., T, D] by the RoPE angles of `positions` [T] (no attention scaling).
+
+    The model ran at position 0, so its rotary scaling is already in x: rotating by the
+    bare angles gives the model's own rotation at `positions`.
+    """
+    angles = positions.double()[:, None] * inv_freq.double()[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    half = x.shape[-1] // 2
+    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * angles.cos().to(x.dtype) + turned * angles.sin().to(x.dtype)
+
+
+@dataclass
+class Scheme:
+    """The documented position scheme as one attention function, for a reference run."""
+
+    n_init: int
+    n_local: int
+    block_size: int
+    inv_freq: torch.Tensor
+    starts: list[int] = field(default_factory=list)  # absolute starts of the forward chunks
+
+    def window_start(self, t: int) -> int:
+        """W for the query at t: sinks and pages end there, the local window begins."""
+        s = self.starts[bisect.bisect_right(self.starts, t) - 1]
+        sinks = min(self.n_init, max(0, s - self.n_local))
+        pages = max(0, (s - self.n_local - self.n_init) // self.block_size)
+        return sinks + (pages * self.block_size if sinks == self.n_init else 0)
+
+    def __call__(
+        self,
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """Output [1, T, Hq, D]: each query over the keys the scheme lets it see."""
+        group = query.shape[1] // key.shape[1]
+        keys = key[0].repeat_interleave(group, dim=0)  # [Hq, T, D]
+        values = value[0].repeat_interleave(group, dim=0)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        rows = []
+        for t in range(query.shape[2]):
+            w = self.window_start(t)
+            q = query[0, :, t : t + 1]  # [Hq, 1, D]
+            q_memory = rotate(q, torch.tensor([self.n_local]), self.inv_freq)
+            q_local = rotate(q, torch.tensor([t - w]), self.inv_freq)
+            k_local = rotate(keys[:, w : t + 1], torch.arange(t + 1 - w), self.inv_freq)
+            logits = torch.cat(
+                [q_memory @ keys[:, :w].transpose(1, 2), q_local @ k_local.transpose(1, 2)], -1
+            )
+            rows.append(torch.softmax(logits * scale, dim=-1) @ values[:, : t + 1])
+        return torch.cat(rows, dim=1).transpose(0, 1)[None], None
+
+
+def chunk_starts(begin: int, length: int, size: int) -> list[int]:
+    """Where the forwards of `length` tokens fed from `begin` in `size` pieces start."""
+    return list(range(begin, begin + length, size))
+
+
+class Reference:
+    """The model run densely over a whole sequence with `Scheme` as its attention."""
+
+    def __init__(self, model: Any, config: dict[str, int]):
+        self.model = model
+        self.scheme = Scheme(
+            config["n_init"],
+            config["n_local"],
+            config["block_size"],
+            model.model.rotary_emb.inv_freq.clone(),
+        )
+        AttentionInterface.register(REFERENCE, self.scheme)
+        model.set_attn_implementation(REFERENCE)
+
+    def logits(self, ids: list[int], starts: list[int]) -> torch.Tensor:
+        """Logits [T, vocab] of `ids` whose forwards started at `starts`."""
+        self.scheme.starts = starts
+        tokens = torch.tensor([ids])
+        with torch.no_grad():
+            out = self.model(input_ids=tokens, position_ids=torch.zeros_like(tokens))
+        return out.logits[0]
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_reference_is_the_dense_model_while_nothing_left_the_window(family: str) -> None:
+    """Checks the reference itself: with the window start at 0 it must be plain attention."""
+    dense = tiny(family)
+    ids = _ids(40, seed=2)
+    config = dict(n_init=3, n_local=32, block_size=4)
+    reference = Reference(twin(dense), config)
+    logits = reference.logits(ids, chunk_starts(0, 40, 8))
+    assert {reference.scheme.window_start(t) for t in range(40)} == {0}
+    with torch.no_grad():
+        expected = dense(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("selector", ["infllm", "quest"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_page_selected_equals_the_reference(
+    family: str, selector: str, config_name: str
+) -> None:
+    config = CONFIGS[config_name]
+    dense = tiny(family)
+    fed, prompt = _ids(90, seed=3), _ids(5, seed=4)
+    reference = Reference(twin(dense), config)
+    size = config["chunk_size"]
+
+    session = KVSession(twin(dense), None, progress=False, selector=selector, topk=1000, **config)
+    logits = session._forward(fed, all_logits=True)
+    pages = session.stats()["pages"]
+    assert 0 < pages // len(session.cache.memories) <= session.config.topk  # all pages picked
+    expected = reference.logits(fed, chunk_starts(0, 90, size))
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+
+    session = KVSession(twin(dense), None, progress=False, selector=selector, topk=1000, **config)
+    session.feed(fed)
+    tokens = session.continue_ids(prompt, 8)
+    # The prompt runs in chunks from position 90, then each generated token alone. The
+    # reference is causal, so matching its argmax at every step is matching its own greedy.
+    starts = chunk_starts(0, 90, size) + chunk_starts(90, 5, size) + list(range(95, 102))
+    steps = reference.logits(fed + prompt + tokens[:-1], starts)[94:]
+    assert tokens == steps.argmax(dim=-1).tolist()
