@@ -849,6 +849,17 @@ def git_commit() -> str:
     return git("rev-parse", "--short", "HEAD").strip() + ("+dirty" if dirty else "")
 
 
+def tree_changes() -> list[str]:
+    """Tracked files with uncommitted changes in the checkout (others share it)."""
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=Path(__file__).resolve().parent,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return [line[3:] for line in status.splitlines()]
+
+
 def versions() -> dict[str, str]:
     """Versions of everything measured."""
     names = ["memlayer", "numpy", "faiss-cpu", "chromadb", "lancedb", "pyarrow", "torch"]
@@ -1001,6 +1012,7 @@ def main() -> None:
         "command": "python benchmarks/memory_bench.py " + " ".join(sys.argv[1:]),
         "date": date,
         "commit": git_commit(),
+        "uncommitted": tree_changes(),
         "versions": versions(),
         "machine": machine(),
         "load_start": loadavg(),
