@@ -1,11 +1,12 @@
 """Disk tier: append-only segment files of checksummed page records, read by memory map.
 
 A record is a fixed header (magic, op, id length, body checksum, body length, header
-checksum), the page id and the encoded page; checksums are 64-bit XXH3, which verifies a
-page at memory speed (CRC32 ran at a fifth of a raw read). `put` returns only after the
-record's bytes are fsync'ed (every write and fsync goes through `write_all` and `fsync`, so a
-test can watch the order), so an acknowledged page survives `kill -9`. Deletes append a
-tombstone; `compact` copies live records into fresh segments and removes the old ones.
+checksum), the page id and the encoded page; checksums are 64-bit XXH3, fast enough to
+verify every page as it is read. `put` returns only after the record's bytes are fsync'ed,
+and `put_many` fsyncs once for all its pages (every write and fsync goes through
+`write_all` and `fsync`, so a test can watch the order), so an acknowledged page survives
+`kill -9`. Deletes append a tombstone; `compact` copies live records into fresh segments
+and removes the old ones.
 
 Torn and corrupt are told apart, because one is cut and the other never is:
 
