@@ -263,11 +263,11 @@ class DiskTier(Tier):
             return iter(list(self._index))
 
     def put(self, page: Page) -> list[Page]:
-        self.put_many([page])
-        return []
+        return self.put_many([page])
 
-    def put_many(self, pages: Sequence[Page]) -> None:
-        """Append pages and fsync once; returns when all of them are durable."""
+    def put_many(self, pages: Sequence[Page]) -> list[Page]:
+        """Append pages and fsync once; returns when all of them are durable. A disk tier
+        never evicts: a write past its budget is refused (CapacityError) instead."""
         records = [(page.id, encode(page)) for page in pages]
         with self._lock:
             self._check_open()
@@ -281,6 +281,7 @@ class DiskTier(Tier):
             for page_id, body in records:
                 self._append(_PUT, page_id, body)
             self._flush()
+        return []
 
     def get(self, page_id: str, *, transient: bool = False) -> Page:
         """The page. `transient`: its tensors are views of the segment's private memory map
@@ -301,6 +302,10 @@ class DiskTier(Tier):
             )
         self.counters.hits += 1
         return decode(body)
+
+    def get_many(self, page_ids: Sequence[str], *, transient: bool = False) -> list[Page]:
+        """The pages, read as `get` reads them (`transient`: views of the memory maps)."""
+        return [self.get(page_id, transient=transient) for page_id in page_ids]
 
     def evict(self, page_id: str) -> None:
         with self._lock:

@@ -4,8 +4,10 @@
 places the page in the front tier. `get` returns pages from the highest tier holding them
 and promotes them to the front; pressure demotes the coldest one tier down (a page is
 dropped only where a persistent tier below still holds it). `prefetch` starts promotion
-on a worker thread (on CUDA inside a side stream, from pinned host memory) so `get`
-waits only for what has not arrived yet.
+on a worker thread (inside the front tier's `prefetching` context: on CUDA a side stream,
+from pinned host memory) so `get` waits only for what has not arrived yet. Pages move only
+through the `Tier` contract (`put_many`, `promote`, `touch`, `gather`), so any tier works
+in any position.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from memlayer.errors import CapacityError, ClosedError, InvalidInputError, NotFo
 from memlayer.stores.codec import check_payload
 from memlayer.stores.disk_tier import DiskTier
 from memlayer.stores.sql_tier import SQLTier
-from memlayer.stores.tensor_tier import Signature, TensorTier, slot_bytes
+from memlayer.stores.tensor_tier import TensorTier
 from memlayer.stores.tier import Tier
 from memlayer.types import Page
 
@@ -87,7 +89,6 @@ class PageStore:
             initializer=torch.set_num_threads,
             initargs=(1,),
         )
-        self._stream: Any = None
         self._moved: dict[str, dict[str, float]] = defaultdict(
             lambda: {"pages": 0, "bytes": 0, "seconds": 0.0}
         )
@@ -130,12 +131,7 @@ class PageStore:
             for page in pages:
                 self._drop_volatile(page.id)
             if self._durable is not None:
-                writer = getattr(self._durable, "put_many", None)
-                if writer is not None:
-                    writer(pages)
-                else:
-                    for page in pages:
-                        self._durable.put(page)
+                self._durable.put_many(pages)
             for page in pages:
                 self._place(page, self._front_for(page))
 
@@ -187,17 +183,14 @@ class PageStore:
             return pages
 
     def gather(self, page_ids: Sequence[str], name: str) -> torch.Tensor:
-        """Tensor `name` of many pages stacked [n, *shape] from the front tier: one gather."""
+        """Tensor `name` of many pages stacked [n, *shape] from the front tier (a tensor
+        tier reads them with one gather per slab)."""
         for page_id in page_ids:
             self._wait(page_id)
         with self._lock:
             self._check_open()
             front = self.tiers[0]
-            if not isinstance(front, TensorTier):
-                raise InvalidInputError("tiers", "gather needs a GPU or RAM tier in front")
-            for page_id in page_ids:
-                if page_id in front:
-                    front.policy.touch(page_id)  # keep them while the rest come up
+            front.touch([pid for pid in page_ids if pid in front])  # kept while the rest come up
             self._promote([pid for pid in page_ids if pid not in front])
             if any(pid not in front for pid in page_ids):
                 raise CapacityError(
@@ -298,57 +291,46 @@ class PageStore:
         stats["seconds"] += time.perf_counter() - started
 
     def _promote(self, page_ids: Sequence[str], *, missing_ok: bool = False) -> None:
-        """Bring pages to the front: tensor pages of one tier and signature as one batch."""
-        batches: dict[tuple[TensorTier, Signature], list[str]] = defaultdict(list)
-        front_tier = self.tiers[0] if isinstance(self.tiers[0], TensorTier) else None
+        """Bring pages toward the front, the deepest tier's first, each tier's as one batch."""
+        levels: dict[str, int] = {}
         for page_id in dict.fromkeys(page_ids):
-            if missing_ok and page_id not in self:
-                continue  # deleted after a prefetch asked for it
-            level = self._level(page_id)
-            source = self.tiers[level]
-            if isinstance(source, TensorTier) and front_tier is not None:
-                sig = source.signature_of(page_id)
-                if sig is not None:
-                    if source is not front_tier:
-                        batches[(source, sig)].append(page_id)
-                    continue
-            if isinstance(source, TensorTier):
-                page = source.view(page_id)
-            elif isinstance(source, DiskTier):
-                page = source.get(page_id, transient=True)  # _move copies it at once
-            else:
-                page = source.get(page_id)
-            front = self._front_for(page)
-            if level > front:
-                self._move(page, source, front)
-        if front_tier is not None:
-            for (source, sig), ids in batches.items():
-                self._promote_batch(front_tier, source, sig, ids)
+            try:
+                levels[page_id] = self._level(page_id)
+            except NotFoundError:
+                if not missing_ok:
+                    raise  # else deleted after a prefetch asked for it
+        while levels:
+            deepest = max(levels.values())
+            batch = [page_id for page_id, level in levels.items() if level == deepest]
+            if deepest > 0:
+                self._promote_from(deepest, batch)
+            levels = {  # demotions above may have pushed a page down
+                page_id: level if page_id in self.tiers[level] else self._level(page_id)
+                for page_id, level in levels.items()
+                if level != deepest
+            }
 
-    def _promote_batch(
-        self, front: TensorTier, source: TensorTier, sig: Signature, page_ids: list[str]
-    ) -> None:
-        """Copy tensor pages of one signature from a lower tensor tier to the front."""
-        size = slot_bytes(sig)
-        step = len(page_ids) if front.budget is None else max(front.budget // size, 1)
-        for start in range(0, len(page_ids), step):  # more than fit: the last ones stay
-            chunk = page_ids[start : start + step]
+    def _promote_from(self, level: int, page_ids: list[str]) -> None:
+        """Copy pages held at `level` into the first tier above it that accepts them (never
+        into a persistent one: what it holds it got from `put`), demoting what makes room."""
+        source = self.tiers[level]
+        for target_level, target in enumerate(self.tiers[:level]):
+            if target.persistent or not page_ids:
+                return
+            refused: list[str] = []
             started = time.perf_counter()
-            self._demote(0, front.copy_from(source, chunk))
-            self._count(source, front, len(chunk), len(chunk) * size, started)
+            for step in target.promote(source, page_ids):
+                self._demote(target_level, step.evicted)
+                if step.arrived:
+                    self._count(source, target, len(step.arrived), step.nbytes, started)
+                refused.extend(step.refused)
+                started = time.perf_counter()
+            page_ids = refused
 
     def _prefetch(self, page_ids: Sequence[str]) -> None:
-        front = self.tiers[0]
         try:
-            with self._lock:
-                if isinstance(front, TensorTier) and front.device.type == "cuda":
-                    if self._stream is None:
-                        self._stream = torch.cuda.Stream(front.device)
-                    with torch.cuda.stream(self._stream):
-                        self._promote(page_ids, missing_ok=True)
-                    self._stream.synchronize()
-                else:
-                    self._promote(page_ids, missing_ok=True)
+            with self._lock, self.tiers[0].prefetching():
+                self._promote(page_ids, missing_ok=True)
         finally:
             with self._lock:
                 for page_id in page_ids:

@@ -1,8 +1,8 @@
 """SQL tier: pages as binary rows through SQLAlchemy (SQLite by default, PostgreSQL to share).
 
-Each page is one row holding `codec.encode`'s blob and its CRC32, written in its own
-committed transaction before `put` returns. A row whose checksum fails is reported and
-never returned as data.
+Each page is one row holding `codec.encode`'s blob and its CRC32, written in a committed
+transaction before `put` returns (`put_many`: one transaction for all its pages). A batch
+read is one query. A row whose checksum fails is reported and never returned as data.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from memlayer.stores.tier import Tier
 from memlayer.types import Page
 
 log = logging.getLogger(__name__)
+
+_BATCH = 500  # ids per query of a batch read: within every database's limit on parameters
 
 
 class SQLTier(Tier):
@@ -85,11 +87,10 @@ class SQLTier(Tier):
         return iter([row[0] for row in self._run(select(self._table.c.id))])
 
     def put(self, page: Page) -> list[Page]:
-        self.put_many([page])
-        return []
+        return self.put_many([page])
 
-    def put_many(self, pages: Sequence[Page]) -> None:
-        """Upsert pages in one committed transaction."""
+    def put_many(self, pages: Sequence[Page]) -> list[Page]:
+        """Upsert pages in one committed transaction (a SQL tier never evicts)."""
         from sqlalchemy import delete, insert
         from sqlalchemy.exc import SQLAlchemyError
 
@@ -106,6 +107,7 @@ class SQLTier(Tier):
                 conn.execute(insert(table), rows)
         except SQLAlchemyError as exc:
             raise StorageError(f"database error in {self.url}: {exc}") from exc
+        return []
 
     def get(self, page_id: str) -> Page:
         from sqlalchemy import select
@@ -115,7 +117,29 @@ class SQLTier(Tier):
         if not rows:
             self.counters.misses += 1
             raise NotFoundError("page", page_id)
-        crc, body = rows[0]
+        return self._decode(page_id, *rows[0])
+
+    def get_many(self, page_ids: Sequence[str], *, transient: bool = False) -> list[Page]:
+        """The pages, read with one query per `_BATCH` ids."""
+        from sqlalchemy import select
+
+        table = self._table
+        found: dict[str, tuple[int, bytes]] = {}
+        unique = list(dict.fromkeys(page_ids))
+        for start in range(0, len(unique), _BATCH):
+            chosen = table.c.id.in_(unique[start : start + _BATCH])
+            for page_id, crc, body in self._run(
+                select(table.c.id, table.c.crc, table.c.body).where(chosen)
+            ):
+                found[page_id] = (crc, body)
+        missing = next((page_id for page_id in page_ids if page_id not in found), None)
+        if missing is not None:
+            self.counters.misses += 1
+            raise NotFoundError("page", missing)
+        return [self._decode(page_id, *found[page_id]) for page_id in page_ids]
+
+    def _decode(self, page_id: str, crc: int, body: bytes) -> Page:
+        """The page a row holds, once its checksum passes."""
         if _crc(body) != crc:
             log.error("memlayer SQL tier %s: page %r failed its checksum", self.url, page_id)
             raise CorruptionError(f"page {page_id!r}: checksum mismatch in {self.url}")

@@ -12,14 +12,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from memlayer.errors import CapacityError, InvalidInputError, NotFoundError
 from memlayer.stores.codec import check_payload
 from memlayer.stores.policy import POLICIES
-from memlayer.stores.tier import Tier
+from memlayer.stores.tier import PromotionStep, Tier
 from memlayer.types import Page
 
 Signature = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
@@ -59,7 +61,8 @@ class TensorTier(Tier):
     """Pages as tensors on `device` (the GPU tier on CUDA, the RAM tier on CPU).
 
     `budget` None means unbounded; `pin` (default: when CUDA is available) pins host slabs
-    so copies to the GPU run asynchronously at full speed.
+    so copies to the GPU run asynchronously at full speed. Promotion from another tensor
+    tier copies slab to slab (`copy_from`); a gather is one `index_select`.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class TensorTier(Tier):
         self._slots: dict[str, tuple[Signature, int]] = {}
         self._blobs: dict[str, bytes] = {}
         self._headers: dict[str, Page] = {}
+        self._stream: Any = None  # the CUDA side stream prefetches copy on, made on first use
 
     # -- Tier -----------------------------------------------------------------------------
 
@@ -140,10 +144,6 @@ class TensorTier(Tier):
         self.policy.touch(page_id)
         return self._page(page_id)
 
-    def view(self, page_id: str) -> Page:
-        """The page with payload tensors that are views of its slot: valid until it is evicted."""
-        return self._page(page_id, copy=False)
-
     def evict(self, page_id: str) -> None:
         if page_id not in self:
             raise NotFoundError("page", page_id)
@@ -164,6 +164,50 @@ class TensorTier(Tier):
         self._slots.clear()
         self._blobs.clear()
         self._headers.clear()
+
+    def touch(self, page_ids: Sequence[str]) -> None:
+        """Mark pages as just used in the eviction policy, without reading them."""
+        missing = [page_id for page_id in page_ids if page_id not in self]
+        if missing:
+            raise NotFoundError("page", missing[0])
+        for page_id in page_ids:
+            self.policy.touch(page_id)
+
+    def promote(self, source: Tier, page_ids: Sequence[str]) -> Iterator[PromotionStep]:
+        """From another tensor tier, pages of one payload signature move slab to slab
+        (`copy_from`), as many per step as the budget holds (of more pages than fit, the last
+        ones stay); bytes pages and other sources go the generic way (`Tier.promote`)."""
+        if not isinstance(source, TensorTier):
+            yield from super().promote(source, page_ids)
+            return
+        batches: dict[Signature, list[str]] = {}
+        blobs: list[str] = []
+        for page_id in dict.fromkeys(page_ids):
+            sig = source.signature_of(page_id)
+            if sig is None:
+                blobs.append(page_id)
+            else:
+                batches.setdefault(sig, []).append(page_id)
+        yield from super().promote(source, blobs)
+        for sig, ids in batches.items():
+            size = slot_bytes(sig)
+            step = len(ids) if self.budget is None else max(self.budget // size, 1)
+            for start in range(0, len(ids), step):
+                chunk = ids[start : start + step]
+                yield PromotionStep(chunk, len(chunk) * size, self.copy_from(source, chunk))
+
+    @contextmanager
+    def prefetching(self) -> Iterator[None]:
+        """On CUDA, prefetch copies run on this tier's side stream (from pinned host memory,
+        overlapping the caller's compute) and are waited for on exit."""
+        if self.device.type != "cuda":
+            yield
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._stream):
+            yield
+        self._stream.synchronize()
 
     def copy_from(self, source: TensorTier, page_ids: Sequence[str]) -> list[Page]:
         """Copy pages of one payload signature from another tensor tier as one batch
@@ -238,13 +282,12 @@ class TensorTier(Tier):
             raise InvalidInputError("page_ids", "must name pages of one payload signature")
         return self._slabs[sigs.pop()], [self._slots[pid][1] for pid in page_ids]
 
-    def _page(self, page_id: str, *, copy: bool = True) -> Page:
+    def _page(self, page_id: str) -> Page:
         header = self._headers[page_id]
         if page_id in self._blobs:
             return dataclasses.replace(header, payload=self._blobs[page_id])
         sig, slot = self._slots[page_id]
-        fields = self._slabs[sig].fields
-        payload = {n: t[slot].clone() if copy else t[slot] for n, t in fields.items()}
+        payload = {n: t[slot].clone() for n, t in self._slabs[sig].fields.items()}
         return dataclasses.replace(header, payload=payload)
 
     def _pop_victim(self) -> Page:

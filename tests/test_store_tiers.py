@@ -19,7 +19,7 @@ from memlayer.errors import (
     NotFoundError,
     StorageError,
 )
-from memlayer.stores import DiskTier, PageStore, SQLTier, StoreConfig, TensorTier
+from memlayer.stores import DiskTier, PageStore, SQLTier, StoreConfig, TensorTier, Tier
 from memlayer.stores.disk_tier import HEADER_BYTES, MAGIC, OLD_MAGIC
 from memlayer.stores.tensor_tier import _runs, copy_rows
 from memlayer.types import Page, Scope
@@ -114,11 +114,18 @@ def test_every_tier_round_trips_exactly(
     tmp = tmp_path_factory.mktemp("tiers")
     pages = [build_page(f"p{i}", spec) for i, spec in enumerate(specs)]
     for tier in every_tier(tmp):
-        for page in pages:
-            assert tier.put(page) == []
-        for page in pages:
-            assert_same(page, tier.get(page.id))
-        tier.close()
+        check_round_trip(tier, pages)
+
+
+def check_round_trip(tier: Tier, pages: list[Page]) -> None:
+    """Every page put (nothing evicted) comes back bit for bit, one by one and as a batch."""
+    for page in pages:
+        assert tier.put(page) == []
+    for page in pages:
+        assert_same(page, tier.get(page.id))
+    for page, got in zip(pages[::-1], tier.get_many([p.id for p in pages[::-1]]), strict=True):
+        assert_same(page, got)
+    tier.close()
 
 
 @settings(
@@ -132,31 +139,43 @@ def test_every_promotion_path_round_trips(
     tmp = tmp_path_factory.mktemp("paths")
     pages = {f"p{i}": build_page(f"p{i}", spec) for i, spec in enumerate(specs)}
     biggest = max(p.nbytes for p in pages.values()) + 1
-    on_gpu = sum(p.nbytes for p in pages.values() if isinstance(p.payload, dict))
     for back in ({"path": tmp / "disk"}, {"url": f"sqlite:///{tmp / 'p.db'}"}):
         store = PageStore.open(
             gpu_budget=biggest * 2, gpu_device="cpu", ram_budget=biggest * 3, **back
         )
-        store.put_many(list(pages.values()))
-        ids = list(pages)
-        for _ in range(3):
-            order.shuffle(ids)
-            for page_id, got in zip(ids, store.get(ids), strict=True):
-                assert_same(pages[page_id], got)
-        moved = store.stats()["moved"]
-        store.close()
-        if on_gpu > biggest * 2:
-            assert moved["gpu->ram"]["pages"] > 0 and moved["ram->gpu"]["pages"] > 0
+        check_promotion(store, pages, order)
+
+
+def check_promotion(store: PageStore, pages: dict[str, Page], order: Any) -> None:
+    """Gets in shuffled orders return every page exactly; when the tensor pages overflow
+    the front tier ("gpu", budget 2 × the biggest page), pages moved down and back up."""
+    biggest = max(p.nbytes for p in pages.values()) + 1
+    on_gpu = sum(p.nbytes for p in pages.values() if isinstance(p.payload, dict))
+    store.put_many(list(pages.values()))
+    ids = list(pages)
+    for _ in range(3):
+        order.shuffle(ids)
+        for page_id, got in zip(ids, store.get(ids), strict=True):
+            assert_same(pages[page_id], got)
+    moved = store.stats()["moved"]
+    store.close()
+    if on_gpu > biggest * 2:
+        assert moved["gpu->ram"]["pages"] > 0 and moved["ram->gpu"]["pages"] > 0
 
 
 def test_budgets_hold_after_every_operation(tmp_path: Path) -> None:
     """A randomized sequence of puts, gets, deletes and prefetches against a dict model."""
-    import random
-
-    rng = random.Random(7)
     store = PageStore.open(
         gpu_budget="6KiB", gpu_device="cpu", ram_budget="10KiB", path=tmp_path / "d"
     )
+    check_random_operations(store)
+
+
+def check_random_operations(store: PageStore) -> None:
+    """400 random puts, gets, deletes and prefetches match a dict; budgets always hold."""
+    import random
+
+    rng = random.Random(7)
     model: dict[str, Page] = {}
     for step in range(400):
         action = rng.random()
