@@ -9,19 +9,22 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from memlayer.errors import InvalidInputError
 from memlayer.kvretrieval.config import KVConfig
-from memlayer.stores import DiskTier, PageStore, TensorTier, Tier
+from memlayer.stores import PageStore
 from memlayer.types import Page
 
 
 def open_kv_store(
     config: KVConfig, device: torch.device, page_bytes: int, step_pages: int
 ) -> tuple[PageStore, tempfile.TemporaryDirectory[str] | None]:
-    """The session's page store (and the temporary offload folder it owns, if any).
+    """The session's page store (and the temporary offload folder it owns, if any): a tier
+    on the model's device when it is a GPU, RAM, then, when RAM is bounded or `offload_path`
+    is given, a disk tier there (or in a temporary folder) that does not fsync.
 
     Each bounded front tier must hold the `step_pages` pages one layer's step gathers.
     """
@@ -37,18 +40,21 @@ def open_kv_store(
                 f"(one page is {page_bytes} bytes)",
                 budget,
             )
-    tiers: list[Tier] = []
+    tiers: list[dict[str, Any]] = []
     if cuda:
-        tiers.append(TensorTier("gpu", device, config.gpu_budget))
-    tiers.append(TensorTier("ram", "cpu", config.ram_budget))
+        tiers.append(
+            {"kind": "tensor", "name": "gpu", "device": device, "budget": config.gpu_budget}
+        )
+    tiers.append({"kind": "tensor", "name": "ram", "device": "cpu", "budget": config.ram_budget})
     owned = None
-    if config.offload_path is not None or tiers[-1].budget is not None:
+    if config.offload_path is not None or config.ram_budget is not None:
         folder = config.offload_path
         if folder is None:
             owned = tempfile.TemporaryDirectory(prefix="memlayer-kv-")
             folder = Path(owned.name)
-        tiers.append(DiskTier(folder, sync=False))  # offload is a cache; save() is durable
-    return PageStore(tiers), owned
+        # offload is a cache (save() is durable), so its writes are not fsync'ed
+        tiers.append({"kind": "disk", "path": folder, "sync": False})
+    return PageStore.open(tiers=tiers), owned
 
 
 class PagePool:

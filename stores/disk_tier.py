@@ -216,11 +216,12 @@ class DiskTier(Tier):
         budget: int | None = None,
         segment_bytes: int = 256 * 2**20,
         sync: bool = True,
+        name: str = "disk",
     ) -> None:
         super().__init__()
         if segment_bytes <= HEADER_BYTES:
             raise InvalidInputError("segment_bytes", f"must exceed {HEADER_BYTES}", segment_bytes)
-        self.name = "disk"
+        self.name = name
         self.path = Path(path)
         self.budget = budget
         self.segment_bytes = segment_bytes

@@ -6,8 +6,8 @@ and promotes them to the front; pressure demotes the coldest one tier down (a pa
 dropped only where a persistent tier below still holds it). `prefetch` starts promotion
 on a worker thread (inside the front tier's `prefetching` context: on CUDA a side stream,
 from pinned host memory) so `get` waits only for what has not arrived yet. Pages move only
-through the `Tier` contract (`put_many`, `promote`, `touch`, `gather`), so any tier works
-in any position.
+through the `Tier` contract (`put_many`, `promote`, `touch`, `gather`), so any tier built
+by `memlayer.stores.factory` works in any position.
 """
 
 from __future__ import annotations
@@ -18,50 +18,18 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
-from memlayer.config import ByteSize
 from memlayer.errors import CapacityError, ClosedError, InvalidInputError, NotFoundError
 from memlayer.stores.codec import check_payload
-from memlayer.stores.disk_tier import DiskTier
-from memlayer.stores.sql_tier import SQLTier
-from memlayer.stores.tensor_tier import TensorTier
+from memlayer.stores.factory import StoreConfig, build_tiers
 from memlayer.stores.tier import Tier
 from memlayer.types import Page
 
 log = logging.getLogger(__name__)
-
-
-class StoreConfig(BaseModel):
-    """Which tiers a store has, front to back. Budgets accept units: "8GiB", "512MB"."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    gpu_budget: ByteSize | None = None
-    gpu_device: str = "cuda"
-    ram_budget: ByteSize | None = None
-    path: Path | None = None
-    url: str | None = None
-    policy: Literal["lru", "lfu"] = "lru"
-    segment_bytes: ByteSize = 256 * 2**20
-    sync: bool = True
-
-    def build(self) -> list[Tier]:
-        """The configured tiers, front (fastest) to back (durable)."""
-        tiers: list[Tier] = []
-        if self.gpu_budget is not None:
-            tiers.append(TensorTier("gpu", self.gpu_device, self.gpu_budget, policy=self.policy))
-        if self.ram_budget is not None or (self.path is None and self.url is None):
-            tiers.append(TensorTier("ram", "cpu", self.ram_budget, policy=self.policy))
-        if self.path is not None:
-            tiers.append(DiskTier(self.path, segment_bytes=self.segment_bytes, sync=self.sync))
-        if self.url is not None:
-            tiers.append(SQLTier(self.url))
-        return tiers
 
 
 class PageStore:
@@ -98,7 +66,8 @@ class PageStore:
     def open(
         cls, config: StoreConfig | Mapping[str, Any] | None = None, **options: Any
     ) -> PageStore:
-        """A store built from a `StoreConfig` (or its fields as a dict / keywords)."""
+        """A store whose tiers `build_tiers` makes from a `StoreConfig` (or its fields as a
+        dict / keywords)."""
         if not isinstance(config, StoreConfig):
             try:
                 config = StoreConfig(**{**(config or {}), **options})
@@ -106,7 +75,7 @@ class PageStore:
                 error = exc.errors()[0]
                 field = ".".join(str(part) for part in error["loc"]) or "config"
                 raise InvalidInputError(field, error["msg"]) from exc
-        return cls(config.build())
+        return cls(build_tiers(config))
 
     # -- writes ---------------------------------------------------------------------------
 

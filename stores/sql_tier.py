@@ -28,12 +28,19 @@ class SQLTier(Tier):
 
     persistent = True
 
-    def __init__(self, url: str, *, table: str = "memlayer_pages", budget: int | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        table: str = "memlayer_pages",
+        budget: int | None = None,
+        name: str = "sql",
+    ):
         super().__init__()
         from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table
         from sqlalchemy.exc import SQLAlchemyError
 
-        self.name = "sql"
+        self.name = name
         self.url = url
         self.budget = budget
         self._engine = open_engine(url)

@@ -9,9 +9,10 @@ moves pages only through this contract, so a new tier is one subclass.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -57,6 +58,13 @@ class Tier(ABC):
 
     def __init__(self) -> None:
         self.counters = TierCounters()
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Tier:
+        """The tier `cls(**options)`: the factory a tier kind is registered with (see
+        `memlayer.stores.factory`), taking the options as one mapping because `name` is
+        both a tier option and `Registry.create`'s first parameter."""
+        return cls(**options)
 
     @abstractmethod
     def put(self, page: Page) -> list[Page]: ...
