@@ -35,7 +35,7 @@ class Registry(Generic[T]):
 
         return add
 
-    def create(self, name: str, **options: Any) -> T:
+    def create(self, name: str, /, **options: Any) -> T:
         """A new instance of the extension registered as `name`."""
         factory = self._factories.get(name) if isinstance(name, str) else None
         if factory is None:
