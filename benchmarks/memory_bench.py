@@ -549,7 +549,8 @@ def bench_chroma_persistent(work: Workload) -> Result:
 
 
 def bench_chroma_ephemeral(work: Workload) -> Result:
-    """Chroma's in-memory client, built with the ef_search the persistent sweep matched."""
+    """Chroma's in-memory client, built with the persistent sweep's ef_search (its matched
+    point, or its best recall when none reached the target)."""
     import chromadb
 
     ef = work.context.get("chroma_ef", 100)
@@ -562,7 +563,7 @@ def bench_chroma_ephemeral(work: Workload) -> Result:
     )
     adds = timed_adds(chroma_add(collection, work, False), len(work.data), work.batch)
     setting = f"ef_search={ef}" + (
-        " (persistent's matched point)" if "chroma_ef" in work.context else ""
+        " (the persistent sweep's choice)" if "chroma_ef" in work.context else ""
     )
     curve = [measure(chroma_search(collection, ["distances"]), setting, work)]
     add1 = single_add_ms(lambda i: collection.add(ids=[f"x{i}"], embeddings=work.data[:1]), 0)
