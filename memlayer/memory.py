@@ -247,8 +247,7 @@ class Memory:
         filter_rules.validate(filters)
         self._check_open()
         ranked = self._retriever.rank(query, k, mode, owner, filters)
-        condition = self._records.condition(owner, filters)
-        records = self._records.fetch([rowid for rowid, _ in ranked], condition)
+        records = self._records.fetch([rowid for rowid, _ in ranked], owner, filters)
         return [_hit(records[rowid], score) for rowid, score in ranked if rowid in records]
 
     def context(

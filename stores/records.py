@@ -277,10 +277,13 @@ class RecordStore:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def fetch(self, rowids: Sequence[int], condition: Any) -> dict[int, Record]:
-        """The records with these rowids that (still) match `condition`."""
+    def fetch(
+        self, rowids: Sequence[int], scope: Scope, filters: Mapping[str, Any] | None = None
+    ) -> dict[int, Record]:
+        """The records with these rowids that (still) lie in `scope` and match `filters`."""
         if not rowids:
             return {}
+        condition = self.condition(scope, filters, indexed=False)
         rows = self.fetch_where(self.records.c.rowid.in_([int(r) for r in rowids]) & condition)
         return {row.rowid: row for row in rows}
 
@@ -295,17 +298,30 @@ class RecordStore:
             return [_record(row._mapping) for row in result]
 
     def condition(
-        self, scope: Scope, filters: Mapping[str, Any] | None = None, *, id: str | None = None
+        self,
+        scope: Scope,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        id: str | None = None,
+        indexed: bool = True,
     ) -> Any:
         """SQL condition: records of `scope`'s tenant whose other named scope fields match,
-        that satisfy `filters` and, when given, have this id."""
+        that satisfy `filters` and, when given, have this id.
+
+        `indexed=False` keeps the scope terms off the scope index, for queries that find
+        their rows by rowid: SQLite would otherwise walk every row of the tenant.
+        """
         from sqlalchemy import and_
 
         from memlayer.stores.filters import to_sql
 
         table = self.records
-        parts = [table.c.tenant_id == (scope.tenant_id or DEFAULT_TENANT)]
-        parts += [table.c[k] == v for k, v in scope.as_dict().items() if k != "tenant_id"]
+
+        def column(name: str) -> Any:
+            return table.c[name] if indexed else table.c[name].op("||")("")
+
+        parts = [column("tenant_id") == (scope.tenant_id or DEFAULT_TENANT)]
+        parts += [column(k) == v for k, v in scope.as_dict().items() if k != "tenant_id"]
         if id is not None:
             parts.append(table.c.id == id)
         parts.append(to_sql(filters, table.c.metadata, self.dialect))
