@@ -68,13 +68,32 @@ class Scheme:
     block_size: int
     inv_freq: torch.Tensor
     starts: list[int] = field(default_factory=list)  # absolute starts of the forward chunks
+    # (layer, chunk start) -> page numbers per KV head (-1: empty slot); absent: every page
+    selected: dict[tuple[int, int], list[list[int]]] = field(default_factory=dict)
 
-    def window_start(self, t: int) -> int:
-        """W for the query at t: sinks and pages end there, the local window begins."""
-        s = self.starts[bisect.bisect_right(self.starts, t) - 1]
+    def chunk_start(self, t: int) -> int:
+        """Start of the forward chunk that holds position t."""
+        return self.starts[bisect.bisect_right(self.starts, t) - 1]
+
+    def window_start(self, s: int) -> int:
+        """W for a chunk starting at s: sinks and pages end there, the local window begins."""
         sinks = min(self.n_init, max(0, s - self.n_local))
         pages = max(0, (s - self.n_local - self.n_init) // self.block_size)
         return sinks + (pages * self.block_size if sinks == self.n_init else 0)
+
+    def memory(self, layer: int, s: int, kv_head: int) -> torch.Tensor:
+        """Positions of the sinks and of the pages one KV head reads for a chunk at s."""
+        window = self.window_start(s)
+        picked = self.selected.get((layer, s))
+        if picked is None:
+            return torch.arange(window)
+        sinks = min(self.n_init, window)
+        spans = [
+            torch.arange(self.block_size) + self.n_init + page * self.block_size
+            for page in picked[kv_head]
+            if page >= 0
+        ]
+        return torch.cat([torch.arange(sinks), *spans])
 
     def __call__(
         self,
@@ -88,22 +107,24 @@ class Scheme:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         """Output [1, T, Hq, D]: each query over the keys the scheme lets it see."""
-        group = query.shape[1] // key.shape[1]
-        keys = key[0].repeat_interleave(group, dim=0)  # [Hq, T, D]
-        values = value[0].repeat_interleave(group, dim=0)
+        heads, length = query.shape[1], query.shape[2]
+        group = heads // key.shape[1]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        rows = []
-        for t in range(query.shape[2]):
-            w = self.window_start(t)
-            q = query[0, :, t : t + 1]  # [Hq, 1, D]
-            q_memory = rotate(q, torch.tensor([self.n_local]), self.inv_freq)
-            q_local = rotate(q, torch.tensor([t - w]), self.inv_freq)
-            k_local = rotate(keys[:, w : t + 1], torch.arange(t + 1 - w), self.inv_freq)
-            logits = torch.cat(
-                [q_memory @ keys[:, :w].transpose(1, 2), q_local @ k_local.transpose(1, 2)], -1
-            )
-            rows.append(torch.softmax(logits * scale, dim=-1) @ values[:, : t + 1])
-        return torch.cat(rows, dim=1).transpose(0, 1)[None], None
+        out = torch.empty(length, heads, query.shape[-1])
+        for t in range(length):
+            s = self.chunk_start(t)
+            w = self.window_start(s)
+            for h in range(heads):
+                keys, values = key[0, h // group], value[0, h // group]
+                memory = self.memory(module.layer_idx, s, h // group)
+                q = query[0, h, t][None]  # [1, D]
+                q_memory = rotate(q, torch.tensor([self.n_local]), self.inv_freq)
+                q_local = rotate(q, torch.tensor([t - w]), self.inv_freq)
+                k_local = rotate(keys[w : t + 1], torch.arange(t + 1 - w), self.inv_freq)
+                logits = torch.cat([q_memory @ keys[memory].T, q_local @ k_local.T], dim=-1)
+                weights = torch.softmax(logits * scale, dim=-1)
+                out[t, h] = weights @ torch.cat([values[memory], values[w : t + 1]])
+        return out[None], None
 
 
 def chunk_starts(begin: int, length: int, size: int) -> list[int]:
@@ -146,7 +167,7 @@ def test_the_reference_is_the_dense_model_while_nothing_left_the_window(family: 
     config = dict(n_init=3, n_local=32, block_size=4)
     reference = Reference(twin(dense), config)
     logits = reference.logits(ids, chunk_starts(0, 40, 8))
-    assert {reference.scheme.window_start(t) for t in range(40)} == {0}
+    assert {reference.scheme.window_start(s) for s in chunk_starts(0, 40, 8)} == {0}
     with torch.no_grad():
         expected = dense(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
@@ -179,3 +200,39 @@ def test_every_page_selected_equals_the_reference(
     starts = chunk_starts(0, 90, size) + chunk_starts(90, 5, size) + list(range(95, 102))
     steps = reference.logits(fed + prompt + tokens[:-1], starts)[94:]
     assert tokens == steps.argmax(dim=-1).tolist()
+
+
+def record_selection(session: KVSession) -> dict[tuple[int, int], list[list[int]]]:
+    """Record, per layer and chunk start, the pages each KV head is given by the selector."""
+    picks: dict[tuple[int, int], list[list[int]]] = {}
+    for layer, memory in enumerate(session.cache.memories):
+
+        def select(q_memory: torch.Tensor, layer: int = layer, memory: Any = memory) -> Any:
+            chosen = type(memory).select(memory, q_memory)
+            picks[(layer, memory.seen - q_memory.shape[2])] = chosen[0].tolist()
+            return chosen
+
+        memory.select = select
+    return picks
+
+
+@pytest.mark.parametrize("selector", ["infllm", "quest"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_kv_head_reads_exactly_the_pages_selected_for_it(family: str, selector: str) -> None:
+    """With 2 pages of about 20 selected, the reference reads the same pages per KV head.
+
+    All-pages selection cannot tell the heads' page lists apart; here Quest gives the KV
+    heads different pages, so a page routed to the wrong head shows.
+    """
+    config = CONFIGS["sinks-then-blocks"]
+    dense = tiny(family)
+    fed = _ids(90, seed=3)
+    session = KVSession(twin(dense), None, progress=False, selector=selector, topk=2, **config)
+    picks = record_selection(session)
+    logits = session._forward(fed, all_logits=True)
+    if selector == "quest":
+        assert any(len({tuple(pages) for pages in heads}) > 1 for heads in picks.values())
+    reference = Reference(twin(dense), config)
+    reference.scheme.selected = picks
+    expected = reference.logits(fed, chunk_starts(0, 90, config["chunk_size"]))
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
