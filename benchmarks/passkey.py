@@ -150,6 +150,12 @@ def main() -> None:
     parser.add_argument(
         "--samples", type=int, default=None, help="samples per length (default: 10/5/3)"
     )
+    parser.add_argument(
+        "--filler",
+        choices=["classic", "varied"],
+        default="classic",
+        help="classic: one five-sentence block repeated; varied: random distinct sentences",
+    )
     parser.add_argument("--n-local", type=int, default=512)
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=64)
@@ -174,7 +180,7 @@ def main() -> None:
     print(header + "\n|---|---|---|---|---|---|", flush=True)
     for label in args.lengths:
         count = args.samples or DEFAULT_SAMPLES[label]
-        cases = samples(LENGTHS[label], count, seed=1)
+        cases = samples(LENGTHS[label], count, seed=1, varied=args.filler == "varied")
         for method in args.methods:
             if method == "dense" and LENGTHS[label] > WINDOW:
                 print(f"| {label} | dense | out of window | | | |", flush=True)
