@@ -7,7 +7,7 @@ STAMP := $(VENV)/.memlayer-installed
 PKG_DIRS := stores retrievers kvretrieval kernels integrations
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint tree typecheck imports unit clean
+.PHONY: setup demo test lint tree typecheck imports unit clean gpu
 
 setup: $(STAMP)
 
@@ -47,6 +47,15 @@ unit: setup
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The GPU checks (benchmarks/gpu.py): the gpu-marked tests, then every GPU benchmark, JSON
+# into benchmarks/results and dated rows appended to RESULTS.md; without CUDA it says so and
+# exits 0. On a machine whose own python has CUDA torch, triton and transformers beside
+# memlayer: make gpu GPU_PYTHON=python3.
+GPU_PYTHON ?= $(BIN)/python
+GPU_TESTS ?= tests
+gpu: $(if $(filter $(BIN)/python,$(GPU_PYTHON)),setup)
+	$(GPU_PYTHON) benchmarks/gpu.py --tests $(GPU_TESTS)
 
 clean:
 	rm -rf $(VENV) .build .pytest_cache .mypy_cache .ruff_cache

@@ -6,7 +6,8 @@ SmolLM2 (9 q, 3 KV, dim 64), bf16, pages of 64 tokens. Paths:
   sparse  score_pages (Quest bounds) + select_pages + paged_attention (Triton) for a budget;
   naive   one representative key per page, topk, index_select gather, SDPA.
 Reports median times (CUDA events), bytes read, and GB/s of the attention part next to a
-device-to-device copy measured in the same run. CUDA only.
+device-to-device copy measured in the same run. CUDA only, except `--tiny` (a 4K context on
+the CPU's reference kernels), which smoke-tests the script and measures nothing of interest.
 
     python benchmarks/kernels.py --quick --out kernels.json
 """
@@ -18,6 +19,7 @@ import functools
 import json
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -29,7 +31,14 @@ from memlayer.kernels import paged_attention, score_pages, select_pages
 PAGE = 64
 DTYPE = torch.bfloat16
 SHAPES = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}  # q heads, KV heads, head dim
-CONTEXTS = {"32K": 32 * 1024, "128K": 128 * 1024, "512K": 512 * 1024, "1M": 1024 * 1024}
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CONTEXTS = {
+    "4K": 4 * 1024,
+    "32K": 32 * 1024,
+    "128K": 128 * 1024,
+    "512K": 512 * 1024,
+    "1M": 1024 * 1024,
+}
 BUDGETS = {"1K": 1024, "2K": 2048, "4K": 4096}
 
 
@@ -50,11 +59,16 @@ class Row:
 
 
 def median_ms(fn: Callable[[], object], iters: int) -> float:
-    """Median milliseconds of fn over iters runs (CUDA events), after warm-up runs."""
+    """Median milliseconds of fn over iters runs (CUDA events; a clock on CPU), after warm-ups."""
     for _ in range(3):
         fn()
     times = []
     for _ in range(iters):
+        if DEVICE.type != "cuda":
+            started = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - started))
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -64,9 +78,9 @@ def median_ms(fn: Callable[[], object], iters: int) -> float:
     return statistics.median(times)
 
 
-def copy_gbps(iters: int) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second) of a 1 GiB buffer."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+def copy_gbps(iters: int, size: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second) of a `size` buffer."""
+    src = torch.randint(0, 255, (size,), dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), iters)
     return 2 * src.numel() / ms / 1e6
@@ -112,8 +126,8 @@ def bench_shape(model: str, context: str, budgets: list[str], iters: int, copy: 
     heads, kv_heads, dim = SHAPES[model]
     tokens = CONTEXTS[context]
     pool = tokens // PAGE
-    q = torch.randn(1, heads, 1, dim, device="cuda", dtype=DTYPE)
-    k_pool = torch.randn(pool, kv_heads, PAGE, dim, device="cuda", dtype=DTYPE)
+    q = torch.randn(1, heads, 1, dim, device=DEVICE, dtype=DTYPE)
+    k_pool = torch.randn(pool, kv_heads, PAGE, dim, device=DEVICE, dtype=DTYPE)
     v_pool = torch.randn_like(k_pool)
     summary = torch.stack([k_pool.amin(dim=2), k_pool.amax(dim=2)], dim=2)
     scale = dim**-0.5
@@ -153,22 +167,27 @@ def main() -> None:
     """Run the grid, print a table, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32K and 128K contexts, 1K and 4K")
+    parser.add_argument("--tiny", action="store_true", help="4K context, 1K budget; CPU ok")
     parser.add_argument("--iters", type=int, default=0, help="timed runs per point")
     parser.add_argument("--out", default="", help="write the rows as JSON to this path")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU (none found); nothing was measured.")
-    contexts = ["32K", "128K"] if args.quick else list(CONTEXTS)
-    budgets = ["1K", "4K"] if args.quick else list(BUDGETS)
-    iters = args.iters or (20 if args.quick else 50)
-    copy = copy_gbps(iters)
+    if args.tiny:
+        contexts, budgets, iters = ["4K"], ["1K"], args.iters or 3
+    elif DEVICE.type != "cuda":
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU (or --tiny); nothing was measured.")
+    else:
+        contexts = ["32K", "128K"] if args.quick else [c for c in CONTEXTS if c != "4K"]
+        budgets = ["1K", "4K"] if args.quick else list(BUDGETS)
+        iters = args.iters or (20 if args.quick else 50)
+    copy = copy_gbps(iters, (1 << 20) if args.tiny else (1 << 30))
     rows = [
         row
         for model in SHAPES
         for context in contexts
         for row in bench_shape(model, context, budgets, iters, copy)
     ]
-    print(f"{torch.cuda.get_device_name()}, copy {copy:.0f} GB/s")
+    device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    print(f"{device_name}, copy {copy:.0f} GB/s")
     header = f"{'model':<10}{'ctx':>6}{'budget':>7}{'dense ms':>10}{'sparse ms':>10}"
     header += f"{'attn ms':>9}{'naive ms':>10}{'dense MB':>10}{'sparse MB':>10}"
     header += f"{'dense GB/s':>11}{'attn GB/s':>10}"
@@ -182,7 +201,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(
-                {"device": torch.cuda.get_device_name(), "rows": [asdict(r) for r in rows]},
+                {"device": device_name, "rows": [asdict(r) for r in rows]},
                 f,
                 indent=2,
             )

@@ -1,0 +1,122 @@
+"""`make gpu`: the CUDA tests and every GPU benchmark in one run, with dated rows for RESULTS.md.
+
+Steps (each in its own process, each bounded by --timeout; a failed step does not stop the
+rest): `tests` (pytest -m gpu), `kernels` (benchmarks/kernels.py), `store`
+(benchmarks/store_bench.py), `e2e` (benchmarks/e2e_gpu.py, SmolLM2 shape), `e2e-8b`
+(e2e_gpu.py, Llama-3-8B shape at 32K and 128K, dense and InfLLM). The tests run on
+pytest-xdist's workers when it is installed (Triton compiles each case on the host).
+JSON goes to --out-dir; a dated Markdown summary (the GPU's name, each step's outcome, the
+e2e rows) is written beside it and appended to RESULTS.md. Without CUDA it says so and
+exits 0: there is nothing to measure.
+
+    python benchmarks/gpu.py                          # everything
+    python benchmarks/gpu.py --steps tests e2e --out-dir /tmp/gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).parent
+STEPS = ["tests", "kernels", "store", "e2e", "e2e-8b"]
+
+
+def commands(steps: list[str], tests: list[str], out: Path, stamp: str) -> dict[str, list[str]]:
+    py = sys.executable
+    xdist = ["-n", "auto"] if importlib.util.find_spec("xdist") else []
+    e2e = [py, str(HERE / "e2e_gpu.py")]
+    every = {
+        "tests": [py, "-P", "-m", "pytest", "-p", "no:cacheprovider", "-m", "gpu", *xdist, *tests],
+        "kernels": [py, str(HERE / "kernels.py"), "--out", str(out / f"kernels-{stamp}.json")],
+        "store": [py, str(HERE / "store_bench.py"), "--out", str(out / f"store-{stamp}.json")],
+        "e2e": [
+            *e2e,
+            *("--shape", "smollm2", "--out", str(out / f"e2e-smollm2-{stamp}.json")),
+            *("--profile", str(out / f"e2e-profile-{stamp}.txt")),
+        ],
+        "e2e-8b": [
+            *e2e,
+            *("--shape", "llama3-8b", "--contexts", "32k", "128k", "--methods", "dense", "infllm"),
+            *("--out", str(out / f"e2e-llama3-8b-{stamp}.json")),
+        ],
+    }
+    return {step: every[step] for step in steps}
+
+
+def run(name: str, command: list[str], timeout: float) -> tuple[str, float]:
+    """Run one step with its output streamed; its outcome ('ok', 'failed (rc N)', 'timed out')."""
+    print(f"== {name}: {' '.join(command)}", flush=True)
+    started = time.perf_counter()
+    try:
+        rc = subprocess.run(command, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return "timed out", time.perf_counter() - started
+    return ("ok" if rc == 0 else f"failed (rc {rc})"), time.perf_counter() - started
+
+
+def e2e_table(path: Path) -> list[str]:
+    """Markdown rows of one e2e JSON file (absent when the step wrote none)."""
+    if not path.exists():
+        return []
+    record = json.loads(path.read_text())
+    lines = [
+        f"`{record['command']}` (model shape {record['model']['shape']}, random bf16 weights)",
+        "",
+        "| context | method | prefill tok/s | decode ms/token | peak GPU GiB |",
+        "|---|---|---|---|---|",
+    ]
+    for row in record["rows"]:
+        lines.append(
+            f"| {row['context']} | {row['method']} | {row['prefill_tok_s']:.0f} | "
+            f"{row['decode_ms']:.1f} | {row['peak_gib']:.2f} |"
+        )
+    return [*lines, ""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", nargs="+", default=STEPS, choices=STEPS)
+    parser.add_argument("--tests", nargs="+", default=["tests"], help="paths pytest collects")
+    parser.add_argument("--out-dir", type=Path, default=HERE / "results")
+    parser.add_argument("--results-md", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per step")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("make gpu: no CUDA device here; nothing was run or measured.")
+        return
+    gpu = torch.cuda.get_device_name()
+    now = datetime.datetime.now().astimezone()
+    stamp = f"{gpu.split()[-1].lower()}-{now:%Y%m%d-%H%M}"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    outcomes = {
+        step: run(step, command, args.timeout)
+        for step, command in commands(args.steps, args.tests, args.out_dir, stamp).items()
+    }
+    summary = [f"### make gpu, {now:%Y-%m-%d %H:%M %Z}, {gpu} (torch {torch.__version__})", ""]
+    summary += [
+        f"- {step}: {outcome} in {seconds:.0f} s" for step, (outcome, seconds) in outcomes.items()
+    ]
+    summary.append("")
+    for name in (f"e2e-smollm2-{stamp}.json", f"e2e-llama3-8b-{stamp}.json"):
+        summary += e2e_table(args.out_dir / name)
+    text = "\n".join(summary) + "\n"
+    (args.out_dir / f"gpu-{stamp}.md").write_text(text)
+    with args.results_md.open("a") as handle:
+        handle.write("\n" + text)
+    print(text)
+    sys.exit(0 if all(outcome == "ok" for outcome, _ in outcomes.values()) else 1)
+
+
+if __name__ == "__main__":
+    main()

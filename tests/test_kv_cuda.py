@@ -1,0 +1,92 @@
+"""KVSession on a CUDA model: the Triton kernels, the GPU front tier and bf16, end to end.
+
+The CPU suite proves the paged memory equals dense attention with the torch reference
+kernels; these repeat the proofs where a user's model lives, on the GPU, where attention
+goes through the Triton kernels and pages move between GPU, RAM and disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from kv_models import tiny, twin
+
+from memlayer import KVSession
+
+pytestmark = pytest.mark.gpu
+
+EXACT = dict(n_init=3, n_local=8, block_size=4, topk=1000, chunk_size=8, positions="exact")
+SMALL = dict(n_init=2, n_local=8, block_size=4, topk=2, chunk_size=8)
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.mark.parametrize("selector", ["infllm", "quest"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "llama-yarn"])
+def test_float32_session_on_cuda_equals_dense(family: str, selector: str) -> None:
+    # float32 pools take Triton's exact (ieee) dots: only the summation order differs
+    dense = tiny(family).cuda()
+    ids = _ids(90, seed=3)
+    with torch.no_grad():
+        expected = dense(torch.tensor([ids], device="cuda")).logits[0]
+        prompt = torch.tensor([ids], device="cuda")
+        continuation = dense.generate(prompt, max_new_tokens=8, do_sample=False)[0, 90:].tolist()
+
+    session = KVSession(twin(dense), None, progress=False, selector=selector, **EXACT)
+    logits = session._forward(ids, all_logits=True)
+    assert logits.is_cuda and session.stats()["pages"] > 0
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+    session = KVSession(twin(dense), None, progress=False, selector=selector, **EXACT)
+    session.feed(ids)
+    assert session.continue_ids([], 8) == continuation
+
+
+def test_triton_and_reference_kernels_agree_inside_a_bf16_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # bf16 operands: the two kernel paths round differently, within bf16's few ulps
+    model = tiny("llama").to("cuda", torch.bfloat16)
+    ids = _ids(200, seed=4)
+    triton_logits = KVSession(twin(model), None, progress=False, **SMALL)._forward(
+        ids, all_logits=True
+    )
+    monkeypatch.setenv("MEMLAYER_KERNELS", "reference")
+    reference_logits = KVSession(twin(model), None, progress=False, **SMALL)._forward(
+        ids, all_logits=True
+    )
+    assert torch.isfinite(triton_logits).all()
+    assert _relative(triton_logits, reference_logits) < 1e-2
+
+
+def test_gpu_budget_spills_to_ram_and_disk_and_reads_back(tmp_path: Path) -> None:
+    model = tiny("llama").cuda()
+    resident = KVSession(twin(model), None, progress=False, **SMALL)
+    tiered = KVSession(
+        twin(model),
+        None,
+        progress=False,
+        gpu_budget="4KiB",
+        ram_budget="4KiB",
+        offload_path=tmp_path / "offload",
+        **SMALL,
+    )
+    for session in (resident, tiered):
+        session.feed(_ids(160, seed=5))
+    question = _ids(6, seed=6)
+    assert tiered.continue_ids(question, 8) == resident.continue_ids(question, 8)
+    stats = tiered.stats()
+    tiers = stats["tiers"]
+    assert tiers["gpu"]["bytes"] <= 4096 and tiers["ram"]["bytes"] <= 4096
+    assert tiers["disk"]["pages"] == stats["pages"] > tiers["gpu"]["pages"] > 0
+    moved = stats["moved"]
+    assert sum(moved.get(f"{deep}->gpu", {"pages": 0})["pages"] for deep in ("ram", "disk")) > 0
+    assert any((tmp_path / "offload").glob("segment-*.log"))
