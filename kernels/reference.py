@@ -40,16 +40,12 @@ def causal_window_attention(
     *,
     scale: float,
     q_start: int,
-    window: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query i (at key index q_start + i) sees keys j <= q_start + i, and > q_start + i - window."""
+    """Causal attention: query i (at key index q_start + i) sees keys j <= q_start + i."""
     length, keys = q.shape[2], k.shape[2]
     pos_q = torch.arange(length, device=q.device).unsqueeze(1) + q_start
     pos_k = torch.arange(keys, device=q.device).unsqueeze(0)
-    mask = pos_k <= pos_q
-    if window is not None:
-        mask &= pos_k > pos_q - window
-    return _attend(q, k, v, scale, mask)
+    return _attend(q, k, v, scale, pos_k <= pos_q)
 
 
 def paged_attention(

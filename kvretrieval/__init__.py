@@ -1,1 +1,7 @@
-"""memlayer.kvretrieval: KV memory inside HF models (cache, attention hook, selectors)."""
+"""memlayer.kvretrieval: KV memory inside HF models: the cache and its layers, the attention
+hook, page selectors (`PageSelector`, the `SELECTORS` registry), rotary placement, the
+SmolLM2 loader and the passkey task."""
+
+from memlayer.kvretrieval.selectors import SELECTORS, PageSelector
+
+__all__ = ["SELECTORS", "PageSelector"]

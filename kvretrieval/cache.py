@@ -1,21 +1,23 @@
 """`PagedKVCache`: a transformers `Cache` whose layers are memlayer `LayerMemory` objects.
 
-`update` stores a chunk's keys and values and hands them back; the attention function
-registered by `memlayer.kvretrieval.attention` then attends over the layer's memory.
+`update` (transformers' own) hands a chunk's keys and values to the layer, which stores
+them; the attention function registered by `memlayer.kvretrieval.attention` then attends
+over the layer's memory. Each layer gets its own copy of the selector.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
 
 from memlayer.kvretrieval.config import KVConfig
-from memlayer.kvretrieval.layer_memory import LayerMemory
-from memlayer.kvretrieval.page_pool import open_kv_store
+from memlayer.kvretrieval.layer_memory import Checkpoint, HeadGeometry, LayerMemory
 from memlayer.kvretrieval.rope import Rotary
-from memlayer.kvretrieval.selectors import make_selector
+from memlayer.kvretrieval.sealed_pages import open_kv_store
+from memlayer.kvretrieval.selectors import PageSelector
 
 
 class PagedKVCache(Cache):
@@ -23,50 +25,27 @@ class PagedKVCache(Cache):
 
     def __init__(
         self,
-        model_config: Any,
+        geometry: HeadGeometry,
         config: KVConfig,
+        selector: PageSelector,
         rotary: Rotary,
         *,
         dtype: torch.dtype,
         device: torch.device,
     ):
-        super().__init__(layers=[])
-        text_config = (
-            model_config.get_text_config()
-            if hasattr(model_config, "get_text_config")
-            else model_config
-        )
-        heads = text_config.num_attention_heads
-        kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-        selector = make_selector(config.selector, repr_topk=config.repr_topk)
-        rows = config.repr_topk if config.selector == "infllm" else 2
         self.config = config
         self.calls = 0  # attention calls routed through memlayer (checked per forward)
-        page_bytes = 2 * kv_heads * config.block_size * head_dim * dtype.itemsize
-        step_pages = config.topk * (1 if selector.shares_selection else kv_heads)
+        page_bytes = 2 * geometry.kv_heads * config.block_size * geometry.head_dim * dtype.itemsize
+        step_pages = config.topk * (1 if selector.shares_selection else geometry.kv_heads)
         self.store, self._offload_folder = open_kv_store(config, device, page_bytes, step_pages)
         self.memories = [
             LayerMemory(
-                config, selector, rotary, kv_heads, head_dim, rows, dtype, device, self.store, i
+                config, copy.deepcopy(selector), rotary, geometry, dtype, device, self.store, i
             )
-            for i in range(text_config.num_hidden_layers)
+            for i in range(geometry.layers)
         ]
-
-    def update(
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        layer_idx: int,
-        *args: Any,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store a chunk's keys/values [1, Hkv, T, D]; return them unchanged.
-
-        Extra arguments (cache_kwargs, or transformers >= 5.24's `kwargs=`) are not needed.
-        """
-        self.memories[layer_idx].append(key_states[0], value_states[0])
-        return key_states, value_states
+        layers: list[Any] = list(self.memories)  # transformers types the list by its own classes
+        super().__init__(layers=layers)
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         """Tokens stored (the same in every layer)."""
@@ -84,11 +63,31 @@ class PagedKVCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
-    def checkpoint(self) -> list[tuple[object, ...]]:
+    def checkpoint(self) -> list[Checkpoint]:
         """Per-layer state to restore after a question."""
         return [memory.checkpoint() for memory in self.memories]
 
-    def restore(self, state: list[tuple[object, ...]]) -> None:
+    def restore(self, state: list[Checkpoint]) -> None:
         """Return every layer to a checkpoint."""
         for memory, layer_state in zip(self.memories, state, strict=True):
             memory.restore(layer_state)
+
+    def stats(self) -> dict[str, Any]:
+        """Pages, selections and time summed over the layers; the store's tiers and moves.
+
+        `selection_hit_rate`: the share of selected pages already in the front tier (GPU, or
+        RAM on CPU) when a step gathered them; the rest came up from a slower tier.
+        """
+        memories = self.memories
+        store = self.store.stats()
+        gathered = sum(m.pages.gathered for m in memories)
+        hits = sum(m.pages.front_hits for m in memories)
+        return {
+            "pages": sum(m.pages.count for m in memories),
+            "tiers": store["tiers"],
+            "moved": store["moved"],
+            "pages_selected": sum(m.stats.pages_selected for m in memories),
+            "selection_hit_rate": hits / gathered if gathered else 0.0,
+            "selection_s": sum(m.stats.selection_s for m in memories),
+            "attention_s": sum(m.stats.attention_s for m in memories),
+        }

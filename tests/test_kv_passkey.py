@@ -62,7 +62,7 @@ def test_the_selector_retrieves_the_key_from_a_page(
             model, tokenizer, chat=False, progress=False, selector=selector, **CONFIG
         )
         session.feed(ids)
-        window_start = session.cache.memories[0].buffer_start
+        window_start = session.cache.memories[0].window_start
         assert needle.start >= CONFIG["n_init"]  # not among the sink tokens
         assert needle.stop <= window_start  # sealed into pages, out of the local window
         answers.append(session.ask(case.question, max_new_tokens=8))

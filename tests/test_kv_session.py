@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +20,7 @@ from memlayer import (
     NotFoundError,
     UnsupportedModelError,
 )
+from memlayer.kvretrieval.selectors import InfLLMSelector
 from memlayer.types import Page
 
 SMALL = dict(n_init=2, n_local=8, block_size=4, topk=2, chunk_size=8)
@@ -32,15 +35,15 @@ def test_a_planted_page_aligned_with_the_query_is_selected(selector: str) -> Non
     session = KVSession(tiny("llama"), None, progress=False, selector=selector, **SMALL)
     session.feed(_ids(80))
     memory = session.cache.memories[0]
-    count = memory.pool.count
+    count = memory.pages.count
     assert count >= 8
     query = torch.randn(1, 4, 1, 16, generator=torch.Generator().manual_seed(9))
     placed = memory.memory_queries(query)
     target = 5
     group_mean = placed[0].reshape(2, 2, 16).mean(dim=1)  # per KV head
     keys = group_mean.unsqueeze(1).expand(2, 4, 16) * 20
-    memory.pool.store.put(Page(id=memory.pool.page_id(target), payload={"k": keys, "v": keys}))
-    memory.pool.summaries[target] = memory.selector.summarize(keys, placed[0])
+    memory.pages.store.put(Page(id=memory.pages.page_id(target), payload={"k": keys, "v": keys}))
+    memory.pages.summaries[target] = memory.selector.summarize(keys, placed[0])
     chosen = memory.select(placed)
     assert (chosen == target).any(dim=-1).all()
 
@@ -170,3 +173,17 @@ def test_budgets_too_small_for_a_step_are_refused() -> None:
         KVSession(tiny("llama"), None, progress=False, ram_budget="100B", **SMALL)
     with pytest.raises(InvalidInputError, match="gpu_budget: needs a model on a CUDA device"):
         KVSession(tiny("llama"), None, progress=False, gpu_budget="1GiB", **SMALL)
+
+
+def test_a_session_saved_by_0_2_0_loads_and_answers_as_it_did(tmp_path: Path) -> None:
+    """tests/fixtures/kvsession-0.2.0 was saved by memlayer 0.2.0 (commit 3e66985): tiny
+    llama, SMALL with repr_topk=3, fed 60 ids of seed 11; expected.json holds the question
+    (5 ids of seed 14) and the 8 tokens 0.2.0 answered. Its layer tensors carry 0.2.0's
+    names (buffer_*, init_*) and its config InfLLM's repr_topk."""
+    folder = tmp_path / "saved"  # a copy: opening a page folder may tidy it
+    shutil.copytree(Path(__file__).parent / "fixtures" / "kvsession-0.2.0", folder)
+    expected = json.loads((folder / "expected.json").read_text())
+    loaded = KVSession.load(folder, tiny("llama"), None, progress=False)
+    assert loaded.selector == InfLLMSelector(repr_topk=3)
+    assert loaded.tokens_fed == 60 and loaded.stats()["pages"] > 0
+    assert loaded.continue_ids(expected["question"], 8) == expected["answer"]

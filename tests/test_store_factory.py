@@ -13,7 +13,7 @@ import torch
 
 from memlayer.errors import InvalidInputError
 from memlayer.kvretrieval.config import KVConfig
-from memlayer.kvretrieval.page_pool import open_kv_store
+from memlayer.kvretrieval.sealed_pages import open_kv_store
 from memlayer.stores import DiskTier, PageStore, SQLTier, StoreConfig, TensorTier, build_tiers
 from memlayer.stores.policy import LFU, LRU
 

@@ -1,7 +1,7 @@
 """One layer's sealed pages: summaries resident for scoring, keys and values in the PageStore.
 
 Selection reads only the summaries; the payloads of the pages that win are gathered from
-whichever tier holds them (GPU, RAM, or offloaded to disk) into a compact pool per step.
+whichever tier holds them (GPU, RAM, or offloaded to disk) into one stacked tensor per step.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def open_kv_store(
     return PageStore.open(tiers=tiers), owned
 
 
-class PagePool:
+class SealedPages:
     """Sealed pages of one layer; page `i` is stored as `{prefix}/{i}` with tensors k and v."""
 
     def __init__(
