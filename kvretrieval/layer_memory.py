@@ -207,29 +207,39 @@ class LayerMemory(CacheLayerMixin):
         return self.rotary.rotate(self.rotary.unscale(queries), positions)
 
     def _seal(self, recent_queries: torch.Tensor) -> None:
-        """Move tokens that left the local window into the sink tokens, then into pages."""
+        """Move tokens that left the local window into the sink tokens, then into pages: all
+        the whole pages a chunk pushes out are sealed together, in one batch."""
         cfg = self.config
-        while True:
-            excess = self.window_k.shape[1] - cfg.n_local
-            room = cfg.n_init - self.sink_k.shape[1]
-            if excess > 0 and room > 0:
-                take = min(excess, room)
-                self.sink_k = torch.cat(
-                    [self.sink_k, self._placed(self.window_k[:, :take], self.window_start)], dim=1
-                )
-                self.sink_v = torch.cat([self.sink_v, self.window_v[:, :take]], dim=1)
-            elif excess >= cfg.block_size:
-                take = cfg.block_size
-                summary = self.selector.summarize(self.window_k[:, :take], recent_queries)
-                placed = self._placed(self.window_k[:, :take], self.window_start)
-                index = self.pages.count
-                self.pages.append(placed, self.window_v[:, :take], summary, self.window_start)
-                self.selector.sealed(index, placed, summary)
-            else:
-                return
-            self.window_k = self.window_k[:, take:]
-            self.window_v = self.window_v[:, take:]
-            self.window_start += take
+        excess = self.window_k.shape[1] - cfg.n_local
+        room = cfg.n_init - self.sink_k.shape[1]
+        if excess > 0 and room > 0:
+            take = min(excess, room)
+            placed = self._placed(self.window_k[:, :take], self.window_start)
+            self.sink_k = torch.cat([self.sink_k, placed], dim=1)
+            self.sink_v = torch.cat([self.sink_v, self.window_v[:, :take]], dim=1)
+            self._drop(take)
+            excess -= take
+        count = max(excess, 0) // cfg.block_size
+        if not count:
+            return
+        take = count * cfg.block_size
+
+        def as_pages(tokens: torch.Tensor) -> torch.Tensor:  # [Hkv, N·S, D] -> [N, Hkv, S, D]
+            return tokens.unflatten(1, (count, cfg.block_size)).transpose(0, 1)
+
+        keys = as_pages(self._placed(self.window_k[:, :take], self.window_start))
+        summaries = self.selector.summarize(as_pages(self.window_k[:, :take]), recent_queries)
+        first = self.pages.count
+        starts = [self.window_start + i * cfg.block_size for i in range(count)]
+        self.pages.extend(keys, as_pages(self.window_v[:, :take]), summaries, starts)
+        self.selector.sealed(first, keys, summaries)
+        self._drop(take)
+
+    def _drop(self, count: int) -> None:
+        """Forget the window's first `count` tokens (now sinks or pages)."""
+        self.window_k = self.window_k[:, count:]
+        self.window_v = self.window_v[:, count:]
+        self.window_start += count
 
     def _placed(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         """Keys as memory stores them: rotated to position 0, or to their absolute positions.
@@ -289,10 +299,16 @@ class LayerMemory(CacheLayerMixin):
         self.window_k, self.window_v = saved["window_k"], saved["window_v"]
         self.window_start = int(saved["window_start"])
         self.sink_k, self.sink_v = saved["sink_k"], saved["sink_v"]
-        for i, start in enumerate(saved["starts"].tolist()):
-            page = folder.get(self.pages.page_id(i))
-            assert isinstance(page.payload, dict)
-            self.pages.append(page.payload["k"], page.payload["v"], saved["summaries"][i], start)
+        starts = saved["starts"].tolist()
+        for first in range(0, len(starts), 64):  # a bounded number of pages up at a time
+            ids = [self.pages.page_id(i) for i in range(first, min(first + 64, len(starts)))]
+            payloads = [page.payload for page in folder.get_many(ids)]
+            self.pages.extend(
+                torch.stack([payload["k"] for payload in payloads]),
+                torch.stack([payload["v"] for payload in payloads]),
+                saved["summaries"][first : first + len(ids)],
+                starts[first : first + len(ids)],
+            )
         self.selector.load_state(saved.get("selector", {}))
 
 

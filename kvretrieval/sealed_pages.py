@@ -84,16 +84,27 @@ class SealedPages:
         """The store id of page `index`."""
         return f"{self.prefix}/{index}"
 
-    def append(
-        self, keys: torch.Tensor, values: torch.Tensor, summary: torch.Tensor, start: int
+    def extend(
+        self, keys: torch.Tensor, values: torch.Tensor, summaries: torch.Tensor, starts: list[int]
     ) -> None:
-        """Seal a page: keys/values [Hkv, S, D] to the store, its summary kept here."""
-        self.store.put(Page(id=self.page_id(self.count), payload={"k": keys, "v": values}))
-        if self.count == self.summaries.shape[0]:
-            grown = self.summaries.new_empty((max(16, self.count), *self.summaries.shape[1:]))
-            self.summaries = torch.cat([self.summaries, grown])
-        self.summaries[self.count] = summary
-        self.starts.append(start)
+        """Seal pages: keys/values [N, Hkv, S, D] to the store in one batch, summaries
+        [N, Hkv, R, D] kept here, `starts` their first tokens' absolute positions."""
+        first, count = self.count, len(starts)
+        self.store.put_many(
+            [
+                Page(id=self.page_id(first + i), payload={"k": keys[i], "v": values[i]})
+                for i in range(count)
+            ]
+        )
+        needed = first + count
+        if needed > self.summaries.shape[0]:
+            grown = self.summaries.new_empty(
+                (max(16, needed, 2 * self.summaries.shape[0]), *self.summaries.shape[1:])
+            )
+            grown[:first] = self.summaries[:first]
+            self.summaries = grown
+        self.summaries[first:needed] = summaries
+        self.starts.extend(starts)
 
     def gather(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of pages `indices` stacked [n, Hkv, S, D] on the front tier."""

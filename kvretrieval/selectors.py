@@ -34,15 +34,17 @@ class PageSelector:
         raise NotImplementedError
 
     def summarize(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """Summary [Hkv, R, D] of one page's keys [Hkv, S, D], given recent queries [Hq, T, D]."""
+        """Summaries [N, Hkv, R, D] of N pages' keys [N, Hkv, S, D] sealed together, given the
+        queries [Hq, T, D] of the chunk that pushed them out of the window."""
         raise NotImplementedError
 
     def score(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
         """Scores [1, Hkv, P] of pages (summaries [P, Hkv, R, D]) for queries [1, Hq, T, D]."""
         raise NotImplementedError
 
-    def sealed(self, index: int, keys: torch.Tensor, summary: torch.Tensor) -> None:
-        """Page `index` was sealed with these keys [Hkv, S, D] (as memory stores them)."""
+    def sealed(self, first: int, keys: torch.Tensor, summaries: torch.Tensor) -> None:
+        """Pages `first` to `first + N - 1` were sealed: keys [N, Hkv, S, D] as memory stores
+        them, and their summaries."""
 
     def truncate(self, count: int) -> None:
         """Pages from `count` on were dropped (those sealed while answering a question)."""
@@ -86,12 +88,12 @@ class InfLLMSelector(PageSelector):
         return self.repr_topk
 
     def summarize(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        kv_heads = keys.shape[0]
-        group_query = queries.float().reshape(kv_heads, -1, keys.shape[-1]).mean(dim=1)
-        attended = torch.einsum("gd,gsd->gs", group_query, keys.float())
-        take = min(self.repr_topk, keys.shape[1])
-        top = attended.topk(take, dim=-1).indices  # [Hkv, R]
-        return torch.gather(keys, 1, top.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
+        kv_heads, dim = keys.shape[1], keys.shape[-1]
+        group_query = queries.float().reshape(kv_heads, -1, dim).mean(dim=1)
+        attended = torch.einsum("gd,ngsd->ngs", group_query, keys.float())
+        take = min(self.repr_topk, keys.shape[2])
+        top = attended.topk(take, dim=-1).indices  # [N, Hkv, R]
+        return torch.gather(keys, 2, top.unsqueeze(-1).expand(-1, -1, -1, dim))
 
     def score(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
         per_head = score_pages(queries, summaries, kind="repr")
@@ -110,7 +112,7 @@ class QuestSelector(PageSelector):
         return 2
 
     def summarize(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        return torch.stack([keys.amin(dim=1), keys.amax(dim=1)], dim=1)
+        return torch.stack([keys.amin(dim=2), keys.amax(dim=2)], dim=2)
 
     def score(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
         return score_pages(queries, summaries, kind="bounds")

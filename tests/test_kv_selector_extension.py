@@ -35,12 +35,12 @@ class CentroidIndex(PageSelector):
         return 1
 
     def summarize(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        return keys[:, :1]  # unused by score: the index holds what scoring needs
+        return keys[:, :, :1]  # unused by score: the index holds what scoring needs
 
-    def sealed(self, index: int, keys: torch.Tensor, summary: torch.Tensor) -> None:
-        row = keys.float().mean(dim=1, keepdim=True).transpose(0, 1)  # [1, Hkv, D]
-        assert self.centroids is None or self.centroids.shape[0] == index
-        self.centroids = row if self.centroids is None else torch.cat([self.centroids, row])
+    def sealed(self, first: int, keys: torch.Tensor, summaries: torch.Tensor) -> None:
+        rows = keys.float().mean(dim=2)  # [N, Hkv, D]
+        assert first == (0 if self.centroids is None else self.centroids.shape[0])
+        self.centroids = rows if self.centroids is None else torch.cat([self.centroids, rows])
 
     def truncate(self, count: int) -> None:
         if self.centroids is not None:

@@ -43,7 +43,7 @@ def test_a_planted_page_aligned_with_the_query_is_selected(selector: str) -> Non
     group_mean = placed[0].reshape(2, 2, 16).mean(dim=1)  # per KV head
     keys = group_mean.unsqueeze(1).expand(2, 4, 16) * 20
     memory.pages.store.put(Page(id=memory.pages.page_id(target), payload={"k": keys, "v": keys}))
-    memory.pages.summaries[target] = memory.selector.summarize(keys, placed[0])
+    memory.pages.summaries[target] = memory.selector.summarize(keys[None], placed[0])[0]
     chosen = memory.select(placed)
     assert (chosen == target).any(dim=-1).all()
 
