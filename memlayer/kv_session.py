@@ -57,6 +57,10 @@ class KVSession:
 
         if not isinstance(selector, (str, PageSelector)):
             raise InvalidInputError("selector", "must be a name or a PageSelector", selector)
+        if "repr_topk" in config:  # a KVConfig field until 0.2.0
+            raise InvalidInputError(
+                "repr_topk", "is InfLLM's option: selector=InfLLMSelector(repr_topk=...)"
+            )
         self.selector = resolve_selector(selector)
         self.config = KVConfig.build(selector=self.selector.name, **config)
         if model is None:

@@ -126,5 +126,7 @@ def test_saved_options_rebuild_a_named_selector_and_bad_ones_are_refused(tmp_pat
         KVSession(model, None, progress=False, selector="no-such-selector")
     with pytest.raises(InvalidInputError, match="selector: must be a name or a PageSelector"):
         KVSession(model, None, progress=False, selector=3)
+    with pytest.raises(InvalidInputError, match=r"repr_topk: is InfLLM's option: selector="):
+        KVSession(model, None, progress=False, repr_topk=8)
     with pytest.raises(InvalidInputError, match="repr_topk: must be a positive integer"):
         KVSession(model, None, progress=False, selector=SELECTORS.create("infllm", repr_topk=0))
