@@ -136,9 +136,6 @@ class LayerMemory(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1  # no maximum: the stream grows without bound
 
-    def get_max_cache_shape(self) -> int:
-        return -1
-
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise UnsupportedModelError("KV memory handles one stream at a time (no beam search)")
 
