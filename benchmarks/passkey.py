@@ -7,10 +7,13 @@ and decode tokens/s, and peak resident memory per run.
 Like for like: both methods get the same token ids (the context, then a newline and the
 question, tokenized apart as `KVSession` does). Prefill is the context's tokens over the
 time of its forwards only (the question is run but not timed); decode is the one-token
-forwards of generated tokens over their time. Every run writes its rows, the command, the
-date and the machine to a JSON file under benchmarks/results/ (or `--json`).
+forwards of generated tokens over their time. Method `floor` is the model floor: dense
+attention over the context's first 512 tokens only, the speed of the model's own layers with
+almost no attention, which memlayer's fixed attention span is measured against. Every run
+writes its rows, the command, the date and the machine to a JSON file under
+benchmarks/results/ (or `--json`).
 
-    python benchmarks/passkey.py --lengths 2k 4k 8k 16k 32k 64k --methods dense infllm quest
+    python benchmarks/passkey.py --lengths 2k 4k 8k 16k 32k 64k --methods floor dense infllm quest
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from memlayer.kvretrieval.passkey import is_correct, samples
 LENGTHS = {"1k": 1000, "2k": 2000, "4k": 4000, "8k": 8000, "16k": 16000, "32k": 32000, "64k": 64000}
 DEFAULT_SAMPLES = {"1k": 10, "2k": 10, "4k": 10, "8k": 10, "16k": 5, "32k": 5, "64k": 3}
 WINDOW = 8192
+FLOOR_TOKENS = 512
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -78,6 +82,25 @@ def run_dense(model, tokenizer, case, new_tokens: int) -> tuple[bool, float, flo
             token = int(out.logits[0, -1].argmax())
         decode = len(tokens) / (time.perf_counter() - started) if tokens else float("nan")
     return is_correct(tokenizer.decode(tokens), case), prefill, decode
+
+
+def run_floor(model, tokenizer, case, new_tokens: int) -> tuple[bool, float, float]:
+    """The model floor: dense attention over the context's first 512 tokens alone, the speed
+    of the model's own layers with almost no attention (accuracy does not apply)."""
+    context = encode(tokenizer, case)[0][:FLOOR_TOKENS]
+    cache = DynamicCache(config=model.config)
+    pass_cache = {cache_argument(model): cache}
+    with torch.no_grad():
+        started = time.perf_counter()
+        out = model(torch.tensor([context]), use_cache=True, **pass_cache)
+        prefill = len(context) / (time.perf_counter() - started)
+        token = int(out.logits[0, -1].argmax())
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(torch.tensor([[token]]), use_cache=True, **pass_cache)
+            token = int(out.logits[0, -1].argmax())
+        decode = new_tokens / (time.perf_counter() - started)
+    return False, prefill, decode
 
 
 def run_memlayer(
@@ -146,7 +169,7 @@ def main() -> None:
         default=["2k", "4k", "8k", "16k", "32k", "64k"],
         choices=list(LENGTHS),
     )
-    parser.add_argument("--methods", nargs="+", default=["dense", "infllm", "quest"])
+    parser.add_argument("--methods", nargs="+", default=["floor", "dense", "infllm", "quest"])
     parser.add_argument(
         "--samples", type=int, default=None, help="samples per length (default: 10/5/3)"
     )
@@ -171,8 +194,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
-    models = {"dense": load_smollm2()[0]}
-    model, tokenizer = load_smollm2()
+    model, tokenizer = load_smollm2()  # one copy: a KVSession leaves the model as it was
     span = args.n_init + args.topk * args.block_size + args.n_local
     print(f"attention span (init + selected + local): {span} tokens (+ up to one block)")
     rows = []
@@ -189,9 +211,9 @@ def main() -> None:
             for case in cases:
                 reset_peak()
                 if method == "dense":
-                    ok, prefill, decode = run_dense(
-                        models["dense"], tokenizer, case, args.new_tokens
-                    )
+                    ok, prefill, decode = run_dense(model, tokenizer, case, args.new_tokens)
+                elif method == "floor":
+                    ok, prefill, decode = run_floor(model, tokenizer, case, args.new_tokens)
                 else:
                     ok, prefill, decode = run_memlayer(
                         model, tokenizer, case, args.new_tokens, method, args
@@ -210,8 +232,9 @@ def main() -> None:
                 "peak_rss_mb": max(peaks),
             }
             rows.append(row)
+            accuracy = "n/a" if method == "floor" else f"{correct}/{count}"
             print(
-                f"| {label} | {method} | {correct}/{count} | {row['prefill_tok_s']:.0f} | "
+                f"| {label} | {method} | {accuracy} | {row['prefill_tok_s']:.0f} | "
                 f"{row['decode_tok_s']:.1f} | {row['peak_rss_mb']:.0f} |",
                 flush=True,
             )
