@@ -130,7 +130,6 @@ def run_memlayer(
     return {
         "prefill_tok_s": len(context) / prefill_s,
         "decode_ms": 1000 * stats["decode_s"] / stats["decode_tokens"],
-        "selection_share": stats["selection_s"] / (stats["prefill_s"] + stats["decode_s"]),
     }
 
 

@@ -1,12 +1,19 @@
 """memlayer.kernels: page scoring and paged sparse attention behind one set of functions.
 
-The torch reference (`reference.py`) runs on every device; on CUDA tensors paged_attention
-and score_pages run Triton kernels (`triton_paged.py`, via `dispatch.py`) behind the same
-names, unless MEMLAYER_KERNELS=reference. Imports only torch; triton loads on first CUDA use.
+The torch reference (`reference.py`) runs on every device; on CUDA tensors the attention
+kernels (window, paged, a layer's whole step) and score_pages run Triton (`triton_paged.py`,
+via `dispatch.py`) behind the same names, unless MEMLAYER_KERNELS=reference. merge_attention
+and select_pages are a few torch operations that run on the tensors' own device. Imports
+only torch; triton loads on first CUDA use.
 """
 
-from memlayer.kernels.dispatch import paged_attention, score_pages
-from memlayer.kernels.reference import causal_window_attention, merge_attention, select_pages
+from memlayer.kernels.dispatch import (
+    causal_window_attention,
+    paged_attention,
+    score_pages,
+    sparse_attention,
+)
+from memlayer.kernels.reference import merge_attention, select_pages
 
 __all__ = [
     "causal_window_attention",
@@ -14,4 +21,5 @@ __all__ = [
     "paged_attention",
     "score_pages",
     "select_pages",
+    "sparse_attention",
 ]

@@ -48,7 +48,49 @@ def paged_attention(
     return out
 
 
+def causal_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention over a window; see reference.causal_window_attention."""
+    backend = _backend(q) if q.shape[0] == 1 else reference  # Triton's twin takes batch 1
+    out: tuple[torch.Tensor, torch.Tensor] = backend.causal_window_attention(
+        q, k, v, scale=scale, q_start=q_start
+    )
+    return out
+
+
 def score_pages(q: torch.Tensor, summary: torch.Tensor, *, kind: SummaryKind) -> torch.Tensor:
     """Page relevance [B, Hkv, P] float32; see reference.score_pages."""
     scores: torch.Tensor = _backend(q).score_pages(q, summary, kind=kind)
     return scores
+
+
+def sparse_attention(
+    q_local: torch.Tensor,
+    window_k: torch.Tensor,
+    window_v: torch.Tensor,
+    q_memory: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    page_idx: torch.Tensor,
+    *,
+    scale: float,
+    padded: bool = True,
+) -> torch.Tensor:
+    """One layer's window + sinks + pages attention; see reference.sparse_attention."""
+    out: torch.Tensor = _backend(q_local).sparse_attention(
+        q_local,
+        window_k,
+        window_v,
+        q_memory,
+        sink_k,
+        sink_v,
+        k_pool,
+        v_pool,
+        page_idx,
+        scale=scale,
+        padded=padded,
+    )
+    return out

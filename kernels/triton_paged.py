@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from memlayer.kernels.reference import SummaryKind
+from memlayer.kernels.reference import SummaryKind, merge_attention
 
 _LOG2E = 1.4426950408889634  # kernels use exp2 and log2
 _MIN_SPLIT_TOKENS = 256  # a split-K slice reads at least this many keys
@@ -55,6 +55,8 @@ def _paged_partial_kernel(
     pages_per_split: int,
     rows_total: int,
     scale_log2: float,
+    causal_start: int,
+    key_limit: int,
     GROUP: tl.constexpr,
     PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -63,7 +65,10 @@ def _paged_partial_kernel(
     DOT_TYPE: tl.constexpr,
     PRECISION: tl.constexpr,
 ) -> None:
-    """Online-softmax attention of one row block of a KV head's queries over one page slice."""
+    """Online-softmax attention of one row block of a KV head's queries over one page slice.
+
+    Key j of the listed pages' concatenation is seen by query t when j < key_limit and
+    j <= causal_start + t (a local window read in place as pages; huge for plain pages)."""
     bh = tl.program_id(0)
     split = tl.program_id(2)
     b = bh // kv_heads
@@ -87,13 +92,14 @@ def _paged_partial_kernel(
         tok = start + n
         slot = tok // PAGE
         page = tl.load(idx_ptr + b * si_b + g * si_h + slot * si_n, mask=slot < last, other=-1)
-        valid = page >= 0
+        valid = (page >= 0) & (tok < key_limit)
         pos = tok % PAGE
         kv_mask = valid[:, None] & d_ok[None, :]
         k_off = page[:, None] * sk_p + g * sk_h + pos[:, None] * sk_s + d[None, :] * sk_d
         k = tl.load(k_ptr + k_off, mask=kv_mask, other=0.0)
         logits = tl.dot(q, tl.trans(k.to(DOT_TYPE)), input_precision=PRECISION) * scale_log2
-        logits = tl.where(valid[None, :], logits, float("-inf"))
+        seen_by = valid[None, :] & (tok[None, :] <= causal_start + t[:, None])
+        logits = tl.where(seen_by, logits, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(logits - m_safe[:, None])
@@ -165,6 +171,9 @@ def _num_splits(programs: int, count: int, device: torch.device) -> int:
     return max(1, min(count, math.ceil(2 * units / programs)))
 
 
+_NO_LIMIT = 2**30  # causal_start / key_limit of plain pages: every key seen
+
+
 def paged_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -175,8 +184,103 @@ def paged_attention(
     splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of reference.paged_attention; `splits` forces the split-K count (tests)."""
+    return _attention(
+        q,
+        k_pool,
+        v_pool,
+        page_idx,
+        k_pool.stride(),
+        v_pool.stride(),
+        page=k_pool.shape[2],
+        scale=scale,
+        splits=splits,
+    )
+
+
+def causal_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    q_start: int,
+    splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of reference.causal_window_attention (batch 1): the keys [1, Hkv, L, D]
+    are read in place as pages of _BLOCK_N tokens by the paged kernel, causally masked."""
+    if q.shape[0] != 1:
+        raise ValueError(f"the Triton window attention takes batch 1, got {q.shape[0]}")
+    count = triton.cdiv(k.shape[2], _BLOCK_N)
+    pages = torch.arange(count, device=q.device).view(1, 1, count).expand(1, k.shape[1], count)
+
+    def as_pages(t: torch.Tensor) -> tuple[int, int, int, int]:  # [P, Hkv, S, D] strides
+        return (_BLOCK_N * t.stride(2), t.stride(1), t.stride(2), t.stride(3))
+
+    return _attention(
+        q,
+        k,
+        v,
+        pages,
+        as_pages(k),
+        as_pages(v),
+        page=_BLOCK_N,
+        scale=scale,
+        splits=splits,
+        causal_start=q_start,
+        key_limit=k.shape[2],
+    )
+
+
+def sparse_attention(
+    q_local: torch.Tensor,
+    window_k: torch.Tensor,
+    window_v: torch.Tensor,
+    q_memory: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    page_idx: torch.Tensor,
+    *,
+    scale: float,
+    padded: bool = True,
+) -> torch.Tensor:
+    """Triton twin of reference.sparse_attention (batch 1): window, sinks and pages each
+    through the paged kernel, merged by log-sum-exp (`padded` needs no special case here)."""
+    length = q_local.shape[2]
+    parts = [
+        causal_window_attention(
+            q_local, window_k, window_v, scale=scale, q_start=window_k.shape[2] - length
+        )
+    ]
+    if sink_k.shape[2]:
+        parts.append(
+            causal_window_attention(q_memory, sink_k, sink_v, scale=scale, q_start=sink_k.shape[2])
+        )
+    if page_idx.shape[2]:
+        parts.append(paged_attention(q_memory, k_pool, v_pool, page_idx, scale=scale))
+    out, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    return out
+
+
+def _attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    page_idx: torch.Tensor,
+    k_strides: tuple[int, ...],
+    v_strides: tuple[int, ...],
+    *,
+    page: int,
+    scale: float,
+    splits: int | None,
+    causal_start: int = _NO_LIMIT,
+    key_limit: int = _NO_LIMIT,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the paged kernel (and the split merge) over pages of `page` tokens whose
+    [P, Hkv, S, D] strides are given, so a window can be read in place."""
     batch, heads, length, dim = q.shape
-    kv_heads, page = k_pool.shape[1], k_pool.shape[2]
+    kv_heads = page_idx.shape[1]
     count = page_idx.shape[2]
     group = heads // kv_heads
     rows = group * length
@@ -206,8 +310,8 @@ def paged_attention(
         part,
         part_lse,
         *q.stride(),
-        *k_pool.stride(),
-        *v_pool.stride(),
+        *k_strides,
+        *v_strides,
         *page_idx.stride(),
         kv_heads,
         length,
@@ -216,6 +320,8 @@ def paged_attention(
         per_split,
         rows_total,
         scale * _LOG2E,
+        causal_start,
+        key_limit,
         GROUP=group,
         PAGE=page,
         BLOCK_M=block_m,

@@ -18,6 +18,7 @@ from memlayer.kvretrieval.layer_memory import Checkpoint, HeadGeometry, LayerMem
 from memlayer.kvretrieval.rope import Rotary
 from memlayer.kvretrieval.sealed_pages import open_kv_store
 from memlayer.kvretrieval.selectors import PageSelector
+from memlayer.stores import TensorTier
 
 
 class PagedKVCache(Cache):
@@ -44,8 +45,16 @@ class PagedKVCache(Cache):
             )
             for i in range(geometry.layers)
         ]
+        front = self.store.tiers[0]
+        assert isinstance(front, TensorTier)  # open_kv_store puts a tensor tier in front
+        front.watch(self._slot_moved)
         layers: list[Any] = list(self.memories)  # transformers types the list by its own classes
         super().__init__(layers=layers)
+
+    def _slot_moved(self, page_id: str, slot: int) -> None:
+        """Keep the owning layer's page table in step with the front tier ("layer{i}/{j}")."""
+        layer, index = page_id.removeprefix("layer").split("/")
+        self.memories[int(layer)].pages.moved(int(index), slot)
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         """Tokens stored (the same in every layer)."""
@@ -88,6 +97,5 @@ class PagedKVCache(Cache):
             "moved": store["moved"],
             "pages_selected": sum(m.stats.pages_selected for m in memories),
             "selection_hit_rate": hits / gathered if gathered else 0.0,
-            "selection_s": sum(m.stats.selection_s for m in memories),
             "attention_s": sum(m.stats.attention_s for m in memories),
         }

@@ -17,16 +17,12 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from memlayer.errors import UnsupportedModelError
-from memlayer.kernels import (
-    causal_window_attention,
-    merge_attention,
-    paged_attention,
-    select_pages,
-)
+from memlayer.kernels import select_pages, sparse_attention
 from memlayer.kvretrieval.config import KVConfig
 from memlayer.kvretrieval.rope import Rotary
 from memlayer.kvretrieval.sealed_pages import SealedPages
 from memlayer.kvretrieval.selectors import PageSelector
+from memlayer.kvretrieval.window import SinkBuffer, WindowBuffer
 from memlayer.stores import DiskTier, PageStore
 
 # layer tensors as memlayer 0.2.0 named them in saved sessions
@@ -43,7 +39,6 @@ _SAVED_BY_0_2 = {
 class LayerStats:
     """Counters of one layer (summed into the session's stats)."""
 
-    selection_s: float = 0.0
     attention_s: float = 0.0
     steps: int = 0
     pages_selected: int = 0
@@ -77,6 +72,12 @@ class HeadGeometry:
 class LayerMemory(CacheLayerMixin):
     """The KV memory of one attention layer (batch size 1), a transformers cache layer.
 
+    The local window lives in preallocated buffers (`WindowBuffer`): a chunk's keys are
+    written in place and rotated once, on arrival. A step reads sealed pages straight from
+    the front tier's slab through the page table, so with the front tier resident (no
+    budget: the default) it runs as tensor operations on the model's device, with no value
+    read back to the host (`attend`).
+
     transformers' generic layer methods that assume one keys/values tensor (offload,
     reorder for beam search) do not apply: the layer's KV is split across sinks, window and
     pages in the PageStore, so `keys` and `values` stay None and beams are refused.
@@ -100,18 +101,25 @@ class LayerMemory(CacheLayerMixin):
         self.selector = selector
         self.rotary = rotary
         self.device = device
-        empty = torch.empty(geometry.kv_heads, 0, geometry.head_dim, dtype=dtype, device=device)
-        self.window_k, self.window_v = empty, empty
-        self.window_start = 0  # absolute position of the window's first token
-        self.sink_k, self.sink_v = empty, empty
-        summary_shape = (geometry.kv_heads, selector.summary_rows, geometry.head_dim)
-        self.pages = SealedPages(store, f"layer{layer}", summary_shape, dtype, device)
+        heads, dim = geometry.kv_heads, geometry.head_dim
+        self.window = WindowBuffer(
+            config, rotary, heads, dim, dtype, device, exact=config.positions == "exact"
+        )
+        self.sinks = SinkBuffer(config.n_init, heads, dim, dtype, device)
+        summary_shape = (heads, selector.summary_rows, dim)
+        page_shape = (heads, config.block_size, dim)
+        self.pages = SealedPages(store, f"layer{layer}", page_shape, summary_shape, dtype, device)
         self.stats = LayerStats()
+
+    @property
+    def window_start(self) -> int:
+        """Absolute position of the local window's first token."""
+        return self.window.start
 
     @property
     def seen(self) -> int:
         """Tokens this layer has stored."""
-        return self.window_start + self.window_k.shape[1]
+        return self.window.end
 
     # -- transformers' cache layer interface ------------------------------------------------
 
@@ -143,55 +151,47 @@ class LayerMemory(CacheLayerMixin):
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Add a chunk's unrotated keys/values [Hkv, T, D] at the end of the local window."""
-        self.window_k = torch.cat([self.window_k, self.rotary.unscale(keys)], dim=1)
-        self.window_v = torch.cat([self.window_v, values], dim=1)
+        self.window.append(self.rotary.unscale(keys), values)
 
     def attend(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
-        """Attention output [1, Hq, T, D] of the newest T queries (already appended keys)."""
+        """Attention output [1, Hq, T, D] of the newest T queries (already appended keys),
+        then sealing of what left the window."""
         started = time.perf_counter()
-        exact = self.config.positions == "exact"
         q_raw = self.rotary.unscale(queries)
-        length = queries.shape[2]
-        total = self.window_k.shape[1]
-        offset = self.window_start if exact else 0
-        device = queries.device
-        key_pos = torch.arange(total, device=device) + offset
-        q_local = self.rotary.rotate(q_raw, key_pos[total - length :])
-        k_local = self.rotary.rotate(self.window_k, key_pos)
-        parts = [
-            causal_window_attention(
-                q_local, k_local[None], self.window_v[None], scale=scale, q_start=total - length
-            )
-        ]
-        q_memory = q_local if exact else self.memory_queries(queries)
-        if self.sink_k.shape[1]:
-            parts.append(
-                causal_window_attention(
-                    q_memory,
-                    self.sink_k[None],
-                    self.sink_v[None],
-                    scale=scale,
-                    q_start=self.sink_k.shape[1],
-                )
-            )
-        selection = 0.0
+        out = self.attend_resident(q_raw, scale)
         if self.pages.count:
-            picked = time.perf_counter()
-            chosen = self.select(q_memory)
-            selection = time.perf_counter() - picked
-            valid = chosen >= 0
-            self.stats.pages_selected += int(valid.sum())
-            wanted, slots = torch.unique(chosen[valid], return_inverse=True)
-            keys, values = self.pages.gather(wanted.tolist())
-            compact = torch.full_like(chosen, -1)
-            compact[valid] = slots  # selected page -> its row among the gathered pages
-            parts.append(paged_attention(q_memory, keys, values, compact, scale=scale))
-        out, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts])
+            taken = min(self.config.topk, self.pages.count) * self.window.heads
+            self.stats.pages_selected += taken
+            self.pages.count_resident_read(taken)
         self._seal(q_raw[0])
-        self.stats.selection_s += selection
-        self.stats.attention_s += time.perf_counter() - started - selection
+        self.stats.attention_s += time.perf_counter() - started
         self.stats.steps += 1
         return out
+
+    def attend_resident(self, q_raw: torch.Tensor, scale: float) -> torch.Tensor:
+        """Window + sinks + selected pages for unrotated queries [1, Hq, T, D]: tensor
+        operations alone when the front tier is resident (no `.item()`, no loop over pages)."""
+        window = self.window
+        q_local = window.rotate_queries(q_raw)
+        q_memory = q_local if window.exact else self.memory_queries(q_raw)
+        if self.pages.count:
+            k_pool, v_pool, slots = self.pages.slots(self.select(q_memory))
+        else:
+            k_pool = v_pool = window.keys().new_empty(0, window.heads, 1, q_raw.shape[-1])
+            slots = torch.empty(1, window.heads, 0, dtype=torch.long, device=q_raw.device)
+        return sparse_attention(
+            q_local,
+            window.keys()[None],
+            window.values()[None],
+            q_memory,
+            self.sinks.keys()[None],
+            self.sinks.values()[None],
+            k_pool,
+            v_pool,
+            slots,
+            scale=scale,
+            padded=slots.shape[-1] > self.pages.count,
+        )
 
     def select(self, q_memory: torch.Tensor) -> torch.Tensor:
         """Top-k pages [1, Hkv, topk] for queries placed in the memory frame."""
@@ -200,21 +200,19 @@ class LayerMemory(CacheLayerMixin):
 
     def memory_queries(self, queries: torch.Tensor) -> torch.Tensor:
         """Unrotated queries [1, Hq, T, D] placed where memory is read (fixed distance n_local)."""
-        positions = torch.full((queries.shape[2],), self.config.n_local, device=queries.device)
-        return self.rotary.rotate(self.rotary.unscale(queries), positions)
+        return self.rotary.rotate_to(queries, self.config.n_local)
 
     def _seal(self, recent_queries: torch.Tensor) -> None:
         """Move tokens that left the local window into the sink tokens, then into pages: all
         the whole pages a chunk pushes out are sealed together, in one batch."""
-        cfg = self.config
-        excess = self.window_k.shape[1] - cfg.n_local
-        room = cfg.n_init - self.sink_k.shape[1]
+        cfg, window = self.config, self.window
+        excess = window.length - cfg.n_local
+        room = cfg.n_init - self.sinks.count
         if excess > 0 and room > 0:
             take = min(excess, room)
-            placed = self._placed(self.window_k[:, :take], self.window_start)
-            self.sink_k = torch.cat([self.sink_k, placed], dim=1)
-            self.sink_v = torch.cat([self.sink_v, self.window_v[:, :take]], dim=1)
-            self._drop(take)
+            raw = window.raw_keys()[:, :take]
+            self.sinks.add(self._placed(raw, window.start), window.values()[:, :take])
+            window.drop(take)
             excess -= take
         count = max(excess, 0) // cfg.block_size
         if not count:
@@ -224,19 +222,14 @@ class LayerMemory(CacheLayerMixin):
         def as_pages(tokens: torch.Tensor) -> torch.Tensor:  # [Hkv, N·S, D] -> [N, Hkv, S, D]
             return tokens.unflatten(1, (count, cfg.block_size)).transpose(0, 1)
 
-        keys = as_pages(self._placed(self.window_k[:, :take], self.window_start))
-        summaries = self.selector.summarize(as_pages(self.window_k[:, :take]), recent_queries)
+        raw = window.raw_keys()[:, :take]
+        keys = as_pages(self._placed(raw, window.start))
+        summaries = self.selector.summarize(as_pages(raw), recent_queries)
         first = self.pages.count
-        starts = [self.window_start + i * cfg.block_size for i in range(count)]
-        self.pages.extend(keys, as_pages(self.window_v[:, :take]), summaries, starts)
+        starts = [window.start + i * cfg.block_size for i in range(count)]
+        self.pages.extend(keys, as_pages(window.values()[:, :take]), summaries, starts)
         self.selector.sealed(first, keys, summaries)
-        self._drop(take)
-
-    def _drop(self, count: int) -> None:
-        """Forget the window's first `count` tokens (now sinks or pages)."""
-        self.window_k = self.window_k[:, count:]
-        self.window_v = self.window_v[:, count:]
-        self.window_start += count
+        window.drop(take)
 
     def _placed(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         """Keys as memory stores them: rotated to position 0, or to their absolute positions.
@@ -244,32 +237,36 @@ class LayerMemory(CacheLayerMixin):
         Position 0 is the identity for plain RoPE, but scaled RoPE (YaRN, LongRoPE) multiplies
         by its attention scaling at every position, 0 included, as it does the query.
         """
-        count = keys.shape[1]
         if self.config.positions == "exact":
-            positions = torch.arange(start, start + count, device=keys.device)
-        else:
-            positions = torch.zeros(count, dtype=torch.long, device=keys.device)
-        return self.rotary.rotate(keys, positions)
+            return self.rotary.rotate(keys, start)
+        return self.rotary.rotate_to(keys, 0)
+
+    @property
+    def sink_k(self) -> torch.Tensor:
+        """The sink tokens' keys as memory stores them [Hkv, n, D]."""
+        return self.sinks.keys()
+
+    @property
+    def window_k(self) -> torch.Tensor:
+        """The local window's unrotated keys [Hkv, n, D]."""
+        return self.window.raw_keys()
 
     def checkpoint(self) -> Checkpoint:
-        """State to return to after a question, so the fed context stays intact."""
+        """State to return to after a question, so the fed context stays intact (copies:
+        the buffers are written in place)."""
         return Checkpoint(
-            self.window_k,
-            self.window_v,
-            self.window_start,
-            self.sink_k,
-            self.sink_v,
+            self.window.raw_keys().clone(),
+            self.window.values().clone(),
+            self.window.start,
+            self.sinks.keys().clone(),
+            self.sinks.values().clone(),
             self.pages.count,
         )
 
     def restore(self, state: Checkpoint) -> None:
         """Return to a checkpoint (pages sealed since then are dropped, from the selector too)."""
-        self.window_k, self.window_v, self.window_start = (
-            state.window_k,
-            state.window_v,
-            state.window_start,
-        )
-        self.sink_k, self.sink_v = state.sink_k, state.sink_v
+        self.window.reset(state.window_k, state.window_v, state.window_start)
+        self.sinks.reset(state.sink_k, state.sink_v)
         self.pages.truncate(state.pages)
         self.selector.truncate(state.pages)
 
@@ -280,11 +277,11 @@ class LayerMemory(CacheLayerMixin):
         for start in range(0, len(ids), 64):  # a bounded number of pages up at a time
             folder.put_many(pages.store.get(ids[start : start + 64]))
         return {
-            "window_k": self.window_k,
-            "window_v": self.window_v,
-            "window_start": torch.tensor(self.window_start),
-            "sink_k": self.sink_k,
-            "sink_v": self.sink_v,
+            "window_k": self.window.raw_keys().clone(),
+            "window_v": self.window.values().clone(),
+            "window_start": torch.tensor(self.window.start),
+            "sink_k": self.sinks.keys().clone(),
+            "sink_v": self.sinks.values().clone(),
             "summaries": pages.summaries[: pages.count].clone(),
             "starts": torch.tensor(pages.starts, dtype=torch.long),
             "selector": self.selector.state(),
@@ -293,9 +290,8 @@ class LayerMemory(CacheLayerMixin):
     def load(self, saved: dict[str, Any], folder: DiskTier) -> None:
         """Rebuild this (empty) layer from what `save` returned and the pages in `folder`."""
         saved = {_SAVED_BY_0_2.get(key, key): value for key, value in saved.items()}
-        self.window_k, self.window_v = saved["window_k"], saved["window_v"]
-        self.window_start = int(saved["window_start"])
-        self.sink_k, self.sink_v = saved["sink_k"], saved["sink_v"]
+        self.window.reset(saved["window_k"], saved["window_v"], int(saved["window_start"]))
+        self.sinks.reset(saved["sink_k"], saved["sink_v"])
         starts = saved["starts"].tolist()
         for first in range(0, len(starts), 64):  # a bounded number of pages up at a time
             ids = [self.pages.page_id(i) for i in range(first, min(first + 64, len(starts)))]

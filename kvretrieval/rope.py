@@ -33,8 +33,10 @@ class Rotary:
         self._dtype = dtype
         self._cos = torch.empty(0, head_dim, device=device, dtype=torch.float32)
         self._sin = torch.empty(0, head_dim, device=device, dtype=torch.float32)
+        self._cast: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
         cos0, _ = self._compute(torch.zeros(1, dtype=torch.long, device=device))
         self.scale = cos0[0]  # what rotation at position 0 multiplies by (1 unless scaled RoPE)
+        self._plain = bool((self.scale == 1).all())  # read once: no host sync per call
 
     def _compute(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probe = torch.empty(1, device=self._device, dtype=torch.float32)
@@ -48,16 +50,39 @@ class Rotary:
         size = max(upto, 2 * self._cos.shape[0], 1024)
         cos, sin = self._compute(torch.arange(size, device=self._device))
         self._cos, self._sin = cos, sin
+        self._cast.clear()
+
+    def _tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin tables in `dtype`, made once per growth instead of per call.
+
+        rotate_half(x) · sin equals roll(x, D/2) · sin with its first half negated, which
+        `_apply` uses: one roll instead of a negation, two slices and a concatenation."""
+        if dtype not in self._cast:
+            half = self._sin.shape[-1] // 2
+            signed = torch.cat((-self._sin[:, :half], self._sin[:, half:]), dim=-1)
+            self._cast[dtype] = (self._cos.to(dtype), signed.to(dtype))
+        return self._cast[dtype]
 
     def unscale(self, x: torch.Tensor) -> torch.Tensor:
         """Undo the rotation at position 0 the model applied (identity for plain RoPE)."""
-        return x if bool((self.scale == 1).all()) else x / self.scale.to(x.dtype)
+        return x if self._plain else x / self.scale.to(x.dtype)
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x [..., T, D] (unrotated) to `positions` [T]."""
-        self._ensure(int(positions.max()) + 1 if positions.numel() else 0)
-        cos = self._cos[positions].to(x.dtype)
-        sin = self._sin[positions].to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def rotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Rotate x [..., T, D] (unrotated) to positions start, start + 1, ..., start + T - 1.
+
+        `start` is a host integer, so no position is read back from the device."""
+        end = start + x.shape[-2]
+        self._ensure(end)
+        cos, sin = self._tables(x.dtype)
+        return self._apply(x, cos[start:end], sin[start:end])
+
+    def rotate_to(self, x: torch.Tensor, position: int) -> torch.Tensor:
+        """Rotate every row of x [..., T, D] (unrotated) to the same `position`."""
+        self._ensure(position + 1)
+        cos, sin = self._tables(x.dtype)
+        return self._apply(x, cos[position], sin[position])
+
+    @staticmethod
+    def _apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)
+        return torch.addcmul(x * cos, rolled, signed_sin)

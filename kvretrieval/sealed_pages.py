@@ -16,6 +16,7 @@ import torch
 from memlayer.errors import InvalidInputError
 from memlayer.kvretrieval.config import KVConfig
 from memlayer.stores import PageStore
+from memlayer.stores.tensor_tier import Signature, TensorTier
 from memlayer.types import Page
 
 
@@ -58,21 +59,33 @@ def open_kv_store(
 
 
 class SealedPages:
-    """Sealed pages of one layer; page `i` is stored as `{prefix}/{i}` with tensors k and v."""
+    """Sealed pages of one layer; page `i` is stored as `{prefix}/{i}` with tensors k and v.
+
+    `table` (on the layer's device) maps page index -> slot in the front tier's slab, -1
+    for a page not there; the front tier reports every move (`TensorTier.watch`), so a
+    step reads selected pages straight from the slab by slot, with no host lookup.
+    """
 
     def __init__(
         self,
         store: PageStore,
         prefix: str,
+        page_shape: Sequence[int],
         summary_shape: Sequence[int],
         dtype: torch.dtype,
         device: torch.device,
     ):
         self.store = store
         self.prefix = prefix
+        self.front = store.tiers[0]
+        if not isinstance(self.front, TensorTier):
+            raise InvalidInputError("tiers", "the KV page store's front tier must hold tensors")
+        shape = tuple(page_shape)
+        self.signature: Signature = (("k", dtype, shape), ("v", dtype, shape))
         self.summaries = torch.empty(0, *summary_shape, dtype=dtype, device=device)
+        self.table = torch.empty(0, dtype=torch.long, device=device)
         self.starts: list[int] = []
-        self.gathered = 0  # pages gathered for attention
+        self.gathered = 0  # pages read for attention
         self.front_hits = 0  # of those, pages already in the front tier
 
     @property
@@ -80,9 +93,19 @@ class SealedPages:
         """Pages sealed so far."""
         return len(self.starts)
 
+    @property
+    def resident(self) -> bool:
+        """Every page is always in the front tier (it has no budget, so it never evicts)."""
+        return self.front.budget is None
+
     def page_id(self, index: int) -> str:
         """The store id of page `index`."""
         return f"{self.prefix}/{index}"
+
+    def moved(self, index: int, slot: int) -> None:
+        """Page `index` now sits in front-tier slot `slot` (-1: it left the front tier)."""
+        if index < self.table.shape[0]:
+            self.table[index] = slot
 
     def extend(
         self, keys: torch.Tensor, values: torch.Tensor, summaries: torch.Tensor, starts: list[int]
@@ -90,28 +113,57 @@ class SealedPages:
         """Seal pages: keys/values [N, Hkv, S, D] to the store in one batch, summaries
         [N, Hkv, R, D] kept here, `starts` their first tokens' absolute positions."""
         first, count = self.count, len(starts)
+        needed = first + count
+        if needed > self.summaries.shape[0]:
+            size = max(16, needed, 2 * self.summaries.shape[0])
+            grown = self.summaries.new_empty((size, *self.summaries.shape[1:]))
+            grown[:first] = self.summaries[:first]
+            self.summaries = grown
+            table = self.table.new_full((size,), -1)
+            table[:first] = self.table[:first]
+            self.table = table
+        self.summaries[first:needed] = summaries
+        self.starts.extend(starts)
         self.store.put_many(
             [
                 Page(id=self.page_id(first + i), payload={"k": keys[i], "v": values[i]})
                 for i in range(count)
             ]
         )
-        needed = first + count
-        if needed > self.summaries.shape[0]:
-            grown = self.summaries.new_empty(
-                (max(16, needed, 2 * self.summaries.shape[0]), *self.summaries.shape[1:])
-            )
-            grown[:first] = self.summaries[:first]
-            self.summaries = grown
-        self.summaries[first:needed] = summaries
-        self.starts.extend(starts)
+
+    def slots(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The front slab's keys and values [slots, Hkv, S, D] and the slots [1, Hkv, k] of
+        the pages `chosen` [1, Hkv, k] (-1 kept as -1), with the pages brought up first.
+
+        With a resident front tier this is tensor operations alone on the device. With a
+        bounded one, the chosen pages come to the host once (one small read), the missing
+        ones are promoted in one batch, and the pages read are marked as used.
+        """
+        if not self.resident:
+            self._bring_up(chosen)
+        slab = self.front.slab(self.signature)
+        assert slab is not None  # a sealed page is in the front tier (brought up above)
+        if chosen.shape[-1] <= self.count:  # no -1 among them: a top-k of enough pages
+            return slab.fields["k"], slab.fields["v"], self.table[chosen]
+        picked = self.table[chosen.clamp(min=0)]
+        return slab.fields["k"], slab.fields["v"], torch.where(chosen >= 0, picked, -1)
+
+    def _bring_up(self, chosen: torch.Tensor) -> None:
+        indices = sorted(set(chosen[chosen >= 0].tolist()))
+        ids = [self.page_id(i) for i in indices]
+        self.front_hits += sum(page_id in self.front for page_id in ids)
+        self.gathered += len(ids)
+        self.store.gather(ids, "k")  # promotes what is missing in one batch, touches the rest
+
+    def count_resident_read(self, pages: int) -> None:
+        """Count `pages` read straight from a resident front tier (every one a hit)."""
+        if self.resident:
+            self.gathered += pages
+            self.front_hits += pages
 
     def gather(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of pages `indices` stacked [n, Hkv, S, D] on the front tier."""
         ids = [self.page_id(i) for i in indices]
-        front = self.store.tiers[0]
-        self.front_hits += sum(page_id in front for page_id in ids)
-        self.gathered += len(ids)
         return self.store.gather(ids, "k"), self.store.gather(ids, "v")
 
     def truncate(self, count: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +25,7 @@ from memlayer.stores.tier import PromotionStep, Tier
 from memlayer.types import Page
 
 Signature = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
+SlotListener = Callable[[str, int], None]  # (page id, its slot now; -1 once it left the tier)
 
 
 def signature(payload: dict[str, torch.Tensor]) -> Signature:
@@ -87,6 +88,7 @@ class TensorTier(Tier):
         self._blobs: dict[str, bytes] = {}
         self._headers: dict[str, Page] = {}
         self._stream: Any = None  # the CUDA side stream prefetches copy on, made on first use
+        self._listeners: list[SlotListener] = []
 
     # -- Tier -----------------------------------------------------------------------------
 
@@ -132,6 +134,7 @@ class TensorTier(Tier):
             for name, tensor in payload.items():
                 slab.fields[name][slot].copy_(tensor, non_blocking=non_blocking(self.device))
             self._slots[page.id] = (sig, slot)
+            self._moved(page.id, slot)
         self._headers[page.id] = dataclasses.replace(page, payload=b"")
         self.policy.touch(page.id)
         return evicted
@@ -152,6 +155,7 @@ class TensorTier(Tier):
         if self._blobs.pop(page_id, None) is not None:
             return
         sig, slot = self._slots.pop(page_id)
+        self._moved(page_id, -1)
         slab = self._slabs[sig]
         slab.used -= 1
         if slab.used == 0:
@@ -245,7 +249,26 @@ class TensorTier(Tier):
             self._slots[page_id] = (sig, slot)
             self._headers[page_id] = source._headers[page_id]
             self.policy.touch(page_id)
+            self._moved(page_id, slot)
         return evicted
+
+    # -- slots: for callers that keep a page table on the device ---------------------------
+
+    def watch(self, listener: SlotListener) -> None:
+        """Call `listener(page_id, slot)` whenever a page takes a slot here, and with slot -1
+        when it leaves (evicted, demoted or deleted). Listeners run under the store's lock
+        and must not call back into the tier."""
+        self._listeners.append(listener)
+
+    def slab(self, sig: Signature) -> Slab | None:
+        """The slab of pages with this payload signature (None while there are none): read
+        `slab.fields[name][slot]` for a slot `watch` reported. A slab that grows is a new
+        tensor with the same slots, so read it again after pages arrive."""
+        return self._slabs.get(sig)
+
+    def _moved(self, page_id: str, slot: int) -> None:
+        for listener in self._listeners:
+            listener(page_id, slot)
 
     # -- batch reads ----------------------------------------------------------------------
 

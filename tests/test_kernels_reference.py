@@ -22,6 +22,7 @@ from memlayer.kernels import (
     paged_attention,
     score_pages,
     select_pages,
+    sparse_attention,
 )
 
 SEED = 1234
@@ -243,3 +244,59 @@ def test_selection_pads_when_pages_are_few() -> None:
     """Fewer pages than k: all of them, ascending, then -1."""
     chosen = select_pages(torch.tensor([[[0.3, 0.9]]]), 4)
     assert chosen.tolist() == [[[0, 1, -1, -1]]]
+
+
+def _layer_step_inputs(
+    length: int, sinks: int, pages: list[list[int]], *, same_queries: bool
+) -> dict[str, torch.Tensor]:
+    """One layer's step: 4 query heads over 2 KV heads, a window of 11 keys, sink tokens and
+    a pool of 6 pages of 3 tokens; `pages` per KV head (-1: none)."""
+    gen = torch.Generator().manual_seed(SEED)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    q_local = rand(1, 4, length, 8)
+    return {
+        "q_local": q_local,
+        "window_k": rand(1, 2, 11, 8),
+        "window_v": rand(1, 2, 11, 8),
+        "q_memory": q_local if same_queries else rand(1, 4, length, 8),
+        "sink_k": rand(1, 2, sinks, 8),
+        "sink_v": rand(1, 2, sinks, 8),
+        "k_pool": rand(6, 2, 3, 8),
+        "v_pool": rand(6, 2, 3, 8),
+        "page_idx": torch.tensor([pages]),
+    }
+
+
+@pytest.mark.parametrize("length", [1, 4])
+@pytest.mark.parametrize("sinks", [0, 2])
+@pytest.mark.parametrize("same_queries", [False, True])
+@pytest.mark.parametrize("pages", [[[0, 5], [3, 1]], [[2, -1], [-1, -1]], [[], []]])
+def test_a_layer_step_in_one_softmax_equals_the_merge_of_its_parts(
+    length: int, sinks: int, same_queries: bool, pages: list[list[int]]
+) -> None:
+    """sparse_attention (window causal + sinks + pages, one softmax) against the three
+    parts attended apart and merged by log-sum-exp; `padded=False` the same when no -1."""
+    x = _layer_step_inputs(length, sinks, pages, same_queries=same_queries)
+    out = sparse_attention(**x, scale=0.3)
+    parts = [
+        causal_window_attention(
+            x["q_local"], x["window_k"], x["window_v"], scale=0.3, q_start=11 - length
+        )
+    ]
+    if sinks:
+        parts.append(
+            causal_window_attention(
+                x["q_memory"], x["sink_k"], x["sink_v"], scale=0.3, q_start=sinks
+            )
+        )
+    if x["page_idx"].shape[-1]:
+        parts.append(
+            paged_attention(x["q_memory"], x["k_pool"], x["v_pool"], x["page_idx"], scale=0.3)
+        )
+    expected, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    if not (x["page_idx"] < 0).any():
+        assert torch.equal(sparse_attention(**x, scale=0.3, padded=False), out)

@@ -100,6 +100,26 @@ class ScoreCase:
         return f"scores-{_name(self.dtype)}-d{self.dim}-g{self.group}-t{self.length}"
 
 
+@dataclass(frozen=True)
+class WindowCase:
+    """One causal_window_attention check: T queries, the last T of `keys` window keys, read
+    in place from a larger buffer; `q_start` None is the causal window (keys - T), else the
+    sink tokens' form (q_start = keys: every key seen)."""
+
+    dtype: torch.dtype
+    dim: int
+    group: int
+    length: int
+    keys: int
+    sinks: bool = False
+
+    @property
+    def id(self) -> str:
+        """Readable test id, e.g. window-bfloat16-d64-g3-t1-k577."""
+        kind = "sinks" if self.sinks else "window"
+        return f"{kind}-{_name(self.dtype)}-d{self.dim}-g{self.group}-t{self.length}-k{self.keys}"
+
+
 # (length, slots, logits): a prefill chunk over two row blocks when group > 2, a decode step
 # over 64 pages, large logits, and a decode step whose every logit is near -300
 SCENARIOS: tuple[tuple[int, int, Logits], ...] = (
@@ -112,6 +132,12 @@ GPU_PAGED = [
     PagedCase(dtype, dim, page, group, length, slots, logits, splits)
     for dtype, dim, page, group, (length, slots, logits), splits in itertools.product(
         DTYPES, (64, 128), (16, 64, 128), (1, 3, 4), SCENARIOS, (None, 1, 3)
+    )
+]
+GPU_WINDOWS = [
+    WindowCase(dtype, dim, group, length, keys, sinks)
+    for dtype, dim, group, (length, keys), sinks in itertools.product(
+        DTYPES, (64, 128), (1, 3, 4), ((1, 577), (512, 1088), (24, 64), (1, 7)), (False, True)
     )
 ]
 GPU_SCORES = [ScoreCase(*c) for c in itertools.product(DTYPES, (64, 128), (1, 3, 4), (1, 24))]
@@ -134,7 +160,16 @@ INTERPRET_SCORES = [
     ScoreCase(torch.float16, 128, 4, 3),
     ScoreCase(torch.bfloat16, 64, 1, 24),
 ]
-INTERPRET_CASES: list[PagedCase | ScoreCase] = [*INTERPRET_PAGED, *INTERPRET_SCORES]
+INTERPRET_WINDOWS = [
+    WindowCase(torch.float32, 64, 3, 1, 131),
+    WindowCase(torch.float16, 128, 4, 20, 150),
+    WindowCase(torch.bfloat16, 64, 1, 3, 64, sinks=True),
+]
+INTERPRET_CASES: list[PagedCase | ScoreCase | WindowCase] = [
+    *INTERPRET_PAGED,
+    *INTERPRET_SCORES,
+    *INTERPRET_WINDOWS,
+]
 
 
 def _on_cuda(cases: list[Any]) -> list[Any]:
@@ -323,6 +358,48 @@ def check_scores(case: ScoreCase, device: str, seed: int) -> None:
         assert excess.max() <= 1, f"{kind} off by {_worst(excess)}: {where}"
 
 
+def check_window(case: WindowCase, device: str, seed: int) -> None:
+    """Triton causal_window_attention equals the reference, reading keys in place from a
+    window that starts mid-buffer (as a layer's window buffer is laid out)."""
+    from memlayer.kernels import triton_paged
+
+    where = f"{case.id}, seed {seed} (replay: MEMLAYER_TEST_SEED={seed})"
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads, offset = 2, 37
+    q = torch.randn(1, kv_heads * case.group, case.length, case.dim, generator=gen)
+    buffers = torch.randn(2, kv_heads, offset + case.keys + 50, case.dim, generator=gen)
+    q, buffers = q.to(device, case.dtype), buffers.to(device, case.dtype)
+    k = buffers[0, :, offset : offset + case.keys][None]
+    v = buffers[1, :, offset : offset + case.keys][None]
+    q_start = case.keys if case.sinks else case.keys - case.length
+    scale = case.dim**-0.5
+    with _poisoned_allocations():
+        out, lse = triton_paged.causal_window_attention(q, k, v, scale=scale, q_start=q_start)
+    ref, ref_lse = reference.causal_window_attention(q, k, v, scale=scale, q_start=q_start)
+    assert out.dtype == case.dtype and out.shape == q.shape, where
+    assert out.isfinite().all() and lse.isfinite().all(), f"unwritten output: {where}"
+    lse_excess = (lse - ref_lse).abs() / (LSE_RTOL * ref_lse.abs().clamp(min=1))
+    assert lse_excess.max() <= 1, f"lse off by {_worst(lse_excess)}: {where}"
+    mean_abs_v, _ = reference.causal_window_attention(
+        q.float(), k.float(), v.abs().float(), scale=scale, q_start=q_start
+    )
+    zmax = float((q.float() @ k.float().repeat_interleave(case.group, 1).mT).abs().max()) * scale
+    eps = torch.finfo(case.dtype).eps
+    size = torch.maximum(out.float().abs(), ref.float().abs())
+    bound = eps * size + LOGIT_ULPS * EPS32 * (1 + zmax) * (mean_abs_v + ref.float().abs())
+    if device == "cuda" and case.dtype != torch.float32:
+        bound += eps / 2 * mean_abs_v
+    excess = (out.float() - ref.float()).abs() / bound.clamp(min=torch.finfo(torch.float32).tiny)
+    assert excess.max() <= 1, f"out off by {_worst(excess)}: {where}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", _on_cuda(GPU_WINDOWS), ids=lambda c: c.id)
+def test_causal_window_attention_cuda(case: WindowCase) -> None:
+    """CUDA: the window and sink attention read in place through the paged kernel."""
+    check_window(case, "cuda", SEED)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", _on_cuda(GPU_PAGED), ids=lambda c: c.id)
 def test_paged_attention_cuda(case: PagedCase) -> None:
@@ -441,7 +518,7 @@ def interpreter_results(request: pytest.FixtureRequest) -> tuple[dict[str, str |
 
 @pytest.mark.parametrize("case", INTERPRET_CASES, ids=lambda c: c.id)
 def test_interpreter_matches_reference(
-    case: PagedCase | ScoreCase, interpreter_results: tuple[dict[str, str | None], str]
+    case: PagedCase | ScoreCase | WindowCase, interpreter_results: tuple[dict[str, str | None], str]
 ) -> None:
     """Triton interpreter on CPU: one kernel case against the reference."""
     results, log = interpreter_results
@@ -462,6 +539,8 @@ def _interpret(seed: int, ids: list[str]) -> None:
         try:
             if isinstance(case, PagedCase):
                 check_paged(case, "cpu", seed)
+            elif isinstance(case, WindowCase):
+                check_window(case, "cpu", seed)
             else:
                 check_scores(case, "cpu", seed)
         except AssertionError as failure:

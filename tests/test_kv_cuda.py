@@ -90,3 +90,34 @@ def test_gpu_budget_spills_to_ram_and_disk_and_reads_back(tmp_path: Path) -> Non
     moved = stats["moved"]
     assert sum(moved.get(f"{deep}->gpu", {"pages": 0})["pages"] for deep in ("ram", "disk")) > 0
     assert any((tmp_path / "offload").glob("segment-*.log"))
+
+
+@pytest.mark.parametrize("selector", ["infllm", "quest"])
+def test_resident_layer_steps_never_synchronize_with_the_host(selector: str) -> None:
+    """Chunks that seal pages and one-token steps of a layer whose pages are all on the GPU
+    run with CUDA's sync checker set to fail on any synchronisation."""
+    model = tiny("llama").to("cuda", torch.bfloat16)
+    session = KVSession(model, None, progress=False, selector=selector, **SMALL)
+    session.feed(_ids(60, seed=5))
+    memory = session.cache.memories[0]
+    pages = memory.pages.count
+    generator = torch.Generator("cuda").manual_seed(0)
+    steps = [8] * 3 + [1] * 12  # three chunks, then decode steps (a seal every 4)
+    inputs = [
+        [
+            torch.randn(*shape, generator=generator, device="cuda", dtype=torch.bfloat16)
+            for shape in ((2, length, 16), (2, length, 16), (1, 4, length, 16))
+        ]
+        for length in steps
+    ]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outputs = []
+        for keys, values, queries in inputs:
+            memory.append(keys, values)
+            outputs.append(memory.attend(queries, 0.25))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert memory.pages.count > pages
+    assert all(bool(out.isfinite().all()) for out in outputs)
