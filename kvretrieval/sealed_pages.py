@@ -104,8 +104,8 @@ class SealedPages:
 
     def moved(self, index: int, slot: int) -> None:
         """Page `index` now sits in front-tier slot `slot` (-1: it left the front tier)."""
-        if index < self.table.shape[0]:
-            self.table[index] = slot
+        if index < self.table.shape[0]:  # fill_: a kernel argument, not a synchronous copy
+            self.table[index : index + 1].fill_(slot)
 
     def extend(
         self, keys: torch.Tensor, values: torch.Tensor, summaries: torch.Tensor, starts: list[int]
