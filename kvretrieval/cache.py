@@ -8,6 +8,7 @@ over the layer's memory. Each layer gets its own copy of the selector.
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 import torch
@@ -45,6 +46,9 @@ class PagedKVCache(Cache):
             )
             for i in range(geometry.layers)
         ]
+        if config.prefetch:
+            for layer, following in itertools.pairwise(self.memories):
+                layer.pages.next = following.pages
         front = self.store.tiers[0]
         assert isinstance(front, TensorTier)  # open_kv_store puts a tensor tier in front
         front.watch(self._slot_moved)

@@ -18,7 +18,9 @@ class KVConfig(BaseModel):
 
     Page payloads live in a PageStore: a front tier on the model's device (GPU on CUDA,
     else RAM) bounded by `gpu_budget` / `ram_budget` (None: unbounded), and pages pushed out
-    go to segment files under `offload_path` (a temporary folder when not given).
+    go to segment files under `offload_path` (a temporary folder when not given). With a
+    bounded front tier, `prefetch` starts bringing up, for the next layer, the pages this
+    layer selected, while this layer computes (layers tend to pick the same spans).
 
     Defaults follow InfLLM's published settings (128 sink tokens, 4K local window, 128-token
     blocks, 4 representative keys) scaled to a small model on a CPU: the attention span
@@ -37,6 +39,7 @@ class KVConfig(BaseModel):
     gpu_budget: ByteSize | None = None
     ram_budget: ByteSize | None = None
     offload_path: Path | None = None
+    prefetch: bool = True  # with a bounded front tier: each layer's picks go up for the next
 
     @field_validator("n_local", "block_size", "topk", "chunk_size")
     @classmethod

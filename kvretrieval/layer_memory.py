@@ -159,6 +159,7 @@ class LayerMemory(CacheLayerMixin):
         started = time.perf_counter()
         q_raw = self.rotary.unscale(queries)
         out = self.attend_resident(q_raw, scale)
+        self.pages.prefetch_next()
         if self.pages.count:
             taken = min(self.config.topk, self.pages.count) * self.window.heads
             self.stats.pages_selected += taken

@@ -87,6 +87,8 @@ class SealedPages:
         self.starts: list[int] = []
         self.gathered = 0  # pages read for attention
         self.front_hits = 0  # of those, pages already in the front tier
+        self.next: SealedPages | None = None  # the next layer's pages, to prefetch for
+        self.picked: list[int] = []  # pages the last bounded step brought up
 
     @property
     def count(self) -> int:
@@ -151,9 +153,20 @@ class SealedPages:
     def _bring_up(self, chosen: torch.Tensor) -> None:
         indices = sorted(set(chosen[chosen >= 0].tolist()))
         ids = [self.page_id(i) for i in indices]
+        self.store.wait(ids)  # a page a prefetch is bringing up counts once it is there
         self.front_hits += sum(page_id in self.front for page_id in ids)
         self.gathered += len(ids)
         self.store.gather(ids, "k")  # promotes what is missing in one batch, touches the rest
+        self.picked = indices
+
+    def prefetch_next(self) -> None:
+        """Start bringing up the pages the next layer picked at its last step (queries move
+        little from one token to the next), while this layer computes. Called once this
+        step's attention is under way: what the prefetch evicts is no longer needed here, and
+        on CUDA its copies wait for the work already queued."""
+        following = self.next
+        if following is not None and following.picked:
+            self.store.prefetch([following.page_id(i) for i in following.picked])
 
     def count_resident_read(self, pages: int) -> None:
         """Count `pages` read straight from a resident front tier (every one a hit)."""

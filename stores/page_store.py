@@ -168,6 +168,11 @@ class PageStore:
                 )
             return front.gather(page_ids, name)
 
+    def wait(self, page_ids: Iterable[str]) -> None:
+        """Wait until prefetches of these pages (if any are under way) have finished."""
+        for page_id in page_ids:
+            self._wait(page_id)
+
     def prefetch(self, page_ids: Iterable[str]) -> Future[None]:
         """Start bringing pages to the front tier; `get` and `gather` wait for them."""
         ids = [pid for pid in page_ids if pid not in self.tiers[0]]

@@ -209,6 +209,9 @@ class TensorTier(Tier):
             return
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
+        # copies may overwrite slots of evicted pages: wait for the work already queued on
+        # the device's default stream, which may still be reading them
+        self._stream.wait_stream(torch.cuda.default_stream(self.device))
         with torch.cuda.stream(self._stream):
             yield
         self._stream.synchronize()

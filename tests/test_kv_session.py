@@ -187,3 +187,27 @@ def test_a_session_saved_by_0_2_0_loads_and_answers_as_it_did(tmp_path: Path) ->
     assert loaded.selector == InfLLMSelector(repr_topk=3)
     assert loaded.tokens_fed == 60 and loaded.stats()["pages"] > 0
     assert loaded.continue_ids(expected["question"], 8) == expected["answer"]
+
+
+def test_prefetch_for_the_next_layer_raises_the_hit_rate_and_changes_no_answer(
+    tmp_path: Path,
+) -> None:
+    """With a bounded RAM tier, each layer's picks go up for the next layer ahead of use."""
+    model = tiny("llama")
+    answers, hit_rates = [], []
+    for prefetch in (False, True):
+        session = KVSession(
+            twin(model),
+            None,
+            progress=False,
+            selector="quest",
+            ram_budget="4KiB",  # one layer's picks: the next layer's were pushed out
+            offload_path=tmp_path / f"offload-{prefetch}",
+            prefetch=prefetch,
+            **SMALL,
+        )
+        session.feed(_ids(160))
+        answers.append(session.continue_ids(_ids(6, seed=3), 8))
+        hit_rates.append(session.stats()["selection_hit_rate"])
+    assert answers[0] == answers[1]
+    assert hit_rates[1] > hit_rates[0], hit_rates
