@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import weakref
 from typing import Any
 
 import torch
@@ -51,7 +52,14 @@ class PagedKVCache(Cache):
                 layer.pages.next = following.pages
         front = self.store.tiers[0]
         assert isinstance(front, TensorTier)  # open_kv_store puts a tensor tier in front
-        front.watch(self._slot_moved)
+        cache = weakref.ref(self)  # the store must not keep the cache (and its pages) alive
+
+        def slot_moved(page_id: str, slot: int) -> None:
+            alive = cache()
+            if alive is not None:
+                alive._slot_moved(page_id, slot)
+
+        front.watch(slot_moved)
         layers: list[Any] = list(self.memories)  # transformers types the list by its own classes
         super().__init__(layers=layers)
 

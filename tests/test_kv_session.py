@@ -211,3 +211,19 @@ def test_prefetch_for_the_next_layer_raises_the_hit_rate_and_changes_no_answer(
         hit_rates.append(session.stats()["selection_hit_rate"])
     assert answers[0] == answers[1]
     assert hit_rates[1] > hit_rates[0], hit_rates
+
+
+def test_a_dropped_session_frees_its_memory_without_waiting_for_the_garbage_collector() -> None:
+    """No reference cycle holds a session's cache (its pages, its window buffers) alive."""
+    import gc
+    import weakref
+
+    session = KVSession(tiny("llama"), None, progress=False, **SMALL)
+    session.feed(_ids(60))
+    cache = weakref.ref(session.cache)
+    gc.disable()
+    try:
+        del session
+        assert cache() is None
+    finally:
+        gc.enable()
