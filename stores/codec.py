@@ -95,6 +95,40 @@ def encode(page: Page) -> bytes:
     return b"".join([_LEN.pack(len(header)), header, *chunks])
 
 
+TensorLayout = list[tuple[str, torch.dtype, tuple[int, ...], int]]  # name, dtype, shape, nbytes
+
+
+def read_header(prefix: bytes) -> tuple[int, Page, TensorLayout] | None:
+    """From the first bytes of a blob: where its tensor bytes start, the page without its
+    payload, and its tensors in order (their bytes follow one another from that start).
+    None when `prefix` is too short, the payload is bytes, or anything does not parse: the
+    caller then reads the whole blob, whose checksum says whether it is damaged."""
+    try:
+        (size,) = _LEN.unpack_from(prefix, 0)
+        start = _LEN.size + size
+        if start > len(prefix):
+            return None
+        header = json.loads(prefix[_LEN.size : start])
+        layout: TensorLayout = []
+        offset = 0
+        for name, dtype_name, shape, at, nbytes in header["tensors"]:
+            if name == _BYTES_FIELD or at != offset:
+                return None
+            layout.append((name, DTYPES[dtype_name], tuple(shape), nbytes))
+            offset += nbytes
+        page = Page(
+            id=header["id"],
+            payload=b"",
+            kind=header["kind"],
+            scope=Scope(**header["scope"]),
+            metadata=header["metadata"],
+            created_at=header["created_at"],
+        )
+    except (ValueError, KeyError, TypeError, IndexError, struct.error):
+        return None
+    return start, page, layout
+
+
 def decode(blob: bytes | bytearray | memoryview) -> Page:
     """Rebuild a page from `encode`'s blob; tensors share a writable blob, else one copy."""
     view = memoryview(blob)

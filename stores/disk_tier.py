@@ -42,10 +42,11 @@ import os
 import re
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 import xxhash
 
 from memlayer.errors import (
@@ -56,11 +57,12 @@ from memlayer.errors import (
     NotFoundError,
     StorageError,
 )
-from memlayer.stores.codec import decode, encode
+from memlayer.stores.codec import decode, encode, read_header
 from memlayer.stores.tier import Tier
 from memlayer.types import Page
 
 log = logging.getLogger(__name__)
+Signature = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]  # as TensorTier's slabs key
 
 MAGIC = b"MLP2"
 OLD_MAGIC = b"MLPG"  # format 1 (CRC32), written before memlayer 0.1: not readable here
@@ -232,6 +234,7 @@ class DiskTier(Tier):
         self._index: dict[str, Location] = {}
         self._live_bytes = 0
         self._maps: dict[int, mmap.mmap] = {}
+        self._readers: dict[int, int] = {}  # segment -> read-only fd for read_into
         self._lock = threading.RLock()
         self._closed = False
         try:
@@ -304,6 +307,50 @@ class DiskTier(Tier):
         self.counters.hits += 1
         return decode(body)
 
+    def read_into(
+        self,
+        page_id: str,
+        destinations: Callable[[Signature], Mapping[str, torch.Tensor] | None],
+    ) -> Page | None:
+        """Read a page's tensors straight into memory the caller gives, with no copy
+        between: `destinations(signature)` returns a contiguous CPU tensor per payload name
+        (or None to decline), the file's bytes are read into them with one `preadv`, and the
+        checksum is verified over what arrived (CorruptionError as `get` raises it; the
+        destinations then hold garbage). Returns the page without its payload; None when
+        the page cannot be read this way (bytes payload, declined): use `get`."""
+        with self._lock:  # compaction closes readers under it: no read through a stale fd
+            self._check_open()
+            location = self._index.get(page_id)
+            if location is None:
+                self.counters.misses += 1
+                raise NotFoundError("page", page_id)
+            fd = self._reader(location.segment)
+            prefix = os.pread(fd, min(location.length, 1024), location.offset)
+            parsed = read_header(prefix)
+            if parsed is None:
+                return None
+            start, page, layout = parsed
+            if start + sum(nbytes for *_, nbytes in layout) != location.length:
+                return None
+            sig = tuple((name, dtype, shape) for name, dtype, shape, _ in layout)
+            fields = destinations(sig)
+            if fields is None:
+                return None
+            views = [fields[name].view(torch.uint8).reshape(-1).numpy().data for name, *_ in layout]
+            if os.preadv(fd, views, location.offset + start) != location.length - start:
+                raise StorageError(f"page {page_id!r}: short read from segment {location.segment}")
+        digest = xxhash.xxh3_64(prefix[:start])
+        for view in views:
+            digest.update(view)
+        if digest.intdigest() != location.checksum:
+            damage = self._body_failed(page_id, location)
+            raise CorruptionError(
+                f"page {page_id!r}: body checksum mismatch in segment {damage.segment} "
+                f"at {damage.offset} (kept on disk, never returned)"
+            )
+        self.counters.hits += 1
+        return page
+
     def get_many(self, page_ids: Sequence[str], *, transient: bool = False) -> list[Page]:
         """The pages, read as `get` reads them (`transient`: views of the memory maps)."""
         return [self.get(page_id, transient=transient) for page_id in page_ids]
@@ -324,6 +371,9 @@ class DiskTier(Tier):
             self._closed = True
             os.close(self._fd)
             self._maps.clear()  # each map is unmapped once no transient page views it
+            for fd in self._readers.values():
+                os.close(fd)
+            self._readers.clear()
 
     def stats(self) -> dict[str, float | int | str | None]:
         return {
@@ -382,6 +432,9 @@ class DiskTier(Tier):
             self._flush()
             for number in old:  # oldest first: a tombstone never outlives the put it hides
                 self._maps.pop(number, None)  # unmapped once no transient page views it
+                reader = self._readers.pop(number, None)
+                if reader is not None:
+                    os.close(reader)
                 self._segment_path(number).unlink()
             self._sync_dir(self.path)
             after = sum(self._segment_path(n).stat().st_size for n in self._segments())
@@ -465,6 +518,13 @@ class DiskTier(Tier):
         if location is not None:
             self._live_bytes -= location.length
         self._bad_bodies.pop(page_id, None)
+
+    def _reader(self, segment: int) -> int:
+        """A read-only file descriptor of a segment, opened once (call under the lock)."""
+        fd = self._readers.get(segment)
+        if fd is None:
+            fd = self._readers[segment] = os.open(self._segment_path(segment), os.O_RDONLY)
+        return fd
 
     def _read(self, location: Location) -> memoryview:
         """A copy of one body read through its segment's memory map (neighbours stay on disk)."""

@@ -156,12 +156,7 @@ class TensorTier(Tier):
             return
         sig, slot = self._slots.pop(page_id)
         self._moved(page_id, -1)
-        slab = self._slabs[sig]
-        slab.used -= 1
-        if slab.used == 0:
-            del self._slabs[sig]
-        else:
-            slab.free.append(slot)
+        self._free(sig, slot)
 
     def close(self) -> None:
         self._slabs.clear()
@@ -182,7 +177,10 @@ class TensorTier(Tier):
         (`copy_from`), as many per step as the budget holds (of more pages than fit, the last
         ones stay); bytes pages and other sources go the generic way (`Tier.promote`)."""
         if not isinstance(source, TensorTier):
-            yield from super().promote(source, page_ids)
+            if self.device.type == "cpu" and hasattr(source, "read_into"):
+                yield from self._read_from(source, page_ids)
+            else:
+                yield from super().promote(source, page_ids)
             return
         batches: dict[Signature, list[str]] = {}
         blobs: list[str] = []
@@ -199,6 +197,44 @@ class TensorTier(Tier):
             for start in range(0, len(ids), step):
                 chunk = ids[start : start + step]
                 yield PromotionStep(chunk, len(chunk) * size, self.copy_from(source, chunk))
+
+    def _read_from(self, source: Any, page_ids: Sequence[str]) -> Iterator[PromotionStep]:
+        """Promotion from a tier that reads pages straight into slab rows (`read_into`, the
+        disk tier): the file's bytes land in the slot, with no decoded copy between. Pages it
+        cannot read that way (bytes payloads) go the generic way."""
+        for page_id in dict.fromkeys(page_ids):
+            step = self._read_one(source, page_id)
+            if step is None:
+                yield from super().promote(source, [page_id])
+            else:
+                yield step
+
+    def _read_one(self, source: Any, page_id: str) -> PromotionStep | None:
+        evicted: list[Page] = []
+        taken: list[tuple[Signature, int]] = []
+
+        def slot_for(sig: Signature) -> dict[str, torch.Tensor]:
+            if page_id in self:
+                self.evict(page_id)
+            while (slot := self._allocate(sig)) is None:
+                evicted.append(self._pop_victim())
+            taken.append((sig, slot))
+            return {name: tensor[slot] for name, tensor in self._slabs[sig].fields.items()}
+
+        try:
+            header = source.read_into(page_id, slot_for)
+        except BaseException:
+            for sig, slot in taken:  # the slot never held a page: give it back
+                self._free(sig, slot)
+            raise
+        if header is None:
+            return None
+        sig, slot = taken[0]
+        self._slots[page_id] = (sig, slot)
+        self._headers[page_id] = header
+        self.policy.touch(page_id)
+        self._moved(page_id, slot)
+        return PromotionStep([page_id], slot_bytes(sig), evicted)
 
     @contextmanager
     def prefetching(self) -> Iterator[None]:
@@ -323,6 +359,15 @@ class TensorTier(Tier):
         page = self._page(victim)
         self.evict(victim)
         return page
+
+    def _free(self, sig: Signature, slot: int) -> None:
+        """Give a slot back to its slab (released with its last page)."""
+        slab = self._slabs[sig]
+        slab.used -= 1
+        if slab.used == 0:
+            del self._slabs[sig]
+        else:
+            slab.free.append(slot)
 
     def _allocate(self, sig: Signature) -> int | None:
         """A free slot for a page of `sig`, growing its slab within budget; None when full."""

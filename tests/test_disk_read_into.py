@@ -1,0 +1,85 @@
+"""Disk → RAM promotion reads a page's tensors straight into the RAM tier's slab.
+
+The file's bytes land in the slot with one `preadv` (no decoded copy between) and the
+checksum is verified over what arrived; a damaged page is refused and leaves no slot taken.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from memlayer.errors import CorruptionError
+from memlayer.stores import DiskTier, PageStore, TensorTier
+from memlayer.types import Page
+
+PAGE_BYTES = 2 * 4 * 16 * 8 * 2  # k and v, [4, 16, 8] bf16
+
+
+def _pages(count: int) -> list[Page]:
+    gen = torch.Generator().manual_seed(7)
+    return [
+        Page(
+            id=f"layer0/{i}",
+            payload={
+                "k": torch.randn(4, 16, 8, generator=gen).to(torch.bfloat16),
+                "v": torch.randn(4, 16, 8, generator=gen).to(torch.bfloat16),
+            },
+            kind="kv",
+            metadata={"index": i},
+        )
+        for i in range(count)
+    ]
+
+
+def _store(tmp_path: Path) -> tuple[PageStore, TensorTier, DiskTier]:
+    ram = TensorTier("ram", "cpu", 2 * PAGE_BYTES)
+    disk = DiskTier(tmp_path / "disk", sync=False)
+    return PageStore([ram, disk]), ram, disk
+
+
+def test_pages_come_up_from_disk_exactly_without_a_decoded_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, ram, disk = _store(tmp_path)
+    pages = _pages(6)
+    store.put_many(pages)
+    assert len(ram) == 2  # the other four are on disk alone
+
+    def no_decoded_read(*args: object, **kwargs: object) -> None:
+        raise AssertionError("promotion decoded the page instead of reading it into the slab")
+
+    monkeypatch.setattr(disk, "get", no_decoded_read)
+    monkeypatch.setattr(disk, "get_many", no_decoded_read)
+    stacked = store.gather([p.id for p in pages[:2]], "v")
+    assert torch.equal(stacked, torch.stack([p.payload["v"] for p in pages[:2]]))
+    for page in pages[:2]:
+        held = ram.get(page.id)
+        assert held.kind == "kv" and held.metadata == page.metadata
+        assert held.created_at == page.created_at
+        assert torch.equal(held.payload["k"], page.payload["k"])
+    store.close()
+
+
+def test_a_damaged_page_is_refused_and_leaves_no_slot_taken(tmp_path: Path) -> None:
+    store, ram, _ = _store(tmp_path)
+    pages = _pages(6)
+    store.put_many(pages)
+    target = pages[0]
+    assert target.id not in ram
+    segment = next((tmp_path / "disk").glob("segment-*.log"))
+    data = bytearray(segment.read_bytes())
+    at = data.find(target.payload["v"].view(torch.uint8).numpy().tobytes())
+    assert at > 0
+    data[at + 100] ^= 0x01
+    segment.write_bytes(bytes(data))
+    held = set(ram.ids())
+    with pytest.raises(CorruptionError, match="checksum"):
+        store.get(target.id)
+    assert target.id not in ram
+    assert set(ram.ids()) <= held  # nothing half-read stayed; pages evicted for it may go
+    fresh = store.get(pages[1].id)[0]  # the slot it would have used serves the next page
+    assert torch.equal(fresh.payload["k"], pages[1].payload["k"])
+    store.close()
