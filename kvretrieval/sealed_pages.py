@@ -153,7 +153,9 @@ class SealedPages:
     def _bring_up(self, chosen: torch.Tensor) -> None:
         indices = sorted(set(chosen[chosen >= 0].tolist()))
         ids = [self.page_id(i) for i in indices]
-        self.store.wait(ids)  # a page a prefetch is bringing up counts once it is there
+        # every prefetch done first: one still running could evict the pages this step is
+        # about to read and write other pages into their slots
+        self.store.wait()
         self.front_hits += sum(page_id in self.front for page_id in ids)
         self.gathered += len(ids)
         self.store.gather(ids, "k")  # promotes what is missing in one batch, touches the rest

@@ -168,8 +168,14 @@ class PageStore:
                 )
             return front.gather(page_ids, name)
 
-    def wait(self, page_ids: Iterable[str]) -> None:
-        """Wait until prefetches of these pages (if any are under way) have finished."""
+    def wait(self, page_ids: Iterable[str] | None = None) -> None:
+        """Wait until prefetches of these pages (of every page: None) have finished."""
+        if page_ids is None:
+            with self._lock:
+                futures = set(self._pending.values())
+            for future in futures:
+                future.result()
+            return
         for page_id in page_ids:
             self._wait(page_id)
 
