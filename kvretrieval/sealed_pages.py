@@ -158,7 +158,7 @@ class SealedPages:
         self.store.wait()
         self.front_hits += sum(page_id in self.front for page_id in ids)
         self.gathered += len(ids)
-        self.store.gather(ids, "k")  # promotes what is missing in one batch, touches the rest
+        self.store.bring_up(ids)
         self.picked = indices
 
     def prefetch_next(self) -> None:
@@ -175,11 +175,6 @@ class SealedPages:
         if self.resident:
             self.gathered += pages
             self.front_hits += pages
-
-    def gather(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of pages `indices` stacked [n, Hkv, S, D] on the front tier."""
-        ids = [self.page_id(i) for i in indices]
-        return self.store.gather(ids, "k"), self.store.gather(ids, "v")
 
     def truncate(self, count: int) -> None:
         """Forget pages from index `count` on (their payloads leave the store)."""

@@ -157,16 +157,16 @@ class PageStore:
         for page_id in page_ids:
             self._wait(page_id)
         with self._lock:
-            self._check_open()
-            front = self.tiers[0]
-            front.touch([pid for pid in page_ids if pid in front])  # kept while the rest come up
-            self._promote([pid for pid in page_ids if pid not in front])
-            if any(pid not in front for pid in page_ids):
-                raise CapacityError(
-                    f"gather of {len(page_ids)} pages does not fit tier {front.name!r} "
-                    f"(budget {front.budget} bytes); gather fewer pages at a time"
-                )
-            return front.gather(page_ids, name)
+            self._bring_up(page_ids, "gather")
+            return self.tiers[0].gather(page_ids, name)
+
+    def bring_up(self, page_ids: Sequence[str]) -> None:
+        """Make these pages resident in the front tier together, as `gather` does before it
+        reads them (for a caller that reads the front tier's memory itself)."""
+        for page_id in page_ids:
+            self._wait(page_id)
+        with self._lock:
+            self._bring_up(page_ids, "bring_up")
 
     def wait(self, page_ids: Iterable[str] | None = None) -> None:
         """Wait until prefetches of these pages (of every page: None) have finished."""
@@ -269,6 +269,19 @@ class PageStore:
         stats["pages"] += pages
         stats["bytes"] += nbytes
         stats["seconds"] += time.perf_counter() - started
+
+    def _bring_up(self, page_ids: Sequence[str], caller: str) -> None:
+        """Pages in the front tier mark as used (kept while the rest come up); the rest are
+        promoted, each tier's as one batch. CapacityError when they do not fit at once."""
+        self._check_open()
+        front = self.tiers[0]
+        front.touch([pid for pid in page_ids if pid in front])
+        self._promote([pid for pid in page_ids if pid not in front])
+        if any(pid not in front for pid in page_ids):
+            raise CapacityError(
+                f"{caller} of {len(page_ids)} pages does not fit tier {front.name!r} "
+                f"(budget {front.budget} bytes); {caller} fewer pages at a time"
+            )
 
     def _promote(self, page_ids: Sequence[str], *, missing_ok: bool = False) -> None:
         """Bring pages toward the front, the deepest tier's first, each tier's as one batch."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memlayer.errors import CorruptionError
+from memlayer.errors import CapacityError, CorruptionError
 from memlayer.stores import DiskTier, PageStore, TensorTier
 from memlayer.types import Page
 
@@ -82,4 +82,16 @@ def test_a_damaged_page_is_refused_and_leaves_no_slot_taken(tmp_path: Path) -> N
     assert set(ram.ids()) <= held  # nothing half-read stayed; pages evicted for it may go
     fresh = store.get(pages[1].id)[0]  # the slot it would have used serves the next page
     assert torch.equal(fresh.payload["k"], pages[1].payload["k"])
+    store.close()
+
+
+def test_bring_up_makes_pages_resident_together_or_refuses(tmp_path: Path) -> None:
+    store, ram, _ = _store(tmp_path)
+    pages = _pages(6)
+    store.put_many(pages)
+    ids = [page.id for page in pages]
+    store.bring_up(ids[:2])
+    assert all(page_id in ram for page_id in ids[:2])
+    with pytest.raises(CapacityError, match="bring_up of 3 pages does not fit tier 'ram'"):
+        store.bring_up(ids[:3])
     store.close()
