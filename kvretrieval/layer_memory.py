@@ -100,7 +100,6 @@ class LayerMemory(CacheLayerMixin):
         self.config = config
         self.selector = selector
         self.rotary = rotary
-        self.device = device
         heads, dim = geometry.kv_heads, geometry.head_dim
         self.window = WindowBuffer(
             config, rotary, heads, dim, dtype, device, exact=config.positions == "exact"
@@ -241,16 +240,6 @@ class LayerMemory(CacheLayerMixin):
         if self.config.positions == "exact":
             return self.rotary.rotate(keys, start)
         return self.rotary.rotate_to(keys, 0)
-
-    @property
-    def sink_k(self) -> torch.Tensor:
-        """The sink tokens' keys as memory stores them [Hkv, n, D]."""
-        return self.sinks.keys()
-
-    @property
-    def window_k(self) -> torch.Tensor:
-        """The local window's unrotated keys [Hkv, n, D]."""
-        return self.window.raw_keys()
 
     def checkpoint(self) -> Checkpoint:
         """State to return to after a question, so the fed context stays intact (copies:
