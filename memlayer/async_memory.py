@@ -11,6 +11,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from memlayer.errors import InvalidInputError
 from memlayer.memory import Memory
 
 T = TypeVar("T")
@@ -21,6 +22,16 @@ class AsyncMemory:
 
     def __init__(self, *args: Any, **kwargs: Any):
         self._memory = Memory(*args, **kwargs)
+
+    @classmethod
+    def wrap(cls, memory: Memory) -> AsyncMemory:
+        """An AsyncMemory over an open `Memory`: both see and write the same records, and
+        closing either closes both."""
+        if not isinstance(memory, Memory):
+            raise InvalidInputError("memory", "must be a memlayer.Memory", type(memory).__name__)
+        wrapper = cls.__new__(cls)
+        wrapper._memory = memory
+        return wrapper
 
     @property
     def sync(self) -> Memory:
@@ -60,9 +71,25 @@ class AsyncMemory:
         """See `Memory.delete`."""
         await self._run(self._memory.delete, id, **scope)
 
+    async def delete_many(self, ids: Any, **scope: Any) -> int:
+        """See `Memory.delete_many`."""
+        return await self._run(self._memory.delete_many, ids, **scope)
+
     async def delete_scope(self, **scope: Any) -> int:
         """See `Memory.delete_scope`."""
         return await self._run(self._memory.delete_scope, **scope)
+
+    async def get_many(self, ids: Any, **scope: Any) -> list[Any]:
+        """See `Memory.get_many`."""
+        return await self._run(self._memory.get_many, ids, **scope)
+
+    async def scan(self, **kwargs: Any) -> list[Any]:
+        """See `Memory.scan`."""
+        return await self._run(self._memory.scan, **kwargs)
+
+    async def search_by_vector(self, vector: Any, **kwargs: Any) -> list[Any]:
+        """See `Memory.search_by_vector`."""
+        return await self._run(self._memory.search_by_vector, vector, **kwargs)
 
     async def count(self, **kwargs: Any) -> int:
         """See `Memory.count`."""

@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from memlayer.chunking import chunk_stream
 from memlayer.config import Limits, Settings
@@ -189,6 +191,17 @@ class Memory:
             if not self._delete_where(condition):
                 raise NotFoundError("record", id)
 
+    def delete_many(self, ids: Iterable[str], **scope: str | None) -> int:
+        """Delete the records with these ids in `scope` in one transaction; ids the scope does
+        not hold are skipped. Returns how many were deleted."""
+        wanted = [_check_id(rid) for rid in _id_list(ids)]
+        if not wanted:
+            return 0
+        condition = self._records.condition(Scope.of(scope), ids=wanted)
+        with self._lock:
+            self._check_open()
+            return self._delete_where(condition)
+
     def delete_scope(self, **scope: str | None) -> int:
         """Delete every record in a scope (at least one scope field is required)."""
         owner = Scope.of(scope)
@@ -213,6 +226,36 @@ class Memory:
         found = self._records.fetch_where(condition)
         return _hit(found[0], 1.0) if found else None
 
+    def get_many(self, ids: Iterable[str], **scope: str | None) -> list[Hit]:
+        """The records with these ids in `scope`, in the order asked (score 1.0); ids the
+        scope does not hold are left out."""
+        wanted = [_check_id(rid) for rid in _id_list(ids)]
+        if not wanted:
+            return []
+        condition = self._records.condition(Scope.of(scope), ids=wanted)
+        self._check_open()
+        found = {record.id: record for record in self._records.fetch_where(condition)}
+        return [_hit(found[rid], 1.0) for rid in dict.fromkeys(wanted) if rid in found]
+
+    def scan(
+        self,
+        *,
+        filters: Mapping[str, Any] | None = None,
+        limit: int | None = None,
+        **scope: str | None,
+    ) -> list[Hit]:
+        """Every record in the scope matching `filters`, in the order they were first written
+        (score 1.0); at most `limit`. For listing, not for ranking: no query, no index."""
+        owner = Scope.of(scope)
+        bad_limit = isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
+        if limit is not None and bad_limit:
+            raise InvalidInputError("limit", "must be an integer >= 0", limit)
+        filter_rules.validate(filters)
+        self._check_open()
+        condition = self._records.condition(owner, filters)
+        records = self._records.fetch_where(condition, oldest_first=True, limit=limit)
+        return [_hit(record, 1.0) for record in records]
+
     def count(self, *, filters: Mapping[str, Any] | None = None, **scope: str | None) -> int:
         """How many records are in the scope (and match `filters`)."""
         owner = Scope.of(scope)
@@ -236,10 +279,29 @@ class Memory:
         """
         return self._search(query, k, filters, mode, Scope.of(scope))
 
-    def _search(
-        self, query: str, k: int, filters: Mapping[str, Any] | None, mode: Any, owner: Scope
+    def search_by_vector(
+        self,
+        vector: Sequence[float] | np.ndarray,
+        *,
+        k: int = 5,
+        filters: Mapping[str, Any] | None = None,
+        **scope: str | None,
     ) -> list[Hit]:
-        self._check_text(query, "query")
+        """The k records nearest to a query vector of the embedder's width (cosine; the
+        vector need not be unit length), for callers that embed queries themselves."""
+        query = _query_vector(vector, self.embedder.dim)
+        return self._search(query, k, filters, "vector", Scope.of(scope))
+
+    def _search(
+        self,
+        query: str | np.ndarray,
+        k: int,
+        filters: Mapping[str, Any] | None,
+        mode: Any,
+        owner: Scope,
+    ) -> list[Hit]:
+        if isinstance(query, str):
+            self._check_text(query, "query")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidInputError("k", "must be an integer >= 1", k)
         if mode not in MODES:
@@ -389,6 +451,26 @@ def _check_id(record_id: object) -> str:
     return record_id
 
 
+def _id_list(ids: object) -> list[object]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise InvalidInputError("ids", "must be a list of ids, not a single id or a scalar")
+    return list(ids)
+
+
+def _query_vector(vector: object, dim: int) -> np.ndarray:
+    """A query vector as one unit float32 row, or InvalidInputError naming the rule."""
+    try:
+        array = np.asarray(vector, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError("vector", "must be a sequence of numbers") from exc
+    if array.shape != (dim,):
+        raise InvalidInputError("vector", f"must have shape ({dim},)", array.shape)
+    norm = float(np.linalg.norm(array))
+    if not np.isfinite(array).all() or norm == 0.0:
+        raise InvalidInputError("vector", "must be finite and not all zero")
+    return array / norm
+
+
 def _depth(value: Any) -> int:
     """Nesting depth of a JSON value: 0 for a scalar, 1 for a flat dict or list."""
     if isinstance(value, dict):
@@ -406,4 +488,5 @@ def _hit(record: Record, score: float) -> Hit:
         metadata=record.metadata,
         scope=record.scope,
         created_at=record.created_at,
+        updated_at=record.updated_at,
     )

@@ -106,3 +106,4 @@ class Hit:
     metadata: dict[str, Any]
     scope: Scope
     created_at: float
+    updated_at: float

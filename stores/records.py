@@ -287,15 +287,22 @@ class RecordStore:
         rows = self.fetch_where(self.records.c.rowid.in_([int(r) for r in rowids]) & condition)
         return {row.rowid: row for row in rows}
 
-    def fetch_where(self, condition: Any) -> list[Record]:
-        """Records matching a SQL condition."""
+    def fetch_where(
+        self, condition: Any, *, oldest_first: bool = False, limit: int | None = None
+    ) -> list[Record]:
+        """Records matching a SQL condition; `oldest_first` orders them as they were first
+        written (the rowid order: a replaced record keeps its place)."""
         from sqlalchemy import select
 
         table = self.records
         columns = [c for c in table.c if c.name not in ("embedding", "keywords")]
+        query = select(*columns).where(condition)
+        if oldest_first:
+            query = query.order_by(table.c.rowid)
+        if limit is not None:
+            query = query.limit(limit)
         with self.engine.connect() as conn:
-            result = conn.execute(select(*columns).where(condition))
-            return [_record(row._mapping) for row in result]
+            return [_record(row._mapping) for row in conn.execute(query)]
 
     def condition(
         self,
@@ -303,10 +310,11 @@ class RecordStore:
         filters: Mapping[str, Any] | None = None,
         *,
         id: str | None = None,
+        ids: Sequence[str] | None = None,
         indexed: bool = True,
     ) -> Any:
         """SQL condition: records of `scope`'s tenant whose other named scope fields match,
-        that satisfy `filters` and, when given, have this id.
+        that satisfy `filters` and, when given, have this id (or one of these ids).
 
         `indexed=False` keeps the scope terms off the scope index, for queries that find
         their rows by rowid: SQLite would otherwise walk every row of the tenant.
@@ -324,6 +332,8 @@ class RecordStore:
         parts += [column(k) == v for k, v in scope.as_dict().items() if k != "tenant_id"]
         if id is not None:
             parts.append(table.c.id == id)
+        if ids is not None:
+            parts.append(table.c.id.in_(list(ids)))
         parts.append(to_sql(filters, table.c.metadata, self.dialect))
         return and_(*parts)
 
