@@ -1,2 +1,2 @@
-"""memlayer.integrations: adapters over the public API (LangChain, the HTTP service); none is
-built yet."""
+"""memlayer.integrations: adapters over the public API (LangChain and LangGraph in
+`memlayer.integrations.langchain`; the HTTP service is not built yet)."""

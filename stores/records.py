@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from memlayer.errors import InvalidInputError, StorageError
+from memlayer.errors import InvalidInputError, ModelMismatchError, StorageError
 from memlayer.types import SCOPE_FIELDS, Scope
 
 SCHEMA = 2  # 1: memlayer 0.1.0 (ids unique across tenants, FTS over the raw text)
@@ -126,12 +126,19 @@ class RecordStore:
                 self._set_setting("embedder", json.dumps({"name": name, "dim": dim}), conn)
                 self._set_setting("seq", "0", conn)
                 return
-        if json.loads(stored)["dim"] != dim:
+        created_with = json.loads(stored)
+        if created_with["dim"] != dim:
             raise InvalidInputError(
                 "embedder",
-                f"must produce {json.loads(stored)['dim']}-dim vectors like the "
+                f"must produce {created_with['dim']}-dim vectors like the "
                 "embedder this memory was created with",
                 f"{name} ({dim} dims)",
+            )
+        if created_with["name"] != name:
+            raise ModelMismatchError(
+                f"this memory was created with the embedder {created_with['name']!r}; "
+                f"{name!r} places texts elsewhere in its {dim}-dim space, so its searches "
+                "would rank the stored vectors at random"
             )
 
     def _setting(self, key: str, conn: Any = None) -> str | None:

@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memlayer import AsyncMemory, ClosedError, InvalidInputError, Memory, NotFoundError
+from memlayer import (
+    AsyncMemory,
+    ClosedError,
+    InvalidInputError,
+    Memory,
+    ModelMismatchError,
+    NotFoundError,
+)
 
 
 @pytest.fixture
@@ -207,6 +214,19 @@ def test_reopening_with_another_dimension_is_rejected(tmp_path: Path) -> None:
     Memory(path=tmp_path / "m", embedder="hash-64").close()
     with pytest.raises(InvalidInputError, match="embedder"):
         Memory(path=tmp_path / "m", embedder="hash-32")
+
+
+def test_reopening_with_another_embedder_of_the_same_width_is_rejected(tmp_path: Path) -> None:
+    with Memory(path=tmp_path / "m", embedder="hash-64") as memory:
+        memory.add("kept under the hashing embedder")
+
+    def other(texts: list[str]) -> np.ndarray:
+        return np.ones((len(texts), 64), dtype=np.float32)
+
+    with pytest.raises(ModelMismatchError, match="hash-64"):
+        Memory(path=tmp_path / "m", embedder=other)
+    with Memory(path=tmp_path / "m", embedder="hash-64") as memory:
+        assert memory.count() == 1
 
 
 def test_path_that_is_a_file_is_rejected(tmp_path: Path) -> None:
