@@ -357,6 +357,8 @@ def _storable(vectors: np.ndarray) -> np.ndarray:
 def _distinct(ids: np.ndarray) -> np.ndarray:
     """Sorted distinct ids (a sort and a neighbour compare: faster than np.unique here)."""
     ordered = np.sort(ids)
+    if len(ordered) == 0:
+        return ordered
     return ordered[np.concatenate([[True], ordered[1:] != ordered[:-1]])]
 
 

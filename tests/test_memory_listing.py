@@ -77,6 +77,13 @@ def test_search_by_vector_matches_vector_search_of_the_same_text(memory: Memory)
     assert [h.id for h in scoped] == ["c"]
 
 
+@pytest.mark.parametrize("mode", ["vector", "hybrid", "keyword"])
+def test_a_filtered_search_of_an_empty_memory_finds_nothing(tmp_path: Path, mode: str) -> None:
+    with Memory(path=tmp_path, embedder="hash") as empty:
+        assert empty.search("anything", filters={"kind": "none"}, mode=mode) == []  # type: ignore[arg-type]
+        assert empty.search("anything", mode=mode, user_id="ada") == []  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     "vector", [[1.0, 2.0], np.zeros(64), np.full(64, np.nan), "text", [[1.0] * 64]]
 )
