@@ -345,3 +345,13 @@ def test_chat_history_order_under_concurrent_appends(tmp_path: Path) -> None:
         own = [int(text.split()[1]) for text in seen[0] if text.startswith(name)]
         assert own == list(range(25))
     assert json.dumps(seen[0]) != json.dumps(sorted(seen[0]))  # the writers did interleave
+
+
+@pytest.mark.slow
+def test_the_example_agent_recalls_a_fact_from_forty_turns_back() -> None:
+    example = Path(__file__).parent.parent / "examples" / "langchain_agent.py"
+    run = subprocess.run(
+        [sys.executable, str(example)], capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "recalled from 40 turns back: yes" in run.stdout
