@@ -7,7 +7,6 @@ their rankings are fused.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,8 @@ import numpy as np
 
 from memlayer.retrievers.fusion import reciprocal_rank_fusion
 from memlayer.retrievers.keyword_index import open_keyword_index
-from memlayer.retrievers.mirror import IndexMirror
 from memlayer.retrievers.vector_index import IndexConfig
+from memlayer.retrievers.vector_search import open_vector_search
 from memlayer.stores.records import RecordStore
 from memlayer.types import Scope
 
@@ -55,8 +54,7 @@ class Retriever:
     ) -> None:
         self._records = records
         self._embed = embed
-        self._lock = threading.RLock()
-        self._mirror = IndexMirror(records, dim, index_path, index_config or IndexConfig())
+        self._vectors = open_vector_search(records, dim, index_path, index_config or IndexConfig())
         self._keywords = open_keyword_index(records)
         self.plan = plan or SearchPlan()
 
@@ -87,32 +85,17 @@ class Retriever:
     def _vector(
         self, query: str | np.ndarray, k: int, condition: Any, scope: Scope, whole_tenant: bool
     ) -> Ranking:
-        """Vector top-k: the index searched whole when the call asks for a whole tenant and
-        the store holds no other, else restricted to the rowids the database allows. The
-        caller fetches hits under the scope again, so a record another process writes in
-        between can never slip in."""
         vector = self._embed([query]) if isinstance(query, str) else query.reshape(1, -1)
-        with self._lock:
-            self._mirror.refresh()
-            allowed = None
-            if not (whole_tenant and self._records.only_tenant(scope.tenant_id)):
-                allowed = self._records.rowids_where(condition)
-            scores, ids = self._mirror.index.search(vector, k, allowed)
-        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        return self._vectors.search(vector, k, condition, scope, whole_tenant)
 
     def wrote(self, seq: int, rowids: Sequence[int], vectors: np.ndarray | None) -> None:
         """Apply this process's own committed write (vectors None: a delete)."""
-        with self._lock:
-            self._mirror.wrote(seq, np.asarray(rowids, dtype=np.int64), vectors)
+        self._vectors.wrote(seq, np.asarray(rowids, dtype=np.int64), vectors)
 
     def vectors(self) -> int:
-        """How many vectors the index holds once caught up."""
-        with self._lock:
-            self._mirror.refresh()
-            return len(self._mirror.index)
+        """How many vectors are searchable."""
+        return self._vectors.count()
 
     def save(self) -> None:
-        """Save the vector index if it moved since it was last saved."""
-        with self._lock:
-            if self._mirror.dirty:
-                self._mirror.save()
+        """Save what the vector search would otherwise rebuild on the next open."""
+        self._vectors.save()

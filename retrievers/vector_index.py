@@ -40,6 +40,13 @@ class IndexConfig:
     settle_rounds: int = 2  # filtered IVF search stops after this many doublings add no hit
     train_sample: int = 100_000
     threads: int | None = None  # FAISS OpenMP threads; None keeps FAISS's default
+    # PostgreSQL (pgvector HNSW, cosine): graph degree, build and search breadth
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
+    hnsw_ef_search: int = 100
+    # a filtered PostgreSQL search the planner expects to match at most this many records
+    # ranks them exactly (no index); HNSW otherwise, exactly if HNSW finds fewer than k
+    pg_exact_below: int = 10_000
 
 
 class VectorIndex:

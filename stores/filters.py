@@ -187,7 +187,7 @@ class _JsonField:
 
 
 def _json_field(column: Any, path: str, dialect: str) -> _JsonField:
-    from sqlalchemy import Numeric, case, cast, func, literal_column
+    from sqlalchemy import Numeric, case, cast, func
 
     parts = path.split(".")
     if dialect == "sqlite":
@@ -203,10 +203,13 @@ def _json_field(column: Any, path: str, dialect: str) -> _JsonField:
         value = func.json_extract(column, json_path)
         return _JsonField(kind, value, value)
     if dialect == "postgresql":
-        pg_path = "{" + ",".join(parts) + "}"
-        node = column.op("#>")(literal_column(f"'{pg_path}'"))
+        from sqlalchemy import Text, literal
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        pg_path = literal(parts, ARRAY(Text))  # bound: a key never becomes SQL
+        node = column.op("#>")(pg_path)
         raw_kind = func.jsonb_typeof(node)
-        text = column.op("#>>")(literal_column(f"'{pg_path}'"))
+        text = column.op("#>>")(pg_path)
         kind = case(
             (raw_kind == "boolean", text),  # 'true' / 'false'
             else_=raw_kind,

@@ -2,11 +2,15 @@
 
 SQLAlchemy Core over SQLite (default; WAL, synchronous=FULL) or PostgreSQL. Each row keeps
 the keyword string full-text search indexes (derived by a function the caller gives), so a
-keyword index in `memlayer.retrievers` can follow the table with triggers.
+keyword index in `memlayer.retrievers` can follow the table.
 A record's key is (tenant, id): the same id in two tenants names two records, and every
-lookup by id is confined to one tenant. Every write transaction takes the next sequence
-number and logs the rowids it touched under it, so a vector index kept by any process can
-catch up with writes made by others (`changes_since`).
+lookup by id is confined to one tenant.
+
+On SQLite the embedding is a float32 blob, and every write transaction takes the next
+sequence number and logs the rowids it touched under it, so the vector index each process
+keeps can catch up with writes made by others (`changes_since`). On PostgreSQL the embedding
+is a pgvector `vector` column searched in SQL, metadata is `jsonb`, and there is no log: no
+process keeps index state, so many workers on many hosts can never disagree.
 """
 
 from __future__ import annotations
@@ -75,7 +79,8 @@ class RecordStore:
         self.engine = open_engine(url)
         self._writer = writer(self.engine)
         self.dialect = self.engine.dialect.name
-        self.records, self.changes, self.settings, self._meta = _tables()
+        self.dim = dim
+        self.records, self.changes, self.settings, self._meta = _tables(self.dialect, dim)
         try:
             with self._writer.begin() as conn:
                 self._create_or_migrate(conn)
@@ -91,6 +96,10 @@ class RecordStore:
         from sqlalchemy import inspect
 
         tables = set(inspect(conn).get_table_names())
+        if self.dialect == "postgresql":
+            conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS vector")
+            if "records" in tables:
+                _refuse_pre_pgvector_layout(conn)
         if "records" in tables and int(self._setting("schema", conn) or 1) < SCHEMA:
             self._migrate_from_1(conn)
         self._meta.create_all(conn)
@@ -162,8 +171,16 @@ class RecordStore:
         """The write sequence number: it grows with every committed write."""
         return int(self._setting("seq") or 0)
 
+    @property
+    def logs_changes(self) -> bool:
+        """Whether writes are logged for per-process vector indexes (SQLite only)."""
+        return self.dialect != "postgresql"
+
     def _log(self, conn: Any, rowids: Sequence[int]) -> int:
-        """Take the next sequence number and record the rowids this transaction touched."""
+        """Take the next sequence number and record the rowids this transaction touched
+        (on PostgreSQL nothing is logged: nothing mirrors the table)."""
+        if not self.logs_changes:
+            return 0
         seq = int(self._setting("seq", conn) or 0) + 1
         self._set_setting("seq", str(seq), conn)
         if rowids:
@@ -213,36 +230,59 @@ class RecordStore:
     # -- writes ---------------------------------------------------------------------------
 
     def upsert(self, rows: Sequence[NewRecord]) -> tuple[list[int], int]:
-        """Insert or replace rows by (tenant, id) in one transaction: (rowids, sequence)."""
-        from sqlalchemy import select
+        """Insert or replace rows by (tenant, id) in one transaction: (rowids, sequence).
 
+        A replaced row keeps its rowid and created_at (and so its place in `scan`)."""
         now = time.time()
-        out: list[int] = []
-        table = self.records
+        values = [self._row_values(row, now) for row in rows]
         with self.write() as conn:
-            for row in rows:
-                tenant = row.scope.tenant_id or DEFAULT_TENANT
-                values = {
-                    "text": row.text,
-                    "keywords": self._keywords(row.text),
-                    "metadata": row.metadata,
-                    "embedding": _blob(row.embedding),
-                    "updated_at": now,
-                    **{name: getattr(row.scope, name) for name in SCOPE_FIELDS},
-                    "tenant_id": tenant,
-                }
-                key = (table.c.tenant_id == tenant) & (table.c.id == row.id)
-                found = conn.execute(select(table.c.rowid).where(key)).first()
-                if found is None:
-                    result = conn.execute(
-                        table.insert().values(id=row.id, created_at=now, **values)
-                    )
-                    out.append(int(result.inserted_primary_key[0]))
-                else:
-                    conn.execute(table.update().where(table.c.rowid == found[0]).values(**values))
-                    out.append(int(found[0]))
+            if self.dialect == "postgresql":
+                out = self._upsert_postgres(conn, values)
+            else:
+                out = [self._upsert_one(conn, row) for row in values]
             seq = self._log(conn, out)
         return out, seq
+
+    def _row_values(self, row: NewRecord, now: float) -> dict[str, Any]:
+        return {
+            "id": row.id,
+            "text": row.text,
+            "keywords": self._keywords(row.text),
+            "metadata": row.metadata,
+            "embedding": self._stored_vector(row.embedding),
+            "created_at": now,
+            "updated_at": now,
+            **{name: getattr(row.scope, name) for name in SCOPE_FIELDS},
+            "tenant_id": row.scope.tenant_id or DEFAULT_TENANT,
+        }
+
+    def _upsert_one(self, conn: Any, values: dict[str, Any]) -> int:
+        from sqlalchemy import select
+
+        table = self.records
+        key = (table.c.tenant_id == values["tenant_id"]) & (table.c.id == values["id"])
+        found = conn.execute(select(table.c.rowid).where(key)).first()
+        if found is None:
+            return int(conn.execute(table.insert().values(**values)).inserted_primary_key[0])
+        kept = {k: v for k, v in values.items() if k not in ("id", "created_at")}
+        conn.execute(table.update().where(table.c.rowid == found[0]).values(**kept))
+        return int(found[0])
+
+    def _upsert_postgres(self, conn: Any, values: list[dict[str, Any]]) -> list[int]:
+        """One INSERT ... ON CONFLICT for the whole batch (ids are distinct within it)."""
+        from sqlalchemy.dialects.postgresql import insert
+
+        statement = insert(self.records).values(values)
+        replaced = {
+            name: statement.excluded[name]
+            for name in values[0]
+            if name not in ("id", "tenant_id", "created_at")
+        }
+        returning = statement.on_conflict_do_update(
+            constraint="records_key", set_=replaced
+        ).returning(self.records.c.rowid, self.records.c.id)
+        rowids = {record_id: int(rowid) for rowid, record_id in conn.execute(returning)}
+        return [rowids[row["id"]] for row in values]
 
     def update(
         self,
@@ -257,7 +297,11 @@ class RecordStore:
 
         values: dict[str, Any] = {"updated_at": time.time()}
         if text is not None and embedding is not None:
-            values.update(text=text, keywords=self._keywords(text), embedding=_blob(embedding))
+            values.update(
+                text=text,
+                keywords=self._keywords(text),
+                embedding=self._stored_vector(embedding),
+            )
         if metadata is not None:
             values["metadata"] = metadata
         table = self.records
@@ -401,6 +445,11 @@ class RecordStore:
 
         return seq, batches()
 
+    def _stored_vector(self, vector: np.ndarray) -> Any:
+        """A vector as its column stores it: float32 bytes, or an array for pgvector."""
+        vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
+        return vector if self.dialect == "postgresql" else vector.tobytes()
+
     def write(self) -> Any:
         """A write transaction (SQLite: begun IMMEDIATE); driver failures become StorageError."""
         return _Transaction(self._writer)
@@ -410,15 +459,13 @@ class RecordStore:
         self.engine.dispose()
 
 
-def _tables() -> tuple[Any, Any, Any, Any]:
+def _tables(dialect: str, dim: int) -> tuple[Any, Any, Any, Any]:
     """The records table, the change log and the settings table, on one MetaData."""
     from sqlalchemy import (
-        JSON,
         Column,
         Float,
         Index,
         Integer,
-        LargeBinary,
         MetaData,
         String,
         Table,
@@ -436,8 +483,8 @@ def _tables() -> tuple[Any, Any, Any, Any]:
         *(Column(name, String(256), nullable=True) for name in SCOPE_FIELDS[1:]),
         Column("text", Text, nullable=False),
         Column("keywords", Text, nullable=False),
-        Column("metadata", JSON, nullable=False),
-        Column("embedding", LargeBinary, nullable=False),
+        Column("metadata", _json_type(dialect), nullable=False),
+        Column("embedding", _vector_type(dialect, dim), nullable=False),
         Column("created_at", Float, nullable=False),
         Column("updated_at", Float, nullable=False),
         UniqueConstraint("tenant_id", "id", name="records_key"),
@@ -474,8 +521,40 @@ def _record(row: Mapping[str, Any]) -> Record:
     )
 
 
-def _blob(vector: np.ndarray) -> bytes:
-    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+def _json_type(dialect: str) -> Any:
+    """JSON on SQLite, jsonb on PostgreSQL (what the filters' typed paths need)."""
+    from sqlalchemy import JSON
+
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import JSONB
+
+        return JSONB()
+    return JSON()
+
+
+def _vector_type(dialect: str, dim: int) -> Any:
+    """A float32 blob, or pgvector's `vector(dim)` on PostgreSQL."""
+    from sqlalchemy import LargeBinary
+
+    if dialect == "postgresql":
+        from memlayer.optional import require
+
+        return require("pgvector.sqlalchemy", "postgres").Vector(dim)
+    return LargeBinary()
+
+
+def _refuse_pre_pgvector_layout(conn: Any) -> None:
+    """A records table written by memlayer 0.2.0 on PostgreSQL kept embeddings as bytea."""
+    kind = conn.exec_driver_sql(
+        "SELECT data_type FROM information_schema.columns "
+        "WHERE table_name = 'records' AND column_name = 'embedding'"
+    ).scalar()
+    if kind == "bytea":
+        raise StorageError(
+            "this PostgreSQL database holds records of memlayer 0.2.0 (embeddings as bytea); "
+            "this release keeps them in a pgvector column and cannot migrate it yet: "
+            "export and re-add the records"
+        )
 
 
 def _vectors(blobs: Sequence[bytes]) -> np.ndarray:

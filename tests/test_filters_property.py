@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import pytest
+from backends import BACKENDS, location
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -58,11 +58,11 @@ def _random_rows(count: int, seed: int = 3) -> list[dict[str, Any]]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def populated(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=BACKENDS)
+def populated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     rows = _random_rows(80)
-    folder: Path = tmp_path_factory.mktemp("filters")
-    with Memory(path=folder, embedder="hash") as mem:
+    where = location(request.param, request, tmp_path_factory.mktemp("filters"))
+    with Memory(**where, embedder="hash") as mem:
         ids = mem.add_many([{"text": f"record {i}", "metadata": m} for i, m in enumerate(rows)])
         yield mem, dict(zip(ids, rows, strict=True))
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,8 @@ from memlayer.integrations.langchain import (
 
 
 @pytest.fixture
-def memory(tmp_path: Path) -> Any:
-    with Memory(path=tmp_path / "memory", embedder="hash-256") as mem:
+def memory(open_memory: Callable[..., Memory]) -> Any:
+    with open_memory(embedder="hash-256") as mem:
         mem.add("Ada prefers window seats", id="ada-seat", user_id="ada", metadata={"kind": "pref"})
         mem.add("Ada's passport expires in March", user_id="ada", metadata={"kind": "doc"})
         mem.add("Ada likes aisle seats on trains", user_id="ada", metadata={"kind": "pref"})

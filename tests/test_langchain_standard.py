@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from backends import BACKENDS, location
 
 pytest.importorskip("langchain_tests", reason="needs the test extra (langchain-tests)")
 
@@ -45,9 +46,25 @@ class TestMemlayerVectorStoreOnAGivenMemoryStandard(VectorStoreIntegrationTests)
             yield MemlayerVectorStore(memory, user_id="ada")
 
 
-@pytest.fixture(scope="module")
-def filled_memory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Memory]:
-    with Memory(path=tmp_path_factory.mktemp("retriever"), embedder="hash") as memory:
+@pytest.mark.postgres
+class TestMemlayerVectorStoreOnPostgresStandard(VectorStoreIntegrationTests):
+    """The same suite on a real PostgreSQL with pgvector (a fresh database per test)."""
+
+    @pytest.fixture
+    def vectorstore(self, postgres_url: str) -> Iterator[VectorStore]:  # type: ignore[override]
+        store = MemlayerVectorStore(embedding=self.get_embeddings(), url=postgres_url)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def filled_memory(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Memory]:
+    where = location(request.param, request, tmp_path_factory.mktemp("retriever"))
+    with Memory(**where, embedder="hash") as memory:
         memory.add_many([f"note {i} about the garden and the weather" for i in range(8)])
         yield memory
 

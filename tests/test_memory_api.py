@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +21,16 @@ from memlayer import (
 
 
 @pytest.fixture
-def memory(tmp_path: Path):
-    with Memory(path=tmp_path / "mem", embedder="hash") as mem:
+def memory(open_memory: Callable[..., Memory]) -> Iterator[Memory]:
+    with open_memory(embedder="hash") as mem:
         yield mem
 
 
-def test_round_trip_survives_reopen(tmp_path: Path) -> None:
-    folder = tmp_path / "mem"
-    with Memory(path=folder, embedder="hash") as mem:
+def test_round_trip_survives_reopen(open_memory: Callable[..., Memory]) -> None:
+    with open_memory(embedder="hash") as mem:
         rid = mem.add("The user prefers window seats.", metadata={"kind": "pref"}, user_id="ada")
         mem.add("Lunch is at noon.", user_id="ada")
-    with Memory(path=folder, embedder="hash") as mem:
+    with open_memory(embedder="hash") as mem:
         hit = mem.get(rid)
         assert hit is not None
         assert hit.text == "The user prefers window seats."
@@ -196,7 +196,7 @@ def test_bad_input_names_the_field_and_changes_nothing(memory: Memory, call, fie
     assert memory.count() == 1
 
 
-def test_embedder_with_wrong_dimension_is_rejected(tmp_path: Path) -> None:
+def test_embedder_with_wrong_dimension_is_rejected(open_memory: Callable[..., Memory]) -> None:
     calls = {"n": 0}
 
     def broken(texts: list[str]) -> np.ndarray:
@@ -204,28 +204,30 @@ def test_embedder_with_wrong_dimension_is_rejected(tmp_path: Path) -> None:
         dim = 8 if calls["n"] == 1 else 5
         return np.ones((len(texts), dim), dtype=np.float32)
 
-    with Memory(path=tmp_path / "m", embedder=broken) as mem:
+    with open_memory(embedder=broken) as mem:
         with pytest.raises(InvalidInputError, match="embedder"):
             mem.add("hello")
         assert mem.count() == 0
 
 
-def test_reopening_with_another_dimension_is_rejected(tmp_path: Path) -> None:
-    Memory(path=tmp_path / "m", embedder="hash-64").close()
+def test_reopening_with_another_dimension_is_rejected(open_memory: Callable[..., Memory]) -> None:
+    open_memory(embedder="hash-64").close()
     with pytest.raises(InvalidInputError, match="embedder"):
-        Memory(path=tmp_path / "m", embedder="hash-32")
+        open_memory(embedder="hash-32")
 
 
-def test_reopening_with_another_embedder_of_the_same_width_is_rejected(tmp_path: Path) -> None:
-    with Memory(path=tmp_path / "m", embedder="hash-64") as memory:
+def test_reopening_with_another_embedder_of_the_same_width_is_rejected(
+    open_memory: Callable[..., Memory],
+) -> None:
+    with open_memory(embedder="hash-64") as memory:
         memory.add("kept under the hashing embedder")
 
     def other(texts: list[str]) -> np.ndarray:
         return np.ones((len(texts), 64), dtype=np.float32)
 
     with pytest.raises(ModelMismatchError, match="hash-64"):
-        Memory(path=tmp_path / "m", embedder=other)
-    with Memory(path=tmp_path / "m", embedder="hash-64") as memory:
+        open_memory(embedder=other)
+    with open_memory(embedder="hash-64") as memory:
         assert memory.count() == 1
 
 
@@ -236,8 +238,8 @@ def test_path_that_is_a_file_is_rejected(tmp_path: Path) -> None:
         Memory(path=target, embedder="hash")
 
 
-def test_closed_memory_refuses_calls(tmp_path: Path) -> None:
-    mem = Memory(path=tmp_path / "m", embedder="hash")
+def test_closed_memory_refuses_calls(open_memory: Callable[..., Memory]) -> None:
+    mem = open_memory(embedder="hash")
     mem.close()
     with pytest.raises(ClosedError):
         mem.add("late")
@@ -252,9 +254,9 @@ def test_default_path_is_the_user_data_dir(tmp_path: Path, monkeypatch) -> None:
     assert (tmp_path / "data" / "memory.db").is_file()
 
 
-def test_async_twin(tmp_path: Path) -> None:
+def test_async_twin(memory_location: dict) -> None:
     async def scenario() -> None:
-        async with AsyncMemory(path=tmp_path / "m", embedder="hash") as mem:
+        async with AsyncMemory(**memory_location, embedder="hash") as mem:
             ids = await asyncio.gather(*(mem.add(f"async note {i}", user_id="u") for i in range(8)))
             assert len(set(ids)) == 8
             assert await mem.count(user_id="u") == 8

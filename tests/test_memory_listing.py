@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -12,8 +12,8 @@ from memlayer import AsyncMemory, InvalidInputError, Memory
 
 
 @pytest.fixture
-def memory(tmp_path: Path) -> Memory:
-    with Memory(path=tmp_path, embedder="hash") as mem:
+def memory(open_memory: Callable[..., Memory]) -> Iterator[Memory]:
+    with open_memory(embedder="hash") as mem:
         mem.add("apples are red", id="a", user_id="ada")
         mem.add("bananas are yellow", id="b", user_id="ada")
         mem.add("cherries are dark red", id="c", user_id="bob")
@@ -78,8 +78,10 @@ def test_search_by_vector_matches_vector_search_of_the_same_text(memory: Memory)
 
 
 @pytest.mark.parametrize("mode", ["vector", "hybrid", "keyword"])
-def test_a_filtered_search_of_an_empty_memory_finds_nothing(tmp_path: Path, mode: str) -> None:
-    with Memory(path=tmp_path, embedder="hash") as empty:
+def test_a_filtered_search_of_an_empty_memory_finds_nothing(
+    open_memory: Callable[..., Memory], mode: str
+) -> None:
+    with open_memory(embedder="hash") as empty:
         assert empty.search("anything", filters={"kind": "none"}, mode=mode) == []  # type: ignore[arg-type]
         assert empty.search("anything", mode=mode, user_id="ada") == []  # type: ignore[arg-type]
 

@@ -153,7 +153,7 @@ def test_a_memory_behind_a_pruned_log_rebuilds(
                 busy.add(f"record number {i} from the busy writer", id=f"r{i}")
             busy.delete("r0")
         # busy saved at sequence 9 and pruned the log up to 7; lagging reflects 1
-        assert lagging._records.changes_since(lagging._retriever._mirror.applied) is None
+        assert lagging._records.changes_since(lagging._retriever._vectors._mirror.applied) is None
         hits = lagging.search("record busy writer", k=10, mode="vector")
         assert {h.id for h in hits} == {f"r{i}" for i in range(1, 8)}
         assert lagging.stats()["vectors"] == 7

@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -259,16 +258,6 @@ def test_full_disk_is_a_clear_error_and_damages_nothing(tmp_path: Path) -> None:
 
 def test_storage_error_is_an_oserror_a_caller_can_catch() -> None:
     assert issubclass(StorageError, OSError)
-
-
-@pytest.fixture(scope="module")
-def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    pgserver = pytest.importorskip("pgserver")
-    pytest.importorskip("psycopg")
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
-    url = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
-    yield url
-    server.cleanup()
 
 
 @pytest.mark.postgres

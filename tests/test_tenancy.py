@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,8 @@ from memlayer import AsyncMemory, Memory, NotFoundError
 TENANTS = (None, "acme", "globex")
 IDS = ("note-1", "note-2", "shared")
 USERS = (None, "ada", "bob")
+# the backend fixtures are per test, and each example opens its own fresh store
+UNHURRIED = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 WORDS = ("travel", "policy", "window", "seat", "budget", "invoice", "meeting", "lunch")
 
 record = st.tuples(
@@ -50,38 +52,36 @@ def _snapshot(memory: Memory) -> dict:
     }
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=UNHURRIED)
 @given(records=st.lists(record, min_size=1, max_size=14), probe=st.sampled_from(WORDS))
-def test_every_read_path_sees_only_its_tenant(records: list, probe: str) -> None:
-    folder = Path(tempfile.mkdtemp())
-    try:
-        with Memory(path=folder, embedder="hash") as memory:
-            _fill(memory, records)
-            model = _model(records)
-            assert _snapshot(memory) == model
-            for tenant in TENANTS:
-                mine = {rid: value for (t, rid), value in model.items() if t == tenant}
-                assert memory.count(tenant_id=tenant) == len(mine)
-                for rid in IDS:
-                    hit = memory.get(rid, tenant_id=tenant)
-                    assert (hit is None) == (rid not in mine)
-                    for user in ("ada", "bob"):
-                        narrowed = memory.get(rid, tenant_id=tenant, user_id=user)
-                        assert (narrowed is not None) == (rid in mine and mine[rid][1] == user)
-                for mode in ("vector", "keyword", "hybrid"):
-                    hits = memory.search(f"{probe} seat", k=10, mode=mode, tenant_id=tenant)
-                    assert all(h.scope.tenant_id == tenant for h in hits)
-                    assert all(mine[h.id][0] == h.text for h in hits)
-                    if mode == "vector":
-                        assert len(hits) == min(10, len(mine))
-                context = memory.context(probe, budget_tokens=200, tenant_id=tenant)
-                assert set(context.ids) <= set(mine)
-                assert all(f"[{tenant}/" in part for part in context.text.split("\n\n") if part)
-    finally:
-        shutil.rmtree(folder)
+def test_every_read_path_sees_only_its_tenant(
+    new_memory_location: Callable[[], dict], records: list, probe: str
+) -> None:
+    with Memory(**new_memory_location(), embedder="hash") as memory:
+        _fill(memory, records)
+        model = _model(records)
+        assert _snapshot(memory) == model
+        for tenant in TENANTS:
+            mine = {rid: value for (t, rid), value in model.items() if t == tenant}
+            assert memory.count(tenant_id=tenant) == len(mine)
+            for rid in IDS:
+                hit = memory.get(rid, tenant_id=tenant)
+                assert (hit is None) == (rid not in mine)
+                for user in ("ada", "bob"):
+                    narrowed = memory.get(rid, tenant_id=tenant, user_id=user)
+                    assert (narrowed is not None) == (rid in mine and mine[rid][1] == user)
+            for mode in ("vector", "keyword", "hybrid"):
+                hits = memory.search(f"{probe} seat", k=10, mode=mode, tenant_id=tenant)
+                assert all(h.scope.tenant_id == tenant for h in hits)
+                assert all(mine[h.id][0] == h.text for h in hits)
+                if mode == "vector":
+                    assert len(hits) == min(10, len(mine))
+            context = memory.context(probe, budget_tokens=200, tenant_id=tenant)
+            assert set(context.ids) <= set(mine)
+            assert all(f"[{tenant}/" in part for part in context.text.split("\n\n") if part)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=UNHURRIED)
 @given(
     records=st.lists(record, min_size=1, max_size=12),
     actor=st.sampled_from(TENANTS),
@@ -89,44 +89,46 @@ def test_every_read_path_sees_only_its_tenant(records: list, probe: str) -> None
     user=st.sampled_from(USERS),
 )
 def test_writes_never_touch_another_tenant(
-    records: list, actor: str | None, victim_id: str, user: str | None
+    new_memory_location: Callable[[], dict],
+    records: list,
+    actor: str | None,
+    victim_id: str,
+    user: str | None,
 ) -> None:
-    folder = Path(tempfile.mkdtemp())
-    try:
-        with Memory(path=folder, embedder="hash") as memory:
-            _fill(memory, records)
-            model = _model(records)
-            foreign = {key: value for key, value in model.items() if key[0] != actor}
-            scope = {"tenant_id": actor, "user_id": user}
-            mine = (actor, victim_id) in model and (
-                user is None or model[(actor, victim_id)][1] == user
-            )
+    with Memory(**new_memory_location(), embedder="hash") as memory:
+        _fill(memory, records)
+        model = _model(records)
+        foreign = {key: value for key, value in model.items() if key[0] != actor}
+        scope = {"tenant_id": actor, "user_id": user}
+        mine = (actor, victim_id) in model and (
+            user is None or model[(actor, victim_id)][1] == user
+        )
 
-            if mine:
-                memory.update(victim_id, metadata={"touched": True}, **scope)
-            else:
-                with pytest.raises(NotFoundError):
-                    memory.update(victim_id, text="overwritten", **scope)
-                with pytest.raises(NotFoundError):
-                    memory.delete(victim_id, **scope)
-            memory.add("planted travel policy", id=victim_id, tenant_id=actor)
-            if actor is not None or user is not None:
-                memory.delete_scope(tenant_id=actor, user_id=user)
+        if mine:
+            memory.update(victim_id, metadata={"touched": True}, **scope)
+        else:
+            with pytest.raises(NotFoundError):
+                memory.update(victim_id, text="overwritten", **scope)
+            with pytest.raises(NotFoundError):
+                memory.delete(victim_id, **scope)
+        memory.add("planted travel policy", id=victim_id, tenant_id=actor)
+        if actor is not None or user is not None:
+            memory.delete_scope(tenant_id=actor, user_id=user)
 
-            after = _snapshot(memory)
-            assert {key: value for key, value in after.items() if key[0] != actor} == foreign
-            for tenant in TENANTS:
-                if tenant != actor:
-                    assert all(
-                        "planted" not in h.text for h in memory.search("planted", tenant_id=tenant)
-                    )
-    finally:
-        shutil.rmtree(folder)
+        after = _snapshot(memory)
+        assert {key: value for key, value in after.items() if key[0] != actor} == foreign
+        for tenant in TENANTS:
+            if tenant != actor:
+                assert all(
+                    "planted" not in h.text for h in memory.search("planted", tenant_id=tenant)
+                )
 
 
-def test_not_found_is_the_same_for_foreign_and_missing_ids(tmp_path: Path) -> None:
+def test_not_found_is_the_same_for_foreign_and_missing_ids(
+    open_memory: Callable[..., Memory],
+) -> None:
     """No existence oracle: another tenant's id answers exactly like an id nobody has."""
-    with Memory(path=tmp_path / "m", embedder="hash") as memory:
+    with open_memory(embedder="hash") as memory:
         memory.add("acme secret", id="secret", tenant_id="acme")
         errors = []
         for rid in ("secret", "nobody-has-this"):
@@ -140,9 +142,9 @@ def test_not_found_is_the_same_for_foreign_and_missing_ids(tmp_path: Path) -> No
         assert memory.get("secret", tenant_id="acme").text == "acme secret"
 
 
-def test_same_id_in_two_tenants_is_two_records(tmp_path: Path) -> None:
+def test_same_id_in_two_tenants_is_two_records(open_memory: Callable[..., Memory]) -> None:
     """The reported hole: an add in tenant B replaced tenant A's record with the same id."""
-    with Memory(path=tmp_path / "m", embedder="hash") as memory:
+    with open_memory(embedder="hash") as memory:
         memory.add("A's note", id="note-1", tenant_id="A")
         memory.add("B's note", id="note-1", tenant_id="B")
         assert memory.count(tenant_id="A") == 1 and memory.count(tenant_id="B") == 1
@@ -153,9 +155,9 @@ def test_same_id_in_two_tenants_is_two_records(tmp_path: Path) -> None:
         assert [h.id for h in memory.search("note", mode="vector", tenant_id="A")] == ["note-1"]
 
 
-def test_async_by_id_calls_are_scoped(tmp_path: Path) -> None:
+def test_async_by_id_calls_are_scoped(memory_location: dict) -> None:
     async def scenario() -> None:
-        async with AsyncMemory(path=tmp_path / "m", embedder="hash") as memory:
+        async with AsyncMemory(**memory_location, embedder="hash") as memory:
             await memory.add("acme plan", id="p", tenant_id="acme")
             await memory.add("globex plan", id="p", tenant_id="globex")
             assert (await memory.get("p", tenant_id="acme")).text == "acme plan"

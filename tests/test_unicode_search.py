@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
+from backends import BACKENDS, location
 
 from memlayer import Memory
 from memlayer.retrievers.keywords import index_text, match_query
@@ -37,9 +38,10 @@ QUERIES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def memory(tmp_path_factory: pytest.TempPathFactory):
-    with Memory(path=tmp_path_factory.mktemp("unicode"), embedder="hash") as mem:
+@pytest.fixture(scope="module", params=BACKENDS)
+def memory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    where = location(request.param, request, tmp_path_factory.mktemp("unicode"))
+    with Memory(**where, embedder="hash") as mem:
         for rid, text in TEXTS.items():
             mem.add(text, id=rid)
         yield mem
@@ -70,8 +72,8 @@ def test_terms() -> None:
     assert match_query("?!") is None
 
 
-def test_keywords_follow_updates(tmp_path: Path) -> None:
-    with Memory(path=tmp_path / "m", embedder="hash") as mem:
+def test_keywords_follow_updates(open_memory: Callable[..., Memory]) -> None:
+    with open_memory(embedder="hash") as mem:
         rid = mem.add("大阪城に行った")
         mem.update(rid, text="名古屋城に行った")
         assert mem.search("大阪", mode="keyword") == []

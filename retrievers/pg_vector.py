@@ -1,0 +1,105 @@
+"""Vector search in PostgreSQL with pgvector: an HNSW index (cosine) over the records'
+`vector` column, searched in SQL, so every worker on every host sees the same index.
+
+A filtered HNSW search can return fewer than k rows (pgvector filters the ef_search
+candidates it found). So a search returns the true top-k of the matching records: with
+iterative index scans where the server's pgvector has them (0.8+); otherwise by ranking
+exactly when the planner expects few matches, and when HNSW still comes back short.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from memlayer.retrievers.vector_index import IndexConfig
+from memlayer.stores.records import RecordStore
+from memlayer.types import Scope
+
+Ranking = list[tuple[int, float]]
+_INDEX = "records_embedding_hnsw"
+
+
+class PgVectorSearch:
+    """Top-k by cosine over the records table, through HNSW or an exact scan."""
+
+    def __init__(self, records: RecordStore, config: IndexConfig) -> None:
+        self._records = records
+        self._config = config
+        with records.write() as conn:
+            conn.exec_driver_sql(
+                f"CREATE INDEX IF NOT EXISTS {_INDEX} ON records USING hnsw "
+                f"(embedding vector_cosine_ops) WITH (m = {int(config.hnsw_m)}, "
+                f"ef_construction = {int(config.hnsw_ef_construction)})"
+            )
+            version = conn.exec_driver_sql(
+                "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
+            ).scalar()
+        self.iterative = _version(version) >= (0, 8)
+
+    def search(
+        self, vector: np.ndarray, k: int, condition: Any, scope: Scope, whole_tenant: bool
+    ) -> Ranking:
+        """The k records matching `condition` nearest to `vector` (cosine), best first."""
+        query = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
+        ef_search = max(self._config.hnsw_ef_search, k)
+        with self._records.engine.begin() as conn:
+            if self.iterative:
+                conn.exec_driver_sql("SET LOCAL hnsw.iterative_scan = strict_order")
+                return self._ranked(conn, query, k, condition, ef_search)
+            if self._expected(conn, condition) <= self._config.pg_exact_below:
+                return self._ranked(conn, query, k, condition, None)
+            found = self._ranked(conn, query, k, condition, ef_search)
+            if len(found) < k:
+                return self._ranked(conn, query, k, condition, None)
+            return found
+
+    def _ranked(
+        self, conn: Any, query: np.ndarray, k: int, condition: Any, ef_search: int | None
+    ) -> Ranking:
+        """Top-k through the HNSW index (`ef_search` given) or by an exact scan (None)."""
+        from sqlalchemy import select
+
+        table = self._records.records
+        distance = table.c.embedding.cosine_distance(query)
+        if ef_search is None:
+            matching = select(table.c.rowid, table.c.embedding).where(condition)
+            rows = matching.cte("matching").prefix_with("MATERIALIZED")
+            distance = rows.c.embedding.cosine_distance(query)
+            stmt = select(rows.c.rowid, distance).order_by(distance).limit(k)
+        else:  # the caller chose the index: keep the planner off a full sort of the table
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+            conn.exec_driver_sql(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
+            stmt = select(table.c.rowid, distance).where(condition).order_by(distance).limit(k)
+        return [(int(rowid), 1.0 - float(d)) for rowid, d in conn.execute(stmt)]
+
+    def _expected(self, conn: Any, condition: Any) -> float:
+        """The planner's estimate of how many records match `condition` (no rows read)."""
+        from sqlalchemy import select
+
+        stmt = select(self._records.records.c.rowid).where(condition)
+        compiled = stmt.compile(conn, compile_kwargs={"render_postcompile": True})
+        plan = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled}", compiled.params)
+        return float(_plan(plan.scalar())[0]["Plan"]["Plan Rows"])
+
+    def wrote(self, seq: int, rowids: np.ndarray, vectors: np.ndarray | None) -> None:
+        """Nothing to do: the write is already in the table the search reads."""
+
+    def count(self) -> int:
+        """Records with a vector (every record)."""
+        from sqlalchemy import true
+
+        return self._records.count_where(true())
+
+    def save(self) -> None:
+        """Nothing to save: the index lives in the database."""
+
+
+def _plan(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _version(text: str | None) -> tuple[int, ...]:
+    return tuple(int(part) for part in (text or "0").split(".")[:2] if part.isdigit())

@@ -1,0 +1,153 @@
+"""Vector search in PostgreSQL (pgvector): the true top-k under filters whichever way the
+search goes, the HNSW index built with the configured parameters, no state in the process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from memlayer import Memory
+from memlayer.retrievers.pg_vector import PgVectorSearch
+from memlayer.retrievers.vector_index import IndexConfig
+
+pytestmark = pytest.mark.postgres
+
+DIM = 16
+COUNT = 1500
+
+
+def _vectors(seed: int, n: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+STORED = _vectors(0, COUNT)
+TEXTS = [f"item {i}" for i in range(COUNT)]
+BY_TEXT = dict(zip(TEXTS, STORED, strict=True))
+
+
+def lookup(texts: list[str]) -> np.ndarray:
+    """A fixed vector per stored text (anything else, like the width probe: the first)."""
+    return np.stack([BY_TEXT.get(text, STORED[0]) for text in texts])
+
+
+@pytest.fixture
+def url(postgres_url: str) -> Iterator[str]:
+    with Memory(url=postgres_url, embedder=lookup) as memory:
+        memory.add_many(
+            [
+                {"text": text, "id": text, "metadata": {"rare": i % 100 == 0, "i": i}}
+                for i, text in enumerate(TEXTS)
+            ]
+        )
+    yield postgres_url
+
+
+def exact(query: np.ndarray, k: int, allowed: np.ndarray) -> list[str]:
+    """The true top-k by cosine among `allowed` (indices into STORED)."""
+    scores = STORED[allowed] @ query
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [TEXTS[i] for i in allowed[order]]
+
+
+@pytest.fixture
+def short_hnsw(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """HNSW as pgvector before 0.8 answers a selective filter: only the matches among its
+    ef_search candidates (a few here, whatever the graph), so the fallback must run."""
+    paths: list[str] = []
+    ranked = PgVectorSearch._ranked
+
+    def recorded(self: PgVectorSearch, conn: Any, query: Any, k: int, cond: Any, ef: Any) -> Any:
+        paths.append("exact" if ef is None else "hnsw")
+        found = ranked(self, conn, query, k, cond, ef)
+        return found if ef is None else found[:3]
+
+    monkeypatch.setattr(PgVectorSearch, "_ranked", recorded)
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("config", "path"),
+    [
+        (IndexConfig(pg_exact_below=0), ["hnsw", "exact"]),  # short under the filter: exact
+        (IndexConfig(pg_exact_below=10**9), ["exact"]),  # the planner expects few matches
+    ],
+    ids=["hnsw-then-exact", "exact"],
+)
+def test_a_selective_filter_gets_the_true_top_k(
+    url: str, config: IndexConfig, path: list[str], short_hnsw: list[str]
+) -> None:
+    rare = np.flatnonzero(np.arange(COUNT) % 100 == 0)  # 15 of 1500 records
+    with Memory(url=url, embedder=lookup, index_config=config) as memory:
+        for seed in range(5):
+            query = _vectors(100 + seed, 1)[0]
+            hits = memory.search_by_vector(query, k=10, filters={"rare": True})
+            assert [h.id for h in hits] == exact(query, 10, rare)
+            assert [h.score for h in hits] == pytest.approx(
+                sorted((float(STORED[int(h.id.split()[1])] @ query) for h in hits), reverse=True),
+                abs=1e-5,
+            )
+    assert short_hnsw == path * 5
+
+
+def test_unfiltered_search_through_hnsw_finds_the_nearest(url: str) -> None:
+    everything = np.arange(COUNT)
+    recalled = []
+    with Memory(url=url, embedder=lookup, index_config=IndexConfig(pg_exact_below=0)) as memory:
+        for seed in range(20):
+            query = _vectors(200 + seed, 1)[0]
+            found = {h.id for h in memory.search_by_vector(query, k=10)}
+            recalled.append(len(found & set(exact(query, 10, everything))) / 10)
+    assert np.mean(recalled) >= 0.95
+
+
+def test_the_hnsw_index_has_the_configured_parameters(postgres_url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    config = IndexConfig(hnsw_m=8, hnsw_ef_construction=40)
+    Memory(url=postgres_url, embedder="hash", index_config=config).close()
+    engine = create_engine(postgres_url)
+    with engine.connect() as conn:
+        definition = conn.execute(
+            text("SELECT indexdef FROM pg_indexes WHERE indexname = 'records_embedding_hnsw'")
+        ).scalar_one()
+    engine.dispose()
+    assert "hnsw" in definition and "vector_cosine_ops" in definition
+    assert "m='8'" in definition and "ef_construction='40'" in definition
+
+
+SEARCH_IN_ANOTHER_PROCESS = """
+import sys
+from memlayer import Memory
+with Memory(url=sys.argv[1], embedder="hash") as memory:
+    print("|".join(h.text for h in memory.search("harbour lights", k=2, mode="hybrid")))
+    memory.add("written by the other worker", id="theirs")
+"""
+
+
+def test_workers_share_everything_through_the_database(postgres_url: str) -> None:
+    with Memory(url=postgres_url, embedder="hash") as one, Memory(
+        url=postgres_url, embedder="hash"
+    ) as two:
+        one.add("the harbour lights at dawn", id="mine")
+        assert [h.id for h in two.search("harbour lights", k=1, mode="vector")] == ["mine"]
+        run = subprocess.run(
+            [sys.executable, "-c", SEARCH_IN_ANOTHER_PROCESS, postgres_url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        assert run.stdout.strip() == "the harbour lights at dawn"
+        assert [h.id for h in one.search("other worker", k=1, mode="keyword")] == ["theirs"]
+        two.delete("mine")
+        assert one.search("harbour lights", mode="vector") == [
+            h for h in one.search("harbour lights", mode="vector") if h.id != "mine"
+        ]
+        assert one.get("mine") is None
