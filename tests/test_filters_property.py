@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -107,3 +108,14 @@ def test_semantics_by_example() -> None:
 def test_malformed_filters_are_rejected(bad) -> None:
     with pytest.raises(InvalidInputError):
         validate(bad)
+
+
+def test_a_field_name_is_data_never_sql(open_memory: Callable[..., Memory]) -> None:
+    """Quotes, braces and commas in a key match that key (they once built a SQL literal on
+    PostgreSQL: a key could end the string and run its own SQL)."""
+    with open_memory(embedder="hash") as mem:
+        mem.add("odd keys", metadata={"we'ird,{key}": 1, "n": 1})
+        assert mem.count(filters={"we'ird,{key}": 1}) == 1
+        assert mem.count(filters={"we'ird,{key}": 2}) == 0
+        assert mem.count(filters={"a'; DROP TABLE records; --": 1}) == 0
+        assert mem.count(filters={"n": {"$gte": 1}}) == 1
