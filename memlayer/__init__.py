@@ -29,11 +29,12 @@ _LAZY = {
     "AsyncMemory": "memlayer.async_memory",
     "KVSession": "memlayer.kv_session",
     "Limits": "memlayer.config",
+    "DatabaseOptions": "memlayer.config",
 }
 
 if TYPE_CHECKING:
     from memlayer.async_memory import AsyncMemory
-    from memlayer.config import Limits
+    from memlayer.config import DatabaseOptions, Limits
     from memlayer.kv_session import KVSession
     from memlayer.memory import Memory
 
@@ -52,6 +53,7 @@ __all__ = [
     "CapacityError",
     "ClosedError",
     "CorruptionError",
+    "DatabaseOptions",
     "Hit",
     "InvalidInputError",
     "KVSession",

@@ -62,6 +62,17 @@ def default_data_dir() -> Path:
     return Path(user_data_dir("memlayer", appauthor=False))
 
 
+@dataclass(frozen=True)
+class DatabaseOptions:
+    """How the records database is used: connection pool size (PostgreSQL), a server-side
+    timeout per statement (PostgreSQL; None: the server's), and how long a write is retried
+    after a lost connection or a rolled-back transaction (PostgreSQL)."""
+
+    pool_size: int = 5
+    statement_timeout_s: float | None = 30.0
+    retry_s: float = 30.0
+
+
 class Settings(BaseSettings):
     """Process-wide defaults, read from `MEMLAYER_*` environment variables."""
 
@@ -70,6 +81,17 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)  # MEMLAYER_DATA_DIR
     url: str | None = None  # MEMLAYER_URL: a database URL used when no path or url is given
     embedder: str | None = None  # MEMLAYER_EMBEDDER: a name or folder used when none is given
+    db_pool_size: int = Field(default=5, ge=1)  # MEMLAYER_DB_POOL_SIZE
+    db_statement_timeout_s: float | None = Field(default=30.0, gt=0)  # ..._STATEMENT_TIMEOUT_S
+    db_retry_s: float = Field(default=30.0, ge=0)  # MEMLAYER_DB_RETRY_S
+
+    def database(self) -> DatabaseOptions:
+        """The database options these settings name."""
+        return DatabaseOptions(
+            pool_size=self.db_pool_size,
+            statement_timeout_s=self.db_statement_timeout_s,
+            retry_s=self.db_retry_s,
+        )
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from memlayer.chunking import chunk_stream
-from memlayer.config import Limits, Settings
+from memlayer.config import DatabaseOptions, Limits, Settings
 from memlayer.context import STRATEGIES, Context
 from memlayer.embedders import Embedder, embed_checked, resolve_embedder
 from memlayer.errors import ClosedError, InvalidInputError, NotFoundError
@@ -60,6 +60,7 @@ class Memory:
         index_config: IndexConfig | None = None,
         search_plan: SearchPlan | None = None,
         limits: Limits | None = None,
+        database: DatabaseOptions | None = None,
     ):
         settings = Settings()
         if path is None and url is None:
@@ -77,6 +78,7 @@ class Memory:
             embedder_name=self.embedder.name,
             dim=self.embedder.dim,
             keywords=index_text,
+            options=database or settings.database(),
         )
         self._retriever = Retriever(
             self._records,

@@ -19,10 +19,11 @@ import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from memlayer.config import DatabaseOptions
 from memlayer.errors import InvalidInputError, ModelMismatchError, StorageError
 from memlayer.types import SCOPE_FIELDS, Scope
 
@@ -30,6 +31,7 @@ SCHEMA = 2  # 1: memlayer 0.1.0 (ids unique across tenants, FTS over the raw tex
 DEFAULT_TENANT = ""  # stored for tenant_id=None: a user-given tenant is never empty
 LOG_KEEP = 100_000  # write sequence numbers of change log kept behind a saved vector index
 
+T = TypeVar("T")
 _OLD_FTS = ("records_ai", "records_ad", "records_au")  # 0.1.0's triggers on its FTS table
 
 
@@ -71,12 +73,25 @@ class Changes:
 class RecordStore:
     """The records table: upsert, read, delete, scope/filter selection, BM25 and the change log."""
 
-    def __init__(self, url: str, *, embedder_name: str, dim: int, keywords: Callable[[str], str]):
+    def __init__(
+        self,
+        url: str,
+        *,
+        embedder_name: str,
+        dim: int,
+        keywords: Callable[[str], str],
+        options: DatabaseOptions | None = None,
+    ):
         """`keywords` derives the string full-text search indexes from a record's text."""
         from memlayer.stores.database import open_engine, writer
 
         self._keywords = keywords
-        self.engine = open_engine(url)
+        self.options = options or DatabaseOptions()
+        self.engine = open_engine(
+            url,
+            statement_timeout_s=self.options.statement_timeout_s,
+            pool_size=self.options.pool_size,
+        )
         self._writer = writer(self.engine)
         self.dialect = self.engine.dialect.name
         self.dim = dim
@@ -235,13 +250,26 @@ class RecordStore:
         A replaced row keeps its rowid and created_at (and so its place in `scan`)."""
         now = time.time()
         values = [self._row_values(row, now) for row in rows]
-        with self.write() as conn:
-            if self.dialect == "postgresql":
-                out = self._upsert_postgres(conn, values)
-            else:
-                out = [self._upsert_one(conn, row) for row in values]
-            seq = self._log(conn, out)
-        return out, seq
+
+        def work() -> tuple[list[int], int]:
+            with self.write() as conn:
+                if self.dialect == "postgresql":
+                    out = self._upsert_postgres(conn, values)
+                else:
+                    out = [self._upsert_one(conn, row) for row in values]
+                return out, self._log(conn, out)
+
+        return self._transaction(work)
+
+    def _transaction(self, work: Callable[[], T]) -> T:
+        """Run one write transaction; on PostgreSQL again after a lost connection or a
+        rolled-back transaction. Every write is idempotent (ids are chosen before it runs),
+        so a retry after a commit whose answer was lost stores nothing twice."""
+        if self.dialect != "postgresql":
+            return work()
+        from memlayer.stores.database import retrying
+
+        return retrying(work, deadline_s=self.options.retry_s)
 
     def _row_values(self, row: NewRecord, now: float) -> dict[str, Any]:
         return {
@@ -305,26 +333,33 @@ class RecordStore:
         if metadata is not None:
             values["metadata"] = metadata
         table = self.records
-        with self.write() as conn:
-            found = conn.execute(select(table.c.rowid).where(condition)).first()
-            if found is None:
-                return None
-            conn.execute(table.update().where(table.c.rowid == found[0]).values(**values))
-            return int(found[0]), self._log(conn, [int(found[0])])
+
+        def work() -> tuple[int, int] | None:
+            with self.write() as conn:
+                found = conn.execute(select(table.c.rowid).where(condition)).first()
+                if found is None:
+                    return None
+                conn.execute(table.update().where(table.c.rowid == found[0]).values(**values))
+                return int(found[0]), self._log(conn, [int(found[0])])
+
+        return self._transaction(work)
 
     def delete_where(self, condition: Any) -> tuple[list[int], int]:
         """Delete the rows matching a SQL condition: (their rowids, sequence)."""
         from sqlalchemy import select
 
         table = self.records
-        with self.write() as conn:
-            rowids = [
-                int(r) for r in conn.execute(select(table.c.rowid).where(condition)).scalars()
-            ]
-            if not rowids:
-                return [], int(self._setting("seq", conn) or 0)
-            conn.execute(table.delete().where(table.c.rowid.in_(rowids)))
-            return rowids, self._log(conn, rowids)
+
+        def work() -> tuple[list[int], int]:
+            with self.write() as conn:
+                found = conn.execute(select(table.c.rowid).where(condition)).scalars()
+                rowids = [int(r) for r in found]
+                if not rowids:
+                    return [], int(self._setting("seq", conn) or 0)
+                conn.execute(table.delete().where(table.c.rowid.in_(rowids)))
+                return rowids, self._log(conn, rowids)
+
+        return self._transaction(work)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -581,6 +616,9 @@ class _Transaction:
         from sqlalchemy.exc import OperationalError
 
         try:
-            return bool(self._context.__exit__(*exc))
+            suppressed = bool(self._context.__exit__(*exc))
         except OperationalError as error:
             raise StorageError(f"the records database refused the write: {error}") from error
+        if isinstance(exc[1], OperationalError):  # rolled back above
+            raise StorageError(f"the records database refused the write: {exc[1]}") from exc[1]
+        return suppressed

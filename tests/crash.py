@@ -150,9 +150,11 @@ def record_text(seed: int, round_: int, i: int) -> str:
     return f"{record_id(seed, round_, i)} " + " ".join(words)
 
 
-def memory_writer(acks: Connection, folder: str, seed: int, round_: int) -> None:
-    """Add records to a Memory forever, sending i once add of record i has returned."""
-    memory = Memory(folder, embedder="hash")
+def memory_writer(acks: Connection, where: str, seed: int, round_: int) -> None:
+    """Add records to a Memory (a folder, or a database URL) forever, sending i once add of
+    record i has returned."""
+    location = {"url": where} if "://" in where else {"path": where}
+    memory = Memory(**location, embedder="hash")
     for i in itertools.count():
         memory.add(
             record_text(seed, round_, i),
