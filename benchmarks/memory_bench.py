@@ -67,6 +67,7 @@ SYSTEMS = [
     "chroma-ephemeral",
     "memlayer-memory",
     "lancedb",
+    "memlayer-postgres",
 ]
 EXTRA_MODULES = ("calendar", "configparser", "inspect", "io", "pprint", "traceback")
 STOP_AT = 0.99  # a sweep stops after the first setting at or above this recall
@@ -400,6 +401,156 @@ def bench_memlayer_memory(work: Workload) -> Result:
         curve,
     )
     return finish(result, work.target)
+
+
+PG_EF = (40, 80, 160, 320, 640)  # pgvector hnsw.ef_search; memlayer's default is 100
+SHARDS = 100  # metadata "shard" = i % SHARDS: a filter on one shard keeps 1% of the records
+CLIENTS = 8
+
+
+def filtered_point(
+    memory: Any, query_box: dict[str, np.ndarray], work: Workload, label: str
+) -> Point:
+    """Recall (against exact search inside the filter) and latency with a 1% filter."""
+    shard = 7
+    members = np.flatnonzero(np.arange(len(work.data)) % SHARDS == shard)
+    found, times = [], []
+    for query in work.queries:
+        key = f"q{hash(query.tobytes())}"
+        query_box[key] = query
+        started = time.perf_counter()
+        hits = memory.search(key, k=K, mode="vector", filters={"shard": shard})
+        times.append((time.perf_counter() - started) * 1000)
+        found.append([work.context["index_of"][h.text] for h in hits])
+    shares = []
+    for query, ids in zip(work.queries, found, strict=True):
+        sims = work.data[members] @ query
+        kth = np.sort(sims)[-K]
+        got = work.data[[i for i in ids if i in set(members.tolist())]] @ query if ids else []
+        shares.append(min(K, int((np.asarray(got) >= kth - 1e-5).sum())) / K)
+    times.sort()
+    point = Point(
+        label, float(np.mean(shares)), statistics.median(times), times[int(0.95 * (len(times) - 1))]
+    )
+    print(f"    {label}: recall {point.recall:.3f}  p50 {point.p50_ms:.2f} ms", flush=True)
+    return point
+
+
+def concurrent_point(open_memory: Callable[[], Any], work: Workload, label: str) -> Point:
+    """Latency of one-at-a-time queries from CLIENTS threads at once, each with its Memory."""
+    import threading
+
+    memories = [open_memory() for _ in range(CLIENTS)]
+    times: list[float] = []
+    found: dict[int, list[int]] = {}
+    lock = threading.Lock()
+
+    def client(number: int) -> None:
+        memory, box = memories[number]
+        for index in range(number, len(work.queries), CLIENTS):
+            key = f"q{index}"
+            box[key] = work.queries[index]
+            started = time.perf_counter()
+            hits = memory.search(key, k=K, mode="vector")
+            elapsed = (time.perf_counter() - started) * 1000
+            with lock:
+                times.append(elapsed)
+                found[index] = [work.context["index_of"][h.text] for h in hits]
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for memory, _ in memories:
+        memory.close()
+    times.sort()
+    ordered = [found[i] for i in range(len(work.queries))]
+    point = Point(
+        label, recall(ordered, work), statistics.median(times), times[int(0.95 * (len(times) - 1))]
+    )
+    print(f"    {label}: recall {point.recall:.3f}  p50 {point.p50_ms:.2f} ms", flush=True)
+    return point
+
+
+def bench_memlayer_postgres(work: Workload) -> Result:
+    """memlayer.Memory on PostgreSQL + pgvector (a local server from the pgserver wheel):
+    records, full-text and vectors in the database, HNSW, vector mode."""
+    import pgserver
+
+    from memlayer import Memory
+    from memlayer.retrievers.vector_index import IndexConfig
+
+    server = pgserver.get_server(work.root / "pg", cleanup_mode="stop")
+    url = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        embed, query_box = table_embedder(work)
+        work.context["index_of"] = {text: i for i, text in enumerate(work.docs)}
+
+        def opened(ef: int) -> Any:
+            return Memory(url=url, embedder=embed, index_config=IndexConfig(hnsw_ef_search=ef))
+
+        with opened(100) as memory:
+            adds = timed_adds(
+                lambda a, b: memory.add_many(
+                    [{"text": work.docs[i], "metadata": {"shard": i % SHARDS}} for i in range(a, b)]
+                ),
+                len(work.docs),
+                work.batch,
+            )
+            extra = [f"{work.docs[i % len(work.docs)]} (again {i})" for i in range(30)]
+            add1 = single_add_ms(lambda i: memory.add(extra[i], id=f"extra-{i}"), 0)
+            memory.delete_many([f"extra-{i}" for i in range(30)])
+
+        def settings() -> Iterator[tuple[str, Search]]:
+            for ef in PG_EF:
+                memory = opened(ef)
+
+                def search(query: np.ndarray, memory: Any = memory) -> list[int]:
+                    key = f"q{hash(query.tobytes())}"
+                    query_box[key] = query
+                    hits = memory.search(key, k=K, mode="vector")
+                    return [work.context["index_of"][h.text] for h in hits]
+
+                yield f"ef_search={ef}" + (" (default 100 between)" if ef == 80 else ""), search
+                memory.close()
+
+        curve = sweep(settings(), work)
+        best = matched(curve, work.target) or max(curve, key=lambda p: p.recall)
+        ef = int(best.setting.split("=")[1].split()[0])
+        with opened(ef) as memory:
+            curve.append(filtered_point(memory, query_box, work, f"ef_search={ef}, filter 1%"))
+
+        def client() -> Any:
+            box: dict[str, np.ndarray] = {}
+            lookup = {text: i for i, text in enumerate(work.docs)}
+
+            def own(texts: list[str]) -> np.ndarray:
+                return np.stack(
+                    [box[t] if t in box else work.data[lookup.get(t, 0)] for t in texts]
+                )
+
+            return Memory(url=url, embedder=own, index_config=IndexConfig(hnsw_ef_search=ef)), box
+
+        curve.append(concurrent_point(client, work, f"ef_search={ef}, {CLIENTS} clients"))
+        result = Result(
+            "memlayer Memory (PostgreSQL)",
+            DURABLE,
+            "commit per add call (PostgreSQL, fsync on, synchronous_commit on)",
+            work.batch,
+            len(work.docs) / adds,
+            adds,
+            add1,
+            disk_mb(work.root / "pg"),
+            0.0,
+            curve[:-2],
+            note="pgvector HNSW m=16, ef_construction=64; last rows: 1% filter, 8 clients",
+        )
+        finish(result, work.target)
+        result.curve = curve
+        return result
+    finally:
+        server.cleanup()
 
 
 # -- FAISS --------------------------------------------------------------------------------
@@ -795,6 +946,7 @@ RUNNERS: dict[str, Callable[[Workload], Result | list[Result]]] = {
     "chroma-ephemeral": bench_chroma_ephemeral,
     "memlayer-memory": bench_memlayer_memory,
     "lancedb": bench_lancedb,
+    "memlayer-postgres": bench_memlayer_postgres,
 }
 
 

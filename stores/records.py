@@ -32,6 +32,7 @@ DEFAULT_TENANT = ""  # stored for tenant_id=None: a user-given tenant is never e
 LOG_KEEP = 100_000  # write sequence numbers of change log kept behind a saved vector index
 
 T = TypeVar("T")
+_PG_ROWS = 500  # rows per INSERT statement on PostgreSQL
 _OLD_FTS = ("records_ai", "records_ad", "records_au")  # 0.1.0's triggers on its FTS table
 
 
@@ -297,19 +298,24 @@ class RecordStore:
         return int(found[0])
 
     def _upsert_postgres(self, conn: Any, values: list[dict[str, Any]]) -> list[int]:
-        """One INSERT ... ON CONFLICT for the whole batch (ids are distinct within it)."""
+        """INSERT ... ON CONFLICT in statements of `_PG_ROWS` rows, in the caller's
+        transaction (ids are distinct within it): few round trips, each statement short
+        enough for a statement timeout and under the server's 65,535 parameters."""
         from sqlalchemy.dialects.postgresql import insert
 
-        statement = insert(self.records).values(values)
-        replaced = {
-            name: statement.excluded[name]
-            for name in values[0]
-            if name not in ("id", "tenant_id", "created_at")
-        }
-        returning = statement.on_conflict_do_update(
-            constraint="records_key", set_=replaced
-        ).returning(self.records.c.rowid, self.records.c.id)
-        rowids = {record_id: int(rowid) for rowid, record_id in conn.execute(returning)}
+        rowids: dict[str, int] = {}
+        for start in range(0, len(values), _PG_ROWS):
+            part = values[start : start + _PG_ROWS]
+            statement = insert(self.records).values(part)
+            replaced = {
+                name: statement.excluded[name]
+                for name in part[0]
+                if name not in ("id", "tenant_id", "created_at")
+            }
+            returning = statement.on_conflict_do_update(
+                constraint="records_key", set_=replaced
+            ).returning(self.records.c.rowid, self.records.c.id)
+            rowids.update({rid: int(rowid) for rowid, rid in conn.execute(returning)})
         return [rowids[row["id"]] for row in values]
 
     def update(
@@ -610,7 +616,9 @@ class _Transaction:
         try:
             return self._context.__enter__()
         except OperationalError as error:
-            raise StorageError(f"the records database refused the write: {error}") from error
+            raise StorageError(
+                f"the records database refused the write: {_reason(error)}"
+            ) from error
 
     def __exit__(self, *exc: Any) -> bool:
         from sqlalchemy.exc import OperationalError
@@ -618,7 +626,17 @@ class _Transaction:
         try:
             suppressed = bool(self._context.__exit__(*exc))
         except OperationalError as error:
-            raise StorageError(f"the records database refused the write: {error}") from error
+            raise StorageError(
+                f"the records database refused the write: {_reason(error)}"
+            ) from error
         if isinstance(exc[1], OperationalError):  # rolled back above
-            raise StorageError(f"the records database refused the write: {exc[1]}") from exc[1]
+            raise StorageError(
+                f"the records database refused the write: {_reason(exc[1])}"
+            ) from exc[1]
         return suppressed
+
+
+def _reason(error: Any) -> str:
+    """The driver's own message, without the statement and its parameters (which can be
+    megabytes of vectors)."""
+    return str(getattr(error, "orig", None) or error).strip().splitlines()[0]

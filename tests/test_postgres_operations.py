@@ -123,3 +123,14 @@ def test_a_statement_over_its_timeout_fails_cleanly(postgres_url: str) -> None:
             memory._records._transaction(lambda: _sleep_in_a_write(memory, 1.0))
         assert time.monotonic() - started < 5  # failed at once: a timeout is not retried
         assert [h.text for h in memory.scan()] == ["kept"]
+
+
+def test_a_batch_larger_than_one_statement_is_stored_whole(postgres_url: str) -> None:
+    items = [{"text": f"note {i}", "id": f"n{i}", "metadata": {"i": i}} for i in range(1203)]
+    with Memory(url=postgres_url, embedder="hash") as memory:
+        assert memory.add_many(items) == [item["id"] for item in items]
+        assert memory.count() == 1203
+        items[1200]["text"] = "note 1200, replaced"
+        memory.add_many(items[1100:])
+        assert [h.id for h in memory.scan()] == [item["id"] for item in items]
+        assert memory.get("n1200").text == "note 1200, replaced"  # type: ignore[union-attr]
