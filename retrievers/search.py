@@ -61,28 +61,36 @@ class Retriever:
         self.plan = plan or SearchPlan()
 
     def rank(
-        self, query: str, k: int, mode: SearchMode, scope: Scope, filters: Filters = None
+        self,
+        query: str,
+        k: int,
+        mode: SearchMode,
+        scope: Scope,
+        filters: Filters = None,
+        vector: np.ndarray | None = None,
     ) -> Ranking:
-        """Best-first (rowid, score) of the records in `scope` matching `filters`, at most k."""
+        """Best-first (rowid, score) of the records in `scope` matching `filters`, at most k;
+        `vector` is the query's embedding when the caller has it already."""
         condition = self._records.condition(scope, filters)
         wanted = self.plan.candidates(k, mode)
         rankings: list[Ranking] = []
         if mode in ("vector", "hybrid"):
             whole_tenant = not filters and set(scope.as_dict()) <= {"tenant_id"}
-            rankings.append(self._vector(query, wanted, condition, scope, whole_tenant))
+            if vector is None:
+                vector = self._embed([query])
+            rankings.append(self._vector(vector, wanted, condition, scope, whole_tenant))
         if mode in ("keyword", "hybrid"):
             rankings.append(self._keywords.search(query, wanted, condition))
         ranked = rankings[0] if len(rankings) == 1 else reciprocal_rank_fusion(rankings)
         return ranked[:k]
 
     def _vector(
-        self, query: str, k: int, condition: Any, scope: Scope, whole_tenant: bool
+        self, vector: np.ndarray, k: int, condition: Any, scope: Scope, whole_tenant: bool
     ) -> Ranking:
         """Vector top-k: the index searched whole when the call asks for a whole tenant and
         the store holds no other, else restricted to the rowids the database allows. The
         caller fetches hits under the scope again, so a record another process writes in
         between can never slip in."""
-        vector = self._embed([query])
         with self._lock:
             self._mirror.refresh()
             allowed = None

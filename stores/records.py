@@ -278,21 +278,30 @@ class RecordStore:
     # -- reads ----------------------------------------------------------------------------
 
     def fetch(
-        self, rowids: Sequence[int], scope: Scope, filters: Mapping[str, Any] | None = None
+        self,
+        rowids: Sequence[int],
+        scope: Scope,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        embeddings: bool = False,
     ) -> dict[int, Record]:
-        """The records with these rowids that (still) lie in `scope` and match `filters`."""
+        """The records with these rowids that (still) lie in `scope` and match `filters`,
+        with their embeddings when asked."""
         if not rowids:
             return {}
         condition = self.condition(scope, filters, indexed=False)
-        rows = self.fetch_where(self.records.c.rowid.in_([int(r) for r in rowids]) & condition)
+        rows = self.fetch_where(
+            self.records.c.rowid.in_([int(r) for r in rowids]) & condition, embeddings=embeddings
+        )
         return {row.rowid: row for row in rows}
 
-    def fetch_where(self, condition: Any) -> list[Record]:
-        """Records matching a SQL condition."""
+    def fetch_where(self, condition: Any, *, embeddings: bool = False) -> list[Record]:
+        """Records matching a SQL condition, with their embeddings when asked."""
         from sqlalchemy import select
 
         table = self.records
-        columns = [c for c in table.c if c.name not in ("embedding", "keywords")]
+        skip = ("keywords",) if embeddings else ("embedding", "keywords")
+        columns = [c for c in table.c if c.name not in skip]
         with self.engine.connect() as conn:
             result = conn.execute(select(*columns).where(condition))
             return [_record(row._mapping) for row in result]
@@ -454,6 +463,7 @@ def _record(row: Mapping[str, Any]) -> Record:
         scope=Scope(**scope),
         created_at=float(row["created_at"]),
         updated_at=float(row["updated_at"]),
+        embedding=np.frombuffer(row["embedding"], dtype=np.float32) if "embedding" in row else None,
     )
 
 

@@ -1,0 +1,97 @@
+"""Cluster unit vectors with FAISS k-means and choose the number of clusters by silhouette.
+
+Clustered context (CRAG) groups the retrieved candidates by meaning and keeps one compact
+representative per group. The number of groups is searched on a small grid of k up to a
+limit the caller derives from its token budget; the k whose clustering has the best mean
+silhouette (cosine distance) wins. Seeded, so one input always gives one clustering.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+K_GRID = (2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64)
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """`labels[i]` is the cluster of vector i (0..k-1, every cluster non-empty); `centroids`
+    are the clusters' unit mean directions; `silhouette` the mean silhouette (0 for k=1)."""
+
+    labels: np.ndarray
+    centroids: np.ndarray
+    silhouette: float
+
+    @property
+    def k(self) -> int:
+        """Number of clusters."""
+        return len(self.centroids)
+
+
+def cluster(
+    vectors: np.ndarray, max_clusters: int, *, seed: int = 0, niter: int = 20
+) -> Clustering:
+    """The best-silhouette spherical k-means clustering of `vectors` (n, d) with at most
+    `max_clusters` clusters; one cluster when fewer than three vectors or a limit below 2."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n = len(vectors)
+    limit = min(max_clusters, n - 1)
+    best = _single(vectors)
+    for k in (k for k in K_GRID if k <= limit):
+        candidate = _kmeans(vectors, k, seed, niter)
+        if candidate.k > 1 and candidate.silhouette > best.silhouette:
+            best = candidate
+    return best
+
+
+def _single(vectors: np.ndarray) -> Clustering:
+    labels = np.zeros(len(vectors), dtype=np.int64)
+    return Clustering(labels, _unit(vectors.sum(axis=0, keepdims=True)), 0.0)
+
+
+def _kmeans(vectors: np.ndarray, k: int, seed: int, niter: int) -> Clustering:
+    """One seeded FAISS k-means run; empty clusters are dropped and labels renumbered."""
+    import faiss
+
+    options = faiss.ClusteringParameters()
+    options.niter = niter
+    options.seed = seed
+    options.spherical = True
+    options.min_points_per_centroid = 1
+    options.max_points_per_centroid = len(vectors)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    faiss.Clustering(vectors.shape[1], k, options).train(vectors, index)
+    _, assigned = index.search(vectors, 1)
+    used, labels = np.unique(assigned[:, 0], return_inverse=True)
+    members = np.zeros((len(used), len(vectors)), dtype=np.float32)
+    members[labels, np.arange(len(vectors))] = 1.0
+    sums = members @ vectors
+    return Clustering(labels.astype(np.int64), _unit(sums), _silhouette(vectors, labels, sums))
+
+
+def _silhouette(vectors: np.ndarray, labels: np.ndarray, sums: np.ndarray) -> float:
+    """Mean silhouette under cosine distance, in O(n·d·k): for unit vectors the summed
+    distance from x to cluster c is |c| - x·sum(c). Points alone in their cluster score 0."""
+    sizes = np.bincount(labels, minlength=len(sums)).astype(np.float64)
+    if len(sums) < 2:
+        return 0.0
+    distance = sizes[None, :] - (vectors @ sums.T).astype(np.float64)
+    rows = np.arange(len(vectors))
+    own_size = sizes[labels]
+    inside = np.divide(
+        distance[rows, labels], own_size - 1, out=np.zeros(len(vectors)), where=own_size > 1
+    )
+    mean_to = distance / sizes[None, :]
+    mean_to[rows, labels] = np.inf
+    nearest = mean_to.min(axis=1)
+    widest = np.maximum(inside, nearest)
+    score = np.divide(nearest - inside, widest, out=np.zeros(len(vectors)), where=widest > 0)
+    score[own_size <= 1] = 0.0
+    return float(score.mean())
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0).astype(np.float32)
