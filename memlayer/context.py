@@ -112,7 +112,14 @@ class RankedContext:
                 break
             parts.append(ContextPart(label + hit.text, [hit.id]))
             used += cost + joint
-        return _assemble(parts, SEPARATOR, count)
+        context = _assemble(parts, SEPARATOR, count)
+        while context.tokens > budget_tokens:  # a tokenizer that counts the whole as more
+            last = parts.pop()
+            cut = fit_tokens(last.text, count(last.text) - (context.tokens - budget_tokens), count)
+            if cut.partition("] ")[2]:
+                parts.append(ContextPart(cut, last.ids))
+            context = _assemble(parts, SEPARATOR, count)
+        return context
 
 
 @STRATEGIES.register("crag")
@@ -137,11 +144,13 @@ class CragContext:
     summarizer: Summarizer | None = None
     min_candidates: int = 50
     max_candidates: int = 500
-    flat_spread: float = 0.1
+    flat_spread: float = 0.3
     max_clusters: int = 32
     members_per_cluster: int = 4
     query_weight: float = 1.0
     duplicate: float = 0.9
+    novelty: float = 1.0
+    silhouette_tolerance: float = 0.0
     summary_members: int = 16
     seed: int = 0
     _summaries: SummaryCache | None = field(init=False, repr=False, default=None)
@@ -165,9 +174,7 @@ class CragContext:
         sentences = [split_sentences(hit.text) or [hit.text.strip()] for hit in found.hits]
         with one_thread():
             typical = _typical_sentence(sentences, count)
-            groups = cluster(
-                found.vectors, min(self.max_clusters, budget_tokens // typical), seed=self.seed
-            )
+            groups = _clusters(found, min(self.max_clusters, budget_tokens // typical), self)
             order = [
                 int(c) for c in np.argsort(-(groups.centroids @ found.query_vector), kind="stable")
             ]
@@ -214,7 +221,7 @@ class CragContext:
                 _pool(rows, sentences, found, vectors, groups.centroids[c], self.query_weight)
                 for c, rows in zip(order, members, strict=True)
             ]
-            picked = pick(pools, budget, count, self.duplicate)
+            picked = pick(pools, budget, count, self.duplicate, self.novelty)
         if not any(picked):
             shortest = min(count(s.text) for pool in pools for s in pool)
             raise InvalidInputError(
@@ -268,6 +275,18 @@ class _Piece:
 
     text: str
     ids: list[str]
+
+
+def _clusters(found: Candidates, limit: int, crag: CragContext) -> Clustering:
+    """The clustering of the candidates, computed in id order so that it depends on the
+    candidate set, not on how retrieval happened to order it."""
+    order = np.argsort([hit.id for hit in found.hits], kind="stable")
+    groups = cluster(
+        found.vectors[order], limit, seed=crag.seed, tolerance=crag.silhouette_tolerance
+    )
+    labels = np.empty_like(groups.labels)
+    labels[order] = groups.labels
+    return Clustering(labels, groups.centroids, groups.silhouette)
 
 
 def _central(

@@ -58,28 +58,37 @@ class SentenceVectors:
 
 
 def pick(
-    pools: Sequence[Sequence[Sentence]], budget: int, count: Tokenizer, duplicate: float
+    pools: Sequence[Sequence[Sentence]],
+    budget: int,
+    count: Tokenizer,
+    duplicate: float,
+    novelty: float,
 ) -> list[list[Sentence]]:
-    """Sentences per pool (each pool best first), round-robin one per pool per round, within
-    `budget` tokens counting the separators; a sentence whose cosine with one already taken
-    reaches `duplicate` is skipped, as is one that no longer fits."""
+    """Sentences per pool, one per pool per round (pools in order) while `budget` tokens last,
+    separators counted. Each turn takes the pool's sentence of best score minus `novelty` ×
+    its highest cosine with a sentence already taken (maximal marginal relevance), so a
+    cluster's second sentence says something its first did not; a sentence within
+    `duplicate` cosine of one taken, or one that no longer fits, is dropped."""
     picked: list[list[Sentence]] = [[] for _ in pools]
+    left = [list(pool) for pool in pools]
     taken = np.zeros((sum(len(pool) for pool in pools), _dim(pools)), dtype=np.float32)
-    cursor = [0] * len(pools)
     part_cost, sentence_cost = count(PART_SEPARATOR), count(SENTENCE_SEPARATOR)
     used = n_taken = 0
     progress = True
     while progress:
         progress = False
-        for index, pool in enumerate(pools):
-            while cursor[index] < len(pool):
-                sentence = pool[cursor[index]]
-                cursor[index] += 1
-                if n_taken and float((taken[:n_taken] @ sentence.vector).max()) >= duplicate:
-                    continue
+        for index, pool in enumerate(left):
+            while pool:
+                vectors = np.stack([s.vector for s in pool])
+                overlap = (
+                    (vectors @ taken[:n_taken].T).max(axis=1) if n_taken else np.zeros(len(pool))
+                )
+                value = np.array([s.score for s in pool]) - novelty * overlap
+                best = int(np.argmax(value))
+                sentence = pool.pop(best)
                 joint = sentence_cost if picked[index] else (part_cost if n_taken else 0)
                 cost = count(sentence.text) + joint
-                if used + cost > budget:
+                if overlap[best] >= duplicate or used + cost > budget:
                     continue
                 picked[index].append(sentence)
                 taken[n_taken] = sentence.vector

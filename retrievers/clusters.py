@@ -31,19 +31,24 @@ class Clustering:
 
 
 def cluster(
-    vectors: np.ndarray, max_clusters: int, *, seed: int = 0, niter: int = 20
+    vectors: np.ndarray,
+    max_clusters: int,
+    *,
+    seed: int = 0,
+    niter: int = 20,
+    tolerance: float = 0.0,
 ) -> Clustering:
-    """The best-silhouette spherical k-means clustering of `vectors` (n, d) with at most
-    `max_clusters` clusters; one cluster when fewer than three vectors or a limit below 2."""
+    """The spherical k-means clustering of `vectors` (n, d) with at most `max_clusters`
+    clusters whose silhouette is best, or the one with the most clusters among those within
+    `tolerance` of the best silhouette; one cluster when fewer than three vectors or a limit
+    below 2."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    n = len(vectors)
-    limit = min(max_clusters, n - 1)
-    best = _single(vectors)
-    for k in (k for k in K_GRID if k <= limit):
-        candidate = _kmeans(vectors, k, seed, niter)
-        if candidate.k > 1 and candidate.silhouette > best.silhouette:
-            best = candidate
-    return best
+    limit = min(max_clusters, len(vectors) - 1)
+    tried = [_single(vectors)]
+    tried += [_kmeans(vectors, k, seed, niter) for k in K_GRID if k <= limit]
+    tried = [c for c in tried if c.k > 1] or tried[:1]
+    best = max(c.silhouette for c in tried)
+    return max((c for c in tried if c.silhouette >= best - tolerance), key=lambda c: c.k)
 
 
 def _single(vectors: np.ndarray) -> Clustering:
