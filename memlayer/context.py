@@ -13,7 +13,7 @@ rank for it with their embeddings, the embedder and the tokenizer) and a budget:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Protocol
@@ -146,11 +146,11 @@ class CragContext:
     max_candidates: int = 500
     flat_spread: float = 0.3
     max_clusters: int = 32
-    members_per_cluster: int = 4
+    members_per_cluster: int = 8
     query_weight: float = 1.0
     duplicate: float = 0.9
     novelty: float = 1.0
-    silhouette_tolerance: float = 0.0
+    silhouette_tolerance: float = 0.05
     summary_members: int = 16
     seed: int = 0
     _summaries: SummaryCache | None = field(init=False, repr=False, default=None)
@@ -171,9 +171,14 @@ class CragContext:
         found = self._candidates(recall)
         if not found.hits:
             return Context("", [], 0)
-        sentences = [split_sentences(hit.text) or [hit.text.strip()] for hit in found.hits]
+
+        @cache
+        def sentences(row: int) -> tuple[str, ...]:  # split only the candidates looked at
+            text = found.hits[row].text
+            return tuple(split_sentences(text)) or (text.strip(),)
+
         with one_thread():
-            typical = _typical_sentence(sentences, count)
+            typical = _typical_sentence(sentences, len(found.hits), count)
             groups = _clusters(found, min(self.max_clusters, budget_tokens // typical), self)
             order = [
                 int(c) for c in np.argsort(-(groups.centroids @ found.query_vector), kind="stable")
@@ -201,7 +206,7 @@ class CragContext:
     def _extractive(
         self,
         found: Candidates,
-        sentences: list[list[str]],
+        sentences: Callable[[int], tuple[str, ...]],
         groups: Clustering,
         order: list[int],
         budget: int,
@@ -211,7 +216,7 @@ class CragContext:
         """Per cluster, the sentences that best cover it and the query (see the class)."""
         members = [_central(found, groups, c, self.members_per_cluster) for c in order]
         split = sorted(
-            {s for rows in members for i in rows if len(sentences[i]) > 1 for s in sentences[i]}
+            {s for rows in members for i in rows if len(sentences(i)) > 1 for s in sentences(i)}
         )
         vectors = dict(
             zip(split, self._sentences.vectors(split, recall.embedder, recall.embed), strict=True)
@@ -303,7 +308,7 @@ def _central(
 
 def _pool(
     rows: list[int],
-    sentences: list[list[str]],
+    sentences: Callable[[int], tuple[str, ...]],
     found: Candidates,
     vectors: dict[str, np.ndarray],
     centroid: np.ndarray,
@@ -313,20 +318,23 @@ def _pool(
     pool: list[Sentence] = []
     seen: set[str] = set()
     for row in rows:
-        for text in sentences[row]:
+        for text in sentences(row):
             key = " ".join(text.casefold().split())
             if key in seen:
                 continue
             seen.add(key)
-            vector = vectors[text] if len(sentences[row]) > 1 else found.vectors[row]
-            score = float(vector @ centroid + query_weight * (vector @ found.query_vector))
+            vector = vectors[text] if len(sentences(row)) > 1 else found.vectors[row]
+            closeness = vector @ centroid + query_weight * (vector @ found.query_vector)
+            score = float(closeness) / (1 + query_weight)  # a cosine scale, as MMR's overlap
             pool.append(Sentence(text, row, vector, score))
     return sorted(pool, key=lambda s: -s.score)
 
 
-def _typical_sentence(sentences: list[list[str]], count: Tokenizer, sample: int = 16) -> int:
+def _typical_sentence(
+    sentences: Callable[[int], tuple[str, ...]], n: int, count: Tokenizer, sample: int = 16
+) -> int:
     """Median token count of the first sentences of the best candidates (at least 1)."""
-    sizes = [count(pieces[0]) for pieces in sentences[:sample]]
+    sizes = [count(sentences(row)[0]) for row in range(min(n, sample))]
     return max(1, int(np.median(sizes)))
 
 

@@ -27,12 +27,16 @@ def resolve_tokenizer(spec: Any, embedder: object) -> Tokenizer:
         return own if callable(own) else count_tokens
     if spec == "words":
         return count_tokens
+    if isinstance(spec, str):
+        raise InvalidInputError(
+            "tokenizer", "must be None, 'words', a tokenizer or a callable", spec
+        )
     encode = getattr(spec, "encode", None)
     if callable(encode):
         if "add_special_tokens" in _parameters(encode):
             return _checked(lambda text: len(encode(text, add_special_tokens=False)))
         return _checked(lambda text: len(encode(text)))
-    if callable(spec) and not isinstance(spec, str):
+    if callable(spec):
         return _checked(spec)
     raise InvalidInputError(
         "tokenizer",
