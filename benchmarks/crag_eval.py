@@ -420,11 +420,13 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=10, help="products / people per corpus")
     parser.add_argument("--per-subject", type=int, default=80, help="items per subject")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
-    parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 192, 256, 384])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[64, 128, 192, 256, 384, 512])
     parser.add_argument("--embedder", default="minilm")
     parser.add_argument("--llm-questions", type=int, default=15, help="per corpus; 0: no LLM")
     parser.add_argument(
-        "--llm-settings", nargs="+", default=["ranked k=4", "ranked k=32", "crag 128", "crag 256"]
+        "--llm-settings",
+        nargs="+",
+        default=["ranked k=4", "ranked k=16", "ranked k=64", "crag 128", "crag 256"],
     )
     parser.add_argument("--timing-items", type=int, default=520)
     parser.add_argument("--timing-repeats", type=int, default=10)
