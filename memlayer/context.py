@@ -129,14 +129,17 @@ class CragContext:
 
     Candidates: at least `min_candidates` (or the call's k), doubled up to `max_candidates`
     while their query similarities stay flat (best tenth and weakest tenth less than
-    `flat_spread` apart: the relevant set goes on beyond them). Clusters: seeded FAISS
-    k-means, k by silhouette, at most `max_clusters` and at most what the budget holds at one
-    typical sentence per cluster. Per cluster, most query-relevant cluster first:
+    `flat_spread` apart: the relevant set goes on beyond them). Clusters: FAISS k-means
+    (k-means++ starts, seeded by `seed`) over the candidates' stored embeddings, for k on a
+    grid up to `max_clusters` and up to what the budget holds at one typical sentence per
+    cluster; the most clusters whose silhouette is within `silhouette_tolerance` of the best.
+    Per cluster, most query-relevant cluster first:
 
     - extractive (no `summarizer`): the sentences of its `members_per_cluster` most central
       members, scored by cosine to the centroid plus `query_weight` × cosine to the query;
-      one per cluster per round while the budget lasts, a sentence within `duplicate` cosine
-      of one taken skipped;
+      one per cluster per round while the budget lasts, each the best score minus `novelty`
+      × its cosine with the closest sentence already taken; one within `duplicate` cosine of
+      a taken sentence is dropped;
     - abstractive: `summarizer(texts, max_tokens)` over its `summary_members` most central
       members, the budget shared by cluster size; cached by cluster content.
     """
@@ -157,9 +160,13 @@ class CragContext:
     _sentences: SentenceVectors = field(init=False, repr=False, default_factory=SentenceVectors)
 
     def __post_init__(self) -> None:
-        for name in ("min_candidates", "max_candidates", "max_clusters"):
-            _positive_int(name, getattr(self, name))
-        for name in ("members_per_cluster", "summary_members"):
+        for name in (
+            "min_candidates",
+            "max_candidates",
+            "max_clusters",
+            "members_per_cluster",
+            "summary_members",
+        ):
             _positive_int(name, getattr(self, name))
         if self.max_candidates < self.min_candidates:
             raise InvalidInputError("max_candidates", "must be at least min_candidates")
@@ -184,7 +191,16 @@ class CragContext:
                 int(c) for c in np.argsort(-(groups.centroids @ found.query_vector), kind="stable")
             ]
         if self._summaries is not None:
-            parts = self._abstractive(found, groups, order, budget_tokens, typical, count)
+            parts = _abstractive(
+                self._summaries,
+                found,
+                groups,
+                order,
+                budget_tokens,
+                typical,
+                count,
+                self.summary_members,
+            )
         else:
             parts = self._extractive(found, sentences, groups, order, budget_tokens, recall, count)
         return _assemble_within(parts, budget_tokens, count)
@@ -240,39 +256,6 @@ class CragContext:
             if chosen
         ]
 
-    def _abstractive(
-        self,
-        found: Candidates,
-        groups: Clustering,
-        order: list[int],
-        budget: int,
-        typical: int,
-        count: Tokenizer,
-    ) -> list[list[_Piece]]:
-        """Per cluster, the summarizer's summary of its most central members, in a share of
-        the budget proportional to the cluster's size (at least one typical sentence)."""
-        assert self._summaries is not None
-        sizes = np.bincount(groups.labels, minlength=groups.k)
-        parts: list[list[_Piece]] = []
-        left = budget
-        for c in order:
-            allowance = min(
-                left - (count(PART_SEPARATOR) if parts else 0),
-                max(typical, budget * int(sizes[c]) // len(found.hits)),
-            )
-            if allowance < typical:
-                break
-            rows = _central(found, groups, c, self.summary_members, query_weight=0.0)
-            texts = [found.hits[i].text for i in rows]
-            summary = self._summaries.summary(texts, allowance, count)
-            parts.append([_Piece(summary, [found.hits[i].id for i in rows])])
-            left -= count(summary) + (count(PART_SEPARATOR) if len(parts) > 1 else 0)
-        if not parts:
-            raise InvalidInputError(
-                "budget_tokens", f"must hold at least one sentence ({typical} tokens)", budget
-            )
-        return parts
-
 
 @dataclass(frozen=True)
 class _Piece:
@@ -280,6 +263,40 @@ class _Piece:
 
     text: str
     ids: list[str]
+
+
+def _abstractive(
+    summaries: SummaryCache,
+    found: Candidates,
+    groups: Clustering,
+    order: list[int],
+    budget: int,
+    typical: int,
+    count: Tokenizer,
+    members: int,
+) -> list[list[_Piece]]:
+    """Per cluster, the summarizer's summary of its most central members, in a share of
+    the budget proportional to the cluster's size (at least one typical sentence)."""
+    sizes = np.bincount(groups.labels, minlength=groups.k)
+    parts: list[list[_Piece]] = []
+    left = budget
+    for c in order:
+        allowance = min(
+            left - (count(PART_SEPARATOR) if parts else 0),
+            max(typical, budget * int(sizes[c]) // len(found.hits)),
+        )
+        if allowance < typical:
+            break
+        rows = _central(found, groups, c, members, query_weight=0.0)
+        texts = [found.hits[i].text for i in rows]
+        summary = summaries.summary(texts, allowance, count)
+        parts.append([_Piece(summary, [found.hits[i].id for i in rows])])
+        left -= count(summary) + (count(PART_SEPARATOR) if len(parts) > 1 else 0)
+    if not parts:
+        raise InvalidInputError(
+            "budget_tokens", f"must hold at least one sentence ({typical} tokens)", budget
+        )
+    return parts
 
 
 def _clusters(found: Candidates, limit: int, crag: CragContext) -> Clustering:
