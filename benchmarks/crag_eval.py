@@ -416,7 +416,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--corpora", nargs="+", default=["reviews", "chats"])
+    parser.add_argument("--corpora", nargs="*", default=["reviews", "chats"])
     parser.add_argument("--subjects", type=int, default=10, help="products / people per corpus")
     parser.add_argument("--per-subject", type=int, default=80, help="items per subject")
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])

@@ -34,7 +34,7 @@ class SentenceVectors:
     """Unit vectors of sentences by (embedder, text), LRU-bounded, so repeated and overlapping
     queries embed each sentence once."""
 
-    def __init__(self, size: int = 50_000) -> None:
+    def __init__(self, size: int = 20_000) -> None:
         self.size = size
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
