@@ -25,6 +25,8 @@ from memlayer.types import Hit, Page, Scope
 __version__ = "0.2.0"
 
 _LAZY = {
+    "Context": "memlayer.context",
+    "CragContext": "memlayer.context",
     "Memory": "memlayer.memory",
     "AsyncMemory": "memlayer.async_memory",
     "KVSession": "memlayer.kv_session",
@@ -35,6 +37,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from memlayer.async_memory import AsyncMemory
     from memlayer.config import DatabaseOptions, Limits
+    from memlayer.context import Context, CragContext
     from memlayer.kv_session import KVSession
     from memlayer.memory import Memory
 
@@ -52,7 +55,9 @@ __all__ = [
     "AsyncMemory",
     "CapacityError",
     "ClosedError",
+    "Context",
     "CorruptionError",
+    "CragContext",
     "DatabaseOptions",
     "Hit",
     "InvalidInputError",

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator
 from memlayer.errors import InvalidInputError
 
 TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+# a sentence ends at . ! ? or … (with closing quotes/brackets) before whitespace, or at a line break
+SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|(?<=[.!?…][\"')\]])\s+|\n+")
 
 
 def count_tokens(text: str) -> int:
@@ -29,6 +31,11 @@ def truncate_tokens(text: str, max_tokens: int) -> str:
             break
         end = match.end()
     return text[:end]
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of `text`, stripped, in order (a text without an end mark is one)."""
+    return [piece.strip() for piece in SENTENCE_END.split(text) if piece and piece.strip()]
 
 
 def chunk_stream(

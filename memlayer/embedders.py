@@ -84,6 +84,11 @@ class SentenceTransformerEmbedder:
         np.add.at(out, owners, vectors * weights[:, None])
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` under the model's own tokenizer, without special tokens: the
+        default unit of `Memory.context` budgets."""
+        return len(self._model.tokenizer.encode(text, add_special_tokens=False, verbose=False))
+
     def _windows(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Cut each text at token boundaries into pieces that fit the model's window:
         (pieces, index of the text each came from, tokens in each piece)."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from memlayer.chunking import chunk_stream
 from memlayer.config import DatabaseOptions, Limits, Settings
-from memlayer.context import STRATEGIES, Context
+from memlayer.context import STRATEGIES, Candidates, Context, ContextStrategy
 from memlayer.embedders import Embedder, embed_checked, resolve_embedder
 from memlayer.errors import ClosedError, InvalidInputError, NotFoundError
 from memlayer.retrievers.keywords import index_text
@@ -31,6 +31,7 @@ from memlayer.retrievers.vector_index import IndexConfig
 from memlayer.stores import filters as filter_rules
 from memlayer.stores.database import sqlite_url
 from memlayer.stores.records import NewRecord, Record, RecordStore
+from memlayer.tokens import Tokenizer, resolve_tokenizer
 from memlayer.types import Hit, Scope, new_id
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class Memory:
         self.limits = limits or Limits()
         self._lock = threading.RLock()
         self._closed = False
+        self._strategies: dict[str, ContextStrategy] = {}
         self.embedder = resolve_embedder(embedder if embedder is not None else settings.embedder)
         self._records = RecordStore(
             sqlite_url(folder / DB_FILE) if url is None and folder is not None else str(url),
@@ -291,28 +293,41 @@ class Memory:
     ) -> list[Hit]:
         """The k records nearest to a query vector of the embedder's width (cosine; the
         vector need not be unit length), for callers that embed queries themselves."""
-        query = _query_vector(vector, self.embedder.dim)
-        return self._search(query, k, filters, "vector", Scope.of(scope))
+        query = _query_vector(vector, self.embedder.dim).reshape(1, -1)
+        ranked = self._ranked(None, k, filters, "vector", Scope.of(scope), query)
+        return [_hit(record, score) for record, score in ranked]
 
     def _search(
+        self, query: str, k: int, filters: Mapping[str, Any] | None, mode: Any, owner: Scope
+    ) -> list[Hit]:
+        return [
+            _hit(record, score) for record, score in self._ranked(query, k, filters, mode, owner)
+        ]
+
+    def _ranked(
         self,
-        query: str | np.ndarray,
+        query: str | None,
         k: int,
         filters: Mapping[str, Any] | None,
         mode: Any,
         owner: Scope,
-    ) -> list[Hit]:
-        if isinstance(query, str):
+        vector: np.ndarray | None = None,
+        embeddings: bool = False,
+    ) -> list[tuple[Record, float]]:
+        """The k best records with their scores, best first (validated like `search`); a
+        vector-mode call may give only the query's `vector`."""
+        if query is not None or vector is None or mode != "vector":
             self._check_text(query, "query")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise InvalidInputError("k", "must be an integer >= 1", k)
+        _check_k(k)
         if mode not in MODES:
             raise InvalidInputError("mode", f"must be one of {', '.join(MODES)}", mode)
         filter_rules.validate(filters)
         self._check_open()
-        ranked = self._retriever.rank(query, k, mode, owner, filters)
-        records = self._records.fetch([rowid for rowid, _ in ranked], owner, filters)
-        return [_hit(records[rowid], score) for rowid, score in ranked if rowid in records]
+        ranked = self._retriever.rank(query, k, mode, owner, filters, vector)
+        records = self._records.fetch(
+            [rowid for rowid, _ in ranked], owner, filters, embeddings=embeddings
+        )
+        return [(records[rowid], score) for rowid, score in ranked if rowid in records]
 
     def context(
         self,
@@ -320,20 +335,43 @@ class Memory:
         *,
         budget_tokens: int,
         k: int = 20,
-        strategy: str = "ranked",
+        strategy: str | ContextStrategy = "ranked",
+        tokenizer: Any = None,
         filters: Mapping[str, Any] | None = None,
         **scope: str | None,
     ) -> Context:
-        """The best hits for `query` packed into one prompt string within `budget_tokens`."""
+        """What memory holds for `query`, packed into one prompt string of at most
+        `budget_tokens` tokens by `strategy`: "ranked" (the k best hits, best first), "crag"
+        (clustered: one compact representative per cluster of a wide candidate set; k is
+        the least number of candidates) or a strategy instance such as
+        `CragContext(summarizer=...)`. Tokens are counted with `tokenizer` (None: the
+        embedder's own; "words"; a tokenizer with `encode`; or a `str -> int` callable)."""
         if (
             isinstance(budget_tokens, bool)
             or not isinstance(budget_tokens, int)
             or budget_tokens < 1
         ):
             raise InvalidInputError("budget_tokens", "must be an integer >= 1", budget_tokens)
-        packer = STRATEGIES.create(strategy)
-        hits = self._search(query, k, filters, "hybrid", Scope.of(scope))
-        return packer.pack(hits, budget_tokens)
+        packer = self._strategy(strategy)
+        owner = Scope.of(scope)
+        self._check_text(query, "query")
+        _check_k(k)
+        filter_rules.validate(filters)
+        count = resolve_tokenizer(tokenizer, self.embedder)
+        return packer.pack(_Recall(self, query, k, filters, owner, count), budget_tokens)
+
+    def _strategy(self, strategy: str | ContextStrategy) -> ContextStrategy:
+        """A strategy instance: the one given, or this Memory's own instance of a named one
+        (kept, so a strategy's caches serve every call)."""
+        if not isinstance(strategy, str):
+            if callable(getattr(strategy, "pack", None)):
+                return strategy
+            names = ", ".join(STRATEGIES.names())
+            raise InvalidInputError("strategy", f"must be one of {names} or have pack()", strategy)
+        with self._lock:
+            if strategy not in self._strategies:
+                self._strategies[strategy] = STRATEGIES.create(strategy)
+            return self._strategies[strategy]
 
     def stats(self) -> dict[str, Any]:
         """Counts and locations over every tenant, for the CLI and monitoring."""
@@ -447,6 +485,11 @@ def _folder(path: str | Path | None, url: str | None, settings: Settings) -> Pat
     return folder
 
 
+def _check_k(k: object) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InvalidInputError("k", "must be an integer >= 1", k)
+
+
 def _check_id(record_id: object) -> str:
     if not isinstance(record_id, str) or not record_id or len(record_id) > _MAX_ID_LEN:
         raise InvalidInputError("id", f"must be a non-empty string of at most {_MAX_ID_LEN} chars")
@@ -492,3 +535,53 @@ def _hit(record: Record, score: float) -> Hit:
         created_at=record.created_at,
         updated_at=record.updated_at,
     )
+
+
+class _Recall:
+    """What `Memory.context` lets a strategy ask for one query (see `memlayer.context.Recall`):
+    hybrid-ranked hits in the call's scope and filters, their stored embeddings, and the
+    embedder; the query is embedded once per call."""
+
+    def __init__(
+        self,
+        memory: Memory,
+        query: str,
+        k: int,
+        filters: Mapping[str, Any] | None,
+        owner: Scope,
+        tokenizer: Tokenizer,
+    ) -> None:
+        self.query = query
+        self.k = k
+        self.embedder = memory.embedder.name
+        self.tokenizer = tokenizer
+        self._memory = memory
+        self._filters = filters
+        self._owner = owner
+        self._vector: np.ndarray | None = None
+
+    def hits(self, n: int) -> list[Hit]:
+        return [_hit(record, score) for record, score in self._rank(n, embeddings=False)]
+
+    def candidates(self, n: int) -> Candidates:
+        ranked = self._rank(n, embeddings=True)
+        dim = self._memory.embedder.dim
+        vectors = np.array([record.embedding for record, _ in ranked], dtype=np.float32)
+        return Candidates(
+            hits=[_hit(record, score) for record, score in ranked],
+            vectors=vectors.reshape(len(ranked), dim),
+            query_vector=self._query_vector()[0],
+        )
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return embed_checked(self._memory.embedder, texts)
+
+    def _rank(self, n: int, *, embeddings: bool) -> list[tuple[Record, float]]:
+        return self._memory._ranked(
+            self.query, n, self._filters, "hybrid", self._owner, self._query_vector(), embeddings
+        )
+
+    def _query_vector(self) -> np.ndarray:
+        if self._vector is None:
+            self._vector = embed_checked(self._memory.embedder, [self.query])
+        return self._vector

@@ -60,33 +60,30 @@ class Retriever:
 
     def rank(
         self,
-        query: str | np.ndarray,
+        query: str | None,
         k: int,
         mode: SearchMode,
         scope: Scope,
         filters: Filters = None,
+        vector: np.ndarray | None = None,
     ) -> Ranking:
-        """Best-first (rowid, score) of the records in `scope` matching `filters`, at most k.
-
-        `query` is a text, or (vector mode only) a unit query vector of the index's width.
-        """
+        """Best-first (rowid, score) of the records in `scope` matching `filters`, at most k;
+        `vector` is the query's unit embedding (1, dim) when the caller has it already (a
+        vector-mode call may give it without a text)."""
         condition = self._records.condition(scope, filters)
         wanted = self.plan.candidates(k, mode)
         rankings: list[Ranking] = []
         if mode in ("vector", "hybrid"):
             whole_tenant = not filters and set(scope.as_dict()) <= {"tenant_id"}
-            rankings.append(self._vector(query, wanted, condition, scope, whole_tenant))
+            if vector is None:
+                assert query is not None, "vector search needs a text or a vector"
+                vector = self._embed([query])
+            rankings.append(self._vectors.search(vector, wanted, condition, scope, whole_tenant))
         if mode in ("keyword", "hybrid"):
-            assert isinstance(query, str), "keyword search needs a text query"
+            assert query is not None, "keyword search needs a text query"
             rankings.append(self._keywords.search(query, wanted, condition))
         ranked = rankings[0] if len(rankings) == 1 else reciprocal_rank_fusion(rankings)
         return ranked[:k]
-
-    def _vector(
-        self, query: str | np.ndarray, k: int, condition: Any, scope: Scope, whole_tenant: bool
-    ) -> Ranking:
-        vector = self._embed([query]) if isinstance(query, str) else query.reshape(1, -1)
-        return self._vectors.search(vector, k, condition, scope, whole_tenant)
 
     def wrote(self, seq: int, rowids: Sequence[int], vectors: np.ndarray | None) -> None:
         """Apply this process's own committed write (vectors None: a delete)."""

@@ -370,24 +370,39 @@ class RecordStore:
     # -- reads ----------------------------------------------------------------------------
 
     def fetch(
-        self, rowids: Sequence[int], scope: Scope, filters: Mapping[str, Any] | None = None
+        self,
+        rowids: Sequence[int],
+        scope: Scope,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        embeddings: bool = False,
     ) -> dict[int, Record]:
-        """The records with these rowids that (still) lie in `scope` and match `filters`."""
+        """The records with these rowids that (still) lie in `scope` and match `filters`,
+        with their embeddings when asked."""
         if not rowids:
             return {}
         condition = self.condition(scope, filters, indexed=False)
-        rows = self.fetch_where(self.records.c.rowid.in_([int(r) for r in rowids]) & condition)
+        rows = self.fetch_where(
+            self.records.c.rowid.in_([int(r) for r in rowids]) & condition, embeddings=embeddings
+        )
         return {row.rowid: row for row in rows}
 
     def fetch_where(
-        self, condition: Any, *, oldest_first: bool = False, limit: int | None = None
+        self,
+        condition: Any,
+        *,
+        embeddings: bool = False,
+        oldest_first: bool = False,
+        limit: int | None = None,
     ) -> list[Record]:
-        """Records matching a SQL condition; `oldest_first` orders them as they were first
-        written (the rowid order: a replaced record keeps its place)."""
+        """Records matching a SQL condition, with their embeddings when asked; `oldest_first`
+        orders them as they were first written (the rowid order: a replaced record keeps its
+        place)."""
         from sqlalchemy import select
 
         table = self.records
-        columns = [c for c in table.c if c.name not in ("embedding", "keywords")]
+        skip = ("keywords",) if embeddings else ("embedding", "keywords")
+        columns = [c for c in table.c if c.name not in skip]
         query = select(*columns).where(condition)
         if oldest_first:
             query = query.order_by(table.c.rowid)
@@ -559,7 +574,15 @@ def _record(row: Mapping[str, Any]) -> Record:
         scope=Scope(**scope),
         created_at=float(row["created_at"]),
         updated_at=float(row["updated_at"]),
+        embedding=_embedding(row["embedding"]) if "embedding" in row else None,
     )
+
+
+def _embedding(stored: Any) -> np.ndarray:
+    """A stored embedding as float32: SQLite keeps bytes, pgvector hands back an array."""
+    if isinstance(stored, (bytes, bytearray, memoryview)):
+        return np.frombuffer(stored, dtype=np.float32)
+    return np.asarray(stored, dtype=np.float32)
 
 
 def _json_type(dialect: str) -> Any:

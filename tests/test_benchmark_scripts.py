@@ -66,3 +66,23 @@ def test_store_bench_small_run_compares_with_raw_copies(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     for key in ("promotion", "promotion_scattered", "disk_read"):
         assert _positive(results[key]["ours_s"]) and _positive(results[key]["baseline_s"])
+
+
+def test_crag_eval_small_run_compares_ranked_and_crag(tmp_path: Path) -> None:
+    out = tmp_path / "crag.json"
+    done = _run(
+        "crag_eval.py",
+        *("--subjects", "2", "--per-subject", "30", "--ks", "2", "8", "--budgets", "64", "128"),
+        *("--llm-questions", "1", "--llm-settings", "ranked k=2", "crag 64"),
+        *("--timing-items", "60", "--timing-repeats", "1", "--out", str(out)),
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    for run in report["corpora"].values():
+        assert set(run["rows"]) == {"ranked k=2", "ranked k=8", "crag 64", "crag 128"}
+        for row in run["rows"].values():
+            assert all(0 <= r <= 1 for r in row["recall"])
+            if row["strategy"] == "crag":
+                assert max(row["tokens"]) <= row["value"]
+        assert set(run["answers"]) == {"ranked k=2", "crag 64"}
+    assert _positive(report["timing"]["pack_warm_ms"]["p95"])
