@@ -63,7 +63,6 @@ class PgVectorSearch:
         from sqlalchemy import select
 
         table = self._records.records
-        distance = table.c.embedding.cosine_distance(query)
         if ef_search is None:
             matching = select(table.c.rowid, table.c.embedding).where(condition)
             rows = matching.cte("matching").prefix_with("MATERIALIZED")
@@ -72,6 +71,7 @@ class PgVectorSearch:
         else:  # the caller chose the index: keep the planner off a full sort of the table
             conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
             conn.exec_driver_sql(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
+            distance = table.c.embedding.cosine_distance(query)
             stmt = select(table.c.rowid, distance).where(condition).order_by(distance).limit(k)
         return [(int(rowid), 1.0 - float(d)) for rowid, d in conn.execute(stmt)]
 

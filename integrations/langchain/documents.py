@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from langchain_core.documents import Document
 
-from memlayer import AsyncMemory, Hit, InvalidInputError, Memory
+from memlayer import AsyncMemory, Hit, InvalidInputError, Memory, Scope
 
-SCOPE_FIELDS = ("tenant_id", "user_id", "agent_id", "session_id")
+SCOPE_FIELDS = tuple(field.name for field in fields(Scope))
 
 
 def plain_document(hit: Hit) -> Document:
