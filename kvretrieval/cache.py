@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import itertools
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -83,6 +85,19 @@ class PagedKVCache(Cache):
     @property
     def is_compileable(self) -> bool:
         return False
+
+    @contextmanager
+    def selecting(self, topk: int) -> Iterator[None]:
+        """Within the block every layer's step attends to `topk` pages (0: the sinks and the
+        local window alone, as a video session encodes frames); then to what it did before."""
+        previous = [memory.topk for memory in self.memories]
+        for memory in self.memories:
+            memory.topk = topk
+        try:
+            yield
+        finally:
+            for memory, topk_before in zip(self.memories, previous, strict=True):
+                memory.topk = topk_before
 
     def checkpoint(self) -> list[Checkpoint]:
         """Per-layer state to restore after a question."""

@@ -62,3 +62,39 @@ class KVConfig(BaseModel):
             first = exc.errors()[0]
             field = ".".join(str(part) for part in first["loc"]) or "config"
             raise InvalidInputError(field, first["msg"], first.get("input")) from exc
+
+
+class VideoConfig(BaseModel):
+    """How a video session samples, encodes and answers (ReKV's settings, validated once).
+
+    Frames are sampled at `fps` and encoded `chunk_frames` at a time with sliding-window
+    attention over the system prompt (the sink tokens) and the last `n_local` tokens (rounded
+    up to whole frames); `encode_topk` pages are retrieved while encoding (0, ReKV's choice:
+    the window alone). A question takes `retrieve` frames per layer, in runs of `run`
+    contiguous frames. `frame_tokens` is the size of a text frame (a VLM's image frames have
+    the size its vision side gives).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fps: float | None = Field(1.0, gt=0)  # None: keep every frame (an event log)
+    chunk_frames: int = Field(8, ge=1)
+    n_local: int | None = Field(None, ge=1)  # None: 16 frames
+    retrieve: int = Field(16, ge=1)
+    run: int = Field(1, ge=1)
+    encode_topk: int = Field(0, ge=0)
+    frame_tokens: int = Field(32, ge=1)
+    positions: PositionMode = "infllm"
+    gpu_budget: ByteSize | None = None
+    ram_budget: ByteSize | None = None
+    offload_path: Path | None = None
+
+    @classmethod
+    def build(cls, **values: object) -> VideoConfig:
+        """Validate `values`, turning pydantic's error into InvalidInputError naming the field."""
+        try:
+            return cls(**values)  # type: ignore[arg-type]
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "config"
+            raise InvalidInputError(field, first["msg"], first.get("input")) from exc

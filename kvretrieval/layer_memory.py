@@ -10,6 +10,7 @@ restore around a question, and the tensors a saved session keeps.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from memlayer.kvretrieval.rope import Rotary
 from memlayer.kvretrieval.sealed_pages import SealedPages
 from memlayer.kvretrieval.selectors import PageSelector
 from memlayer.kvretrieval.window import SinkBuffer, WindowBuffer
-from memlayer.stores import DiskTier, PageStore
+from memlayer.stores import PageStore, Tier
 
 # layer tensors as memlayer 0.2.0 named them in saved sessions
 _SAVED_BY_0_2 = {
@@ -109,6 +110,10 @@ class LayerMemory(CacheLayerMixin):
         page_shape = (heads, config.block_size, dim)
         self.pages = SealedPages(store, f"layer{layer}", page_shape, summary_shape, dtype, device)
         self.stats = LayerStats()
+        self.topk = config.topk  # pages a step attends to; 0 (sinks + window only) while a
+        # video session encodes frames (`PagedKVCache.selecting`)
+        # metadata of pages sealed together (first index, count), e.g. frame index and time
+        self.labels: Callable[[int, int], list[dict[str, Any]]] | None = None
 
     @property
     def window_start(self) -> int:
@@ -159,8 +164,8 @@ class LayerMemory(CacheLayerMixin):
         q_raw = self.rotary.unscale(queries)
         out = self.attend_resident(q_raw, scale)
         self.pages.prefetch_next()
-        if self.pages.count:
-            taken = min(self.config.topk, self.pages.count) * self.window.heads
+        if self.pages.count and self.topk:
+            taken = min(self.topk, self.pages.count) * self.window.heads
             self.stats.pages_selected += taken
             self.pages.count_resident_read(taken)
         self._seal(q_raw[0])
@@ -174,7 +179,7 @@ class LayerMemory(CacheLayerMixin):
         window = self.window
         q_local = window.rotate_queries(q_raw)
         q_memory = q_local if window.exact else self.memory_queries(q_raw)
-        if self.pages.count:
+        if self.pages.count and self.topk:
             k_pool, v_pool, slots = self.pages.slots(self.select(q_memory))
         else:
             k_pool = v_pool = window.keys().new_empty(0, window.heads, 1, q_raw.shape[-1])
@@ -196,7 +201,7 @@ class LayerMemory(CacheLayerMixin):
     def select(self, q_memory: torch.Tensor) -> torch.Tensor:
         """Top-k pages [1, Hkv, topk] for queries placed in the memory frame."""
         scores = self.selector.score(q_memory, self.pages.summaries[: self.pages.count])
-        return select_pages(scores, self.config.topk)
+        return select_pages(scores, self.topk)
 
     def memory_queries(self, queries: torch.Tensor) -> torch.Tensor:
         """Unrotated queries [1, Hq, T, D] placed where memory is read (fixed distance n_local)."""
@@ -227,7 +232,8 @@ class LayerMemory(CacheLayerMixin):
         summaries = self.selector.summarize(as_pages(raw), recent_queries)
         first = self.pages.count
         starts = [window.start + i * cfg.block_size for i in range(count)]
-        self.pages.extend(keys, as_pages(window.values()[:, :take]), summaries, starts)
+        labels = self.labels(first, count) if self.labels is not None else None
+        self.pages.extend(keys, as_pages(window.values()[:, :take]), summaries, starts, labels)
         self.selector.sealed(first, keys, summaries)
         window.drop(take)
 
@@ -240,6 +246,13 @@ class LayerMemory(CacheLayerMixin):
         if self.config.positions == "exact":
             return self.rotary.rotate(keys, start)
         return self.rotary.rotate_to(keys, 0)
+
+    def unplaced(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """Inverse of `_placed`: sink or page keys [..., n, D] placed from position `start`
+        back to unrotated keys, to be placed again elsewhere (a video session's answer)."""
+        if self.config.positions == "exact":
+            return self.rotary.unrotate(keys, start)
+        return self.rotary.unscale(keys)
 
     def checkpoint(self) -> Checkpoint:
         """State to return to after a question, so the fed context stays intact (copies:
@@ -260,7 +273,7 @@ class LayerMemory(CacheLayerMixin):
         self.pages.truncate(state.pages)
         self.selector.truncate(state.pages)
 
-    def save(self, folder: DiskTier) -> dict[str, Any]:
+    def save(self, folder: Tier) -> dict[str, Any]:
         """Write this layer's pages to `folder`; the tensors that rebuild the rest of it."""
         pages = self.pages
         ids = [pages.page_id(i) for i in range(pages.count)]
@@ -277,7 +290,7 @@ class LayerMemory(CacheLayerMixin):
             "selector": self.selector.state(),
         }
 
-    def load(self, saved: dict[str, Any], folder: DiskTier) -> None:
+    def load(self, saved: dict[str, Any], folder: Tier) -> None:
         """Rebuild this (empty) layer from what `save` returned and the pages in `folder`."""
         saved = {_SAVED_BY_0_2.get(key, key): value for key, value in saved.items()}
         self.window.reset(saved["window_k"], saved["window_v"], int(saved["window_start"]))
@@ -285,12 +298,14 @@ class LayerMemory(CacheLayerMixin):
         starts = saved["starts"].tolist()
         for first in range(0, len(starts), 64):  # a bounded number of pages up at a time
             ids = [self.pages.page_id(i) for i in range(first, min(first + 64, len(starts)))]
-            payloads = [page.payload for page in folder.get_many(ids)]
+            pages = folder.get_many(ids)
+            payloads = [page.payload for page in pages]
             self.pages.extend(
                 torch.stack([payload["k"] for payload in payloads]),
                 torch.stack([payload["v"] for payload in payloads]),
                 saved["summaries"][first : first + len(ids)],
                 starts[first : first + len(ids)],
+                [page.metadata for page in pages],
             )
         self.selector.load_state(saved.get("selector", {}))
 

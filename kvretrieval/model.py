@@ -6,6 +6,7 @@ converts it with transformers (about 20 s) and caches a safetensors copy for fas
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -68,9 +69,56 @@ class AttentionRoute:
             self._set(previous)
 
 
+def routed_forward(
+    model: Any,
+    route: AttentionRoute,
+    cache: Any,
+    *,
+    layers: int,
+    input_ids: Any = None,
+    inputs_embeds: Any = None,
+    logits_to_keep: int = 1,
+) -> Any:
+    """One forward of a chunk [1, T] of ids (or [1, T, hidden] embeddings) through memlayer's
+    attention over `cache`, every position id 0 (memlayer places positions itself); the
+    logits [1, T', vocab] of the last `logits_to_keep` tokens (0: all).
+
+    UnsupportedModelError when fewer than `layers` attention calls came through
+    AttentionInterface (a model that computes attention some other way)."""
+    import torch
+
+    from memlayer.kvretrieval.attention import active_cache
+
+    given = input_ids if input_ids is not None else inputs_embeds
+    positions = torch.zeros(given.shape[:2], dtype=torch.long, device=given.device)
+    inputs = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": given}
+    before = cache.calls
+    with active_cache(cache), route.routed():
+        result = model(
+            **inputs,
+            position_ids=positions,
+            **{cache_argument(model): cache},
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+    if cache.calls - before != layers:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} bypassed transformers' AttentionInterface "
+            f"({cache.calls - before} of {layers} layers came through)"
+        )
+    return result.logits
+
+
 def cache_argument(model: Any) -> str:
     """The name `forward` takes the KV cache under: `cache` from transformers 5.24 on."""
-    parameters = inspect.signature(model.forward).parameters
+    model_class: Any = type(model)
+    return _cache_argument_of(model_class)
+
+
+@functools.cache
+def _cache_argument_of(model_class: Any) -> str:
+    """`cache_argument` read once per model class (it runs at every forward)."""
+    parameters = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 

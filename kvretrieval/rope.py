@@ -82,6 +82,18 @@ class Rotary:
         cos, sin = self._tables(x.dtype)
         return self._apply(x, cos[position], sin[position])
 
+    def unrotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Inverse of `rotate`: x [..., T, D] rotated at start, ..., start + T - 1 back to the
+        unrotated, unscaled vectors (what `unscale` gives for a key the model rotated at 0).
+
+        With cos/sin scaled by s, rotate is s·R(p); its inverse is R(-p)/s = R(p)ᵀ/s, and
+        R(p)ᵀ applied is x·cos - rotate_half(x)·sin, i.e. `_apply` with the sine negated."""
+        end = start + x.shape[-2]
+        self._ensure(end)
+        cos, sin = self._tables(x.dtype)
+        back = self._apply(x, cos[start:end], -sin[start:end])
+        return back if self._plain else back / (self.scale * self.scale).to(x.dtype)
+
     @staticmethod
     def _apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)

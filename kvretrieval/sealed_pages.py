@@ -110,10 +110,16 @@ class SealedPages:
             self.table[index : index + 1].fill_(slot)
 
     def extend(
-        self, keys: torch.Tensor, values: torch.Tensor, summaries: torch.Tensor, starts: list[int]
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        summaries: torch.Tensor,
+        starts: list[int],
+        labels: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         """Seal pages: keys/values [N, Hkv, S, D] to the store in one batch, summaries
-        [N, Hkv, R, D] kept here, `starts` their first tokens' absolute positions."""
+        [N, Hkv, R, D] kept here, `starts` their first tokens' absolute positions, `labels`
+        each page's metadata (stored with it in every tier)."""
         first, count = self.count, len(starts)
         needed = first + count
         if needed > self.summaries.shape[0]:
@@ -128,7 +134,11 @@ class SealedPages:
         self.starts.extend(starts)
         self.store.put_many(
             [
-                Page(id=self.page_id(first + i), payload={"k": keys[i], "v": values[i]})
+                Page(
+                    id=self.page_id(first + i),
+                    payload={"k": keys[i], "v": values[i]},
+                    metadata=dict(labels[i]) if labels is not None else {},
+                )
                 for i in range(count)
             ]
         )

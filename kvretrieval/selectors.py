@@ -118,6 +118,30 @@ class QuestSelector(PageSelector):
         return score_pages(queries, summaries, kind="bounds")
 
 
+@SELECTORS.register("rekv")
+@dataclass
+class ReKVSelector(PageSelector):
+    """ReKV: a page (one video frame's tokens) is represented by its mean key.
+
+    Score = Σ over KV heads of the group's mean query · the page's mean key, so every head of
+    a layer shares one selection: a frame is retrieved whole, for all heads at once.
+    """
+
+    name: ClassVar[str] = "rekv"
+    shares_selection: ClassVar[bool] = True
+
+    @property
+    def summary_rows(self) -> int:
+        return 1
+
+    def summarize(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        return keys.float().mean(dim=2, keepdim=True).to(keys.dtype)
+
+    def score(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+        per_head = score_pages(queries, summaries, kind="repr")
+        return per_head.sum(dim=1, keepdim=True).expand_as(per_head)
+
+
 def resolve_selector(
     selector: str | PageSelector, options: dict[str, Any] | None = None
 ) -> PageSelector:

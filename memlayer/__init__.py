@@ -30,6 +30,8 @@ _LAZY = {
     "Memory": "memlayer.memory",
     "AsyncMemory": "memlayer.async_memory",
     "KVSession": "memlayer.kv_session",
+    "VideoSession": "memlayer.video_session",
+    "VideoAnswer": "memlayer.video_session",
     "Limits": "memlayer.config",
     "DatabaseOptions": "memlayer.config",
 }
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from memlayer.context import Context, CragContext
     from memlayer.kv_session import KVSession
     from memlayer.memory import Memory
+    from memlayer.video_session import VideoAnswer, VideoSession
 
 
 def __getattr__(name: str) -> Any:
@@ -72,5 +75,7 @@ __all__ = [
     "Scope",
     "StorageError",
     "UnsupportedModelError",
+    "VideoAnswer",
+    "VideoSession",
     "__version__",
 ]

@@ -17,7 +17,6 @@ from memlayer.errors import (
     InvalidInputError,
     ModelMismatchError,
     NotFoundError,
-    UnsupportedModelError,
 )
 from memlayer.optional import require
 
@@ -51,7 +50,7 @@ class KVSession:
         from memlayer.kvretrieval.cache import PagedKVCache
         from memlayer.kvretrieval.config import KVConfig
         from memlayer.kvretrieval.layer_memory import HeadGeometry
-        from memlayer.kvretrieval.model import AttentionRoute, cache_argument, load_smollm2
+        from memlayer.kvretrieval.model import AttentionRoute, load_smollm2
         from memlayer.kvretrieval.rope import Rotary, find_rotary
         from memlayer.kvretrieval.selectors import PageSelector, resolve_selector
 
@@ -81,7 +80,6 @@ class KVSession:
             device=param.device,
         )
         self._layers = geometry.layers
-        self._cache_argument = cache_argument(model)
         self._device = param.device
         self._torch = torch
         self._prefix, self._suffix = (
@@ -143,7 +141,7 @@ class KVSession:
         """
         from tqdm.auto import tqdm
 
-        from memlayer.kvretrieval.attention import active_cache
+        from memlayer.kvretrieval.model import routed_forward
 
         torch = self._torch
         size = self.config.chunk_size
@@ -157,21 +155,15 @@ class KVSession:
         ):
             for start in range(0, len(ids), size):
                 chunk = torch.tensor([ids[start : start + size]], device=self._device)
-                before = self.cache.calls
-                with active_cache(self.cache), self._route.routed():
-                    result = self.model(
-                        input_ids=chunk,
-                        position_ids=torch.zeros_like(chunk),
-                        **{self._cache_argument: self.cache},
-                        use_cache=True,
-                        logits_to_keep=0 if all_logits else 1,
-                    )
-                if self.cache.calls - before != self._layers:
-                    raise UnsupportedModelError(
-                        f"{type(self.model).__name__} bypassed transformers' AttentionInterface "
-                        f"({self.cache.calls - before} of {self._layers} layers came through)"
-                    )
-                outputs.append(result.logits[0])
+                logits = routed_forward(
+                    self.model,
+                    self._route,
+                    self.cache,
+                    layers=self._layers,
+                    input_ids=chunk,
+                    logits_to_keep=0 if all_logits else 1,
+                )
+                outputs.append(logits[0])
                 bar.update(chunk.shape[1])
         self.tokens_fed += len(ids)
         self._timing[f"{phase}_s"] += time.perf_counter() - started
