@@ -32,6 +32,28 @@ def byte_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>")
 
 
+def tiny_text_lm(seed: int = 0) -> Any:
+    """A tiny random Qwen2 causal LM (the language side of `tiny_llava`), for text frames."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.Qwen2Config(**TEXT, use_sliding_window=False)
+    config._attn_implementation = "sdpa"
+    return tf.Qwen2ForCausalLM(config).eval()
+
+
+TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+)
+
+
 def tiny_llava(seed: int = 0, image_size: int = 56) -> Any:
     """A tiny random LLaVA-OneVision (float32, eval): 56-px frames -> 4x4 patches -> 2x2 = 4
     tokens per frame after the model's own pooling; Qwen2 language side with GQA."""
@@ -46,17 +68,7 @@ def tiny_llava(seed: int = 0, image_size: int = 56) -> Any:
         image_size=image_size,
         patch_size=14,
     )
-    text = tf.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
-        use_sliding_window=False,
-    )
+    text = tf.Qwen2Config(**TEXT, use_sliding_window=False)
     config = tf.LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,

@@ -1,0 +1,134 @@
+"""A video session's answer equals full-context attention when every frame is retrieved.
+
+The reference is the dense model itself (its own rotary at true positions, its own layers)
+with an independent attention function: eager softmax under the mask that ReKV's encoding
+defines — while frames stream, a token sees the system prompt (sinks) and the local window
+(the last `n_local` tokens before its chunk, whole frames kept; its chunk causally); the
+question sees everything before it. With `retrieve` covering every frame, the session's
+answer context (sinks, every frame in time order, the window, the question, at consecutive
+positions) is exactly that, so the logits must agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from video_models import byte_tokenizer, tiny_llava, write_video
+
+from memlayer import VideoSession
+from memlayer.kvretrieval.frames import FrameContextCache
+from memlayer.kvretrieval.model import routed_forward
+from memlayer.video_input import read_video
+
+MASK: list[torch.Tensor] = []  # the reference attention's mask for the current forward
+
+
+def masked_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Eager attention of the whole sequence under MASK[0] [T, T] (GQA by repetition)."""
+    group = query.shape[1] // key.shape[1]
+    keys = key.repeat_interleave(group, dim=1)
+    values = value.repeat_interleave(group, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    logits = (query @ keys.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~MASK[0], float("-inf"))
+    out = torch.softmax(logits.float(), dim=-1).to(query.dtype) @ values
+    return out.transpose(1, 2).contiguous(), None
+
+
+def rekv_mask(n_init: int, frame: int, n_local: int, chunks: list[int], total: int) -> torch.Tensor:
+    """Who sees whom: chunk rows see the sinks and their window, the rest see everything."""
+    rows = torch.arange(total).unsqueeze(1)
+    cols = torch.arange(total).unsqueeze(0)
+    visible = cols <= rows
+    start = 0
+    for end in chunks:
+        past = start - n_local - n_init  # tokens before the window, after the sinks
+        window = n_init + (past // frame) * frame if past >= 0 else 0
+        rows_c = slice(start, end)
+        visible[rows_c] &= (cols < n_init) | (cols >= window)
+        start = end
+    return visible
+
+
+@pytest.mark.parametrize("positions", ["exact"])
+def test_all_frames_retrieved_equals_full_context(tmp_path: Path, positions: str) -> None:
+    from transformers import AttentionInterface
+
+    tokenizer = byte_tokenizer()
+    model = tiny_llava()
+    reference = tiny_llava()  # the same seed: the same weights, its own config
+    video = write_video(tmp_path / "shapes.mp4", seconds=5.0, rate=10, planted=2.0)
+    session = VideoSession(
+        model,
+        tokenizer,
+        system="Watch the shapes.",
+        progress=False,
+        fps=2,
+        chunk_frames=3,
+        n_local=8,
+        positions=positions,
+    )
+    assert session.feed(video) == 10
+    n_init, frame = session.kv_config.n_init, session.frame_tokens
+    assert session.pages == 10 - 8 // frame  # the window keeps 2 frames; the rest are pages
+
+    question = session._encode("\nWhat moved?")
+    answer_cache = FrameContextCache(session.cache.memories, retrieve=1000)
+    with torch.no_grad():
+        logits = routed_forward(
+            model,
+            session._route,
+            answer_cache,
+            layers=2,
+            inputs_embeds=session._embed_ids(question)[None],
+            logits_to_keep=0,
+        )[0]
+    assert answer_cache.chosen() == [list(range(10 - 2))] * 2
+
+    frames = [image for _, image in read_video(video, fps=2, size=56)]
+    pixels = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        video_features = reference.model.get_video_features(
+            pixel_values_videos=((pixels - 0.5) / 0.5)[None]
+        ).pooler_output[0, :-1]
+        embeds = torch.cat(
+            [
+                session._embed_ids(session._prefix_ids),
+                video_features,
+                session._embed_ids(question),
+            ]
+        )
+    chunk_ends = [n_init + frame * min(n, 10) for n in (3, 6, 9, 10)]
+    MASK[:] = [rekv_mask(n_init, frame, 8, chunk_ends, embeds.shape[0])]
+    AttentionInterface.register("video_reference", masked_attention)
+    reference.set_attn_implementation("video_reference")
+    with torch.no_grad():
+        expected = reference(
+            inputs_embeds=embeds[None], position_ids=torch.arange(embeds.shape[0])[None]
+        ).logits[0, -len(question) :]
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_frame_embeddings_are_the_models_video_features(tmp_path: Path) -> None:
+    model = tiny_llava()
+    session = VideoSession(model, byte_tokenizer(), progress=False)
+    video = write_video(tmp_path / "shapes.mp4", seconds=2.0, rate=5)
+    frames = [image for _, image in read_video(video, fps=None, size=56)]
+    pixels = (torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        expected = model.model.get_video_features(pixel_values_videos=pixels[None])
+    got = session._images.embed(frames)
+    assert got.shape == (len(frames), session.frame_tokens, 64)
+    torch.testing.assert_close(got.flatten(0, 1), expected.pooler_output[0, :-1])

@@ -1,0 +1,237 @@
+"""Video input, frame retrieval and bounded memory of `VideoSession` on tiny random models.
+
+Videos are real MPEG-4 files written with PyAV by the tests (moving coloured squares, one
+planted white frame).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from video_models import byte_tokenizer, tiny_clip, tiny_llava, tiny_text_lm, write_video
+
+from memlayer import InvalidInputError, VideoSession
+from memlayer.frame_retrievers import ClipFrameRetriever, TextFrameRetriever
+from memlayer.kvretrieval.frames import select_frames
+from memlayer.stores import Tier
+from memlayer.types import Page
+from memlayer.video_input import clock, read_video, sample
+
+
+@pytest.fixture
+def video(tmp_path: Path) -> Path:
+    return write_video(tmp_path / "shapes.mp4", seconds=6.0, rate=10, planted=3.0)
+
+
+def session(**options: object) -> VideoSession:
+    defaults: dict[str, object] = dict(progress=False, fps=2, chunk_frames=4, n_local=8)
+    return VideoSession(tiny_llava(), byte_tokenizer(), **{**defaults, **options})
+
+
+# -- input ------------------------------------------------------------------------------------
+
+
+def test_decoding_gives_the_expected_frames_and_timestamps(video: Path) -> None:
+    every = list(read_video(video, fps=None))
+    assert len(every) == 60
+    assert [t for t, _ in every[:3]] == pytest.approx([0.0, 0.1, 0.2])
+    sampled = list(read_video(video, fps=2, size=32))
+    assert [t for t, _ in sampled] == pytest.approx([i / 2 for i in range(12)])
+    assert all(image.shape == (32, 32, 3) and image.dtype == np.uint8 for _, image in sampled)
+    brightest = max(every, key=lambda pair: float(pair[1].mean()))
+    assert brightest[0] == pytest.approx(3.0)  # the planted frame, at its time
+    assert next(iter(read_video(video, fps=1, size=(48, 24))))[1].shape == (24, 48, 3)
+
+
+def test_live_iterators_are_sampled_like_files() -> None:
+    live = ((i / 30, f"frame {i}") for i in range(90))  # 3 s of a 30 fps camera
+    assert [t for t, _ in sample(live, 1.0)] == pytest.approx([0.0, 1.0, 2.0])
+    with pytest.raises(InvalidInputError) as error:
+        list(sample([(1.0, "a"), (0.5, "b")], None))
+    assert error.value.field == "timestamp"
+    assert clock(3725.5) == "1:02:05.5" and clock(59) == "0:00:59"
+
+
+def test_a_live_source_streams_like_a_file(video: Path) -> None:
+    from_file = session()
+    from_file.feed(video)
+    live = session()
+    for encoded in live.stream(iter(list(read_video(video, fps=None, size=56)))):
+        assert encoded % 4 == 0 or encoded == 12  # one yield per chunk
+    assert live.timestamps == from_file.timestamps
+    a = from_file.ask("what?", max_new_tokens=3, retrieve=2)
+    b = live.ask("what?", max_new_tokens=3, retrieve=2)
+    assert (a.tokens, a.frames) == (b.tokens, b.frames)
+
+
+# -- retrieval --------------------------------------------------------------------------------
+
+
+def test_select_frames_top_k_and_contiguous_runs() -> None:
+    scores = torch.tensor([0.0, 5.0, 1.0, 0.0, 4.0, 4.5, 0.0, 3.0])
+    assert select_frames(scores, 3) == [1, 4, 5]
+    assert select_frames(scores, 20) == list(range(8))
+    # runs of 2 by mean score: (4, 5) 4.25, then (1, 2) 3.0; a fifth frame is the best single
+    assert select_frames(scores, 4, run=2) == [1, 2, 4, 5]
+    assert select_frames(scores, 5, run=2) == [1, 2, 4, 5, 7]
+
+
+class Recording:
+    """Wraps each layer's selector to record the memory queries a question scores with."""
+
+    def __init__(self, s: VideoSession):
+        self.queries: list[torch.Tensor] = []
+        for memory in s.cache.memories:
+            inner = memory.selector.score
+
+            def score(q: torch.Tensor, summaries: torch.Tensor, inner=inner) -> torch.Tensor:
+                self.queries.append(q)
+                return inner(q, summaries)
+
+            memory.selector.score = score  # type: ignore[method-assign]
+
+
+def test_a_frame_whose_keys_match_the_question_is_retrieved(video: Path) -> None:
+    s = session(retrieve=2)
+    s.feed(video)
+    recording = Recording(s)
+    before = s.ask("Where is the red bar?", max_new_tokens=1)
+    chosen = {frame.index for frame in before.frames}
+    target = next(i for i in range(s.pages) if i not in chosen)
+    # every layer: page `target`'s keys become its question's mean query, scaled up
+    for memory, queries in zip(s.cache.memories, recording.queries, strict=True):
+        kv_heads, dim = memory.window.heads, queries.shape[-1]
+        direction = queries[0].float().mean(dim=1).reshape(kv_heads, -1, dim).mean(dim=1)
+        keys = (50 * direction / direction.norm(dim=-1, keepdim=True)).to(queries.dtype)
+        page_keys = keys[:, None].expand(-1, s.frame_tokens, -1).contiguous()
+        page_id = memory.pages.page_id(target)
+        old = memory.pages.store.get([page_id])[0]
+        memory.pages.store.put(Page(page_id, {"k": page_keys, "v": old.payload["v"]}))
+        memory.pages.summaries[target] = memory.selector.summarize(page_keys[None], queries[0])
+    after = s.ask("Where is the red bar?", max_new_tokens=1)
+    assert [f.index for f in after.frames if f.layers == 2] == [target]
+    assert after.citations[0] == s.timestamps[target]
+
+
+def test_asking_leaves_the_memory_as_it_was_and_the_stream_goes_on(video: Path) -> None:
+    frames = list(read_video(video, fps=2, size=56))
+    s = session()
+    s.feed(frames[:8])
+    first = s.ask("what?", max_new_tokens=4)
+    assert s.ask("what?", max_new_tokens=4).tokens == first.tokens
+    s.feed(frames[8:])
+    whole = session()
+    whole.feed(frames)
+    assert s.ask("what?", max_new_tokens=4).tokens == whole.ask("what?", max_new_tokens=4).tokens
+
+
+def test_external_clip_retriever_picks_frames_by_embedding(video: Path, tmp_path: Path) -> None:
+    retriever = ClipFrameRetriever(tiny_clip(tmp_path / "clip"))
+    s = session(retrieve=3)
+    s_with = VideoSession(
+        s.model, s.tokenizer, retriever=retriever, progress=False, fps=2, chunk_frames=4, n_local=8
+    )
+    s_with.feed(video)
+    answer = s_with.ask("a white screen", max_new_tokens=2, retrieve=3, by="retriever")
+    images = [image for _, image in read_video(video, fps=2, size=56)][: s_with.pages]
+    similarity = retriever.embed_frames(images) @ retriever.embed_query("a white screen")
+    expected = sorted(np.argsort(-similarity)[:3].tolist())
+    assert [f.index for f in answer.frames] == expected
+    assert all(f.layers == 2 for f in answer.frames)  # every layer read the retriever's frames
+    with pytest.raises(InvalidInputError) as error:
+        session().ask("x", by="retriever")
+    assert error.value.field == "question"  # nothing streamed yet: refused before anything
+
+
+def test_text_frames_with_a_text_retriever(tmp_path: Path) -> None:
+    events = [(10.0 * i, f"car {i} passes") for i in range(30)]
+    events[17] = (170.0, "a red van parks at gate B")
+    s = VideoSession(
+        tiny_text_lm(),
+        byte_tokenizer(),
+        retriever=TextFrameRetriever("hash"),
+        progress=False,
+        fps=None,
+        frame_tokens=40,
+        chunk_frames=8,
+        n_local=80,
+    )
+    s.feed(events)
+    assert s.pages == 28 and s.frame_tokens == 40
+    answer = s.ask("when did the red van park?", max_new_tokens=2, retrieve=1, by="retriever")
+    assert answer.citations == [170.0]
+    assert str(answer).endswith("[0:02:50]")
+    with pytest.raises(InvalidInputError) as error:
+        s.feed([(400.0, "x" * 60)])  # over frame_tokens
+    assert error.value.field == "frame"
+
+
+# -- bounded memory ---------------------------------------------------------------------------
+
+
+def test_front_tier_stays_flat_while_the_offload_tier_grows(video: Path, tmp_path: Path) -> None:
+    frames = list(read_video(video, fps=None, size=56))[:40]
+    page_bytes = 2 * 2 * 4 * 16 * 4  # k and v: kv heads x frame tokens x head dim x float32
+    budget = 8 * page_bytes
+    bounded = session(fps=None, retrieve=4, ram_budget=budget, offload_path=tmp_path / "off")
+    ram, disk, resident = [], [], []
+    for _ in bounded.stream(frames):
+        tiers = bounded.stats()["tiers"]
+        ram.append(tiers["ram"]["bytes"])
+        disk.append(tiers["disk"]["bytes"])
+        stats = bounded.stats()
+        summaries = stats["pages"] * 2 * 2 * 16 * 4  # one mean key per page, kv head, layer
+        resident.append(stats["resident_bytes"] - summaries)
+    assert max(ram) <= budget and ram[-4:] == [budget] * 4  # full, and flat
+    assert all(b > a for a, b in itertools.pairwise(disk))  # grows every chunk
+    offloaded = bounded.stats()["tiers"]["disk"]
+    assert offloaded["pages"] == bounded.pages * 2  # every page of both layers, on disk
+    assert disk[-1] >= bounded.pages * 2 * page_bytes  # (records add a header each)
+    assert len(set(resident[1:])) == 1  # sinks and windows: constant
+    unbounded = session(fps=None, retrieve=4)
+    unbounded.feed(frames)
+    a = bounded.ask("what?", max_new_tokens=4)
+    b = unbounded.ask("what?", max_new_tokens=4)
+    assert (a.tokens, a.frames) == (b.tokens, b.frames)  # the tiers change nothing but where
+    assert bounded.stats()["moved"].get("disk->ram", {}).get("pages", 0) > 0
+
+
+def test_pages_carry_frame_index_and_timestamp(video: Path) -> None:
+    s = session()
+    s.feed(video)
+    memory = s.cache.memories[1]
+    page = memory.pages.store.get([memory.pages.page_id(5)])[0]
+    assert page.metadata == {"frame": 5, "timestamp": 2.5}
+    assert isinstance(memory.pages.store.tiers[0], Tier)
+
+
+def test_bad_input_is_refused_naming_the_field(video: Path) -> None:
+    for options, field in (
+        ({"fps": 0}, "fps"),
+        ({"chunk_frames": 0}, "chunk_frames"),
+        ({"retrieve": 0}, "retrieve"),
+        ({"selector": 3}, "selector"),
+    ):
+        with pytest.raises(InvalidInputError) as error:
+            session(**options)
+        assert error.value.field == field
+    s = session()
+    with pytest.raises(InvalidInputError) as error:
+        s.ask("what?")
+    assert error.value.field == "question"
+    s.feed(video)
+    for kwargs, field in (
+        ({"retrieve": 0}, "retrieve"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"by": "oracle"}, "by"),
+    ):
+        with pytest.raises(InvalidInputError) as error:
+            s.ask("what?", **kwargs)  # type: ignore[arg-type]
+        assert error.value.field == field
+    with pytest.raises(InvalidInputError) as error:
+        s.feed([(1.0, np.zeros((56, 56, 3), np.uint8))])  # before the last frame's time
+    assert error.value.field == "timestamp"
