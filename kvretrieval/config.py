@@ -72,7 +72,7 @@ class VideoConfig(BaseModel):
     up to whole frames); `encode_topk` pages are retrieved while encoding (0, ReKV's choice:
     the window alone). A question takes `retrieve` frames per layer, in runs of `run`
     contiguous frames. `frame_tokens` is the size of a text frame (a VLM's image frames have
-    the size its vision side gives).
+    the size its vision side gives), written as `text_format` says.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -84,10 +84,22 @@ class VideoConfig(BaseModel):
     run: int = Field(1, ge=1)
     encode_topk: int = Field(0, ge=0)
     frame_tokens: int = Field(32, ge=1)
+    text_format: str = "[{time}] {text}"  # how a text frame is written: {time} is H:MM:SS
     positions: PositionMode = "infllm"
     gpu_budget: ByteSize | None = None
     ram_budget: ByteSize | None = None
     offload_path: Path | None = None
+
+    @field_validator("text_format")
+    @classmethod
+    def _formats_text(cls, value: str) -> str:
+        try:
+            value.format(time="0:00:00", text="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError("may name only {time} and {text}") from exc
+        if "{text}" not in value:
+            raise ValueError("must contain {text}")
+        return value
 
     @classmethod
     def build(cls, **values: object) -> VideoConfig:

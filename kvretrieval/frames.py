@@ -85,6 +85,8 @@ class FrameContextLayer(CacheLayerMixin):
         )
         self._question: tuple[torch.Tensor, torch.Tensor] | None = None
         self._built = False
+        self._spans: list[tuple[int, int]] = []  # context token range of each chosen frame
+        self.attention: list[float] = []  # share of the question's attention on each one
 
     # -- transformers' cache layer interface ------------------------------------------------
 
@@ -120,18 +122,35 @@ class FrameContextLayer(CacheLayerMixin):
     def attend(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
         """Causal attention [1, Hq, T, D] of the newest T queries over the context."""
         q_raw = self.memory.rotary.unscale(queries)
-        if not self._built:
+        question = not self._built
+        if question:
             self._build(q_raw)
         context = self.context
         q = context.rotate_queries(q_raw)
-        out, _ = causal_window_attention(
+        out, lse = causal_window_attention(
             q,
             context.keys()[None],
             context.values()[None],
             scale=scale,
             q_start=context.length - q.shape[2],
         )
+        if question:
+            self.attention = self._attention_on_frames(q, lse, scale)
         return out
+
+    def _attention_on_frames(self, q: torch.Tensor, lse: torch.Tensor, scale: float) -> list[float]:
+        """Each chosen frame's share of the question's attention (softmax mass over its
+        tokens, mean over heads and question tokens): what the answer read it for."""
+        if not self._spans:
+            return []
+        first, end = self._spans[0][0], self._spans[-1][1]
+        keys = self.context.keys()[:, first:end].float()  # [Hkv, n, D]
+        heads, kv_heads = q.shape[1], keys.shape[0]
+        grouped = q[0].float().reshape(kv_heads, heads // kv_heads * q.shape[2], -1)
+        logits = torch.bmm(grouped, keys.transpose(1, 2)) * scale  # [Hkv, G·T, n]
+        weights = torch.exp(logits - lse[0].float().reshape(kv_heads, -1, 1))
+        per_token = weights.mean(dim=(0, 1))  # [n]
+        return [float(per_token[a - first : b - first].sum()) for a, b in self._spans]
 
     def _build(self, q_raw: torch.Tensor) -> None:
         """Choose the frames (unless given) and lay out the context, the question last."""
@@ -140,9 +159,12 @@ class FrameContextLayer(CacheLayerMixin):
             self.chosen = self._retrieve(q_raw)
         keys = [memory.unplaced(memory.sinks.keys(), 0)]
         values = [memory.sinks.values()]
+        at = memory.sinks.count
         for frame_keys, frame_values in self._frames(self.chosen):
             keys.append(frame_keys)
             values.append(frame_values)
+            self._spans.append((at, at + frame_keys.shape[1]))
+            at += frame_keys.shape[1]
         keys.append(memory.window.raw_keys())
         values.append(memory.window.values())
         assert self._question is not None  # update() precedes attend() in every forward
@@ -220,3 +242,7 @@ class FrameContextCache(Cache):
     def chosen(self) -> list[list[int]]:
         """The frames (page indices) each layer read, in time order."""
         return [list(layer.chosen or []) for layer in self.memories]
+
+    def attention(self) -> list[list[float]]:
+        """Per layer, the share of the question's attention each chosen frame got."""
+        return [list(layer.attention) for layer in self.memories]

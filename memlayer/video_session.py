@@ -39,20 +39,23 @@ _DEFAULT_LOCAL_FRAMES = 16
 
 @dataclass(frozen=True)
 class CitedFrame:
-    """A frame an answer read: its index in the stream, its time, and how many layers chose it."""
+    """A frame an answer read: its index in the stream, its time, how many layers chose it,
+    and the share of the question's attention it drew (summed over the layers that read it,
+    averaged over heads and question tokens)."""
 
     index: int
     timestamp: float
     layers: int
+    attention: float
 
 
 @dataclass(frozen=True)
 class VideoAnswer:
     """The model's answer and the frames it read.
 
-    `frames`: the retrieved frames in time order; `citations`: their timestamps, the frames
-    most layers chose first; `window`: the recent frames [first, end) read from the local
-    window. `str(answer)` is the text followed by its three leading citations.
+    `frames`: the retrieved frames in time order; `citations`: their timestamps, the frame
+    the question attended to most first; `window`: the recent frames [first, end) read from
+    the local window. `str(answer)` is the text followed by its three leading citations.
     """
 
     text: str
@@ -64,8 +67,8 @@ class VideoAnswer:
 
     @property
     def citations(self) -> list[float]:
-        """Timestamps of the retrieved frames, the most-chosen first (ties: earlier first)."""
-        ranked = sorted(self.frames, key=lambda f: (-f.layers, f.index))
+        """Timestamps of the retrieved frames, the most attended first (ties: earlier first)."""
+        ranked = sorted(self.frames, key=lambda f: (-f.attention, f.index))
         return [frame.timestamp for frame in ranked]
 
     def __str__(self) -> str:
@@ -247,8 +250,8 @@ class VideoSession:
         (ask questions there while the stream goes on). A file is decoded with PyAV at `fps`
         and resized to the vision tower's size while decoding; an iterable (a live camera, an
         event log) is sampled at `fps` (None keeps every frame). Frames are RGB uint8 arrays
-        [H, W, 3] or text; a text frame is read as "[H:MM:SS] text" padded to
-        `frame_tokens`."""
+        [H, W, 3] or text; a text frame is written as `text_format` says ("[H:MM:SS] text"
+        by default) and padded to `frame_tokens`."""
         from tqdm.auto import tqdm
 
         fps = self.config.fps
@@ -295,8 +298,9 @@ class VideoSession:
         torch = self._torch
         started = time.perf_counter()
         times = [time_s for time_s, _ in batch]
+        text_format = self.config.text_format
         frames = [
-            f"[{clock(time_s)}] {frame}" if isinstance(frame, str) else frame
+            text_format.format(time=clock(time_s), text=frame) if isinstance(frame, str) else frame
             for time_s, frame in batch
         ]
         embeds = self._embed_frames(frames)
@@ -376,7 +380,7 @@ class VideoSession:
         text = str(self.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
         return VideoAnswer(
             text=text,
-            frames=self._cited(cache.chosen()),
+            frames=self._cited(cache.chosen(), cache.attention()),
             window=(self.pages, len(self.timestamps)),
             first_token_s=first_token_s,
             seconds=seconds,
@@ -408,10 +412,18 @@ class VideoSession:
         _, ids = self._index.search(query, min(k, pages), allowed=np.arange(pages))
         return sorted(int(i) for i in ids[0] if i >= 0)
 
-    def _cited(self, chosen: list[list[int]]) -> tuple[CitedFrame, ...]:
-        votes = Counter(index for layer in chosen for index in layer)
+    def _cited(
+        self, chosen: list[list[int]], attention: list[list[float]]
+    ) -> tuple[CitedFrame, ...]:
+        votes: Counter[int] = Counter()
+        mass: dict[int, float] = {}
+        for frames, shares in zip(chosen, attention, strict=True):
+            for index, share in zip(frames, shares, strict=True):
+                votes[index] += 1
+                mass[index] = mass.get(index, 0.0) + share
         return tuple(
-            CitedFrame(index, self.timestamps[index], votes[index]) for index in sorted(votes)
+            CitedFrame(index, self.timestamps[index], votes[index], mass[index])
+            for index in sorted(votes)
         )
 
     # -- inspection and persistence ---------------------------------------------------------

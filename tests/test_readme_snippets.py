@@ -12,7 +12,7 @@ import pytest
 README = Path(__file__).parent.parent / "README.md"
 SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 NEEDS_A_SERVER = "db.internal"  # names a production database: shown, not run
-LOADS_SMOLLM2 = "KVSession"
+LOADS_SMOLLM2 = ("KVSession", "VideoSession")
 
 
 def cases() -> list[object]:
@@ -22,7 +22,7 @@ def cases() -> list[object]:
         marks = []
         if NEEDS_A_SERVER in code:
             marks.append(pytest.mark.skip(reason="connects to a production PostgreSQL"))
-        if LOADS_SMOLLM2 in code:
+        if any(name in code for name in LOADS_SMOLLM2):
             marks.append(pytest.mark.slow)
         out.append(pytest.param(code, id=f"{number}-{first[:40]}", marks=marks))
     return out

@@ -1,0 +1,363 @@
+"""Streaming video QA (ReKV, issue 18): `VideoSession` against dense attention, and SmolLM2 on
+a stream of timestamped text frames.
+
+`--part vlm`: a synthetic stream at 1 frame/s (moving squares, generated live, never held
+whole) through a random-weight LLaVA-OneVision of the `--shape` given (`tiny`: the CPU
+shape; `0.5b`: llava-onevision-qwen2-0.5b's shape, for a GPU). The session encodes chunk by
+chunk with sliding-window attention, pages bounded in the front tier, the rest offloaded to
+disk; the baseline is the same model with its own attention and a dense KV cache of the
+whole video (until it runs out of memory). Reports encoding frames/s, memory over time (the
+process's RSS, the page store's tiers, the dense KV cache; on CUDA the GPU's allocated
+bytes) and the time to the first answer token for questions asked at the end.
+
+`--part text`: SmolLM2-135M-Instruct reads an event log of `--frames` text frames (one
+frame of 32 tokens every 2 s; planted events, see event_log.py) and answers, for each
+planted event, "at what time did it happen?" from the frames it retrieves. Correct when the
+answer starts with the event's timestamp; also reported: the event's frame among the frames
+retrieved by most layers, and among all retrieved frames.
+
+    python benchmarks/video_stream.py --part vlm --minutes 60
+    python benchmarks/video_stream.py --part text --frames 2000 --events 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from event_log import event_log
+
+from memlayer import VideoSession
+from memlayer.kvretrieval.frame_encoders import ImageFrames
+from memlayer.kvretrieval.model import cache_argument
+from memlayer.video_input import clock
+
+RESULTS = Path(__file__).parent / "results"
+SHAPES: dict[str, dict[str, Any]] = {
+    # CPU: 112-px frames -> 8x8 patches -> 16 tokens per frame after 2x2 pooling
+    "tiny": {
+        "vision": dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2
+        ),
+        "image_size": 112,
+        "text": dict(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=32,
+        ),
+    },
+    # llava-onevision-qwen2-0.5b-ov: SigLIP-400M at 384 px (196 tokens per frame), Qwen2-0.5B
+    "0.5b": {
+        "vision": dict(
+            hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16
+        ),
+        "image_size": 384,
+        "text": dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            head_dim=64,
+        ),
+    },
+}
+QUESTION = "Describe what the blue square did at the start of the video."
+
+
+def rss_mb() -> float:
+    """The process's resident memory now (MB)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def gpu_mb() -> float | None:
+    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def random_vlm(shape: str, device: str) -> tuple[Any, Any]:
+    """A random-weight LLaVA-OneVision of `shape` and a byte-level tokenizer."""
+    import transformers as tf
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    from video_models import VOCAB, byte_tokenizer
+
+    spec = SHAPES[shape]
+    torch.manual_seed(0)
+    vision = tf.SiglipVisionConfig(**spec["vision"], image_size=spec["image_size"], patch_size=14)
+    text = tf.Qwen2Config(
+        vocab_size=VOCAB, max_position_embeddings=32768, use_sliding_window=False, **spec["text"]
+    )
+    config = tf.LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=VOCAB - 2,
+        video_token_index=VOCAB - 1,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    config._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = tf.LlavaOnevisionForConditionalGeneration(config).to(device=device, dtype=dtype)
+    return model.eval(), byte_tokenizer()
+
+
+def live_frames(seconds: int, size: int) -> Iterator[tuple[float, np.ndarray]]:
+    """A synthetic camera at 1 frame/s: coloured squares moving over a dark background."""
+    for second in range(seconds):
+        image = np.full((size, size, 3), 20, np.uint8)
+        x, y = (second * 7) % (size - 24), (second * 11) % (size - 24)
+        image[y : y + 24, x : x + 24] = (40 + second % 200, 200, 90)
+        image[size - y - 24 : size - y, x : x + 12] = (30, 60, 220)
+        yield float(second), image
+
+
+def vlm_part(args: argparse.Namespace) -> dict[str, Any]:
+    model, tokenizer = random_vlm(args.shape, args.device)
+    size = SHAPES[args.shape]["image_size"]
+    seconds = args.minutes * 60
+    tokens = ImageFrames(model).tokens
+    session = VideoSession(
+        model,
+        tokenizer,
+        system="You are watching a camera.",
+        chat=False,
+        progress=False,
+        fps=1.0,
+        chunk_frames=args.chunk_frames,
+        n_local=args.local_frames * tokens,
+        retrieve=args.retrieve,
+        gpu_budget=args.gpu_budget if args.device == "cuda" else None,
+        ram_budget=args.ram_budget,
+    )
+    timeline: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    mark = 0
+    for frames in session.stream(live_frames(seconds, size)):
+        if frames >= mark or frames == seconds:
+            stats = session.stats()
+            timeline.append(
+                {
+                    "minute": frames / 60,
+                    "elapsed_s": time.perf_counter() - started,
+                    "rss_mb": rss_mb(),
+                    "gpu_mb": gpu_mb(),
+                    "tiers_mb": {n: t["bytes"] / 2**20 for n, t in stats["tiers"].items()},
+                    "resident_mb": stats["resident_bytes"] / 2**20,
+                }
+            )
+            mark += 60 * args.every_minutes
+    encode_s = session.stats()["encode_s"]
+    answers = [session.ask(QUESTION, max_new_tokens=4, retrieve=args.retrieve) for _ in range(3)]
+    memlayer = {
+        "method": "memlayer (ReKV)",
+        "frames": len(session.timestamps),
+        "frame_tokens": tokens,
+        "tokens": len(session.timestamps) * tokens,
+        "encode_frames_per_s": len(session.timestamps) / encode_s,
+        "first_token_s": statistics.median(a.first_token_s for a in answers),
+        "timeline": timeline,
+    }
+    dense = dense_baseline(model, tokenizer, session, seconds, size, args)
+    return {"shape": args.shape, "rows": [memlayer, dense]}
+
+
+def dense_baseline(
+    model: Any, tokenizer: Any, session: VideoSession, seconds: int, size: int, args: Any
+) -> dict[str, Any]:
+    """The same frames through the model's own attention with a dense KV cache of everything,
+    chunk by chunk at true positions; the question attends to the whole video."""
+    from transformers import DynamicCache
+
+    from memlayer.video_input import sample
+
+    cache = DynamicCache(config=model.config.get_text_config())
+    embed = model.get_input_embeddings()
+    position = 0
+    timeline: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    encode_s = 0.0
+    frames = 0
+    mark = 0
+    oom = None
+
+    def forward(embeds: torch.Tensor) -> torch.Tensor:
+        nonlocal position
+        positions = torch.arange(position, position + embeds.shape[0], device=embeds.device)
+        out = model(
+            inputs_embeds=embeds[None],
+            position_ids=positions[None],
+            **{cache_argument(model): cache},
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[0, -1]
+        position += embeds.shape[0]
+        return out
+
+    prefix = session._prefix_ids
+    with torch.no_grad():
+        forward(embed(torch.tensor(prefix, device=embed.weight.device)))
+        batch: list[np.ndarray] = []
+        for _, image in sample(live_frames(seconds, size), 1.0):
+            batch.append(image)
+            if len(batch) < args.chunk_frames and frames + len(batch) < seconds:
+                continue
+            tick = time.perf_counter()
+            try:
+                forward(session._images.embed(batch).flatten(0, 1))
+            except torch.OutOfMemoryError as exc:
+                oom = f"out of memory at minute {frames / 60:.1f}: {exc}"[:200]
+                break
+            encode_s += time.perf_counter() - tick
+            frames += len(batch)
+            batch = []
+            if frames >= mark or frames == seconds:
+                kv = sum(
+                    t.numel() * t.element_size()
+                    for layer in cache.layers
+                    for t in (layer.keys, layer.values)
+                    if t is not None
+                )
+                timeline.append(
+                    {
+                        "minute": frames / 60,
+                        "elapsed_s": time.perf_counter() - started,
+                        "rss_mb": rss_mb(),
+                        "gpu_mb": gpu_mb(),
+                        "kv_cache_mb": kv / 2**20,
+                    }
+                )
+                mark += 60 * args.every_minutes
+        firsts = []
+        if oom is None:
+            question = session._encode("\n" + QUESTION)
+            for _ in range(3):
+                tick = time.perf_counter()
+                forward(embed(torch.tensor(question, device=embed.weight.device)))
+                firsts.append(time.perf_counter() - tick)
+                cache.crop(-len(question))
+                position -= len(question)
+    return {
+        "method": "dense attention",
+        "frames": frames,
+        "tokens": position,
+        "encode_frames_per_s": frames / encode_s if encode_s else None,
+        "first_token_s": statistics.median(firsts) if firsts else None,
+        "timeline": timeline,
+        "out_of_memory": oom,
+    }
+
+
+def text_part(args: argparse.Namespace) -> dict[str, Any]:
+    log, events = event_log(args.frames, args.events, seed=args.seed)
+    session = VideoSession(
+        system="Security camera log.",
+        text_format="{text} (at {time}).",
+        chat=False,
+        progress=False,
+        fps=None,
+        frame_tokens=32,
+        chunk_frames=8,
+        n_local=512,
+        retrieve=args.retrieve,
+    )
+    started = time.perf_counter()
+    session.feed(log)
+    encode_s = time.perf_counter() - started
+    rows = []
+    for event in events:
+        said = event.text.split(": ", 1)[1]
+        prompt = f"Question: {event.question}\nAnswer: {said} (at"
+        answer = session.ask(prompt, max_new_tokens=8, retrieve=args.retrieve)
+        most = max(f.layers for f in answer.frames)
+        rows.append(
+            {
+                "frame": event.frame,
+                "timestamp": clock(event.timestamp),
+                "answer": answer.text,
+                "correct": answer.text.startswith(clock(event.timestamp)),
+                "retrieved": any(f.index == event.frame for f in answer.frames),
+                "most_layers": any(
+                    f.index == event.frame and f.layers == most for f in answer.frames
+                ),
+                "layers": next((f.layers for f in answer.frames if f.index == event.frame), 0),
+                "first_token_s": answer.first_token_s,
+            }
+        )
+    correct = sum(r["correct"] for r in rows)
+    return {
+        "frames": args.frames,
+        "tokens": args.frames * 32,
+        "events": len(rows),
+        "retrieve": args.retrieve,
+        "correct": correct,
+        "accuracy": correct / len(rows),
+        "retrieved": sum(r["retrieved"] for r in rows),
+        "most_layers": sum(r["most_layers"] for r in rows),
+        "encode_frames_per_s": args.frames / encode_s,
+        "first_token_s": statistics.median(r["first_token_s"] for r in rows),
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=["vlm", "text"], required=True)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--minutes", type=int, default=60)
+    parser.add_argument("--every-minutes", type=int, default=10)
+    parser.add_argument("--chunk-frames", type=int, default=8)
+    parser.add_argument("--local-frames", type=int, default=16)
+    parser.add_argument("--retrieve", type=int, default=16)
+    parser.add_argument("--ram-budget", default="16MiB")
+    parser.add_argument("--gpu-budget", default="2GiB")
+    parser.add_argument("--frames", type=int, default=2000)
+    parser.add_argument("--events", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    result = vlm_part(args) if args.part == "vlm" else text_part(args)
+    out = {
+        "benchmark": f"video_stream/{args.part}",
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        **result,
+    }
+    stamp = datetime.date.today().isoformat()
+    path = args.json or RESULTS / f"video_stream_{args.part}_{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k not in ("rows",)}, indent=1)[:4000])
+    if args.part == "text":
+        print(f"accuracy {result['correct']}/{result['events']}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
