@@ -3,7 +3,9 @@
 Steps (each in its own process, each bounded by --timeout; a failed step does not stop the
 rest): `tests` (pytest -m gpu), `kernels` (benchmarks/kernels.py), `store`
 (benchmarks/store_bench.py), `e2e` (benchmarks/e2e_gpu.py, SmolLM2 shape), `e2e-8b`
-(e2e_gpu.py, Llama-3-8B shape at 32K and 128K, dense and InfLLM). The tests run on
+(e2e_gpu.py, Llama-3-8B shape at 32K and 128K, dense and InfLLM), `video`
+(video_stream.py: a 1-hour stream at 1 frame/s through a LLaVA-OneVision-0.5B shape, memlayer
+vs dense attention). The tests run on
 pytest-xdist's workers when it is installed (Triton compiles each case on the host).
 JSON goes to --out-dir; a dated Markdown summary (the GPU's name, each step's outcome, the
 e2e rows) is written beside it and appended to RESULTS.md. Without CUDA it says so and
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-STEPS = ["tests", "kernels", "store", "e2e", "e2e-8b"]
+STEPS = ["tests", "kernels", "store", "e2e", "e2e-8b", "video"]
 
 
 def commands(steps: list[str], tests: list[str], out: Path, stamp: str) -> dict[str, list[str]]:
@@ -49,6 +51,10 @@ def commands(steps: list[str], tests: list[str], out: Path, stamp: str) -> dict[
             *("--out", str(out / f"e2e-llama3-8b-{stamp}.json")),
         ],
     }
+    every["video"] = [
+        *(py, str(HERE / "video_stream.py"), "--part", "vlm", "--shape", "0.5b"),
+        *("--minutes", "60", "--json", str(out / f"video-0.5b-{stamp}.json")),
+    ]
     return {step: every[step] for step in steps}
 
 

@@ -300,6 +300,8 @@ def text_part(args: argparse.Namespace) -> dict[str, Any]:
                     f.index == event.frame and f.layers == most for f in answer.frames
                 ),
                 "layers": next((f.layers for f in answer.frames if f.index == event.frame), 0),
+                "top_cited": answer.citations[0] == event.timestamp,
+                "cited": [clock(t) for t in answer.citations[:3]],
                 "first_token_s": answer.first_token_s,
             }
         )
@@ -313,6 +315,7 @@ def text_part(args: argparse.Namespace) -> dict[str, Any]:
         "accuracy": correct / len(rows),
         "retrieved": sum(r["retrieved"] for r in rows),
         "most_layers": sum(r["most_layers"] for r in rows),
+        "top_cited": sum(r["top_cited"] for r in rows),
         "encode_frames_per_s": args.frames / encode_s,
         "first_token_s": statistics.median(r["first_token_s"] for r in rows),
         "rows": rows,
