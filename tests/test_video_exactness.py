@@ -62,8 +62,8 @@ def rekv_mask(n_init: int, frame: int, n_local: int, chunks: list[int], total: i
     return visible
 
 
-@pytest.mark.parametrize("positions", ["exact"])
-def test_all_frames_retrieved_equals_full_context(tmp_path: Path, positions: str) -> None:
+@pytest.mark.parametrize("selector", ["rekv", "quest"])
+def test_all_frames_retrieved_equals_full_context(tmp_path: Path, selector: str) -> None:
     from transformers import AttentionInterface
 
     tokenizer = byte_tokenizer()
@@ -78,7 +78,8 @@ def test_all_frames_retrieved_equals_full_context(tmp_path: Path, positions: str
         fps=2,
         chunk_frames=3,
         n_local=8,
-        positions=positions,
+        positions="exact",
+        selector=selector,
     )
     assert session.feed(video) == 10
     n_init, frame = session.kv_config.n_init, session.frame_tokens
