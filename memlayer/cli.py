@@ -62,6 +62,19 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("--no-progress", action="store_true")
 
     commands.add_parser("stats", parents=[common], help="counts and locations")
+
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--path", type=Path, help="memory folder (default: user data dir)")
+    where.add_argument("--url", help="database URL instead of a folder (SQLAlchemy form)")
+    db = commands.add_parser("db", help="the database's schema revision")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("current", parents=[where], help="print the schema revision")
+    upgrade = db_commands.add_parser(
+        "upgrade", parents=[where], help="apply the schema revisions the database lacks"
+    )
+    upgrade.add_argument(
+        "--embedder", default=None, help="for a new database: 'minilm' (default), 'hash', a folder"
+    )
     return parser
 
 
@@ -111,6 +124,8 @@ def _json(value: str | None, field: str) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `memlayer` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "db":
+        return _db(args)
     scope = {name: getattr(args, name) for name in SCOPE_FIELDS if getattr(args, name) is not None}
     try:
         Scope.of(scope)
@@ -159,6 +174,25 @@ def _run(memory: Any, args: argparse.Namespace, scope: dict[str, str]) -> int:
     else:
         for key, value in memory.stats().items():
             print(f"{key}: {value}")
+    return 0
+
+
+def _db(args: argparse.Namespace) -> int:
+    from memlayer.schema import schema_status, upgrade_schema
+
+    try:
+        if args.db_command == "current":
+            status = schema_status(args.path, url=args.url)
+            print(f"{status.revision or 'none'} (head: {status.head})")
+            return 0
+        status = upgrade_schema(args.path, url=args.url, embedder=args.embedder)
+    except (MemlayerError, OSError) as exc:
+        print(f"memlayer: error: {exc}", file=sys.stderr)
+        return 2
+    if status.revision == status.head:
+        print(f"already at {status.head}")
+    else:
+        print(f"upgraded {status.revision or 'none'} -> {status.head}")
     return 0
 
 

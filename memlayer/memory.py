@@ -66,7 +66,7 @@ class Memory:
         settings = Settings()
         if path is None and url is None:
             url = settings.url
-        folder = _folder(path, url, settings)
+        folder = memory_folder(path, url, settings)
         self.path = folder
         self.chunk_tokens = chunk_tokens
         self.overlap = overlap
@@ -76,7 +76,7 @@ class Memory:
         self._strategies: dict[str, ContextStrategy] = {}
         self.embedder = resolve_embedder(embedder if embedder is not None else settings.embedder)
         self._records = RecordStore(
-            sqlite_url(folder / DB_FILE) if url is None and folder is not None else str(url),
+            database_url(folder, url),
             embedder_name=self.embedder.name,
             dim=self.embedder.dim,
             keywords=index_text,
@@ -474,7 +474,7 @@ class Memory:
         return decoded
 
 
-def _folder(path: str | Path | None, url: str | None, settings: Settings) -> Path | None:
+def memory_folder(path: str | Path | None, url: str | None, settings: Settings) -> Path | None:
     """The folder for the database (unless a URL is given) and the vector index, created."""
     if path is None and url is not None:
         return None
@@ -483,6 +483,11 @@ def _folder(path: str | Path | None, url: str | None, settings: Settings) -> Pat
         raise InvalidInputError("path", "must be a folder, not a file", str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def database_url(folder: Path | None, url: str | None) -> str:
+    """The records database's URL: the one given, else the SQLite file in the folder."""
+    return sqlite_url(folder / DB_FILE) if url is None and folder is not None else str(url)
 
 
 def _check_k(k: object) -> None:

@@ -27,13 +27,11 @@ from memlayer.config import DatabaseOptions
 from memlayer.errors import InvalidInputError, ModelMismatchError, StorageError
 from memlayer.types import SCOPE_FIELDS, Scope
 
-SCHEMA = 2  # 1: memlayer 0.1.0 (ids unique across tenants, FTS over the raw text)
 DEFAULT_TENANT = ""  # stored for tenant_id=None: a user-given tenant is never empty
 LOG_KEEP = 100_000  # write sequence numbers of change log kept behind a saved vector index
 
 T = TypeVar("T")
 _PG_ROWS = 500  # rows per INSERT statement on PostgreSQL
-_OLD_FTS = ("records_ai", "records_ad", "records_au")  # 0.1.0's triggers on its FTS table
 
 
 @dataclass
@@ -96,7 +94,7 @@ class RecordStore:
         self._writer = writer(self.engine)
         self.dialect = self.engine.dialect.name
         self.dim = dim
-        self.records, self.changes, self.settings, self._meta = _tables(self.dialect, dim)
+        self.records, self.changes, self.settings, self.schema = _tables(self.dialect, dim)
         try:
             with self._writer.begin() as conn:
                 self._create_or_migrate(conn)
@@ -109,40 +107,12 @@ class RecordStore:
     # -- schema ---------------------------------------------------------------------------
 
     def _create_or_migrate(self, conn: Any) -> None:
-        from sqlalchemy import inspect
+        from memlayer.stores import migrations
 
-        tables = set(inspect(conn).get_table_names())
-        if self.dialect == "postgresql":
-            conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS vector")
-            if "records" in tables:
-                _refuse_pre_pgvector_layout(conn)
-        if "records" in tables and int(self._setting("schema", conn) or 1) < SCHEMA:
-            self._migrate_from_1(conn)
-        self._meta.create_all(conn)
-        self._set_setting("schema", str(SCHEMA), conn)
-
-    def _migrate_from_1(self, conn: Any) -> None:
-        """Rebuild a 0.1.0 records table in place: key (tenant, id), keywords derived, rowids
-        kept (so a vector index saved by 0.1.0 stays valid and is not rebuilt)."""
-        if self.dialect == "sqlite":
-            for trigger in _OLD_FTS:
-                conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger}")
-            conn.exec_driver_sql("DROP TABLE IF EXISTS records_fts")
-        conn.exec_driver_sql("DROP INDEX IF EXISTS records_scope")
-        conn.exec_driver_sql("ALTER TABLE records RENAME TO records_v1")
-        self.records.create(conn)
-        columns = ["rowid", "id", *SCOPE_FIELDS, "text", "metadata", "embedding"]
-        columns += ["created_at", "updated_at"]
-        old = conn.exec_driver_sql(f"SELECT {', '.join(columns)} FROM records_v1")
-        rows = [dict(zip(columns, row, strict=True)) for row in old]
-        for row in rows:
-            row["tenant_id"] = row["tenant_id"] or DEFAULT_TENANT
-            row["keywords"] = self._keywords(row["text"])
-            if isinstance(row["metadata"], str):
-                row["metadata"] = json.loads(row["metadata"])
-        if rows:
-            conn.execute(self.records.insert(), rows)
-        conn.exec_driver_sql("DROP TABLE records_v1")
+        if self.options.migrate:
+            migrations.upgrade(conn, dim=self.dim, keywords=self._keywords)
+        else:
+            migrations.require_head(conn)
 
     def _check_embedder(self, name: str, dim: int) -> None:
         with self.write() as conn:
@@ -605,20 +575,6 @@ def _vector_type(dialect: str, dim: int) -> Any:
 
         return require("pgvector.sqlalchemy", "postgres").Vector(dim)
     return LargeBinary()
-
-
-def _refuse_pre_pgvector_layout(conn: Any) -> None:
-    """A records table written by memlayer 0.2.0 on PostgreSQL kept embeddings as bytea."""
-    kind = conn.exec_driver_sql(
-        "SELECT data_type FROM information_schema.columns "
-        "WHERE table_name = 'records' AND column_name = 'embedding'"
-    ).scalar()
-    if kind == "bytea":
-        raise StorageError(
-            "this PostgreSQL database holds records of memlayer 0.2.0 (embeddings as bytea); "
-            "this release keeps them in a pgvector column and cannot migrate it yet: "
-            "export and re-add the records"
-        )
 
 
 def _vectors(blobs: Sequence[bytes]) -> np.ndarray:
