@@ -515,6 +515,7 @@ def _tables(dialect: str, dim: int) -> tuple[Any, Any, Any, Any]:
         Column("updated_at", Float, nullable=False),
         UniqueConstraint("tenant_id", "id", name="records_key"),
         Index("records_scope", *SCOPE_FIELDS),
+        *_metadata_index(dialect),
         sqlite_autoincrement=True,  # a deleted rowid is never reused by a later record
     )
     changes = Table(
@@ -553,6 +554,22 @@ def _embedding(stored: Any) -> np.ndarray:
     if isinstance(stored, (bytes, bytearray, memoryview)):
         return np.frombuffer(stored, dtype=np.float32)
     return np.asarray(stored, dtype=np.float32)
+
+
+def _metadata_index(dialect: str) -> list[Any]:
+    """PostgreSQL: GIN over the metadata, which answers the filters' containment tests."""
+    from sqlalchemy import Index
+
+    if dialect != "postgresql":
+        return []
+    return [
+        Index(
+            "records_metadata",
+            "metadata",
+            postgresql_using="gin",
+            postgresql_ops={"metadata": "jsonb_path_ops"},
+        )
+    ]
 
 
 def _json_type(dialect: str) -> Any:
