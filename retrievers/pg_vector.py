@@ -57,8 +57,10 @@ class PgVectorSearch:
     @contextmanager
     def bulk_load(self) -> Iterator[None]:
         """Drop the HNSW index for the load and build it once after, from all the rows (a
-        build is several times faster than maintaining the graph row by row). Meanwhile
-        every worker's searches rank exactly (correct, slower); writers wait for the build."""
+        build is several times faster than maintaining the graph row by row), then refresh
+        the table's statistics, without which the planner would take the grown table for
+        an empty one. Meanwhile every worker's searches rank exactly (correct, slower);
+        writers wait for the build."""
         with self._records.write() as conn:
             conn.exec_driver_sql(f"DROP INDEX IF EXISTS {_INDEX}")
         try:
@@ -66,6 +68,8 @@ class PgVectorSearch:
         finally:
             with self._records.write() as conn:
                 self._build_index(conn)
+            with self._records.write() as conn:  # the planner's row estimates, for filters too
+                conn.exec_driver_sql("ANALYZE records")
 
     def _build_index(self, conn: Any) -> None:
         """Create the HNSW index unless it exists, with the build memory configured."""

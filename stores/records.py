@@ -268,24 +268,25 @@ class RecordStore:
         return int(found[0])
 
     def _upsert_postgres(self, conn: Any, values: list[dict[str, Any]]) -> list[int]:
-        """INSERT ... ON CONFLICT in statements of `_PG_ROWS` rows, in the caller's
-        transaction (ids are distinct within it): few round trips, each statement short
-        enough for a statement timeout and under the server's 65,535 parameters."""
+        """INSERT ... ON CONFLICT in the caller's transaction (ids are distinct within it),
+        sent by SQLAlchemy's insertmanyvalues as statements of `_PG_ROWS` rows: few round
+        trips, one compiled statement for any batch, each statement short enough for a
+        statement timeout and under the server's 65,535 parameters."""
         from sqlalchemy.dialects.postgresql import insert
 
-        rowids: dict[str, int] = {}
-        for start in range(0, len(values), _PG_ROWS):
-            part = values[start : start + _PG_ROWS]
-            statement = insert(self.records).values(part)
-            replaced = {
-                name: statement.excluded[name]
-                for name in part[0]
-                if name not in ("id", "tenant_id", "created_at")
-            }
-            returning = statement.on_conflict_do_update(
-                constraint="records_key", set_=replaced
-            ).returning(self.records.c.rowid, self.records.c.id)
-            rowids.update({rid: int(rowid) for rowid, rid in conn.execute(returning)})
+        statement = insert(self.records)
+        replaced = {
+            name: statement.excluded[name]
+            for name in values[0]
+            if name not in ("id", "tenant_id", "created_at")
+        }
+        returning = statement.on_conflict_do_update(
+            constraint="records_key", set_=replaced
+        ).returning(self.records.c.rowid, self.records.c.id)
+        rows = conn.execution_options(insertmanyvalues_page_size=_PG_ROWS).execute(
+            returning, values
+        )
+        rowids = {rid: int(rowid) for rowid, rid in rows}
         return [rowids[row["id"]] for row in values]
 
     def update(
