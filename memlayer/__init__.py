@@ -9,6 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from memlayer.errors import (
+    AuthenticationError,
     CapacityError,
     ClosedError,
     CorruptionError,
@@ -53,6 +54,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AsyncMemory",
+    "AuthenticationError",
     "CapacityError",
     "ClosedError",
     "Context",

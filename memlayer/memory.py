@@ -32,7 +32,7 @@ from memlayer.stores import filters as filter_rules
 from memlayer.stores.database import sqlite_url
 from memlayer.stores.records import NewRecord, Record, RecordStore
 from memlayer.tokens import Tokenizer, resolve_tokenizer
-from memlayer.types import Hit, Scope, new_id
+from memlayer.types import Hit, Scope, check_unicode, new_id
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,10 @@ class Memory:
         self._closed = False
         self._strategies: dict[str, ContextStrategy] = {}
         self.embedder = resolve_embedder(embedder if embedder is not None else settings.embedder)
+        # the records database, which other components (the HTTP service) may share
+        self.url = sqlite_url(folder / DB_FILE) if url is None and folder is not None else str(url)
         self._records = RecordStore(
-            sqlite_url(folder / DB_FILE) if url is None and folder is not None else str(url),
+            self.url,
             embedder_name=self.embedder.name,
             dim=self.embedder.dim,
             keywords=index_text,
@@ -443,7 +445,7 @@ class Memory:
                 "(Limits.max_text_chars; ingest() chunks long documents)",
                 f"{len(text)} characters",
             )
-        return text
+        return check_unicode(text, field)
 
     def _check_metadata(
         self, metadata: Mapping[str, Any] | None, field: str = "metadata"
@@ -456,6 +458,7 @@ class Memory:
             encoded = json.dumps(dict(metadata), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(field, f"must be JSON-serializable ({exc})") from exc
+        check_unicode(json.dumps(dict(metadata), ensure_ascii=False), field)
         size = len(encoded.encode())
         if size > self.limits.max_metadata_bytes:
             raise InvalidInputError(
@@ -493,7 +496,7 @@ def _check_k(k: object) -> None:
 def _check_id(record_id: object) -> str:
     if not isinstance(record_id, str) or not record_id or len(record_id) > _MAX_ID_LEN:
         raise InvalidInputError("id", f"must be a non-empty string of at most {_MAX_ID_LEN} chars")
-    return record_id
+    return check_unicode(record_id, "id")
 
 
 def _id_list(ids: object) -> list[object]:
