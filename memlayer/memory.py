@@ -248,18 +248,24 @@ class Memory:
         *,
         filters: Mapping[str, Any] | None = None,
         limit: int | None = None,
+        offset: int = 0,
         **scope: str | None,
     ) -> list[Hit]:
         """Every record in the scope matching `filters`, in the order they were first written
-        (score 1.0); at most `limit`. For listing, not for ranking: no query, no index."""
+        (score 1.0); at most `limit`, after skipping `offset` (pages). For listing, not for
+        ranking: no query, no index."""
         owner = Scope.of(scope)
         bad_limit = isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
         if limit is not None and bad_limit:
             raise InvalidInputError("limit", "must be an integer >= 0", limit)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidInputError("offset", "must be an integer >= 0", offset)
         filter_rules.validate(filters)
         self._check_open()
         condition = self._records.condition(owner, filters)
-        records = self._records.fetch_where(condition, oldest_first=True, limit=limit)
+        records = self._records.fetch_where(
+            condition, oldest_first=True, limit=limit, offset=offset
+        )
         return [_hit(record, 1.0) for record in records]
 
     def count(self, *, filters: Mapping[str, Any] | None = None, **scope: str | None) -> int:
