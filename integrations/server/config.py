@@ -14,7 +14,9 @@ class ServerSettings(BaseSettings):
     `MEMLAYER_DATA_DIR`, `MEMLAYER_EMBEDDER`), so the service opens what `Memory()` opens.
     """
 
-    model_config = SettingsConfigDict(env_prefix="MEMLAYER_SERVER_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="MEMLAYER_SERVER_", extra="ignore", populate_by_name=True
+    )
 
     admin_token: str | None = Field(default=None, validation_alias="MEMLAYER_ADMIN_TOKEN")
     max_body_bytes: int = Field(default=4 * 2**20, ge=1024)  # one request's body

@@ -4,6 +4,7 @@ input is a 4xx naming the field; only a failure of the service itself is a 5xx."
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -71,7 +72,7 @@ def error_response(
     code: str,
     message: str,
     field: str | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     """The JSON error body every failure uses."""
     body = {"error": {"code": code, "message": message, "field": field}}

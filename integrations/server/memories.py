@@ -104,7 +104,12 @@ async def _scan(
 ) -> MemoriesOut:
     limit = min(limit, svc.settings.max_page)
     hits = await svc.call(
-        svc.memory.scan, filters=filters, limit=offset + limit + 1, tenant_id=tenant_id, **scope
+        svc.memory.scan,
+        filters=filters,
+        offset=offset,
+        limit=limit + 1,
+        tenant_id=tenant_id,
+        **scope,
     )
     window, next_offset = page_of(hits, offset, limit)
     return MemoriesOut(memories=[memory_out(hit) for hit in window], next_offset=next_offset)

@@ -58,7 +58,6 @@ def memory_out(hit: Hit) -> MemoryOut:
 
 
 def page_of(items: list[T], offset: int, limit: int) -> tuple[list[T], int | None]:
-    """Items `offset .. offset+limit` of a list fetched `offset + limit + 1` long, and the
-    next page's offset (None when this is the last)."""
-    window = items[offset : offset + limit]
-    return window, (offset + limit if len(items) > offset + limit else None)
+    """A page from `limit + 1` items fetched at `offset`, and the next page's offset (None
+    when this is the last)."""
+    return items[:limit], (offset + limit if len(items) > limit else None)
