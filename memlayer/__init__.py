@@ -33,6 +33,8 @@ _LAZY = {
     "KVSession": "memlayer.kv_session",
     "Limits": "memlayer.config",
     "DatabaseOptions": "memlayer.config",
+    "RemoteMemory": "memlayer.remote",
+    "AsyncRemoteMemory": "memlayer.remote",
 }
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from memlayer.context import Context, CragContext
     from memlayer.kv_session import KVSession
     from memlayer.memory import Memory
+    from memlayer.remote import AsyncRemoteMemory, RemoteMemory
 
 
 def __getattr__(name: str) -> Any:
@@ -54,6 +57,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AsyncMemory",
+    "AsyncRemoteMemory",
     "AuthenticationError",
     "CapacityError",
     "ClosedError",
@@ -71,6 +75,7 @@ __all__ = [
     "ModelMismatchError",
     "NotFoundError",
     "Page",
+    "RemoteMemory",
     "Scope",
     "StorageError",
     "UnsupportedModelError",

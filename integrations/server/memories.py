@@ -151,7 +151,7 @@ async def delete_scope(caller: Tenant, svc: Svc, scope: QueryScope) -> DeletedOu
     return DeletedOut(deleted=deleted)
 
 
-@router.get("/memories/{memory_id}", tags=["memories"], response_model=MemoryOut)
+@router.get("/memories/{memory_id:path}", tags=["memories"], response_model=MemoryOut)
 async def get_memory(
     memory_id: RecordPath, caller: Tenant, svc: Svc, scope: QueryScope
 ) -> MemoryOut:
@@ -162,7 +162,7 @@ async def get_memory(
     return memory_out(hit)
 
 
-@router.patch("/memories/{memory_id}", tags=["memories"], response_model=MemoryOut)
+@router.patch("/memories/{memory_id:path}", tags=["memories"], response_model=MemoryOut)
 async def update_memory(
     memory_id: RecordPath, body: PatchIn, caller: Tenant, svc: Svc
 ) -> MemoryOut:
@@ -175,7 +175,7 @@ async def update_memory(
     return memory_out(hit)
 
 
-@router.delete("/memories/{memory_id}", tags=["memories"], status_code=204)
+@router.delete("/memories/{memory_id:path}", tags=["memories"], status_code=204)
 async def delete_memory(
     memory_id: RecordPath, caller: Tenant, svc: Svc, scope: QueryScope
 ) -> Response:
