@@ -32,15 +32,14 @@ def db_argument(location: dict[str, Any]) -> str:
     return str(location.get("url") or location["path"])
 
 
-@contextmanager
-def serve(
-    db: str, *, workers: int = 1, env: dict[str, str] | None = None, port: int | None = None
-) -> Iterator[str]:
-    """Run `memlayer serve` on `db` until the block ends; yields its base URL once ready.
+def start(
+    db: str, *, workers: int = 1, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[Any], str]:
+    """Start `memlayer serve` on `db` and wait until it is ready: its process and base URL.
 
     The server runs in its own process group, so ending it (or SIGKILLing it, see `kill`)
     takes its worker processes too."""
-    port = port or free_port()
+    port = free_port()
     environment = {
         **os.environ,
         "MEMLAYER_ADMIN_TOKEN": ADMIN,
@@ -49,21 +48,32 @@ def serve(
         **(env or {}),
     }
     command = [sys.executable, "-m", "memlayer.cli", "serve", "--port", str(port), "--db", db]
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"memlayer-serve-{port}.log", "w")  # noqa: SIM115
-    process = subprocess.Popen(
-        [*command, "--workers", str(workers)],
-        env=environment,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"memlayer-serve-{port}.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [*command, "--workers", str(workers)],
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, process, log.name)
+        wait_ready(url, process, str(log))
+    except BaseException:
+        kill(process)
+        raise
+    return process, url
+
+
+@contextmanager
+def serve(db: str, *, workers: int = 1, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run `memlayer serve` on `db` until the block ends; yields its base URL once ready."""
+    process, url = start(db, workers=workers, env=env)
+    try:
         yield url
     finally:
         kill(process, signal.SIGTERM)
-        log.close()
 
 
 def wait_ready(url: str, process: subprocess.Popen[Any], log: str, timeout_s: float = 90) -> None:

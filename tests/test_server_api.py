@@ -53,8 +53,9 @@ def test_memories_crud(client: TestClient, key: dict[str, str]) -> None:
         {"kind": "pref"},
         "ada",
     )
-    error(client.get(f"/v1/memories/{rid}", params={"user_id": "bob"}, headers=key), 404,
-          "not_found")
+    error(
+        client.get(f"/v1/memories/{rid}", params={"user_id": "bob"}, headers=key), 404, "not_found"
+    )
     patched = client.patch(
         f"/v1/memories/{rid}", json={"text": "Ada likes aisle seats"}, headers=key
     )
@@ -102,13 +103,22 @@ def test_bulk_lookup_delete_count_scan_and_pages(client: TestClient, key: dict[s
     assert client.delete("/v1/memories", params={"user_id": "u"}, headers=key).json() == {
         "deleted": 5
     }
-    error(client.get("/v1/memories", params={"limit": 1001}, headers=key), 422, "invalid_input",
-          "limit")
-    error(client.post("/v1/memories/bulk", json={"items": []}, headers=key), 422,
-          "invalid_input", "items")
+    error(
+        client.get("/v1/memories", params={"limit": 1001}, headers=key),
+        422,
+        "invalid_input",
+        "limit",
+    )
+    error(
+        client.post("/v1/memories/bulk", json={"items": []}, headers=key),
+        422,
+        "invalid_input",
+        "items",
+    )
     repeated = {"items": [{"text": "a", "id": "x"}, {"text": "b", "id": "x"}]}
-    error(client.post("/v1/memories/bulk", json=repeated, headers=key), 422, "invalid_input",
-          "items")
+    error(
+        client.post("/v1/memories/bulk", json=repeated, headers=key), 422, "invalid_input", "items"
+    )
 
 
 def test_bad_input_is_a_4xx_naming_the_field_and_changes_nothing(
@@ -123,8 +133,41 @@ def test_bad_input_is_a_4xx_naming_the_field_and_changes_nothing(
         ({"text": "x", "id": "i" * 129}, "id"),
         ({"text": "x" * 100_001}, "body"),
         ({"text": "lone \ud800 surrogate"}, "text"),
-        ({"text": "x", "metadata": {"deep": {"a": {"b": {"c": {"d": {"e": {"f": {"g": {
-            "h": {"i": {"j": {"k": {"l": {"m": {"n": {"o": {"p": 1}}}}}}}}}}}}}}}}}}, "metadata"),
+        (
+            {
+                "text": "x",
+                "metadata": {
+                    "deep": {
+                        "a": {
+                            "b": {
+                                "c": {
+                                    "d": {
+                                        "e": {
+                                            "f": {
+                                                "g": {
+                                                    "h": {
+                                                        "i": {
+                                                            "j": {
+                                                                "k": {
+                                                                    "l": {
+                                                                        "m": {"n": {"o": {"p": 1}}}
+                                                                    }
+                                                                }
+                                                            }
+                                                        }
+                                                    }
+                                                }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                },
+            },
+            "metadata",
+        ),
     ]
     json_headers = {**key, "content-type": "application/json"}
     for body, field in cases:  # json.dumps escapes the lone surrogate as JSON allows
@@ -139,8 +182,10 @@ def test_bad_input_is_a_4xx_naming_the_field_and_changes_nothing(
 def test_search_and_search_by_vector(client: TestClient, key: dict[str, str]) -> None:
     client.post(
         "/v1/memories/bulk",
-        json={"items": [{"text": "the cat sat on the mat"}, {"text": "stock prices fell"}],
-              "user_id": "u"},
+        json={
+            "items": [{"text": "the cat sat on the mat"}, {"text": "stock prices fell"}],
+            "user_id": "u",
+        },
         headers=key,
     )
     for mode in ("hybrid", "vector", "keyword"):
@@ -148,14 +193,30 @@ def test_search_and_search_by_vector(client: TestClient, key: dict[str, str]) ->
             "/v1/search", json={"query": "cat on a mat", "k": 1, "mode": mode}, headers=key
         ).json()["hits"]
         assert [h["text"] for h in hits] == ["the cat sat on the mat"], mode
-    error(client.post("/v1/search", json={"query": "x", "mode": "psychic"}, headers=key), 422,
-          "invalid_input", "mode")
-    error(client.post("/v1/search", json={"query": " ", "k": 3}, headers=key), 422,
-          "invalid_input", "query")
-    error(client.post("/v1/search", json={"query": "x", "filters": {"$bad": 1}}, headers=key),
-          422, "invalid_input", "filters.$bad")
-    error(client.post("/v1/search", json={"query": "x", "k": 0}, headers=key), 422,
-          "invalid_input", "k")
+    error(
+        client.post("/v1/search", json={"query": "x", "mode": "psychic"}, headers=key),
+        422,
+        "invalid_input",
+        "mode",
+    )
+    error(
+        client.post("/v1/search", json={"query": " ", "k": 3}, headers=key),
+        422,
+        "invalid_input",
+        "query",
+    )
+    error(
+        client.post("/v1/search", json={"query": "x", "filters": {"$bad": 1}}, headers=key),
+        422,
+        "invalid_input",
+        "filters.$bad",
+    )
+    error(
+        client.post("/v1/search", json={"query": "x", "k": 0}, headers=key),
+        422,
+        "invalid_input",
+        "k",
+    )
     me = client.get("/v1/me", headers=key).json()
     assert me["records"] == 2
     stored = client.post("/v1/memories/scan", json={}, headers=key).json()["memories"]
@@ -168,8 +229,12 @@ def test_search_and_search_by_vector(client: TestClient, key: dict[str, str]) ->
         vector = [1.0] + [0.0] * (width - 1)
         answer = client.post("/v1/search/vector", json={"vector": vector, "k": 2}, headers=key)
     assert {h["id"] for h in answer.json()["hits"]} == {m["id"] for m in stored}
-    error(client.post("/v1/search/vector", json={"vector": [0.0] * len(vector)}, headers=key),
-          422, "invalid_input", "vector")
+    error(
+        client.post("/v1/search/vector", json={"vector": [0.0] * len(vector)}, headers=key),
+        422,
+        "invalid_input",
+        "vector",
+    )
 
 
 def test_context_ranked_and_crag(client: TestClient, key: dict[str, str]) -> None:
@@ -184,34 +249,48 @@ def test_context_ranked_and_crag(client: TestClient, key: dict[str, str]) -> Non
         assert packed.status_code == 200, packed.text
         body = packed.json()
         assert body["ids"] and body["tokens"] <= 40 and body["parts"]
-        assert set(body["ids"]) <= {m["id"] for m in client.post(
-            "/v1/memories/scan", json={}, headers=key).json()["memories"]}
-    error(client.post("/v1/context", json={"query": "x", "budget_tokens": 0}, headers=key), 422,
-          "invalid_input", "budget_tokens")
-    error(client.post("/v1/context", json={"query": "x", "budget_tokens": 9,
-                                           "strategy": "magic"}, headers=key),
-          422, "invalid_input", "strategy")
+        assert set(body["ids"]) <= {
+            m["id"]
+            for m in client.post("/v1/memories/scan", json={}, headers=key).json()["memories"]
+        }
+    error(
+        client.post("/v1/context", json={"query": "x", "budget_tokens": 0}, headers=key),
+        422,
+        "invalid_input",
+        "budget_tokens",
+    )
+    error(
+        client.post(
+            "/v1/context", json={"query": "x", "budget_tokens": 9, "strategy": "magic"}, headers=key
+        ),
+        422,
+        "invalid_input",
+        "strategy",
+    )
 
 
-def test_users_sessions_messages_export_and_forget(
-    client: TestClient, key: dict[str, str]
-) -> None:
+def test_users_sessions_messages_export_and_forget(client: TestClient, key: dict[str, str]) -> None:
     opened = client.post("/v1/users/ada/sessions", json={"session_id": "s1"}, headers=key)
     assert opened.status_code == 201 and opened.json()["session_id"] == "s1"
     turns = [
         {"role": "user", "content": "My cat is called Biscuit.", "metadata": {"lang": "en"}},
         {"role": "assistant", "content": "Nice name!"},
     ]
-    appended = client.post("/v1/users/ada/sessions/s1/messages", json={"messages": turns},
-                           headers=key)
+    appended = client.post(
+        "/v1/users/ada/sessions/s1/messages", json={"messages": turns}, headers=key
+    )
     assert appended.status_code == 201 and len(appended.json()["ids"]) == 2
     # appending to a session that does not exist yet opens it
-    client.post("/v1/users/ada/sessions/s2/messages",
-                json={"messages": [{"role": "user", "content": "Second chat"}],
-                      "agent_id": "bot"}, headers=key)
-    client.post("/v1/users/bob/sessions/s1/messages",
-                json={"messages": [{"role": "user", "content": "Bob's cat is Rex"}]},
-                headers=key)
+    client.post(
+        "/v1/users/ada/sessions/s2/messages",
+        json={"messages": [{"role": "user", "content": "Second chat"}], "agent_id": "bot"},
+        headers=key,
+    )
+    client.post(
+        "/v1/users/bob/sessions/s1/messages",
+        json={"messages": [{"role": "user", "content": "Bob's cat is Rex"}]},
+        headers=key,
+    )
     listed = client.get("/v1/users/ada/sessions/s1/messages", headers=key).json()["messages"]
     assert [(m["role"], m["content"], m["metadata"]) for m in listed] == [
         ("user", "My cat is called Biscuit.", {"lang": "en"}),
@@ -231,7 +310,10 @@ def test_users_sessions_messages_export_and_forget(
     assert recalled[0]["text"] == "My cat is called Biscuit."
     exported = client.get("/v1/users/ada/export", headers=key).json()
     assert [m["text"] for m in exported["memories"]] == [
-        "My cat is called Biscuit.", "Nice name!", "Second chat"]
+        "My cat is called Biscuit.",
+        "Nice name!",
+        "Second chat",
+    ]
     assert [s["session_id"] for s in exported["sessions"]] == ["s1", "s2"]
     assert client.delete("/v1/users/ada/sessions/s2", headers=key).json() == {"deleted": 1}
     error(client.delete("/v1/users/ada/sessions/s2", headers=key), 404, "not_found")
@@ -241,25 +323,45 @@ def test_users_sessions_messages_export_and_forget(
     assert client.get("/v1/users", headers=key).json()["users"] == ["bob"]
     nothing_left = client.post("/v1/memories/count", json={"user_id": "ada"}, headers=key)
     assert nothing_left.json() == {"count": 0}
-    error(client.post("/v1/users/ada/sessions/s1/messages", json={"messages": []}, headers=key),
-          422, "invalid_input", "messages")
-    error(client.post("/v1/users/ada/sessions/s1/messages",
-                      json={"messages": [{"role": "", "content": "x"}]}, headers=key),
-          422, "invalid_input", "messages.0.role")
+    error(
+        client.post("/v1/users/ada/sessions/s1/messages", json={"messages": []}, headers=key),
+        422,
+        "invalid_input",
+        "messages",
+    )
+    error(
+        client.post(
+            "/v1/users/ada/sessions/s1/messages",
+            json={"messages": [{"role": "", "content": "x"}]},
+            headers=key,
+        ),
+        422,
+        "invalid_input",
+        "messages.0.role",
+    )
 
 
 def test_admin_tenants_and_keys(client: TestClient) -> None:
     admin = {"Authorization": f"Bearer {ADMIN}"}
     made = client.post("/v1/tenants", json={"tenant_id": "acme", "name": "Acme"}, headers=admin)
     assert made.status_code == 201 and made.json()["name"] == "Acme"
-    error(client.post("/v1/tenants", json={"tenant_id": "acme"}, headers=admin), 422,
-          "invalid_input", "tenant_id")
-    error(client.post("/v1/tenants", json={"tenant_id": "bad id!"}, headers=admin), 422,
-          "invalid_input", "tenant_id")
+    error(
+        client.post("/v1/tenants", json={"tenant_id": "acme"}, headers=admin),
+        422,
+        "invalid_input",
+        "tenant_id",
+    )
+    error(
+        client.post("/v1/tenants", json={"tenant_id": "bad id!"}, headers=admin),
+        422,
+        "invalid_input",
+        "tenant_id",
+    )
     assert client.get("/v1/tenants/acme", headers=admin).json()["tenant_id"] == "acme"
     error(client.get("/v1/tenants/nobody", headers=admin), 404, "not_found")
-    assert [t["tenant_id"] for t in client.get("/v1/tenants", headers=admin).json()["tenants"]] \
-        == ["acme"]
+    assert [t["tenant_id"] for t in client.get("/v1/tenants", headers=admin).json()["tenants"]] == [
+        "acme"
+    ]
     key = client.post("/v1/tenants/acme/keys", json={"name": "ci"}, headers=admin).json()
     assert key["api_key"].startswith("mlk_") and key["name"] == "ci"
     error(client.post("/v1/tenants/nobody/keys", json={}, headers=admin), 404, "not_found")
@@ -281,23 +383,23 @@ def test_health_readiness_metrics_and_unknown_routes(
     error(client.get("/v1/no-such-thing", headers=key), 404, "not_found")
     error(client.put("/v1/memories", headers=key), 405, "method_not_allowed")
     text = client.get("/metrics").text
-    assert 'memlayer_http_requests_total{method="POST",route="/v1/search",status="200"} 1.0' \
-        in text
-    assert 'memlayer_http_requests_total{method="POST",route="/v1/search",status="422"} 1.0' \
-        in text
+    assert 'memlayer_http_requests_total{method="POST",route="/v1/search",status="200"} 1.0' in text
+    assert 'memlayer_http_requests_total{method="POST",route="/v1/search",status="422"} 1.0' in text
     assert 'memlayer_http_request_duration_seconds_bucket{le="0.05",method="POST",' in text
 
 
 def test_body_limit_rate_limit_and_timeout(open_memory: Callable[..., Memory]) -> None:
-    settings = ServerSettings(
-        admin_token=ADMIN, max_body_bytes=2048, rate_per_s=0.01, rate_burst=3
-    )
+    settings = ServerSettings(admin_token=ADMIN, max_body_bytes=2048, rate_per_s=0.01, rate_burst=3)
     with TestClient(create_app(open_memory(embedder="hash"), settings, close_memory=True)) as c:
         _, key = new_tenant(c)
-        error(c.post("/v1/memories", json={"text": "x" * 4000}, headers=key), 413, "too_large",
-              "body")
-        chunked = c.post("/v1/memories", content=iter([b'{"text": "', b"x" * 4000, b'"}']),
-                         headers={**key, "content-type": "application/json"})
+        error(
+            c.post("/v1/memories", json={"text": "x" * 4000}, headers=key), 413, "too_large", "body"
+        )
+        chunked = c.post(
+            "/v1/memories",
+            content=iter([b'{"text": "', b"x" * 4000, b'"}']),
+            headers={**key, "content-type": "application/json"},
+        )
         error(chunked, 413, "too_large", "body")
         for _ in range(3):  # the refused bodies were never read as far as the key
             assert c.post("/v1/memories/count", json={}, headers=key).status_code == 200
