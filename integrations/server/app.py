@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -97,6 +98,11 @@ def _health(app: FastAPI) -> None:
         except Exception as exc:
             return errors.error_response(503, "unavailable", f"database not ready: {exc}")
         return StatusOut(status="ready")
+
+
+def openapi_document() -> dict[str, Any]:
+    """The service's OpenAPI schema with default settings (committed as docs/openapi.json)."""
+    return create_app(settings=ServerSettings.model_construct()).openapi()
 
 
 def app_from_env() -> FastAPI:
