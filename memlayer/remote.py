@@ -110,9 +110,7 @@ class _Calls:
         body = {"items": items, **scope}
         return _Call("POST", "/v1/memories/bulk", lambda b: list(b["ids"]), json=body)
 
-    def update(
-        self, id: str, text: str | None, metadata: Any, scope: Mapping[str, Any]
-    ) -> _Call:
+    def update(self, id: str, text: str | None, metadata: Any, scope: Mapping[str, Any]) -> _Call:
         body = {"text": text, "metadata": metadata, **_scope(scope)}
         path = "/v1/memories/" + quote(str(id), safe="").replace(".", "%2E")
         return _Call("PATCH", path, lambda b: None, json=body, record=str(id))
@@ -132,9 +130,7 @@ class _Calls:
         body = {"ids": ids, **scope}
         return _Call("POST", "/v1/memories/lookup", _hits("memories"), json=body)
 
-    def scan(
-        self, filters: Any, offset: int, limit: int, scope: dict[str, str]
-    ) -> _Call:
+    def scan(self, filters: Any, offset: int, limit: int, scope: dict[str, str]) -> _Call:
         body = {"filters": filters, "offset": offset, "limit": limit, **scope}
         return _Call("POST", "/v1/memories/scan", lambda b: b, json=body)
 
@@ -194,8 +190,10 @@ def _error(status: int, body: Any, call: _Call) -> MemlayerError:
         name = str(field or "request")
         return InvalidInputError(name, message.removeprefix(f"{name}: "))
     if code == "not_found":
-        return NotFoundError("record", call.record) if call.record else NotFoundError(
-            "resource", call.path
+        return (
+            NotFoundError("record", call.record)
+            if call.record
+            else NotFoundError("resource", call.path)
         )
     if code == "unauthorized":
         return AuthenticationError(message)

@@ -20,8 +20,8 @@ from memlayer.integrations.server.app import openapi_document
 
 COMMITTED = Path(__file__).parent.parent / "docs" / "openapi.json"
 REGENERATE = (
-    "python -c \"import json; from memlayer.integrations.server.app import openapi_document; "
-    "print(json.dumps(openapi_document(), indent=2, sort_keys=True))\" > docs/openapi.json"
+    'python -c "import json; from memlayer.integrations.server.app import openapi_document; '
+    'print(json.dumps(openapi_document(), indent=2, sort_keys=True))" > docs/openapi.json'
 )
 
 
@@ -50,8 +50,11 @@ SCHEMA = schemathesis.openapi.from_dict(openapi_document())
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Any]]]:
     with serve(str(tmp_path_factory.mktemp("fuzzed"))) as url, httpx.Client() as http:
         _, key = new_tenant(http, url)
-        http.post(f"{url}/v1/memories/bulk", headers=key,
-                  json={"items": [{"text": "seed memory", "id": "seed"}], "user_id": "ada"})
+        http.post(
+            f"{url}/v1/memories/bulk",
+            headers=key,
+            json={"items": [{"text": "seed memory", "id": "seed"}], "user_id": "ada"},
+        )
         yield url, key
 
 

@@ -127,9 +127,7 @@ async def count_memories(body: CountIn, caller: Tenant, svc: Svc) -> CountOut:
 @router.post("/memories/lookup", tags=["memories"], response_model=MemoriesOut)
 async def lookup_memories(body: IdsIn, caller: Tenant, svc: Svc) -> MemoriesOut:
     """The memories with these ids in the scope, in the order asked; others left out."""
-    hits = await svc.call(
-        svc.memory.get_many, body.ids, tenant_id=caller.tenant_id, **body.scope()
-    )
+    hits = await svc.call(svc.memory.get_many, body.ids, tenant_id=caller.tenant_id, **body.scope())
     return MemoriesOut(memories=[memory_out(hit) for hit in hits], next_offset=None)
 
 
