@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 pytest.importorskip("fastapi")
-schemathesis = pytest.importorskip("schemathesis")
+pytest.importorskip("schemathesis")
 import httpx
+import schemathesis
 from hypothesis import HealthCheck, settings
 from server_process import ADMIN_HEADERS, new_tenant, serve
 
