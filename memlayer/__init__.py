@@ -9,6 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from memlayer.errors import (
+    AuthenticationError,
     CapacityError,
     ClosedError,
     CorruptionError,
@@ -32,6 +33,8 @@ _LAZY = {
     "KVSession": "memlayer.kv_session",
     "Limits": "memlayer.config",
     "DatabaseOptions": "memlayer.config",
+    "RemoteMemory": "memlayer.remote",
+    "AsyncRemoteMemory": "memlayer.remote",
 }
 
 if TYPE_CHECKING:
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from memlayer.context import Context, CragContext
     from memlayer.kv_session import KVSession
     from memlayer.memory import Memory
+    from memlayer.remote import AsyncRemoteMemory, RemoteMemory
 
 
 def __getattr__(name: str) -> Any:
@@ -53,6 +57,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AsyncMemory",
+    "AsyncRemoteMemory",
+    "AuthenticationError",
     "CapacityError",
     "ClosedError",
     "Context",
@@ -69,6 +75,7 @@ __all__ = [
     "ModelMismatchError",
     "NotFoundError",
     "Page",
+    "RemoteMemory",
     "Scope",
     "StorageError",
     "UnsupportedModelError",

@@ -75,6 +75,17 @@ def _parser() -> argparse.ArgumentParser:
     upgrade.add_argument(
         "--embedder", default=None, help="for a new database: 'minilm' (default), 'hash', a folder"
     )
+
+    serve = commands.add_parser(
+        "serve", help="run the multi-tenant HTTP memory service (needs memlayer[server])"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--db", help="database URL, or a memory folder (default: MEMLAYER_URL, else the data dir)"
+    )
+    serve.add_argument("--workers", type=int, default=1, help="worker processes")
+    serve.add_argument("--embedder", default=None, help="'minilm' (default), 'hash' or a folder")
     return parser
 
 
@@ -126,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "db":
         return _db(args)
+    if args.command == "serve":
+        return _serve(args)
     scope = {name: getattr(args, name) for name in SCOPE_FIELDS if getattr(args, name) is not None}
     try:
         Scope.of(scope)
@@ -193,6 +206,43 @@ def _db(args: argparse.Namespace) -> int:
         print(f"already at {status.head}")
     else:
         print(f"upgraded {status.revision or 'none'} -> {status.head}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run the service with uvicorn. Workers are separate processes that open the database
+    named here through the environment (`MEMLAYER_URL` or `MEMLAYER_DATA_DIR`), so they all
+    serve one store; the app is named by import path, as uvicorn needs for several workers."""
+    import os
+
+    from memlayer.optional import require
+
+    try:
+        require("fastapi", "server")
+        require("prometheus_client", "server")
+        uvicorn = require("uvicorn", "server")
+    except MemlayerError as exc:
+        print(f"memlayer: error: {exc}", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print("memlayer: error: --workers: must be at least 1", file=sys.stderr)
+        return 2
+    if args.db:
+        if "://" in args.db:
+            os.environ["MEMLAYER_URL"] = args.db
+        else:
+            os.environ.pop("MEMLAYER_URL", None)
+            os.environ["MEMLAYER_DATA_DIR"] = str(Path(args.db).resolve())
+    if args.embedder:
+        os.environ["MEMLAYER_EMBEDDER"] = args.embedder
+    uvicorn.run(
+        "memlayer.integrations.server.app:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        timeout_graceful_shutdown=10,
+    )
     return 0
 
 

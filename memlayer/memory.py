@@ -32,7 +32,7 @@ from memlayer.stores import filters as filter_rules
 from memlayer.stores.database import sqlite_url
 from memlayer.stores.records import NewRecord, Record, RecordStore
 from memlayer.tokens import Tokenizer, resolve_tokenizer
-from memlayer.types import Hit, Scope, new_id
+from memlayer.types import Hit, Scope, check_unicode, new_id
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,10 @@ class Memory:
         self._closed = False
         self._strategies: dict[str, ContextStrategy] = {}
         self.embedder = resolve_embedder(embedder if embedder is not None else settings.embedder)
+        # the records database, which other components (the HTTP service) may share
+        self.url = database_url(folder, url)
         self._records = RecordStore(
-            database_url(folder, url),
+            self.url,
             embedder_name=self.embedder.name,
             dim=self.embedder.dim,
             keywords=index_text,
@@ -287,18 +289,24 @@ class Memory:
         *,
         filters: Mapping[str, Any] | None = None,
         limit: int | None = None,
+        offset: int = 0,
         **scope: str | None,
     ) -> list[Hit]:
         """Every record in the scope matching `filters`, in the order they were first written
-        (score 1.0); at most `limit`. For listing, not for ranking: no query, no index."""
+        (score 1.0); at most `limit`, after skipping `offset` (pages). For listing, not for
+        ranking: no query, no index."""
         owner = Scope.of(scope)
         bad_limit = isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
         if limit is not None and bad_limit:
             raise InvalidInputError("limit", "must be an integer >= 0", limit)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidInputError("offset", "must be an integer >= 0", offset)
         filter_rules.validate(filters)
         self._check_open()
         condition = self._records.condition(owner, filters)
-        records = self._records.fetch_where(condition, oldest_first=True, limit=limit)
+        records = self._records.fetch_where(
+            condition, oldest_first=True, limit=limit, offset=offset
+        )
         return [_hit(record, 1.0) for record in records]
 
     def count(self, *, filters: Mapping[str, Any] | None = None, **scope: str | None) -> int:
@@ -484,7 +492,7 @@ class Memory:
                 "(Limits.max_text_chars; ingest() chunks long documents)",
                 f"{len(text)} characters",
             )
-        return text
+        return check_unicode(text, field)
 
     def _check_metadata(
         self, metadata: Mapping[str, Any] | None, field: str = "metadata"
@@ -497,6 +505,7 @@ class Memory:
             encoded = json.dumps(dict(metadata), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise InvalidInputError(field, f"must be JSON-serializable ({exc})") from exc
+        check_unicode(json.dumps(dict(metadata), ensure_ascii=False), field)
         size = len(encoded.encode())
         if size > self.limits.max_metadata_bytes:
             raise InvalidInputError(
@@ -539,7 +548,7 @@ def _check_k(k: object) -> None:
 def _check_id(record_id: object) -> str:
     if not isinstance(record_id, str) or not record_id or len(record_id) > _MAX_ID_LEN:
         raise InvalidInputError("id", f"must be a non-empty string of at most {_MAX_ID_LEN} chars")
-    return record_id
+    return check_unicode(record_id, "id")
 
 
 def _id_list(ids: object) -> list[object]:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from memlayer.errors import InvalidInputError
+from memlayer.types import check_unicode
 
 COMPARISONS = ("$eq", "$ne", "$in", "$nin", "$gt", "$gte", "$lt", "$lte", "$exists")
 LOGICAL = ("$and", "$or")
@@ -32,6 +33,7 @@ def validate(filters: Filter | None, field: str = "filters") -> None:
         where = f"{field}.{key}"
         if not isinstance(key, str) or not key:
             raise InvalidInputError(field, "keys must be non-empty strings", key)
+        check_unicode(key, field)
         if key in LOGICAL:
             if not isinstance(value, list) or not value:
                 raise InvalidInputError(where, "must be a non-empty list of filters", value)
@@ -111,7 +113,10 @@ def _validate_condition(value: Any, where: str) -> None:
 
 
 def _check_scalar(value: Any, where: str) -> None:
-    if isinstance(value, (bool, str)):
+    if isinstance(value, str):
+        check_unicode(value, where)
+        return
+    if isinstance(value, bool):
         return
     if isinstance(value, int):
         if abs(value) >= _MAX_SAFE_INT:

@@ -365,10 +365,11 @@ class RecordStore:
         embeddings: bool = False,
         oldest_first: bool = False,
         limit: int | None = None,
+        offset: int = 0,
     ) -> list[Record]:
         """Records matching a SQL condition, with their embeddings when asked; `oldest_first`
         orders them as they were first written (the rowid order: a replaced record keeps its
-        place)."""
+        place); `offset` skips that many first."""
         from sqlalchemy import select
 
         table = self.records
@@ -379,6 +380,8 @@ class RecordStore:
             query = query.order_by(table.c.rowid)
         if limit is not None:
             query = query.limit(limit)
+        if offset:
+            query = query.offset(offset)
         with self.engine.connect() as conn:
             return [_record(row._mapping) for row in conn.execute(query)]
 

@@ -103,11 +103,12 @@ class MemlayerStore(BaseStore):
             )
         else:
             self._pair = MemoryPair.of(memory)
+            self._pair.local("MemlayerStore")
         self._owns_memory = memory is None
         self._scope = Scope.of({"tenant_id": tenant_id}).as_dict()
         self._fields: list[str] | None = None
         if index is not None:
-            dim = self._pair.sync.embedder.dim
+            dim = self._pair.local("MemlayerStore").embedder.dim
             if index.get("dims", dim) != dim:
                 raise InvalidInputError("index.dims", f"must equal the embedder's width {dim}")
             self._fields = list(index.get("fields") or ["$"])
