@@ -69,10 +69,14 @@ class PgVectorSearch:
             with self._records.write() as conn:
                 self._build_index(conn)
             with self._records.write() as conn:  # the planner's row estimates, for filters too
+                conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
                 conn.exec_driver_sql("ANALYZE records")
 
     def _build_index(self, conn: Any) -> None:
-        """Create the HNSW index unless it exists, with the build memory configured."""
+        """Create the HNSW index unless it exists, with the build memory configured and no
+        statement timeout (a build over many rows takes minutes; a timeout meant for
+        queries would cancel it every time)."""
+        conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
         memory_mb = self._config.pg_build_memory_mb
         if memory_mb is not None:
             conn.exec_driver_sql(f"SET LOCAL maintenance_work_mem = '{int(memory_mb)}MB'")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -235,3 +236,19 @@ def test_an_equality_filter_can_be_answered_by_the_metadata_index(url: str) -> N
             assert "records_metadata" in plan, plan
         assert memory.count(filters={"i": {"$in": [3, 5]}}) == 2
     engine.dispose()
+
+
+def test_a_bulk_load_builds_its_index_past_the_statement_timeout(postgres_url: str) -> None:
+    """The statement timeout is for queries; the index build after a load takes as long as
+    it takes (here a wide graph over the rows: seconds, against a 0.5 s timeout)."""
+    from memlayer import DatabaseOptions
+
+    config = IndexConfig(hnsw_m=64, hnsw_ef_construction=1000)
+    options = DatabaseOptions(statement_timeout_s=0.5)
+    items = [{"text": t, "id": t} for t in TEXTS]
+    with Memory(url=postgres_url, embedder=lookup, index_config=config, database=options) as m:
+        started = time.perf_counter()
+        m.bulk_add(items, batch_size=100, progress=False)
+        assert time.perf_counter() - started > 0.5  # the build outlasted the timeout
+        assert m.count() == COUNT
+    assert "ef_construction='1000'" in _indexes(postgres_url)["records_embedding_hnsw"]
