@@ -322,19 +322,26 @@ class RecordStore:
         return self._transaction(work)
 
     def delete_where(self, condition: Any) -> tuple[list[int], int]:
-        """Delete the rows matching a SQL condition: (their rowids, sequence)."""
+        """Delete the rows matching a SQL condition: (their rowids, sequence).
+
+        When a retry follows a commit whose answer was lost, the rows the earlier attempt
+        found and that are gone now were deleted by that commit: they are reported deleted,
+        not missing."""
         from sqlalchemy import select
 
         table = self.records
+        earlier: set[int] = set()
 
         def work() -> tuple[list[int], int]:
             with self.write() as conn:
                 found = conn.execute(select(table.c.rowid).where(condition)).scalars()
                 rowids = [int(r) for r in found]
+                gone = earlier - set(rowids)
+                earlier.update(rowids)
                 if not rowids:
-                    return [], int(self._setting("seq", conn) or 0)
+                    return sorted(gone), int(self._setting("seq", conn) or 0)
                 conn.execute(table.delete().where(table.c.rowid.in_(rowids)))
-                return rowids, self._log(conn, rowids)
+                return sorted(gone.union(rowids)), self._log(conn, rowids)
 
         return self._transaction(work)
 
