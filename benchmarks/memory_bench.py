@@ -500,8 +500,12 @@ def bench_memlayer_postgres(work: Workload) -> Result:
         embed, query_box = table_embedder(work)
         work.context["index_of"] = {text: i for i, text in enumerate(work.docs)}
 
+        # the build holds the vectors and the graph in memory: 1M 384-d vectors need ~3 GB
+        build_mb = max(1024, len(work.data) * work.data.shape[1] * 4 * 2 // 2**20)
+
         def opened(ef: int) -> Any:
-            return Memory(url=url, embedder=embed, index_config=IndexConfig(hnsw_ef_search=ef))
+            config = IndexConfig(hnsw_ef_search=ef, pg_build_memory_mb=build_mb)
+            return Memory(url=url, embedder=embed, index_config=config)
 
         with opened(100) as memory:
             items = [
