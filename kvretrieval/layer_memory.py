@@ -10,9 +10,9 @@ restore around a question, and the tensors a saved session keeps.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -24,7 +24,17 @@ from memlayer.kvretrieval.rope import Rotary
 from memlayer.kvretrieval.sealed_pages import SealedPages
 from memlayer.kvretrieval.selectors import PageSelector
 from memlayer.kvretrieval.window import SinkBuffer, WindowBuffer
-from memlayer.stores import PageStore, Tier
+from memlayer.stores import PageStore
+from memlayer.types import Page
+
+
+class PageFolder(Protocol):
+    """Where a saved session's pages go: a disk tier, or a database's saved-session pages."""
+
+    def put_many(self, pages: Sequence[Page]) -> list[Page]: ...
+
+    def get_many(self, page_ids: Sequence[str]) -> list[Page]: ...
+
 
 # layer tensors as memlayer 0.2.0 named them in saved sessions
 _SAVED_BY_0_2 = {
@@ -273,7 +283,7 @@ class LayerMemory(CacheLayerMixin):
         self.pages.truncate(state.pages)
         self.selector.truncate(state.pages)
 
-    def save(self, folder: Tier) -> dict[str, Any]:
+    def save(self, folder: PageFolder) -> dict[str, Any]:
         """Write this layer's pages to `folder`; the tensors that rebuild the rest of it."""
         pages = self.pages
         ids = [pages.page_id(i) for i in range(pages.count)]
@@ -290,7 +300,7 @@ class LayerMemory(CacheLayerMixin):
             "selector": self.selector.state(),
         }
 
-    def load(self, saved: dict[str, Any], folder: Tier) -> None:
+    def load(self, saved: dict[str, Any], folder: PageFolder) -> None:
         """Rebuild this (empty) layer from what `save` returned and the pages in `folder`."""
         saved = {_SAVED_BY_0_2.get(key, key): value for key, value in saved.items()}
         self.window.reset(saved["window_k"], saved["window_v"], int(saved["window_start"]))
@@ -299,7 +309,7 @@ class LayerMemory(CacheLayerMixin):
         for first in range(0, len(starts), 64):  # a bounded number of pages up at a time
             ids = [self.pages.page_id(i) for i in range(first, min(first + 64, len(starts)))]
             pages = folder.get_many(ids)
-            payloads = [page.payload for page in pages]
+            payloads = [cast(Mapping[str, Any], page.payload) for page in pages]
             self.pages.extend(
                 torch.stack([payload["k"] for payload in payloads]),
                 torch.stack([payload["v"] for payload in payloads]),

@@ -9,6 +9,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from memlayer.errors import (
+    AuthenticationError,
     CapacityError,
     ClosedError,
     CorruptionError,
@@ -34,6 +35,8 @@ _LAZY = {
     "VideoAnswer": "memlayer.video_session",
     "Limits": "memlayer.config",
     "DatabaseOptions": "memlayer.config",
+    "RemoteMemory": "memlayer.remote",
+    "AsyncRemoteMemory": "memlayer.remote",
 }
 
 if TYPE_CHECKING:
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from memlayer.context import Context, CragContext
     from memlayer.kv_session import KVSession
     from memlayer.memory import Memory
+    from memlayer.remote import AsyncRemoteMemory, RemoteMemory
     from memlayer.video_session import VideoAnswer, VideoSession
 
 
@@ -56,6 +60,8 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AsyncMemory",
+    "AsyncRemoteMemory",
+    "AuthenticationError",
     "CapacityError",
     "ClosedError",
     "Context",
@@ -72,6 +78,7 @@ __all__ = [
     "ModelMismatchError",
     "NotFoundError",
     "Page",
+    "RemoteMemory",
     "Scope",
     "StorageError",
     "UnsupportedModelError",

@@ -49,6 +49,10 @@ class AsyncMemory:
         """See `Memory.add_many`."""
         return await self._run(self._memory.add_many, list(items), **scope)
 
+    async def bulk_add(self, items: Any, **kwargs: Any) -> list[str]:
+        """See `Memory.bulk_add`."""
+        return await self._run(self._memory.bulk_add, list(items), **kwargs)
+
     async def ingest(self, stream: Any, **kwargs: Any) -> int:
         """See `Memory.ingest`."""
         return await self._run(self._memory.ingest, stream, **kwargs)

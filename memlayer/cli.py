@@ -62,6 +62,30 @@ def _parser() -> argparse.ArgumentParser:
     ingest.add_argument("--no-progress", action="store_true")
 
     commands.add_parser("stats", parents=[common], help="counts and locations")
+
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--path", type=Path, help="memory folder (default: user data dir)")
+    where.add_argument("--url", help="database URL instead of a folder (SQLAlchemy form)")
+    db = commands.add_parser("db", help="the database's schema revision")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("current", parents=[where], help="print the schema revision")
+    upgrade = db_commands.add_parser(
+        "upgrade", parents=[where], help="apply the schema revisions the database lacks"
+    )
+    upgrade.add_argument(
+        "--embedder", default=None, help="for a new database: 'minilm' (default), 'hash', a folder"
+    )
+
+    serve = commands.add_parser(
+        "serve", help="run the multi-tenant HTTP memory service (needs memlayer[server])"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--db", help="database URL, or a memory folder (default: MEMLAYER_URL, else the data dir)"
+    )
+    serve.add_argument("--workers", type=int, default=1, help="worker processes")
+    serve.add_argument("--embedder", default=None, help="'minilm' (default), 'hash' or a folder")
     return parser
 
 
@@ -111,6 +135,10 @@ def _json(value: str | None, field: str) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `memlayer` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "db":
+        return _db(args)
+    if args.command == "serve":
+        return _serve(args)
     scope = {name: getattr(args, name) for name in SCOPE_FIELDS if getattr(args, name) is not None}
     try:
         Scope.of(scope)
@@ -159,6 +187,62 @@ def _run(memory: Any, args: argparse.Namespace, scope: dict[str, str]) -> int:
     else:
         for key, value in memory.stats().items():
             print(f"{key}: {value}")
+    return 0
+
+
+def _db(args: argparse.Namespace) -> int:
+    from memlayer.schema import schema_status, upgrade_schema
+
+    try:
+        if args.db_command == "current":
+            status = schema_status(args.path, url=args.url)
+            print(f"{status.revision or 'none'} (head: {status.head})")
+            return 0
+        status = upgrade_schema(args.path, url=args.url, embedder=args.embedder)
+    except (MemlayerError, OSError) as exc:
+        print(f"memlayer: error: {exc}", file=sys.stderr)
+        return 2
+    if status.revision == status.head:
+        print(f"already at {status.head}")
+    else:
+        print(f"upgraded {status.revision or 'none'} -> {status.head}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run the service with uvicorn. Workers are separate processes that open the database
+    named here through the environment (`MEMLAYER_URL` or `MEMLAYER_DATA_DIR`), so they all
+    serve one store; the app is named by import path, as uvicorn needs for several workers."""
+    import os
+
+    from memlayer.optional import require
+
+    try:
+        require("fastapi", "server")
+        require("prometheus_client", "server")
+        uvicorn = require("uvicorn", "server")
+    except MemlayerError as exc:
+        print(f"memlayer: error: {exc}", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print("memlayer: error: --workers: must be at least 1", file=sys.stderr)
+        return 2
+    if args.db:
+        if "://" in args.db:
+            os.environ["MEMLAYER_URL"] = args.db
+        else:
+            os.environ.pop("MEMLAYER_URL", None)
+            os.environ["MEMLAYER_DATA_DIR"] = str(Path(args.db).resolve())
+    if args.embedder:
+        os.environ["MEMLAYER_EMBEDDER"] = args.embedder
+    uvicorn.run(
+        "memlayer.integrations.server.app:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        timeout_graceful_shutdown=10,
+    )
     return 0
 
 

@@ -65,12 +65,15 @@ def default_data_dir() -> Path:
 @dataclass(frozen=True)
 class DatabaseOptions:
     """How the records database is used: connection pool size (PostgreSQL), a server-side
-    timeout per statement (PostgreSQL; None: the server's), and how long a write is retried
-    after a lost connection or a rolled-back transaction (PostgreSQL)."""
+    timeout per statement (PostgreSQL; None: the server's), how long a write is retried
+    after a lost connection or a rolled-back transaction (PostgreSQL), and whether opening
+    applies missing schema revisions (False: refuse a database that is behind, for
+    deployments that run `memlayer db upgrade` separately)."""
 
     pool_size: int = 5
     statement_timeout_s: float | None = 30.0
     retry_s: float = 30.0
+    migrate: bool = True
 
 
 class Settings(BaseSettings):
@@ -84,6 +87,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=5, ge=1)  # MEMLAYER_DB_POOL_SIZE
     db_statement_timeout_s: float | None = Field(default=30.0, gt=0)  # ..._STATEMENT_TIMEOUT_S
     db_retry_s: float = Field(default=30.0, ge=0)  # MEMLAYER_DB_RETRY_S
+    db_migrate: bool = True  # MEMLAYER_DB_MIGRATE
 
     def database(self) -> DatabaseOptions:
         """The database options these settings name."""
@@ -91,6 +95,7 @@ class Settings(BaseSettings):
             pool_size=self.db_pool_size,
             statement_timeout_s=self.db_statement_timeout_s,
             retry_s=self.db_retry_s,
+            migrate=self.db_migrate,
         )
 
 

@@ -44,6 +44,10 @@ class ClosedError(MemlayerError, RuntimeError):
         super().__init__(f"{what} is closed; open a new one")
 
 
+class AuthenticationError(MemlayerError, PermissionError):
+    """The memory service refused the API key: missing, unknown or revoked."""
+
+
 class CapacityError(MemlayerError):
     """Something does not fit a configured budget (bytes, tokens, pages)."""
 

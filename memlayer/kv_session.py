@@ -7,6 +7,7 @@ and the model's positions stay bounded whatever the stream's length.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Sequence
@@ -240,12 +241,30 @@ class KVSession:
             **self._timing,
         }
 
-    def save(self, path: str | Path) -> None:
-        """Persist the session's memory (every layer's pages, sinks and window) to a folder."""
+    def save(self, target: str | Path, *, name: str | None = None) -> None:
+        """Persist the session's memory (every layer's pages, sinks and window).
+
+        `target` is a folder, or a database URL (SQLite or PostgreSQL, SQLAlchemy form) with a
+        `name` for the session: any host that reaches the database can then `load` it. A save
+        to a database replaces an earlier save of the name whole, or not at all.
+        """
         from memlayer.kvretrieval.model import fingerprint
+
+        meta = {
+            "fingerprint": fingerprint(self.model),
+            "config": self.config.model_dump(mode="json"),
+            "selector_options": self.selector.options(),
+            "tokens_fed": self.tokens_fed,
+            "opened": self._opened,
+        }
+        if _is_url(target):
+            self._save_to_database(str(target), _named(name), meta)
+        else:
+            self._save_to_folder(Path(target), meta)
+
+    def _save_to_folder(self, folder: Path, meta: dict[str, Any]) -> None:
         from memlayer.stores import DiskTier
 
-        folder = Path(path)
         if folder.exists() and not folder.is_dir():
             raise InvalidInputError("path", "must be a folder, not a file", str(folder))
         folder.mkdir(parents=True, exist_ok=True)
@@ -256,52 +275,93 @@ class KVSession:
         finally:
             saved_pages.close()
         self._torch.save(layers, folder / "layers.pt")
-        meta = {
-            "fingerprint": fingerprint(self.model),
-            "config": self.config.model_dump(mode="json"),
-            "selector_options": self.selector.options(),
-            "tokens_fed": self.tokens_fed,
-            "opened": self._opened,
-        }
         (folder / "session.json").write_text(json.dumps(meta))
+
+    def _save_to_database(self, url: str, name: str, meta: dict[str, Any]) -> None:
+        from memlayer.stores.saved_sessions import SavedSessions
+
+        with SavedSessions(url) as saved:
+            generation, pages = saved.new_generation(name)
+            layers = [memory.save(pages) for memory in self.cache.memories]
+            state = io.BytesIO()
+            self._torch.save(layers, state)
+            saved.commit(name, generation, meta=meta, state=state.getvalue())
 
     @classmethod
     def load(
-        cls, path: str | Path, model: Any = None, tokenizer: Any = None, **kwargs: Any
+        cls,
+        target: str | Path,
+        model: Any = None,
+        tokenizer: Any = None,
+        *,
+        name: str | None = None,
+        **kwargs: Any,
     ) -> KVSession:
-        """Reopen a saved session on the same model (ModelMismatchError otherwise).
+        """Reopen a session saved to a folder, or to a database URL under `name`, on the same
+        model (ModelMismatchError otherwise).
 
         A selector registered by name is rebuilt with its saved options; an unregistered
         one is passed again as `selector=`.
         """
-        from memlayer.kvretrieval.model import fingerprint, load_smollm2
-        from memlayer.kvretrieval.selectors import resolve_selector
         from memlayer.stores import DiskTier
+        from memlayer.stores.saved_sessions import SavedSessions
 
         torch = require("torch", "kv")
-        folder = Path(path)
+        if _is_url(target):
+            with SavedSessions(str(target)) as saved:
+                stored = saved.open(_named(name))
+                layers = torch.load(io.BytesIO(stored.state), weights_only=True)
+                return cls._rebuilt(stored.meta, layers, stored.pages, model, tokenizer, kwargs)
+        folder = Path(target)
         if not (folder / "session.json").is_file():
             raise NotFoundError("saved KV session", str(folder))
         meta = json.loads((folder / "session.json").read_text())
-        if model is None:
-            model, tokenizer = load_smollm2()
-        if fingerprint(model) != meta["fingerprint"]:
-            raise ModelMismatchError(f"{folder} was saved from a different model")
-        config = dict(meta["config"])
-        name = config.pop("selector")
-        options = meta.get("selector_options")
-        if "repr_topk" in config:  # saved by 0.2.0, when the config held InfLLM's option
-            repr_topk = config.pop("repr_topk")
-            options = {"repr_topk": repr_topk} if name == "infllm" else {}
-        selector = kwargs.pop("selector", None) or resolve_selector(name, options)
-        session = cls(model, tokenizer, selector=selector, **{**config, **kwargs})
         layers = torch.load(folder / "layers.pt", weights_only=True)
         saved_pages = DiskTier(folder / "pages")
         try:
-            for memory, saved in zip(session.cache.memories, layers, strict=True):
-                memory.load(saved, saved_pages)
+            return cls._rebuilt(meta, layers, saved_pages, model, tokenizer, kwargs)
         finally:
             saved_pages.close()
+
+    @classmethod
+    def _rebuilt(
+        cls,
+        meta: dict[str, Any],
+        layers: list[dict[str, Any]],
+        pages: Any,
+        model: Any,
+        tokenizer: Any,
+        kwargs: dict[str, Any],
+    ) -> KVSession:
+        """A session on `model` holding what a save stored (its metadata, layers, pages)."""
+        from memlayer.kvretrieval.model import fingerprint, load_smollm2
+        from memlayer.kvretrieval.selectors import resolve_selector
+
+        if model is None:
+            model, tokenizer = load_smollm2()
+        if fingerprint(model) != meta["fingerprint"]:
+            raise ModelMismatchError("the saved session was saved from a different model")
+        config = dict(meta["config"])
+        selector_name = config.pop("selector")
+        options = meta.get("selector_options")
+        if "repr_topk" in config:  # saved by 0.2.0, when the config held InfLLM's option
+            repr_topk = config.pop("repr_topk")
+            options = {"repr_topk": repr_topk} if selector_name == "infllm" else {}
+        selector = kwargs.pop("selector", None) or resolve_selector(selector_name, options)
+        session = cls(model, tokenizer, selector=selector, **{**config, **kwargs})
+        for memory, saved in zip(session.cache.memories, layers, strict=True):
+            memory.load(saved, pages)
         session.tokens_fed = meta["tokens_fed"]
         session._opened = meta["opened"]
         return session
+
+
+def _is_url(target: str | Path) -> bool:
+    """A database URL ('postgresql+psycopg://...', 'sqlite:///...') rather than a folder."""
+    return isinstance(target, str) and "://" in target
+
+
+def _named(name: str | None) -> str:
+    if name is None:
+        raise InvalidInputError("name", "must be given when the target is a database URL", name)
+    return name

@@ -42,6 +42,7 @@ class Scope:
                     f"must be a non-empty string of at most {_MAX_SCOPE_LEN} characters",
                     value,
                 )
+            check_unicode(value, name)
 
     @classmethod
     def of(cls, scope: Mapping[str, Any]) -> Scope:
@@ -56,6 +57,18 @@ class Scope:
     def as_dict(self) -> dict[str, str]:
         """The set fields only."""
         return {k: v for k in SCOPE_FIELDS if (v := getattr(self, k)) is not None}
+
+
+def check_unicode(text: str, field: str) -> str:
+    """`text`, or InvalidInputError when it cannot be stored as UTF-8 (a lone surrogate, which
+    JSON's `\\ud800` escapes can carry in from a client)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            field, f"must be valid Unicode (a lone surrogate at position {exc.start})"
+        ) from exc
+    return text
 
 
 def new_id() -> str:

@@ -10,6 +10,8 @@ exactly when the planner expects few matches, and when HNSW still comes back sho
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -29,11 +31,7 @@ class PgVectorSearch:
         self._records = records
         self._config = config
         with records.write() as conn:
-            conn.exec_driver_sql(
-                f"CREATE INDEX IF NOT EXISTS {_INDEX} ON records USING hnsw "
-                f"(embedding vector_cosine_ops) WITH (m = {int(config.hnsw_m)}, "
-                f"ef_construction = {int(config.hnsw_ef_construction)})"
-            )
+            self._build_index(conn)
             version = conn.exec_driver_sql(
                 "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
             ).scalar()
@@ -55,6 +53,38 @@ class PgVectorSearch:
             if len(found) < k:
                 return self._ranked(conn, query, k, condition, None)
             return found
+
+    @contextmanager
+    def bulk_load(self) -> Iterator[None]:
+        """Drop the HNSW index for the load and build it once after, from all the rows (a
+        build is several times faster than maintaining the graph row by row), then refresh
+        the table's statistics, without which the planner would take the grown table for
+        an empty one. Meanwhile every worker's searches rank exactly (correct, slower);
+        writers wait for the build."""
+        with self._records.write() as conn:
+            conn.exec_driver_sql(f"DROP INDEX IF EXISTS {_INDEX}")
+        try:
+            yield
+        finally:
+            with self._records.write() as conn:
+                self._build_index(conn)
+            with self._records.write() as conn:  # the planner's row estimates, for filters too
+                conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
+                conn.exec_driver_sql("ANALYZE records")
+
+    def _build_index(self, conn: Any) -> None:
+        """Create the HNSW index unless it exists, with the build memory configured and no
+        statement timeout (a build over many rows takes minutes; a timeout meant for
+        queries would cancel it every time)."""
+        conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
+        memory_mb = self._config.pg_build_memory_mb
+        if memory_mb is not None:
+            conn.exec_driver_sql(f"SET LOCAL maintenance_work_mem = '{int(memory_mb)}MB'")
+        conn.exec_driver_sql(
+            f"CREATE INDEX IF NOT EXISTS {_INDEX} ON records USING hnsw "
+            f"(embedding vector_cosine_ops) WITH (m = {int(self._config.hnsw_m)}, "
+            f"ef_construction = {int(self._config.hnsw_ef_construction)})"
+        )
 
     def _ranked(
         self, conn: Any, query: np.ndarray, k: int, condition: Any, ef_search: int | None

@@ -8,6 +8,7 @@ their rankings are fused.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -92,6 +93,10 @@ class Retriever:
     def vectors(self) -> int:
         """How many vectors are searchable."""
         return self._vectors.count()
+
+    def bulk_load(self) -> AbstractContextManager[None]:
+        """Around a large load (see `VectorSearch.bulk_load`)."""
+        return self._vectors.bulk_load()
 
     def save(self) -> None:
         """Save what the vector search would otherwise rebuild on the next open."""

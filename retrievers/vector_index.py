@@ -47,6 +47,9 @@ class IndexConfig:
     # a filtered PostgreSQL search the planner expects to match at most this many records
     # ranks them exactly (no index); HNSW otherwise, exactly if HNSW finds fewer than k
     pg_exact_below: int = 10_000
+    # maintenance_work_mem for building the HNSW index (None: the server's setting); a graph
+    # that outgrows it is built far slower
+    pg_build_memory_mb: int | None = 1024
 
 
 class VectorIndex:

@@ -8,6 +8,7 @@ the table and pgvector searches them in SQL (`PgVectorSearch`), so no process ke
 from __future__ import annotations
 
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,6 +42,10 @@ class VectorSearch(Protocol):
 
     def save(self) -> None:
         """Persist what would otherwise be rebuilt on the next open."""
+        ...
+
+    def bulk_load(self) -> AbstractContextManager[None]:
+        """Around a large load: what lets the index be built once after it, if anything."""
         ...
 
 
@@ -85,6 +90,10 @@ class MirroredVectorSearch:
         with self._lock:
             if self._mirror.dirty:
                 self._mirror.save()
+
+    def bulk_load(self) -> AbstractContextManager[None]:
+        """Nothing to set aside: FAISS takes batched adds at full speed."""
+        return nullcontext()
 
 
 def open_vector_search(

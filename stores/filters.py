@@ -8,10 +8,12 @@ Semantics (identical in Python and SQL): keys are dotted paths into the metadata
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from memlayer.errors import InvalidInputError
+from memlayer.types import check_unicode
 
 COMPARISONS = ("$eq", "$ne", "$in", "$nin", "$gt", "$gte", "$lt", "$lte", "$exists")
 LOGICAL = ("$and", "$or")
@@ -31,6 +33,7 @@ def validate(filters: Filter | None, field: str = "filters") -> None:
         where = f"{field}.{key}"
         if not isinstance(key, str) or not key:
             raise InvalidInputError(field, "keys must be non-empty strings", key)
+        check_unicode(key, field)
         if key in LOGICAL:
             if not isinstance(value, list) or not value:
                 raise InvalidInputError(where, "must be a non-empty list of filters", value)
@@ -110,7 +113,10 @@ def _validate_condition(value: Any, where: str) -> None:
 
 
 def _check_scalar(value: Any, where: str) -> None:
-    if isinstance(value, (bool, str)):
+    if isinstance(value, str):
+        check_unicode(value, where)
+        return
+    if isinstance(value, bool):
         return
     if isinstance(value, int):
         if abs(value) >= _MAX_SAFE_INT:
@@ -180,10 +186,14 @@ _ORDER = {
 class _JsonField:
     """The kind and value of one JSON path in SQL, for one dialect."""
 
-    def __init__(self, kind: Any, text: Any, number: Any):
+    def __init__(self, kind: Any, text: Any, number: Any, contains: Any = None):
         self.kind = kind  # 'number' | 'string' | 'true' | 'false' | 'null' | ...; NULL if missing
         self.text = text
         self.number = number
+        # PostgreSQL: operand -> `column @> {path: operand}`, which a GIN index answers; it
+        # holds whenever the path equals the operand, so ANDed with the exact test it only
+        # lets the planner narrow the rows first
+        self.contains = contains
 
 
 def _json_field(column: Any, path: str, dialect: str) -> _JsonField:
@@ -215,7 +225,16 @@ def _json_field(column: Any, path: str, dialect: str) -> _JsonField:
             else_=raw_kind,
         )
         number = case((raw_kind == "number", cast(text, Numeric)), else_=None)
-        return _JsonField(kind, text, number)
+
+        def contains(operand: Any) -> Any:
+            from sqlalchemy.dialects.postgresql import JSONB
+
+            nested: Any = operand
+            for part in reversed(parts):
+                nested = {part: nested}
+            return column.op("@>")(cast(literal(json.dumps(nested), Text), JSONB))
+
+        return _JsonField(kind, text, number, contains)
     raise InvalidInputError("url", "metadata filters support SQLite and PostgreSQL", dialect)
 
 
@@ -229,10 +248,11 @@ def _eq_sql(field: _JsonField, operand: Any) -> Any:
     from sqlalchemy import and_
 
     kind = _kind_name(operand)
+    narrowed = [] if field.contains is None else [field.contains(operand)]
     if kind in ("true", "false"):
-        return and_(field.kind.is_not(None), field.kind == kind)
+        return and_(*narrowed, field.kind.is_not(None), field.kind == kind)
     target = field.number if kind == "number" else field.text
-    return and_(field.kind.is_not(None), field.kind == kind, target == operand)
+    return and_(*narrowed, field.kind.is_not(None), field.kind == kind, target == operand)
 
 
 def _field_sql(field: _JsonField, condition: Any) -> Any:

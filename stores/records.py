@@ -27,13 +27,11 @@ from memlayer.config import DatabaseOptions
 from memlayer.errors import InvalidInputError, ModelMismatchError, StorageError
 from memlayer.types import SCOPE_FIELDS, Scope
 
-SCHEMA = 2  # 1: memlayer 0.1.0 (ids unique across tenants, FTS over the raw text)
 DEFAULT_TENANT = ""  # stored for tenant_id=None: a user-given tenant is never empty
 LOG_KEEP = 100_000  # write sequence numbers of change log kept behind a saved vector index
 
 T = TypeVar("T")
 _PG_ROWS = 500  # rows per INSERT statement on PostgreSQL
-_OLD_FTS = ("records_ai", "records_ad", "records_au")  # 0.1.0's triggers on its FTS table
 
 
 @dataclass
@@ -96,7 +94,7 @@ class RecordStore:
         self._writer = writer(self.engine)
         self.dialect = self.engine.dialect.name
         self.dim = dim
-        self.records, self.changes, self.settings, self._meta = _tables(self.dialect, dim)
+        self.records, self.changes, self.settings, self.schema = _tables(self.dialect, dim)
         try:
             with self._writer.begin() as conn:
                 self._create_or_migrate(conn)
@@ -109,40 +107,12 @@ class RecordStore:
     # -- schema ---------------------------------------------------------------------------
 
     def _create_or_migrate(self, conn: Any) -> None:
-        from sqlalchemy import inspect
+        from memlayer.stores import migrations
 
-        tables = set(inspect(conn).get_table_names())
-        if self.dialect == "postgresql":
-            conn.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS vector")
-            if "records" in tables:
-                _refuse_pre_pgvector_layout(conn)
-        if "records" in tables and int(self._setting("schema", conn) or 1) < SCHEMA:
-            self._migrate_from_1(conn)
-        self._meta.create_all(conn)
-        self._set_setting("schema", str(SCHEMA), conn)
-
-    def _migrate_from_1(self, conn: Any) -> None:
-        """Rebuild a 0.1.0 records table in place: key (tenant, id), keywords derived, rowids
-        kept (so a vector index saved by 0.1.0 stays valid and is not rebuilt)."""
-        if self.dialect == "sqlite":
-            for trigger in _OLD_FTS:
-                conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {trigger}")
-            conn.exec_driver_sql("DROP TABLE IF EXISTS records_fts")
-        conn.exec_driver_sql("DROP INDEX IF EXISTS records_scope")
-        conn.exec_driver_sql("ALTER TABLE records RENAME TO records_v1")
-        self.records.create(conn)
-        columns = ["rowid", "id", *SCOPE_FIELDS, "text", "metadata", "embedding"]
-        columns += ["created_at", "updated_at"]
-        old = conn.exec_driver_sql(f"SELECT {', '.join(columns)} FROM records_v1")
-        rows = [dict(zip(columns, row, strict=True)) for row in old]
-        for row in rows:
-            row["tenant_id"] = row["tenant_id"] or DEFAULT_TENANT
-            row["keywords"] = self._keywords(row["text"])
-            if isinstance(row["metadata"], str):
-                row["metadata"] = json.loads(row["metadata"])
-        if rows:
-            conn.execute(self.records.insert(), rows)
-        conn.exec_driver_sql("DROP TABLE records_v1")
+        if self.options.migrate:
+            migrations.upgrade(conn, dim=self.dim, keywords=self._keywords)
+        else:
+            migrations.require_head(conn)
 
     def _check_embedder(self, name: str, dim: int) -> None:
         with self.write() as conn:
@@ -298,24 +268,25 @@ class RecordStore:
         return int(found[0])
 
     def _upsert_postgres(self, conn: Any, values: list[dict[str, Any]]) -> list[int]:
-        """INSERT ... ON CONFLICT in statements of `_PG_ROWS` rows, in the caller's
-        transaction (ids are distinct within it): few round trips, each statement short
-        enough for a statement timeout and under the server's 65,535 parameters."""
+        """INSERT ... ON CONFLICT in the caller's transaction (ids are distinct within it),
+        sent by SQLAlchemy's insertmanyvalues as statements of `_PG_ROWS` rows: few round
+        trips, one compiled statement for any batch, each statement short enough for a
+        statement timeout and under the server's 65,535 parameters."""
         from sqlalchemy.dialects.postgresql import insert
 
-        rowids: dict[str, int] = {}
-        for start in range(0, len(values), _PG_ROWS):
-            part = values[start : start + _PG_ROWS]
-            statement = insert(self.records).values(part)
-            replaced = {
-                name: statement.excluded[name]
-                for name in part[0]
-                if name not in ("id", "tenant_id", "created_at")
-            }
-            returning = statement.on_conflict_do_update(
-                constraint="records_key", set_=replaced
-            ).returning(self.records.c.rowid, self.records.c.id)
-            rowids.update({rid: int(rowid) for rowid, rid in conn.execute(returning)})
+        statement = insert(self.records)
+        replaced = {
+            name: statement.excluded[name]
+            for name in values[0]
+            if name not in ("id", "tenant_id", "created_at")
+        }
+        returning = statement.on_conflict_do_update(
+            constraint="records_key", set_=replaced
+        ).returning(self.records.c.rowid, self.records.c.id)
+        rows = conn.execution_options(insertmanyvalues_page_size=_PG_ROWS).execute(
+            returning, values
+        )
+        rowids = {rid: int(rowid) for rowid, rid in rows}
         return [rowids[row["id"]] for row in values]
 
     def update(
@@ -351,19 +322,26 @@ class RecordStore:
         return self._transaction(work)
 
     def delete_where(self, condition: Any) -> tuple[list[int], int]:
-        """Delete the rows matching a SQL condition: (their rowids, sequence)."""
+        """Delete the rows matching a SQL condition: (their rowids, sequence).
+
+        When a retry follows a commit whose answer was lost, the rows the earlier attempt
+        found and that are gone now were deleted by that commit: they are reported deleted,
+        not missing."""
         from sqlalchemy import select
 
         table = self.records
+        earlier: set[int] = set()
 
         def work() -> tuple[list[int], int]:
             with self.write() as conn:
                 found = conn.execute(select(table.c.rowid).where(condition)).scalars()
                 rowids = [int(r) for r in found]
+                gone = earlier - set(rowids)
+                earlier.update(rowids)
                 if not rowids:
-                    return [], int(self._setting("seq", conn) or 0)
+                    return sorted(gone), int(self._setting("seq", conn) or 0)
                 conn.execute(table.delete().where(table.c.rowid.in_(rowids)))
-                return rowids, self._log(conn, rowids)
+                return sorted(gone.union(rowids)), self._log(conn, rowids)
 
         return self._transaction(work)
 
@@ -394,10 +372,11 @@ class RecordStore:
         embeddings: bool = False,
         oldest_first: bool = False,
         limit: int | None = None,
+        offset: int = 0,
     ) -> list[Record]:
         """Records matching a SQL condition, with their embeddings when asked; `oldest_first`
         orders them as they were first written (the rowid order: a replaced record keeps its
-        place)."""
+        place); `offset` skips that many first."""
         from sqlalchemy import select
 
         table = self.records
@@ -408,6 +387,8 @@ class RecordStore:
             query = query.order_by(table.c.rowid)
         if limit is not None:
             query = query.limit(limit)
+        if offset:
+            query = query.offset(offset)
         with self.engine.connect() as conn:
             return [_record(row._mapping) for row in conn.execute(query)]
 
@@ -545,6 +526,7 @@ def _tables(dialect: str, dim: int) -> tuple[Any, Any, Any, Any]:
         Column("updated_at", Float, nullable=False),
         UniqueConstraint("tenant_id", "id", name="records_key"),
         Index("records_scope", *SCOPE_FIELDS),
+        *_metadata_index(dialect),
         sqlite_autoincrement=True,  # a deleted rowid is never reused by a later record
     )
     changes = Table(
@@ -585,6 +567,22 @@ def _embedding(stored: Any) -> np.ndarray:
     return np.asarray(stored, dtype=np.float32)
 
 
+def _metadata_index(dialect: str) -> list[Any]:
+    """PostgreSQL: GIN over the metadata, which answers the filters' containment tests."""
+    from sqlalchemy import Index
+
+    if dialect != "postgresql":
+        return []
+    return [
+        Index(
+            "records_metadata",
+            "metadata",
+            postgresql_using="gin",
+            postgresql_ops={"metadata": "jsonb_path_ops"},
+        )
+    ]
+
+
 def _json_type(dialect: str) -> Any:
     """JSON on SQLite, jsonb on PostgreSQL (what the filters' typed paths need)."""
     from sqlalchemy import JSON
@@ -605,20 +603,6 @@ def _vector_type(dialect: str, dim: int) -> Any:
 
         return require("pgvector.sqlalchemy", "postgres").Vector(dim)
     return LargeBinary()
-
-
-def _refuse_pre_pgvector_layout(conn: Any) -> None:
-    """A records table written by memlayer 0.2.0 on PostgreSQL kept embeddings as bytea."""
-    kind = conn.exec_driver_sql(
-        "SELECT data_type FROM information_schema.columns "
-        "WHERE table_name = 'records' AND column_name = 'embedding'"
-    ).scalar()
-    if kind == "bytea":
-        raise StorageError(
-            "this PostgreSQL database holds records of memlayer 0.2.0 (embeddings as bytea); "
-            "this release keeps them in a pgvector column and cannot migrate it yet: "
-            "export and re-add the records"
-        )
 
 
 def _vectors(blobs: Sequence[bytes]) -> np.ndarray:

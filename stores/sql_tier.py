@@ -160,6 +160,15 @@ class SQLTier(Tier):
         if result.rowcount == 0:
             raise NotFoundError("page", page_id)
 
+    def evict_prefix(self, prefix: str, *, keep: str | None = None) -> int:
+        """Delete every page whose id starts with `prefix` (but not with `keep`); how many."""
+        from sqlalchemy import delete
+
+        chosen = self._table.c.id.startswith(prefix, autoescape=True)
+        if keep is not None:
+            chosen = chosen & ~self._table.c.id.startswith(keep, autoescape=True)
+        return int(self._run(delete(self._table).where(chosen), write=True).rowcount)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -37,11 +37,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A PostgreSQL server with pgvector, from the pgserver wheel, for the whole session."""
+def postgres_server() -> Iterator[Any]:
+    """A PostgreSQL server with pgvector, from the pgserver wheel, for the whole session.
+
+    Its data folder is not under pytest's temporary root, which pytest keeps private to the
+    user: run as root, pgserver starts PostgreSQL as its own unprivileged user, which must
+    be able to reach the folder."""
     pgserver = pytest.importorskip("pgserver")
     pytest.importorskip("psycopg")
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
+    folder = Path(tempfile.mkdtemp(prefix="memlayer-pg-"))
+    folder.chmod(0o755)
+    server = pgserver.get_server(folder, cleanup_mode="delete")
     yield server
     server.cleanup()
 

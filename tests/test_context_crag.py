@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,9 @@ QUERY = "battery charge parcel screen price speaker"
 
 
 @pytest.fixture
-def memory(tmp_path: Path):
-    with Memory(path=tmp_path / "mem", embedder="hash") as mem:
+def memory(open_memory: Callable[..., Memory]):
+    """The corpus in a Memory on each backend (SQLite, PostgreSQL with pgvector)."""
+    with open_memory(embedder="hash") as mem:
         mem.add_many(_items())
         yield mem
 

@@ -227,3 +227,77 @@ def test_a_dropped_session_frees_its_memory_without_waiting_for_the_garbage_coll
         assert cache() is None
     finally:
         gc.enable()
+
+
+def _saved_pages(url: str) -> list[str]:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        ids = [row[0] for row in conn.execute(text("SELECT id FROM memlayer_kv_pages"))]
+    engine.dispose()
+    return ids
+
+
+def test_a_session_saved_to_a_database_answers_the_same_and_a_resave_replaces_it(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'sessions.db'}"
+    model = tiny("llama")
+    session = KVSession(twin(model), None, progress=False, **SMALL)
+    session.feed(_ids(70))
+    before = session.continue_ids(_ids(4, seed=7), 6)
+    session.save(url, name="call-17")
+    first_save = set(_saved_pages(url))
+    loaded = KVSession.load(url, twin(model), None, name="call-17", progress=False)
+    assert loaded.tokens_fed == session.tokens_fed
+    assert loaded.continue_ids(_ids(4, seed=7), 6) == before
+
+    session.feed(_ids(30, seed=8))
+    after = session.continue_ids(_ids(4, seed=7), 6)
+    session.save(url, name="call-17")
+    second_save = set(_saved_pages(url))
+    assert first_save.isdisjoint(second_save)  # the older generation is gone
+    assert len(second_save) > len(first_save)
+    reloaded = KVSession.load(url, twin(model), None, name="call-17", progress=False)
+    assert reloaded.tokens_fed == session.tokens_fed
+    assert reloaded.continue_ids(_ids(4, seed=7), 6) == after
+    with pytest.raises(NotFoundError):
+        KVSession.load(url, twin(model), None, name="call-18")
+    with pytest.raises(InvalidInputError, match="name"):
+        session.save(url)
+    with pytest.raises(InvalidInputError, match="name"):
+        session.save(url, name="../etc")
+    assert set(_saved_pages(url)) == second_save  # refused saves stored nothing
+
+
+@pytest.mark.postgres
+def test_a_session_saved_to_postgresql_by_one_process_is_loaded_by_another(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Another process (standing in for another host) loads the session from the database
+    and answers exactly as the saving session would."""
+    import subprocess
+    import sys
+
+    session = KVSession(tiny("qwen3"), None, progress=False, selector="quest", **SMALL)
+    session.feed(_ids(70))
+    expected = session.continue_ids(_ids(4, seed=7), 6)
+    session.save(postgres_url, name="shared-session")
+    script = (
+        "import json, sys, torch; sys.path.insert(0, 'tests'); from kv_models import tiny;"
+        "from memlayer import KVSession;"
+        "ids = torch.randint(0, 96, (4,), generator=torch.Generator().manual_seed(7)).tolist();"
+        f"s = KVSession.load({postgres_url!r}, tiny('qwen3'), None, name='shared-session',"
+        " progress=False);"
+        "print(json.dumps(s.continue_ids(ids, 6)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected

@@ -180,13 +180,14 @@ INDEXES: dict[str, IndexConfig | None] = {
 }
 
 
-def _store_pair(index: IndexConfig | None, folder: Path) -> tuple[BaseStore, MemlayerStore]:
-    """InMemoryStore and MemlayerStore with one config; without an index memlayer still
-    needs an embedder, so the no-index store gets a hash-embedder Memory."""
+def _store_pair(index: IndexConfig | None, where: dict) -> tuple[BaseStore, MemlayerStore]:
+    """InMemoryStore and MemlayerStore with one config, on a backend's location; without an
+    index memlayer still needs an embedder, so the no-index store gets a hash-embedder
+    Memory."""
     reference = InMemoryStore(index=index)
     if index is None:
-        return reference, MemlayerStore(Memory(path=folder, embedder="hash"))
-    return reference, MemlayerStore(path=folder, index=index)
+        return reference, MemlayerStore(Memory(**where, embedder="hash"))
+    return reference, MemlayerStore(**where, index=index)
 
 
 def _seen(result: Any, scores: list[float | None]) -> Any:
@@ -216,8 +217,9 @@ def _check_times(result: Any) -> None:
 
 
 @pytest.mark.parametrize("index", INDEXES.values(), ids=INDEXES.keys())
-def test_same_script_gives_what_inmemorystore_gives(index: Any, tmp_path: Path) -> None:
-    reference, store = _store_pair(index, tmp_path)
+def test_same_script_gives_what_inmemorystore_gives(index: Any, memory_location: dict) -> None:
+    """On both backends: a SQLite folder and PostgreSQL with pgvector."""
+    reference, store = _store_pair(index, memory_location)
     for number, (method, args, kwargs) in enumerate(SCRIPT):
         theirs = getattr(reference, method)(*args, **kwargs)
         mine = getattr(store, method)(*args, **kwargs)
@@ -228,7 +230,7 @@ def test_same_script_gives_what_inmemorystore_gives(index: Any, tmp_path: Path) 
 
 @pytest.mark.parametrize("index", INDEXES.values(), ids=INDEXES.keys())
 def test_same_script_async_gives_what_inmemorystore_gives(index: Any, tmp_path: Path) -> None:
-    reference, store = _store_pair(index, tmp_path)
+    reference, store = _store_pair(index, {"path": tmp_path})
 
     async def run() -> None:
         for number, (method, args, kwargs) in enumerate(SCRIPT):

@@ -169,6 +169,19 @@ def test_ingest_chunks_a_lazy_stream(memory: Memory) -> None:
     assert "150" in hit.text and hit.metadata["source"] == "gen"
 
 
+def test_bulk_add_stores_a_load_batch_by_batch_and_in_order(memory: Memory) -> None:
+    items = [
+        {"text": f"note {i} about harbours", "id": f"n{i}", "metadata": {"i": i}}
+        for i in range(2500)
+    ]
+    ids = memory.bulk_add(iter(items), batch_size=1000, progress=False, user_id="u")
+    assert ids == [f"n{i}" for i in range(2500)]
+    assert memory.count(user_id="u") == 2500
+    assert memory.get("n1234", user_id="u").metadata == {"i": 1234}
+    assert memory.search("note 17 about harbours", k=1, user_id="u")[0].id == "n17"
+    assert memory.count(filters={"i": {"$in": [3, 2400]}}, user_id="u") == 2
+
+
 @pytest.mark.parametrize(
     ("call", "field"),
     [
@@ -185,6 +198,9 @@ def test_ingest_chunks_a_lazy_stream(memory: Memory) -> None:
         (lambda m: m.search("q", filters={"$and": {}}), "filters.$and"),
         (lambda m: m.search("q", filters={"a": {"$gt": [1]}}), "filters.a.$gt"),
         (lambda m: m.context("q", budget_tokens=0), "budget_tokens"),
+        (lambda m: m.bulk_add(["ok"] * 3 + [""], progress=False), "items[3]"),
+        (lambda m: m.bulk_add([{"text": "a", "id": "x"}] * 2, progress=False), "items"),
+        (lambda m: m.bulk_add(["ok"], batch_size=0), "batch_size"),
     ],
 )
 def test_bad_input_names_the_field_and_changes_nothing(memory: Memory, call, field: str) -> None:
@@ -266,6 +282,9 @@ def test_async_twin(memory_location: dict) -> None:
             assert (await mem.get(ids[0])).metadata == {"seen": True}
             await mem.delete(ids[1])
             assert await mem.count(user_id="u") == 7
+            assert await mem.bulk_add(["bulk a", "bulk b"], progress=False, user_id="v") == [
+                h.id for h in await mem.scan(user_id="v")
+            ]
 
     asyncio.run(scenario())
 

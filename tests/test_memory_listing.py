@@ -42,6 +42,17 @@ def test_scan_applies_filters_and_refuses_a_bad_limit(memory: Memory) -> None:
     assert error.value.field == "limit"
 
 
+def test_scan_pages_by_offset_and_limit(memory: Memory) -> None:
+    memory.add_many([f"fruit {n}" for n in range(7)], user_id="cy")
+    whole = [h.id for h in memory.scan(user_id="cy")]
+    pages = [memory.scan(user_id="cy", offset=start, limit=3) for start in (0, 3, 6, 9)]
+    assert [[h.id for h in page] for page in pages] == [whole[0:3], whole[3:6], whole[6:], []]
+    assert [h.id for h in memory.scan(user_id="cy", offset=5)] == whole[5:]
+    with pytest.raises(InvalidInputError) as error:
+        memory.scan(offset=-1)
+    assert error.value.field == "offset"
+
+
 def test_get_many_keeps_the_order_asked_and_sees_only_its_scope(memory: Memory) -> None:
     assert [h.id for h in memory.get_many(["b", "missing", "a", "b"], user_id="ada")] == ["b", "a"]
     assert [h.id for h in memory.get_many(["a", "c"], user_id="ada")] == ["a"]

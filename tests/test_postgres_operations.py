@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from crash import crash_seed, kill_writer, memory_writer, record_id, record_text
 
-from memlayer import DatabaseOptions, Memory
+from memlayer import DatabaseOptions, Memory, NotFoundError
 
 pytestmark = pytest.mark.postgres
 
@@ -134,3 +134,45 @@ def test_a_batch_larger_than_one_statement_is_stored_whole(postgres_url: str) ->
         memory.add_many(items[1100:])
         assert [h.id for h in memory.scan()] == [item["id"] for item in items]
         assert memory.get("n1200").text == "note 1200, replaced"  # type: ignore[union-attr]
+
+
+def test_a_delete_retried_after_its_lost_commit_answer_reports_the_delete(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit of a delete reaches the server but its answer is lost (the connection
+    drops): the retry finds the record gone and reports it deleted, not missing."""
+    from sqlalchemy.exc import OperationalError
+
+    from memlayer.stores.records import RecordStore
+
+    with Memory(url=postgres_url, embedder="hash") as memory:
+        memory.add("to forget", id="a")
+        memory.add_many([{"text": "one", "id": "b"}, {"text": "two", "id": "c"}])
+        original = RecordStore.write
+        lost = {"left": 0}
+
+        class CommitsThenLosesTheAnswer:
+            def __init__(self, inner: Any) -> None:
+                self._inner = inner
+
+            def __enter__(self) -> Any:
+                return self._inner.__enter__()
+
+            def __exit__(self, *exc: Any) -> Any:
+                done = self._inner.__exit__(*exc)
+                if exc[0] is None and lost["left"]:
+                    lost["left"] -= 1
+                    raise OperationalError("COMMIT", {}, ConnectionError("lost"), True)
+                return done
+
+        monkeypatch.setattr(
+            RecordStore, "write", lambda self: CommitsThenLosesTheAnswer(original(self))
+        )
+        lost["left"] = 1
+        memory.delete("a")  # committed, answer lost, retried: reported deleted
+        assert memory.get("a") is None and lost["left"] == 0
+        lost["left"] = 1
+        assert memory.delete_many(["b", "c", "missing"]) == 2
+        assert memory.count() == 0
+        with pytest.raises(NotFoundError):
+            memory.delete("a")  # truly missing now: no earlier attempt found it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -132,9 +133,10 @@ with Memory(url=sys.argv[1], embedder="hash") as memory:
 
 
 def test_workers_share_everything_through_the_database(postgres_url: str) -> None:
-    with Memory(url=postgres_url, embedder="hash") as one, Memory(
-        url=postgres_url, embedder="hash"
-    ) as two:
+    with (
+        Memory(url=postgres_url, embedder="hash") as one,
+        Memory(url=postgres_url, embedder="hash") as two,
+    ):
         one.add("the harbour lights at dawn", id="mine")
         assert [h.id for h in two.search("harbour lights", k=1, mode="vector")] == ["mine"]
         run = subprocess.run(
@@ -151,3 +153,102 @@ def test_workers_share_everything_through_the_database(postgres_url: str) -> Non
             h for h in one.search("harbour lights", mode="vector") if h.id != "mine"
         ]
         assert one.get("mine") is None
+
+
+def _indexes(url: str) -> dict[str, str]:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'records'")
+        ).all()
+    engine.dispose()
+    return dict(rows)
+
+
+def test_a_bulk_load_builds_the_hnsw_index_once_after_and_searches_like_adds(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bulk_add drops the HNSW index for the load (the rows go in without the graph) and
+    builds it from all of them after; the results are those of records added one call at a
+    time."""
+    seen_during: list[bool] = []
+    store = PgVectorSearch.bulk_load
+
+    def watched(self: PgVectorSearch) -> Any:
+        manager = store(self)
+
+        class Watch:
+            def __enter__(self) -> None:
+                manager.__enter__()
+                seen_during.append("records_embedding_hnsw" in _indexes(postgres_url))
+
+            def __exit__(self, *exc: Any) -> Any:
+                return manager.__exit__(*exc)
+
+        return Watch()
+
+    monkeypatch.setattr(PgVectorSearch, "bulk_load", watched)
+    items = [{"text": t, "id": t, "metadata": {"i": i}} for i, t in enumerate(TEXTS)]
+    config = IndexConfig(hnsw_m=8, pg_exact_below=0)
+    with Memory(url=postgres_url, embedder=lookup, index_config=config) as memory:
+        ids = memory.bulk_add(items, batch_size=400, progress=False)
+        assert ids == TEXTS and memory.count() == COUNT
+        assert seen_during == [False]
+        assert "m='8'" in _indexes(postgres_url)["records_embedding_hnsw"]
+        everything = np.arange(COUNT)
+        for seed in range(10):
+            query = _vectors(300 + seed, 1)[0]
+            found = [h.id for h in memory.search_by_vector(query, k=10)]
+            assert len(set(found) & set(exact(query, 10, everything))) >= 9
+        assert memory.get("item 7").metadata == {"i": 7}
+
+
+def test_a_bulk_load_with_a_bad_item_stores_nothing_and_keeps_the_index(postgres_url: str) -> None:
+    items: list[Any] = [{"text": t} for t in TEXTS[:500]] + [{"text": ""}]
+    with Memory(url=postgres_url, embedder=lookup) as memory:
+        with pytest.raises(Exception, match=r"items\[500\]"):
+            memory.bulk_add(items, progress=False)
+        with pytest.raises(Exception, match="batch_size"):
+            memory.bulk_add(TEXTS[:3], batch_size=0)
+        assert memory.count() == 0
+    assert "records_embedding_hnsw" in _indexes(postgres_url)
+
+
+def test_an_equality_filter_can_be_answered_by_the_metadata_index(url: str) -> None:
+    """`{"rare": true}` and `$in` compile to jsonb containment that the GIN index serves."""
+    from sqlalchemy import create_engine, select
+
+    from memlayer.stores import filters
+
+    engine = create_engine(url)
+    with Memory(url=url, embedder=lookup) as memory:
+        table = memory._records.records
+        for where in ({"rare": True}, {"i": {"$in": [3, 5]}}):
+            stmt = select(table.c.rowid).where(
+                filters.to_sql(where, table.c.metadata, "postgresql")
+            )
+            compiled = stmt.compile(engine, compile_kwargs={"literal_binds": True})
+            with engine.begin() as conn:
+                conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                plan = "\n".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN {compiled}"))
+            assert "records_metadata" in plan, plan
+        assert memory.count(filters={"i": {"$in": [3, 5]}}) == 2
+    engine.dispose()
+
+
+def test_a_bulk_load_builds_its_index_past_the_statement_timeout(postgres_url: str) -> None:
+    """The statement timeout is for queries; the index build after a load takes as long as
+    it takes (here a wide graph over the rows: seconds, against a 0.5 s timeout)."""
+    from memlayer import DatabaseOptions
+
+    config = IndexConfig(hnsw_m=64, hnsw_ef_construction=1000)
+    options = DatabaseOptions(statement_timeout_s=0.5)
+    items = [{"text": t, "id": t} for t in TEXTS]
+    with Memory(url=postgres_url, embedder=lookup, index_config=config, database=options) as m:
+        started = time.perf_counter()
+        m.bulk_add(items, batch_size=100, progress=False)
+        assert time.perf_counter() - started > 0.5  # the build outlasted the timeout
+        assert m.count() == COUNT
+    assert "ef_construction='1000'" in _indexes(postgres_url)["records_embedding_hnsw"]

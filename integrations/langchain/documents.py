@@ -7,7 +7,15 @@ from typing import Any
 
 from langchain_core.documents import Document
 
-from memlayer import AsyncMemory, Hit, InvalidInputError, Memory, Scope
+from memlayer import (
+    AsyncMemory,
+    AsyncRemoteMemory,
+    Hit,
+    InvalidInputError,
+    Memory,
+    RemoteMemory,
+    Scope,
+)
 
 SCOPE_FIELDS = tuple(field.name for field in fields(Scope))
 
@@ -29,21 +37,32 @@ def detailed_document(hit: Hit) -> Document:
 @dataclass(frozen=True)
 class MemoryPair:
     """One memory seen both ways: sync calls go to `sync`, awaited ones to `aio` (the same
-    records, one lock)."""
+    records: one lock in process, or one service)."""
 
-    sync: Memory
-    aio: AsyncMemory
+    sync: Memory | RemoteMemory
+    aio: AsyncMemory | AsyncRemoteMemory
 
     @classmethod
     def of(cls, memory: object, field: str = "memory") -> MemoryPair:
-        """Accept a `Memory` or an `AsyncMemory`; anything else is refused naming `field`."""
-        if isinstance(memory, AsyncMemory):
+        """Accept a `Memory`, an `AsyncMemory`, or a `RemoteMemory` / `AsyncRemoteMemory` of
+        the memory service; anything else is refused naming `field`."""
+        if isinstance(memory, (AsyncMemory, AsyncRemoteMemory)):
             return cls(memory.sync, memory)
         if isinstance(memory, Memory):
             return cls(memory, AsyncMemory.wrap(memory))
+        if isinstance(memory, RemoteMemory):
+            return cls(memory, memory.asynchronous())
         raise InvalidInputError(
-            field, "must be a memlayer Memory or AsyncMemory", type(memory).__name__
+            field,
+            "must be a memlayer Memory, AsyncMemory, RemoteMemory or AsyncRemoteMemory",
+            type(memory).__name__,
         )
+
+    def local(self, feature: str) -> Memory:
+        """The in-process Memory, for features the service does not offer (`feature`)."""
+        if not isinstance(self.sync, Memory):
+            raise InvalidInputError("memory", f"{feature} needs an in-process memlayer Memory")
+        return self.sync
 
 
 def scope_of(values: dict[str, Any]) -> dict[str, str | None]:

@@ -72,7 +72,8 @@ class MemlayerStore(BaseStore):
     """LangGraph's long-term memory in memlayer: persistent, tenant-isolated, searchable.
 
     `memory` is a `Memory` or `AsyncMemory` (its embedder embeds the indexed texts); without
-    one, the store opens a `Memory` on `path` whose embedder is `index["embed"]` (a LangChain
+    one, the store opens a `Memory` on `path` (or a database `url`: SQLite, PostgreSQL) whose
+    embedder is `index["embed"]` (a LangChain
     `Embeddings`, a function `texts -> vectors`, or a memlayer embedder name such as "hash"),
     and `close()` closes it. `index` is LangGraph's config: `fields` (default `["$"]`, the
     whole value) and `dims` (checked against the embedder). Without `index`, a query is
@@ -90,24 +91,26 @@ class MemlayerStore(BaseStore):
         memory: Memory | AsyncMemory | None = None,
         *,
         path: str | Path | None = None,
+        url: str | None = None,
         index: IndexConfig | None = None,
         tenant_id: str | None = None,
     ) -> None:
         embed = (index or {}).get("embed")
         if memory is None:
-            self._pair = MemoryPair.of(Memory(path=path, embedder=_embedder(embed)))
-        elif path is not None or embed is not None:
+            self._pair = MemoryPair.of(Memory(path=path, url=url, embedder=_embedder(embed)))
+        elif path is not None or url is not None or embed is not None:
             raise InvalidInputError(
-                "path" if path is not None else "index.embed",
+                "path" if path is not None else "url" if url is not None else "index.embed",
                 "leave it out when passing a memory: the memory's folder and embedder are used",
             )
         else:
             self._pair = MemoryPair.of(memory)
+            self._pair.local("MemlayerStore")
         self._owns_memory = memory is None
         self._scope = Scope.of({"tenant_id": tenant_id}).as_dict()
         self._fields: list[str] | None = None
         if index is not None:
-            dim = self._pair.sync.embedder.dim
+            dim = self._pair.local("MemlayerStore").embedder.dim
             if index.get("dims", dim) != dim:
                 raise InvalidInputError("index.dims", f"must equal the embedder's width {dim}")
             self._fields = list(index.get("fields") or ["$"])

@@ -53,7 +53,8 @@ class MemlayerVectorStore(VectorStore):
             embedder = LangChainEmbedder(embedding) if embedding is not None else None
             memory = Memory(path=path, url=url, embedder=embedder)
         self._pair = MemoryPair.of(memory)
-        self._embeddings = embedding or MemlayerEmbeddings(self._pair.sync.embedder)
+        local = self._pair.local("MemlayerVectorStore")  # it embeds with the memory's embedder
+        self._embeddings = embedding or MemlayerEmbeddings(local.embedder)
         scope = {"tenant_id": tenant_id, "user_id": user_id, "agent_id": agent_id}
         scope["session_id"] = session_id
         self.scope = {k: v for k, v in scope.items() if v is not None}
@@ -61,7 +62,7 @@ class MemlayerVectorStore(VectorStore):
     @property
     def memory(self) -> Memory:
         """The Memory the store reads and writes."""
-        return self._pair.sync
+        return self._pair.local("MemlayerVectorStore")
 
     @property
     def embeddings(self) -> Embeddings:
@@ -124,7 +125,7 @@ class MemlayerVectorStore(VectorStore):
             }
             for i, text in enumerate(texts)
         ]
-        size = self._pair.sync.limits.max_batch
+        size = self._pair.local("MemlayerVectorStore").limits.max_batch
         return [items[start : start + size] for start in range(0, len(items), size)]
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:

@@ -1,0 +1,393 @@
+"""Load on `memlayer serve` over loopback: latency and throughput of a chat-memory mix, and
+acknowledged writes lost when the server is SIGKILLed and restarted mid-load (must be 0).
+
+Each configuration (database x workers x clients) starts a fresh `memlayer serve`, preloads
+`--stored` memories into tenant A (in users of 50 memories each) and a few into tenant B,
+then runs `clients` concurrent async-httpx clients of tenant A for `--duration` seconds or
+`--requests` requests, whichever comes first. Each request is, at random: append one chat
+turn (50%), search a user's memories (hybrid, k=5; 30%) or pack a context (ranked, 200
+tokens; 20%). Every hit is checked to be tenant A's: cross-tenant results are counted.
+The kill phase runs 8 clients, SIGKILLs the server (its whole process group) mid-load,
+restarts it and keeps going, then looks up every acknowledged append.
+
+Embedder: `hash` by default (model-free), so the numbers measure the service and the
+database, not MiniLM. Writes JSON under benchmarks/results/ and prints a markdown table.
+
+    python benchmarks/service_load.py --stored 20000 --duration 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ADMIN = "bench-admin"
+RESULTS = Path(__file__).parent / "results"
+WORDS = [
+    "travel",
+    "seat",
+    "window",
+    "aisle",
+    "passport",
+    "visa",
+    "hotel",
+    "meeting",
+    "budget",
+    "invoice",
+    "cat",
+    "dog",
+    "garden",
+    "recipe",
+    "flight",
+    "train",
+    "coffee",
+    "tea",
+    "music",
+    "movie",
+    "doctor",
+    "allergy",
+    "birthday",
+    "gift",
+    "project",
+    "deadline",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """One `memlayer serve` process group on loopback."""
+
+    def __init__(self, db: str, workers: int, embedder: str, log: Path) -> None:
+        self.db, self.workers, self.embedder, self.log = db, workers, embedder, log
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "MEMLAYER_ADMIN_TOKEN": ADMIN,
+            "MEMLAYER_SERVER_RATE_PER_S": "0",
+            "MEMLAYER_EMBEDDER": self.embedder,
+        }
+        command = [sys.executable, "-m", "memlayer.cli", "serve", "--port", str(self.port)]
+        command += ["--db", self.db, "--workers", str(self.workers)]
+        with open(self.log, "a") as out:
+            self.process = subprocess.Popen(
+                command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise RuntimeError(f"server not ready; see {self.log}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, sig)
+            self.process.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        self.process = None
+
+
+def _tenant(url: str) -> dict[str, str]:
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.Client(base_url=url, timeout=60) as http:
+        tenant = http.post("/v1/tenants", json={}, headers=admin).json()["tenant_id"]
+        key = http.post(f"/v1/tenants/{tenant}/keys", json={}, headers=admin).json()["api_key"]
+    return {"Authorization": f"Bearer {key}", "tenant": tenant}
+
+
+def _sentence(rng: random.Random) -> str:
+    return " ".join(rng.choices(WORDS, k=12))
+
+
+def _preload(url: str, key: dict[str, str], stored: int, seed: int) -> float:
+    rng = random.Random(seed)
+    started = time.perf_counter()
+    headers = {"Authorization": key["Authorization"]}
+    with httpx.Client(base_url=url, timeout=600) as http:
+        for offset in range(0, stored, 50):  # one bulk request per user of 50
+            items = [{"text": _sentence(rng)} for _ in range(min(50, stored - offset))]
+            body = {"items": items, "user_id": f"u{offset // 50}"}
+            http.post("/v1/memories/bulk", json=body, headers=headers).raise_for_status()
+    return time.perf_counter() - started
+
+
+async def _load(
+    url: str,
+    key: dict[str, str],
+    users: int,
+    clients: int,
+    duration: float,
+    requests: int,
+    acknowledged: list[str] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run the mix; latencies per operation, errors and cross-tenant hits."""
+    latencies: dict[str, list[float]] = {"append": [], "search": [], "context": []}
+    errors: dict[str, int] = {}
+    cross = 0
+    sent = 0
+    deadline = time.monotonic() + duration
+    headers = {"Authorization": key["Authorization"]}
+    tenant = key["tenant"]
+
+    async def client(number: int) -> None:
+        nonlocal cross, sent
+        rng = random.Random(seed * 1000 + number)
+        limits = httpx.Limits(max_connections=1)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+            while time.monotonic() < deadline and sent < requests:
+                sent += 1
+                user = f"u{rng.randrange(users)}"
+                roll = rng.random()
+                if roll < 0.5:
+                    op, method, path = "append", "POST", f"/v1/users/{user}/sessions/s/messages"
+                    body: dict[str, Any] = {
+                        "messages": [{"role": "user", "content": _sentence(rng)}]
+                    }
+                elif roll < 0.8:
+                    op, method, path = "search", "POST", "/v1/search"
+                    body = {"query": " ".join(rng.choices(WORDS, k=3)), "k": 5, "user_id": user}
+                else:
+                    op, method, path = "context", "POST", "/v1/context"
+                    body = {
+                        "query": " ".join(rng.choices(WORDS, k=3)),
+                        "budget_tokens": 200,
+                        "user_id": user,
+                    }
+                started = time.perf_counter()
+                try:
+                    answer = await http.request(method, path, json=body, headers=headers)
+                except httpx.TransportError as exc:
+                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                    await asyncio.sleep(0.05)
+                    continue
+                elapsed = time.perf_counter() - started
+                if answer.status_code >= 400:
+                    errors[str(answer.status_code)] = errors.get(str(answer.status_code), 0) + 1
+                    continue
+                latencies[op].append(elapsed)
+                payload = answer.json()
+                if op == "append" and acknowledged is not None:
+                    acknowledged.extend(payload["ids"])
+                if op == "search":
+                    cross += sum(hit["tenant_id"] != tenant for hit in payload["hits"])
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    wall = time.perf_counter() - started
+    done = sum(len(v) for v in latencies.values())
+    return {
+        "wall_s": wall,
+        "requests_ok": done,
+        "throughput_rps": done / wall if wall else 0.0,
+        "errors": errors,
+        "cross_tenant_hits": cross,
+        "latency_ms": {op: _percentiles(values) for op, values in latencies.items()},
+    }
+
+
+def _percentiles(values: list[float]) -> dict[str, float | int]:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(v * 1000 for v in values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+    return {
+        "n": len(ordered),
+        "p50": at(0.5),
+        "p95": at(0.95),
+        "p99": at(0.99),
+        "mean": round(statistics.fmean(ordered), 2),
+    }
+
+
+async def _kill_phase(server: Server, key: dict[str, str], users: int) -> dict[str, Any]:
+    """8 clients; SIGKILL after 3 s, restart, 3 s more; then every acknowledged append is
+    looked up."""
+    acknowledged: list[str] = []
+    first = asyncio.create_task(_load(server.url, key, users, 8, 6.0, 10**9, acknowledged, 7))
+    await asyncio.sleep(3.0)
+    killed_at = len(acknowledged)
+    server.stop(signal.SIGKILL)
+    await asyncio.to_thread(server.start)
+    restarted = await _load(server.url, key, users, 8, 3.0, 10**9, acknowledged, 8)
+    before = await first
+    stored: set[str] = set()
+    headers = {"Authorization": key["Authorization"]}
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+        for at in range(0, len(acknowledged), 1000):
+            found = await http.post(
+                "/v1/memories/lookup", json={"ids": acknowledged[at : at + 1000]}, headers=headers
+            )
+            stored |= {row["id"] for row in found.json()["memories"]}
+    return {
+        "acknowledged": len(acknowledged),
+        "acknowledged_before_kill": killed_at,
+        "lost_acknowledged_writes": len(set(acknowledged) - stored),
+        "errors_during_kill": before["errors"],
+        "after_restart_rps": restarted["throughput_rps"],
+    }
+
+
+def _postgres(folder: Path) -> tuple[Any, str]:
+    import pgserver
+
+    server = pgserver.get_server(folder, cleanup_mode="stop")
+    base = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+    import psycopg
+
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS service_load")
+        conn.execute("CREATE DATABASE service_load")
+    head, _, query = base.partition("?")
+    return server, f"{head.rsplit('/', 1)[0]}/service_load" + (f"?{query}" if query else "")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    kills: list[dict[str, Any]] = []
+    users = max(1, args.stored // 50)
+    with tempfile.TemporaryDirectory() as scratch:
+        for backend in args.backends:
+            for workers in args.workers:
+                pg = None
+                if backend == "postgres":
+                    pg, db = _postgres(Path(scratch) / f"pg-{workers}")
+                else:
+                    db = str(Path(scratch) / f"sqlite-{workers}")
+                server = Server(db, workers, args.embedder, Path(scratch) / "serve.log")
+                server.start()
+                try:
+                    key = _tenant(server.url)
+                    other = _tenant(server.url)
+                    _preload(server.url, other, 200, seed=99)  # tenant B: must never show up
+                    preload_s = _preload(server.url, key, args.stored, seed=1)
+                    print(
+                        f"{backend} x{workers}: preloaded {args.stored} in {preload_s:.0f} s",
+                        flush=True,
+                    )
+                    for clients in args.clients:
+                        result = asyncio.run(
+                            _load(
+                                server.url,
+                                key,
+                                users,
+                                clients,
+                                args.duration,
+                                args.requests,
+                                seed=clients,
+                            )
+                        )
+                        row = {
+                            "backend": backend,
+                            "workers": workers,
+                            "clients": clients,
+                            "stored": args.stored,
+                            "preload_s": round(preload_s, 1),
+                            **result,
+                        }
+                        rows.append(row)
+                        print(_row(row), flush=True)
+                    if args.kill and workers == args.workers[0]:
+                        kill = asyncio.run(_kill_phase(server, key, users))
+                        kills.append({"backend": backend, "workers": workers, **kill})
+                        print(kills[-1], flush=True)
+                finally:
+                    server.stop()
+                    if pg is not None:
+                        pg.cleanup()
+    return {"rows": rows, "kills": kills}
+
+
+def _row(row: dict[str, Any]) -> str:
+    lat = row["latency_ms"]
+    cells = [
+        row["backend"],
+        str(row["workers"]),
+        str(row["clients"]),
+        f"{row['throughput_rps']:.0f}",
+    ]
+    for op in ("append", "search", "context"):
+        p = lat[op]
+        cells.append(f"{p.get('p50', '-')} / {p.get('p95', '-')} / {p.get('p99', '-')}")
+    cells += [str(sum(row["errors"].values())), str(row["cross_tenant_hits"])]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", nargs="+", default=["sqlite", "postgres"])
+    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 8, 32, 128])
+    parser.add_argument("--stored", type=int, default=20_000, help="memories preloaded")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per level")
+    parser.add_argument("--requests", type=int, default=20_000, help="requests per level, max")
+    parser.add_argument("--embedder", default="hash")
+    parser.add_argument("--no-kill", dest="kill", action="store_false")
+    args = parser.parse_args()
+    print(
+        "| db | workers | clients | req/s | append p50/p95/p99 ms | search p50/p95/p99 ms "
+        "| context p50/p95/p99 ms | errors | cross-tenant hits |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    results = run(args)
+    load = os.getloadavg()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    ).stdout.strip()
+    report = {
+        "benchmark": "service_load",
+        "date": datetime.date.today().isoformat(),
+        "commit": commit,
+        "command": " ".join(sys.argv),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_at_end": load,
+        },
+        "settings": vars(args),
+        **results,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"service-load-{report['date']}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

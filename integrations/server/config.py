@@ -1,0 +1,26 @@
+"""The service's settings, read from `MEMLAYER_SERVER_*` environment variables (and the admin
+token from `MEMLAYER_ADMIN_TOKEN`), so every worker process of `memlayer serve` gets the same."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """Limits and credentials of one service process.
+
+    The database and the embedder are `Memory`'s own settings (`MEMLAYER_URL` or
+    `MEMLAYER_DATA_DIR`, `MEMLAYER_EMBEDDER`), so the service opens what `Memory()` opens.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="MEMLAYER_SERVER_", extra="ignore", populate_by_name=True
+    )
+
+    admin_token: str | None = Field(default=None, validation_alias="MEMLAYER_ADMIN_TOKEN")
+    max_body_bytes: int = Field(default=4 * 2**20, ge=1024)  # one request's body
+    rate_per_s: float = Field(default=100.0, ge=0)  # per API key and process; 0: no limit
+    rate_burst: int = Field(default=200, ge=1)  # requests a key may make at once
+    timeout_s: float = Field(default=30.0, gt=0)  # one request's work, then 503
+    max_page: int = Field(default=1000, ge=1)  # most items one list, search or batch holds
