@@ -325,6 +325,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         kill = asyncio.run(_kill_phase(server, key, users))
                         kills.append({"backend": backend, "workers": workers, **kill})
                         print(kills[-1], flush=True)
+                except Exception:
+                    print(server.log.read_text()[-4000:], file=sys.stderr)  # the server's side
+                    raise
                 finally:
                     server.stop()
                     if pg is not None:
