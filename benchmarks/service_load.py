@@ -207,6 +207,7 @@ async def _load(
     wall = time.perf_counter() - started
     done = sum(len(v) for v in latencies.values())
     return {
+        "loadavg_1m": round(os.getloadavg()[0], 2),  # the machine's, as the level ends
         "wall_s": wall,
         "requests_ok": done,
         "throughput_rps": done / wall if wall else 0.0,
@@ -324,6 +325,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         kill = asyncio.run(_kill_phase(server, key, users))
                         kills.append({"backend": backend, "workers": workers, **kill})
                         print(kills[-1], flush=True)
+                except Exception:
+                    print(server.log.read_text()[-4000:], file=sys.stderr)  # the server's side
+                    raise
                 finally:
                     server.stop()
                     if pg is not None:
@@ -343,6 +347,7 @@ def _row(row: dict[str, Any]) -> str:
         p = lat[op]
         cells.append(f"{p.get('p50', '-')} / {p.get('p95', '-')} / {p.get('p99', '-')}")
     cells += [str(sum(row["errors"].values())), str(row["cross_tenant_hits"])]
+    cells.append(f"{row['loadavg_1m']:.1f}")
     return "| " + " | ".join(cells) + " |"
 
 
@@ -359,9 +364,9 @@ def main() -> None:
     args = parser.parse_args()
     print(
         "| db | workers | clients | req/s | append p50/p95/p99 ms | search p50/p95/p99 ms "
-        "| context p50/p95/p99 ms | errors | cross-tenant hits |"
+        "| context p50/p95/p99 ms | errors | cross-tenant hits | load (1 min) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     results = run(args)
     load = os.getloadavg()
     commit = subprocess.run(

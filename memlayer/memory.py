@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -168,8 +169,7 @@ class Memory:
             NewRecord(id=rid, text=text, metadata=meta, scope=owner, embedding=vector)
             for (text, meta, rid), vector in zip(rows, vectors, strict=True)
         ]
-        with self._lock:
-            self._check_open()
+        with self._writing():
             rowids, seq = self._records.upsert(new)
             self._retriever.wrote(seq, rowids, vectors)
 
@@ -222,8 +222,7 @@ class Memory:
             self._check_text(text, "text")
         meta = self._check_metadata(metadata) if metadata is not None else None
         vector = embed_checked(self.embedder, [text]) if text is not None else None
-        with self._lock:
-            self._check_open()
+        with self._writing():
             written = self._records.update(condition, text=text, metadata=meta, embedding=vector)
             if written is None:
                 raise NotFoundError("record", id)
@@ -233,8 +232,7 @@ class Memory:
     def delete(self, id: str, **scope: str | None) -> None:
         """Delete the record `id` in `scope`; NotFoundError when the scope holds no such record."""
         condition = self._records.condition(Scope.of(scope), id=_check_id(id))
-        with self._lock:
-            self._check_open()
+        with self._writing():
             if not self._delete_where(condition):
                 raise NotFoundError("record", id)
 
@@ -245,8 +243,7 @@ class Memory:
         if not wanted:
             return 0
         condition = self._records.condition(Scope.of(scope), ids=wanted)
-        with self._lock:
-            self._check_open()
+        with self._writing():
             return self._delete_where(condition)
 
     def delete_scope(self, **scope: str | None) -> int:
@@ -254,9 +251,22 @@ class Memory:
         owner = Scope.of(scope)
         if not owner.as_dict():
             raise InvalidInputError("scope", "name at least one scope field to delete a scope")
+        with self._writing():
+            return self._delete_where(self._records.condition(owner))
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Around a write, once the memory is checked open. SQLite: under `_lock`, so this
+        process's writes reach its vector index in sequence order (and SQLite admits one
+        writer anyway). PostgreSQL: no lock (no index state in the process), so writes of
+        many threads run, and commit, together instead of queueing here."""
+        if not self._records.logs_changes:
+            self._check_open()
+            yield
+            return
         with self._lock:
             self._check_open()
-            return self._delete_where(self._records.condition(owner))
+            yield
 
     def _delete_where(self, condition: Any) -> int:
         rowids, seq = self._records.delete_where(condition)
@@ -417,6 +427,9 @@ class Memory:
                 return strategy
             names = ", ".join(STRATEGIES.names())
             raise InvalidInputError("strategy", f"must be one of {names} or have pack()", strategy)
+        made = self._strategies.get(strategy)  # no lock when made: writers hold it
+        if made is not None:
+            return made
         with self._lock:
             if strategy not in self._strategies:
                 self._strategies[strategy] = STRATEGIES.create(strategy)

@@ -82,7 +82,8 @@ class Retriever:
             rankings.append(self._vectors.search(vector, wanted, condition, scope, whole_tenant))
         if mode in ("keyword", "hybrid"):
             assert query is not None, "keyword search needs a text query"
-            rankings.append(self._keywords.search(query, wanted, condition))
+            narrow = bool(set(scope.as_dict()) - {"tenant_id"})
+            rankings.append(self._keywords.search(query, wanted, condition, narrow))
         ranked = rankings[0] if len(rankings) == 1 else reciprocal_rank_fusion(rankings)
         return ranked[:k]
 

@@ -65,12 +65,13 @@ class MirroredVectorSearch:
         """The index searched whole when the call asks for a whole tenant and the store
         holds no other, else restricted to the rowids the database allows. The caller
         fetches hits under the scope again, so a record another process writes in between
-        can never slip in."""
+        can never slip in. The allowed rowids are read before the lock is taken, so writers
+        (whose `wrote` needs it) wait for the index search only, not for that query."""
+        allowed = None
+        if not (whole_tenant and self._records.only_tenant(scope.tenant_id)):
+            allowed = self._records.rowids_where(condition)
         with self._lock:
             self._mirror.refresh()
-            allowed = None
-            if not (whole_tenant and self._records.only_tenant(scope.tenant_id)):
-                allowed = self._records.rowids_where(condition)
             scores, ids = self._mirror.index.search(vector, k, allowed)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
 

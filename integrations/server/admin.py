@@ -62,5 +62,8 @@ async def list_keys(tenant_id: TenantPath, svc: Svc) -> KeysOut:
 async def revoke_key(
     tenant_id: TenantPath, key_id: Annotated[str, Path(min_length=1, max_length=32)], svc: Svc
 ) -> KeyOut:
-    """Revoke a key: every worker refuses it from the next request on."""
-    return KeyOut(**await svc.call(svc.tenants.revoke_key, tenant_id, key_id))
+    """Revoke a key: this process refuses it from the next request on, every other process
+    within `MEMLAYER_SERVER_KEY_CACHE_S` seconds (5 by default)."""
+    revoked = await svc.call(svc.tenants.revoke_key, tenant_id, key_id)
+    svc.keys.forget(key_id)
+    return KeyOut(**revoked)

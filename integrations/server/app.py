@@ -57,10 +57,11 @@ def create_app(
         opened = memory if memory is not None else Memory()
         tenants = TenantStore(opened.url)
         limiter = RateLimiter(settings.rate_per_s, settings.rate_burst)
-        app.state.service = Service(opened, tenants, settings, limiter)
+        app.state.service = service = Service(opened, tenants, settings, limiter)
         try:
             yield
         finally:
+            service.close()
             tenants.close()
             if owns:
                 opened.close()

@@ -132,8 +132,12 @@ async def append_messages(
     scope = {"tenant_id": caller.tenant_id, "user_id": user_id, "session_id": session_id}
     if body.agent_id is not None:
         scope["agent_id"] = body.agent_id
-    await svc.call(svc.tenants.open_session, caller.tenant_id, user_id, session_id)
-    return IdsOut(ids=await svc.call(svc.memory.add_many, items, **scope))
+
+    def append() -> list[str]:  # one thread hop for both
+        svc.tenants.open_session(caller.tenant_id, user_id, session_id)
+        return svc.memory.add_many(items, **scope)
+
+    return IdsOut(ids=await svc.call(append))
 
 
 @router.get("/users/{user_id}/sessions/{session_id}/messages", response_model=MessagesOut)

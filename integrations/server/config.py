@@ -24,3 +24,9 @@ class ServerSettings(BaseSettings):
     rate_burst: int = Field(default=200, ge=1)  # requests a key may make at once
     timeout_s: float = Field(default=30.0, gt=0)  # one request's work, then 503
     max_page: int = Field(default=1000, ge=1)  # most items one list, search or batch holds
+    # threads running the blocking work (database, embedder) of one process's requests
+    threads: int = Field(default=8, ge=1)
+    # seconds a process trusts an API key it looked up: a key revoked through another
+    # process (or host) stops working there within this time; in the revoking process at once.
+    # 0: look every key up in the database on every request
+    key_cache_s: float = Field(default=5.0, ge=0)

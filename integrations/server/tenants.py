@@ -183,8 +183,12 @@ class TenantStore:
 
     def caller(self, api_key: str) -> Caller | None:
         """The tenant and key an API key stands for, or None (unknown or revoked)."""
+        return self.caller_by_hash(hash_key(api_key))
+
+    def caller_by_hash(self, digest: str) -> Caller | None:
+        """`caller` of the key whose hash is `digest`."""
         query = select(api_keys.c.tenant_id, api_keys.c.key_id).where(
-            (api_keys.c.key_hash == hash_key(api_key)) & api_keys.c.revoked_at.is_(None)
+            (api_keys.c.key_hash == digest) & api_keys.c.revoked_at.is_(None)
         )
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
