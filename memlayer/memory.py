@@ -135,8 +135,7 @@ class Memory:
             raise InvalidInputError("batch_size", "must be an integer >= 1", batch_size)
         owner = Scope.of(scope)
         rows = self._validated_items(items, None)
-        with self._lock:
-            self._check_open()
+        self._check_open()
         bar = tqdm(total=len(rows), desc="bulk add", unit=" records", disable=not progress)
         with bar, self._retriever.bulk_load():
             for start in range(0, len(rows), batch_size):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,9 @@ def _config(conn: Any, **attributes: Any) -> Any:
     return config
 
 
+@lru_cache(maxsize=1)
 def _scripts() -> Any:
+    """The revisions on disk, read once per process (every open asks for the head)."""
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory(str(_HERE))
