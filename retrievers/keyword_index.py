@@ -107,7 +107,7 @@ class PostgresKeywordIndex:
 
     def __init__(self, records: RecordStore) -> None:
         self._records = records
-        with records.write() as conn:
+        with records.schema_change() as conn:
             conn.exec_driver_sql(
                 "ALTER TABLE records ADD COLUMN IF NOT EXISTS keywords_tsv tsvector "
                 "GENERATED ALWAYS AS (to_tsvector('simple', keywords)) STORED"

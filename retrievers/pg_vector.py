@@ -30,7 +30,7 @@ class PgVectorSearch:
     def __init__(self, records: RecordStore, config: IndexConfig) -> None:
         self._records = records
         self._config = config
-        with records.write() as conn:
+        with records.schema_change() as conn:
             self._build_index(conn)
             version = conn.exec_driver_sql(
                 "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
@@ -66,7 +66,7 @@ class PgVectorSearch:
         try:
             yield
         finally:
-            with self._records.write() as conn:
+            with self._records.schema_change() as conn:
                 self._build_index(conn)
             with self._records.write() as conn:  # the planner's row estimates, for filters too
                 conn.exec_driver_sql("SET LOCAL statement_timeout = 0")

@@ -22,6 +22,7 @@ _RETRIED_STATES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03"})
 T = TypeVar("T")
 
 _IMMEDIATE = "memlayer_immediate"
+_SCHEMA_LOCK = 0x6D656D6C  # PostgreSQL advisory lock held while the schema changes ('meml')
 
 
 def sqlite_url(path: Path) -> str:
@@ -124,3 +125,19 @@ def writer(engine: Any) -> Any:
     another process committed in between; an immediate one waits its turn instead.
     """
     return engine.execution_options(**{_IMMEDIATE: True})
+
+
+def schema_lock(conn: Any) -> None:
+    """Hold the schema lock until `conn`'s transaction ends, so processes opening one database
+    at once queue for DDL (`CREATE ... IF NOT EXISTS` run by two of them together collides
+    in PostgreSQL's catalog instead of finding the other's table): a transaction-scoped
+    advisory lock on PostgreSQL; SQLite's write transaction already excludes other writers."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK})")
+
+
+def create_tables(engine: Any, metadata: Any) -> None:
+    """Create `metadata`'s missing tables, under the schema lock."""
+    with writer(engine).begin() as conn:
+        schema_lock(conn)
+        metadata.create_all(conn)

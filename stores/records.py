@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ import numpy as np
 
 from memlayer.config import DatabaseOptions
 from memlayer.errors import InvalidInputError, ModelMismatchError, StorageError
+from memlayer.stores.database import schema_lock
 from memlayer.types import SCOPE_FIELDS, Scope
 
 DEFAULT_TENANT = ""  # stored for tenant_id=None: a user-given tenant is never empty
@@ -115,7 +117,7 @@ class RecordStore:
             migrations.require_head(conn)
 
     def _check_embedder(self, name: str, dim: int) -> None:
-        with self.write() as conn:
+        with self.schema_change() as conn:  # two first openers would both record theirs
             stored = self._setting("embedder", conn)
             if stored is None:
                 self._set_setting("embedder", json.dumps({"name": name, "dim": dim}), conn)
@@ -490,6 +492,14 @@ class RecordStore:
     def write(self) -> Any:
         """A write transaction (SQLite: begun IMMEDIATE); driver failures become StorageError."""
         return _Transaction(self._writer)
+
+    @contextmanager
+    def schema_change(self) -> Iterator[Any]:
+        """A write transaction holding the schema lock (`database.schema_lock`), for the DDL
+        and first settings that processes opening one database at once would collide on."""
+        with self.write() as conn:
+            schema_lock(conn)
+            yield conn
 
     def close(self) -> None:
         """Release connections."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from memlayer.errors import InvalidInputError, NotFoundError, StorageError
-from memlayer.stores.database import open_engine, retrying
+from memlayer.stores.database import create_tables, open_engine, retrying
 from memlayer.stores.sql_tier import SQLTier
 from memlayer.types import Page
 
@@ -70,7 +70,7 @@ class SavedSessions:
             Column("saved_at", Float, nullable=False),
         )
         try:
-            self._table.metadata.create_all(self._engine)
+            create_tables(self._engine, self._table.metadata)
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot open the saved sessions in {url}: {exc}") from exc
         self._pages = SQLTier(url, table="memlayer_kv_pages", name="saved-sessions")

@@ -14,7 +14,7 @@ from typing import Any
 
 from memlayer.errors import ClosedError, CorruptionError, NotFoundError, StorageError
 from memlayer.stores.codec import decode, encode
-from memlayer.stores.database import open_engine
+from memlayer.stores.database import create_tables, open_engine
 from memlayer.stores.tier import Tier
 from memlayer.types import Page
 
@@ -53,7 +53,7 @@ class SQLTier(Tier):
             Column("body", LargeBinary, nullable=False),
         )
         try:
-            self._table.metadata.create_all(self._engine)
+            create_tables(self._engine, self._table.metadata)
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot open page table in {url}: {exc}") from exc
         self._closed = False

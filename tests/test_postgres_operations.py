@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from backends import fresh_database
 from crash import crash_seed, kill_writer, memory_writer, record_id, record_text
 
 from memlayer import DatabaseOptions, Memory, NotFoundError
+from memlayer.stores.sql_tier import SQLTier
 
 pytestmark = pytest.mark.postgres
 
@@ -176,3 +178,34 @@ def test_a_delete_retried_after_its_lost_commit_answer_reports_the_delete(
         assert memory.count() == 0
         with pytest.raises(NotFoundError):
             memory.delete("a")  # truly missing now: no earlier attempt found it
+
+
+def _open_all_at_once(url: str, workers: int) -> list[BaseException]:
+    """What `workers` threads opening a Memory and a KV page table on `url` together raised."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(workers)
+
+    def worker() -> None:
+        try:
+            barrier.wait()
+            with Memory(url=url, embedder="hash") as memory:
+                assert memory.count() == 0
+            SQLTier(url, table="memlayer_kv_pages").close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def test_workers_opening_one_new_database_at_once_all_open_it(postgres_server: Any) -> None:
+    """Eight workers start together on an empty database: tables, indexes and the embedder
+    setting are created once (two `CREATE ... IF NOT EXISTS` at once collide in the catalog)
+    and every worker opens; three rounds, since a race loses only some of the time."""
+    for round_ in range(3):
+        errors = _open_all_at_once(fresh_database(postgres_server), workers=8)
+        assert errors == [], f"round {round_}"

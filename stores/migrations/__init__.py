@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from memlayer.errors import StorageError
+from memlayer.stores.database import schema_lock
 
 VERSION_TABLE = "memlayer_version"  # not alembic_version: the database may host an app's own
 _HERE = Path(__file__).parent
-_LOCK_KEY = 0x6D656D6C  # PostgreSQL advisory lock held while a migration runs ('meml')
 
 
 def head() -> str:
@@ -47,8 +47,7 @@ def upgrade(conn: Any, *, dim: int, keywords: Callable[[str], str]) -> str | Non
     keyword string where a revision adds the column."""
     from alembic import command
 
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
+    schema_lock(conn)
     before = current(conn)
     _check_known(before)
     if before == head():
