@@ -141,6 +141,71 @@ def _preload(url: str, key: dict[str, str], stored: int, seed: int) -> float:
     return time.perf_counter() - started
 
 
+def _request(rng: random.Random, users: int) -> tuple[str, str, str, dict[str, Any]]:
+    """One request of the mix, at random: (operation, method, path, body)."""
+    user = f"u{rng.randrange(users)}"
+    roll = rng.random()
+    if roll < 0.5:
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": _sentence(rng)}]}
+        return "append", "POST", f"/v1/users/{user}/sessions/s/messages", body
+    query = " ".join(rng.choices(WORDS, k=3))
+    if roll < 0.8:
+        return "search", "POST", "/v1/search", {"query": query, "k": 5, "user_id": user}
+    body = {"query": query, "budget_tokens": 200, "user_id": user}
+    return "context", "POST", "/v1/context", body
+
+
+class Tally:
+    """Latencies per operation, errors, cross-tenant hits and acknowledged ids of one level."""
+
+    def __init__(self, tenant: str, acknowledged: list[str] | None) -> None:
+        self.tenant = tenant
+        self.acknowledged = acknowledged
+        self.latencies: dict[str, list[float]] = {"append": [], "search": [], "context": []}
+        self.errors: dict[str, int] = {}
+        self.cross = 0
+
+    async def send(
+        self,
+        http: httpx.AsyncClient,
+        request: tuple[str, str, str, dict[str, Any]],
+        headers: dict[str, str],
+        since: float,
+    ) -> bool:
+        """Send `request`; its latency counts from `since` (perf_counter). False on a
+        transport error."""
+        op, method, path, body = request
+        try:
+            answer = await http.request(method, path, json=body, headers=headers)
+        except httpx.TransportError as exc:
+            self.errors[type(exc).__name__] = self.errors.get(type(exc).__name__, 0) + 1
+            return False
+        elapsed = time.perf_counter() - since
+        if answer.status_code >= 400:
+            key = str(answer.status_code)
+            self.errors[key] = self.errors.get(key, 0) + 1
+            return True
+        self.latencies[op].append(elapsed)
+        payload = answer.json()
+        if op == "append" and self.acknowledged is not None:
+            self.acknowledged.extend(payload["ids"])
+        if op == "search":
+            self.cross += sum(hit["tenant_id"] != self.tenant for hit in payload["hits"])
+        return True
+
+    def result(self, wall: float) -> dict[str, Any]:
+        done = sum(len(v) for v in self.latencies.values())
+        return {
+            "loadavg_1m": round(os.getloadavg()[0], 2),  # the machine's, as the level ends
+            "wall_s": wall,
+            "requests_ok": done,
+            "throughput_rps": done / wall if wall else 0.0,
+            "errors": self.errors,
+            "cross_tenant_hits": self.cross,
+            "latency_ms": {op: _percentiles(v) for op, v in self.latencies.items()},
+        }
+
+
 async def _load(
     url: str,
     key: dict[str, str],
@@ -151,70 +216,62 @@ async def _load(
     acknowledged: list[str] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Run the mix; latencies per operation, errors and cross-tenant hits."""
-    latencies: dict[str, list[float]] = {"append": [], "search": [], "context": []}
-    errors: dict[str, int] = {}
-    cross = 0
+    """Closed loop: `clients` clients, each sending its next request as soon as the last
+    one is answered (latency = clients / throughput once the server is saturated)."""
+    tally = Tally(key["tenant"], acknowledged)
     sent = 0
     deadline = time.monotonic() + duration
     headers = {"Authorization": key["Authorization"]}
-    tenant = key["tenant"]
 
     async def client(number: int) -> None:
-        nonlocal cross, sent
+        nonlocal sent
         rng = random.Random(seed * 1000 + number)
         limits = httpx.Limits(max_connections=1)
         async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
             while time.monotonic() < deadline and sent < requests:
                 sent += 1
-                user = f"u{rng.randrange(users)}"
-                roll = rng.random()
-                if roll < 0.5:
-                    op, method, path = "append", "POST", f"/v1/users/{user}/sessions/s/messages"
-                    body: dict[str, Any] = {
-                        "messages": [{"role": "user", "content": _sentence(rng)}]
-                    }
-                elif roll < 0.8:
-                    op, method, path = "search", "POST", "/v1/search"
-                    body = {"query": " ".join(rng.choices(WORDS, k=3)), "k": 5, "user_id": user}
-                else:
-                    op, method, path = "context", "POST", "/v1/context"
-                    body = {
-                        "query": " ".join(rng.choices(WORDS, k=3)),
-                        "budget_tokens": 200,
-                        "user_id": user,
-                    }
-                started = time.perf_counter()
-                try:
-                    answer = await http.request(method, path, json=body, headers=headers)
-                except httpx.TransportError as exc:
-                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                if not await tally.send(http, _request(rng, users), headers, time.perf_counter()):
                     await asyncio.sleep(0.05)
-                    continue
-                elapsed = time.perf_counter() - started
-                if answer.status_code >= 400:
-                    errors[str(answer.status_code)] = errors.get(str(answer.status_code), 0) + 1
-                    continue
-                latencies[op].append(elapsed)
-                payload = answer.json()
-                if op == "append" and acknowledged is not None:
-                    acknowledged.extend(payload["ids"])
-                if op == "search":
-                    cross += sum(hit["tenant_id"] != tenant for hit in payload["hits"])
 
     started = time.perf_counter()
     await asyncio.gather(*(client(n) for n in range(clients)))
-    wall = time.perf_counter() - started
-    done = sum(len(v) for v in latencies.values())
-    return {
-        "loadavg_1m": round(os.getloadavg()[0], 2),  # the machine's, as the level ends
-        "wall_s": wall,
-        "requests_ok": done,
-        "throughput_rps": done / wall if wall else 0.0,
-        "errors": errors,
-        "cross_tenant_hits": cross,
-        "latency_ms": {op: _percentiles(values) for op, values in latencies.items()},
-    }
+    return tally.result(time.perf_counter() - started)
+
+
+async def _open_load(
+    url: str,
+    key: dict[str, str],
+    users: int,
+    clients: int,
+    rate: float,
+    duration: float,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Open loop: requests arrive at `rate` per second (Poisson), whatever the server does,
+    over `clients` connections; a request that finds every connection busy waits for one.
+    Latency counts from its scheduled arrival, so a stalled server shows in the tail instead
+    of silently slowing the arrivals (no coordinated omission)."""
+    tally = Tally(key["tenant"], None)
+    headers = {"Authorization": key["Authorization"]}
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    connections = asyncio.Semaphore(clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+
+        async def arrive(request: tuple[str, str, str, dict[str, Any]], at: float) -> None:
+            async with connections:
+                await tally.send(http, request, headers, at)
+
+        tasks = []
+        started = time.perf_counter()
+        at = started
+        while at - started < duration:
+            at += rng.expovariate(rate)
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            tasks.append(asyncio.create_task(arrive(_request(rng, users), at)))
+        await asyncio.gather(*tasks)
+        result = tally.result(time.perf_counter() - started)
+    return {"offered_rps": rate, **result}
 
 
 def _percentiles(values: list[float]) -> dict[str, float | int]:
@@ -278,6 +335,7 @@ def _postgres(folder: Path) -> tuple[Any, str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
+    open_rows: list[dict[str, Any]] = []
     kills: list[dict[str, Any]] = []
     users = max(1, args.stored // 50)
     with tempfile.TemporaryDirectory() as scratch:
@@ -321,6 +379,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         }
                         rows.append(row)
                         print(_row(row), flush=True)
+                    for rate in args.rates:
+                        result = asyncio.run(
+                            _open_load(
+                                server.url,
+                                key,
+                                users,
+                                args.open_clients,
+                                rate,
+                                args.duration,
+                                seed=int(rate),
+                            )
+                        )
+                        row = {
+                            "backend": backend,
+                            "workers": workers,
+                            "clients": args.open_clients,
+                            "stored": args.stored,
+                            "preload_s": round(preload_s, 1),
+                            **result,
+                        }
+                        open_rows.append(row)
+                        print(_open_row(row), flush=True)
                     if args.kill and workers == args.workers[0]:
                         kill = asyncio.run(_kill_phase(server, key, users))
                         kills.append({"backend": backend, "workers": workers, **kill})
@@ -332,35 +412,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     server.stop()
                     if pg is not None:
                         pg.cleanup()
-    return {"rows": rows, "kills": kills}
+    return {"rows": rows, "open_rows": open_rows, "kills": kills}
 
 
-def _row(row: dict[str, Any]) -> str:
+def _cells(row: dict[str, Any]) -> list[str]:
+    """Latencies per operation, errors, cross-tenant hits and the machine's load."""
     lat = row["latency_ms"]
-    cells = [
-        row["backend"],
-        str(row["workers"]),
-        str(row["clients"]),
-        f"{row['throughput_rps']:.0f}",
-    ]
+    cells = []
     for op in ("append", "search", "context"):
         p = lat[op]
         cells.append(f"{p.get('p50', '-')} / {p.get('p95', '-')} / {p.get('p99', '-')}")
     cells += [str(sum(row["errors"].values())), str(row["cross_tenant_hits"])]
-    cells.append(f"{row['loadavg_1m']:.1f}")
-    return "| " + " | ".join(cells) + " |"
+    return [*cells, f"{row['loadavg_1m']:.1f}"]
+
+
+def _row(row: dict[str, Any]) -> str:
+    """A closed-loop level as a markdown table row."""
+    head = [row["backend"], str(row["workers"]), str(row["clients"])]
+    return "| " + " | ".join([*head, f"{row['throughput_rps']:.0f}", *_cells(row)]) + " |"
+
+
+def _open_row(row: dict[str, Any]) -> str:
+    """An open-loop level: offered → served requests/s in the throughput column."""
+    head = [f"{row['backend']} (open)", str(row["workers"]), str(row["clients"])]
+    rate = f"{row['offered_rps']:g} → {row['throughput_rps']:.0f}"
+    return "| " + " | ".join([*head, rate, *_cells(row)]) + " |"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgres"])
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--clients", nargs="+", type=int, default=[1, 8, 32, 128])
+    parser.add_argument(
+        "--clients", nargs="*", type=int, default=[1, 8, 32, 128], help="closed-loop levels"
+    )
+    parser.add_argument(
+        "--rates",
+        nargs="*",
+        type=float,
+        default=[],
+        help="open-loop levels: offered requests/s (Poisson arrivals) over --open-clients",
+    )
+    parser.add_argument("--open-clients", type=int, default=32, help="connections, open loop")
     parser.add_argument("--stored", type=int, default=20_000, help="memories preloaded")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per level")
     parser.add_argument("--requests", type=int, default=20_000, help="requests per level, max")
     parser.add_argument("--embedder", default="hash")
     parser.add_argument("--no-kill", dest="kill", action="store_false")
+    parser.add_argument("--out", type=Path, help="JSON path (default: results/, dated)")
     args = parser.parse_args()
     print(
         "| db | workers | clients | req/s | append p50/p95/p99 ms | search p50/p95/p99 ms "
@@ -385,11 +484,11 @@ def main() -> None:
             "platform": platform.platform(),
             "loadavg_at_end": load,
         },
-        "settings": vars(args),
+        "settings": {**vars(args), "out": str(args.out) if args.out else None},
         **results,
     }
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"service-load-{report['date']}.json"
+    out = args.out or RESULTS / f"service-load-{report['date']}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -86,3 +86,18 @@ def test_crag_eval_small_run_compares_ranked_and_crag(tmp_path: Path) -> None:
                 assert max(row["tokens"]) <= row["value"]
         assert set(run["answers"]) == {"ranked k=2", "crag 64"}
     assert _positive(report["timing"]["pack_warm_ms"]["p95"])
+
+
+def test_service_load_small_run_measures_closed_and_open_loop(tmp_path: Path) -> None:
+    out = tmp_path / "service.json"
+    done = _run(
+        "service_load.py",
+        *("--backends", "sqlite", "--workers", "1", "--clients", "2", "--rates", "20"),
+        *("--stored", "100", "--duration", "1", "--no-kill", "--out", str(out)),
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    for row in (*report["rows"], *report["open_rows"]):
+        assert row["requests_ok"] > 0 and row["errors"] == {} and row["cross_tenant_hits"] == 0
+        assert _positive(row["latency_ms"]["search"]["p95"])
+    assert report["open_rows"][0]["offered_rps"] == 20
