@@ -26,6 +26,7 @@ from memlayer.config import DatabaseOptions, Limits, Settings
 from memlayer.context import STRATEGIES, Candidates, Context, ContextStrategy
 from memlayer.embedders import Embedder, embed_checked, resolve_embedder
 from memlayer.errors import ClosedError, InvalidInputError, NotFoundError
+from memlayer.group_commit import GroupCommit
 from memlayer.retrievers.keywords import index_text
 from memlayer.retrievers.search import MODES, Retriever, SearchMode, SearchPlan
 from memlayer.retrievers.vector_index import IndexConfig
@@ -73,6 +74,7 @@ class Memory:
         self.overlap = overlap
         self.limits = limits or Limits()
         self._lock = threading.RLock()
+        self._group_commit = GroupCommit(self._commit_batches, self._lock)
         self._closed = False
         self._strategies: dict[str, ContextStrategy] = {}
         self.embedder = resolve_embedder(embedder if embedder is not None else settings.embedder)
@@ -168,9 +170,25 @@ class Memory:
             NewRecord(id=rid, text=text, metadata=meta, scope=owner, embedding=vector)
             for (text, meta, rid), vector in zip(rows, vectors, strict=True)
         ]
+        if self._records.logs_changes:
+            self._group_commit.submit((new, vectors))
+            return
         with self._writing():
             rowids, seq = self._records.upsert(new)
             self._retriever.wrote(seq, rowids, vectors)
+
+    def _commit_batches(self, batches: list[tuple[list[NewRecord], np.ndarray]]) -> None:
+        """Upsert several writers' batches in one transaction (SQLite: one fsync for all)
+        and hand them to the vector index; runs under `_lock` (see GroupCommit)."""
+        self._check_open()
+        new = [record for records, _ in batches for record in records]
+        rowids, seq = self._records.upsert(new)
+        written = np.asarray(rowids, dtype=np.int64)
+        vectors = np.concatenate([vectors for _, vectors in batches])
+        # two writers may have replaced one id in this transaction: the later write stands
+        _, from_end = np.unique(written[::-1], return_index=True)
+        last = np.sort(len(written) - 1 - from_end)
+        self._retriever.wrote(seq, written[last].tolist(), vectors[last])
 
     def ingest(
         self,
