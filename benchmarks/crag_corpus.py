@@ -179,7 +179,9 @@ def reviews(products: int = 8, per_product: int = 80, seed: int = 0) -> Corpus:
             said = [aspect]
             if rng.random() < 0.4:
                 said.append(rng.choices(aspects, weights)[0])
-            sentences = [rng.choice(REVIEW_ASPECTS[a][1]).format(v=facts[a]) for a in dict.fromkeys(said)]
+            sentences = [
+                rng.choice(REVIEW_ASPECTS[a][1]).format(v=facts[a]) for a in dict.fromkeys(said)
+            ]
             sentences += rng.sample(REVIEW_FILLER, rng.choice([0, 1, 1, 2]))
             rng.shuffle(sentences)
             text = " ".join(sentences)

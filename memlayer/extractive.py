@@ -70,34 +70,34 @@ def pick(
     cluster's second sentence says something its first did not; a sentence within
     `duplicate` cosine of one taken, or one that no longer fits, is dropped."""
     picked: list[list[Sentence]] = [[] for _ in pools]
-    left = [list(pool) for pool in pools]
-    taken = np.zeros((sum(len(pool) for pool in pools), _dim(pools)), dtype=np.float32)
+    vectors = [np.stack([s.vector for s in pool]) if pool else None for pool in pools]
+    scores = [np.array([s.score for s in pool]) for pool in pools]
+    # each sentence's highest cosine with those taken so far, updated as sentences are taken
+    overlaps = [np.full(len(pool), -np.inf) for pool in pools]
+    open_ = [np.ones(len(pool), dtype=bool) for pool in pools]
     part_cost, sentence_cost = count(PART_SEPARATOR), count(SENTENCE_SEPARATOR)
-    used = n_taken = 0
+    used = 0
+    taken_any = False
     progress = True
     while progress:
         progress = False
-        for index, pool in enumerate(left):
-            while pool:
-                vectors = np.stack([s.vector for s in pool])
-                overlap = (
-                    (vectors @ taken[:n_taken].T).max(axis=1) if n_taken else np.zeros(len(pool))
-                )
-                value = np.array([s.score for s in pool]) - novelty * overlap
+        for index, pool in enumerate(pools):
+            while open_[index].any():
+                overlap = overlaps[index] if taken_any else np.zeros(len(pool))
+                value = np.where(open_[index], scores[index] - novelty * overlap, -np.inf)
                 best = int(np.argmax(value))
-                sentence = pool.pop(best)
-                joint = sentence_cost if picked[index] else (part_cost if n_taken else 0)
+                open_[index][best] = False
+                sentence = pool[best]
+                joint = sentence_cost if picked[index] else (part_cost if taken_any else 0)
                 cost = count(sentence.text) + joint
                 if overlap[best] >= duplicate or used + cost > budget:
                     continue
                 picked[index].append(sentence)
-                taken[n_taken] = sentence.vector
-                n_taken += 1
+                for other, matrix in enumerate(vectors):
+                    if matrix is not None:
+                        np.maximum(overlaps[other], matrix @ sentence.vector, out=overlaps[other])
+                taken_any = True
                 used += cost
                 progress = True
                 break
     return picked
-
-
-def _dim(pools: Sequence[Sequence[Sentence]]) -> int:
-    return next((len(pool[0].vector) for pool in pools if pool), 1)

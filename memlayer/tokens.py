@@ -7,7 +7,10 @@ the embedder's tokenizer unless told otherwise, and every strategy counts with t
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -16,12 +19,37 @@ from memlayer.errors import InvalidInputError
 
 Tokenizer = Callable[[str], int]
 
+# one remembering counter per tokenizer (or per embedder, for its own), while it is alive
+_COUNTERS: weakref.WeakKeyDictionary[Any, Tokenizer] = weakref.WeakKeyDictionary()
+_REMEMBERED = 50_000  # texts whose counts a counter keeps (the most recently counted)
+
 
 def resolve_tokenizer(spec: Any, embedder: object) -> Tokenizer:
     """Turn a user's choice into a token counter: None (the embedder's tokenizer, or the word
     tokenizer when the embedder has none), "words", an object with `encode` (a Hugging Face
     or tiktoken tokenizer: the length of its encoding, without special tokens), or a callable
-    returning a count."""
+    returning a count.
+
+    The counter remembers the counts of recent texts, and one tokenizer gets the same
+    counter on every call, so repeated contexts over the same memories (a CRAG pack counts
+    hundreds of sentences) do not tokenize them again. A tokenizer must count a text the
+    same way every time."""
+    owner = embedder if spec is None else spec
+    try:
+        return _COUNTERS[owner]
+    except (KeyError, TypeError):  # TypeError: not weakly referable (a str, a builtin)
+        pass
+    counter = _counter(spec, embedder)
+    if counter is count_tokens:  # a regular expression: cheaper than remembering
+        return counter
+    counter = functools.lru_cache(maxsize=_REMEMBERED)(counter)
+    with contextlib.suppress(TypeError):
+        _COUNTERS[owner] = counter
+    return counter
+
+
+def _counter(spec: Any, embedder: object) -> Tokenizer:
+    """The token counter `spec` names (see `resolve_tokenizer`)."""
     if spec is None:
         own = getattr(embedder, "count_tokens", None)
         return own if callable(own) else count_tokens

@@ -90,6 +90,23 @@ class _HFLike:
         return [0] * (len(text.split()) + (2 if add_special_tokens else 0))
 
 
+def test_a_tokenizer_counts_each_text_once_across_calls() -> None:
+    """Repeated contexts over the same memories do not tokenize them again."""
+    seen: list[str] = []
+
+    class Counting:
+        def encode(self, text: str) -> list[int]:
+            seen.append(text)
+            return [0] * len(text.split())
+
+    tokenizer, embedder = Counting(), object()
+    first = resolve_tokenizer(tokenizer, embedder)
+    assert resolve_tokenizer(tokenizer, embedder) is first
+    assert [first("a b"), first("a b"), resolve_tokenizer(tokenizer, embedder)("a b")] == [2] * 3
+    assert seen == ["a b"]
+    assert resolve_tokenizer(Counting(), embedder) is not first  # another tokenizer
+
+
 def test_resolve_tokenizer() -> None:
     class NoCounter:
         pass
