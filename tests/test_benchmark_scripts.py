@@ -101,3 +101,20 @@ def test_service_load_small_run_measures_closed_and_open_loop(tmp_path: Path) ->
         assert row["requests_ok"] > 0 and row["errors"] == {} and row["cross_tenant_hits"] == 0
         assert _positive(row["latency_ms"]["search"]["p95"])
     assert report["open_rows"][0]["offered_rps"] == 20
+
+
+def test_group_commit_small_run_compares_alone_and_grouped(tmp_path: Path) -> None:
+    out = tmp_path / "group.json"
+    done = _run(
+        "group_commit.py", "--threads", "1", "4", "--adds", "8", "--repeats", "1", "--out", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    runs = json.loads(out.read_text())["runs"]
+    assert {(r["threads"], r["grouped"]) for r in runs} == {
+        (1, False),
+        (1, True),
+        (4, False),
+        (4, True),
+    }
+    assert all(r["transactions"] == r["adds"] for r in runs if not r["grouped"])
+    assert all(_positive(r["adds_per_s"]) for r in runs)
