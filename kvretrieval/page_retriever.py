@@ -77,8 +77,9 @@ class PageRetriever:
         init: Literal["identity", "random"] = "identity",
         seed: int = 0,
     ) -> PageRetriever:
-        """A new scorer. `identity`: diag = 1 and K = 0, a plain normalised dot product to
-        start from; `random`: every weight drawn at random (a baseline for training)."""
+        """A new scorer. `identity`: diag = 1 / (layers · KV heads) and K = 0, the mean over
+        layers and heads of the normalised dot products, to start from; `random`: every
+        weight drawn at random (a baseline for training)."""
         last = layers if last is None else last
         if not 0 <= first < last <= layers:
             raise InvalidInputError("band", f"must satisfy 0 <= first < last <= {layers}")
@@ -87,10 +88,11 @@ class PageRetriever:
         width = (last - first) * kv_heads * head_dim
         generator = torch.Generator().manual_seed(seed)
         query = torch.randn(rank, width, generator=generator) / math.sqrt(width)
+        scale = 1 / ((last - first) * kv_heads)  # a mean over the band's layers and heads
         if init == "identity":
-            diag, page = torch.ones(width), torch.zeros(rank, width)
+            diag, page = torch.full((width,), scale), torch.zeros(rank, width)
         elif init == "random":
-            diag = torch.randn(width, generator=generator)
+            diag = torch.randn(width, generator=generator) * scale
             page = torch.randn(rank, width, generator=generator) / math.sqrt(width)
         else:
             raise InvalidInputError("init", "must be 'identity' or 'random'", init)
@@ -171,8 +173,18 @@ class PageRetriever:
                 "retriever", f"is not a {FORMAT} file of version {VERSION}", str(source)
             )
         try:
-            geometry = {key: int(metadata[key]) for key in _GEOMETRY}
-            retriever = cls(**geometry, **{n: tensors[n] for n in ("diag", "query", "page")})
+            layers, kv_heads, head_dim, first, last, rank = (int(metadata[k]) for k in _GEOMETRY)
+            retriever = cls(
+                layers,
+                kv_heads,
+                head_dim,
+                first,
+                last,
+                rank,
+                tensors["diag"],
+                tensors["query"],
+                tensors["page"],
+            )
         except (KeyError, ValueError) as exc:
             raise InvalidInputError("retriever", f"lacks {exc}", str(source)) from exc
         width, rank = retriever.width, retriever.rank
@@ -216,7 +228,7 @@ def train(
         picked = rng.sample(rows, min(batch, len(rows)))
         loss = torch.zeros(())
         for xq, xp, answer in picked:
-            logits = _score(*params, xq, xp)
+            logits = _score(params[0], params[1], params[2], xq, xp)
             loss = loss + torch.nn.functional.cross_entropy(logits[None], torch.tensor([answer]))
         loss = loss / len(picked)
         # the weights stay near where they started (the diagonal) and small (the bilinear term)

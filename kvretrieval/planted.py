@@ -103,7 +103,7 @@ def text_context(
     at = {min(int(d * len(paragraphs)), len(paragraphs) - 1): i for i, d in enumerate(depths)}
     ids: list[int] = []
     planted = []
-    for index, paragraph in enumerate(paragraphs):
+    for index, paragraph_ids in enumerate(paragraphs):
         if index in at:
             colour, animal = subjects[at[index]]
             number = str(rng.randint(10_000, 99_999))
@@ -113,7 +113,7 @@ def text_context(
             ids += encode(" " + number) + encode(".\n\n")
             question = f"What is the {colour} {animal}'s secret number? {subject}"
             planted.append(PlantedFact(encode("\n") + encode(question), question, number, position))
-        ids += paragraph
+        ids += paragraph_ids
     return PlantedContext(ids, planted)
 
 

@@ -11,6 +11,7 @@ SmolLM2) and writes the safetensors file that `RetroLMSelector(retriever=...)` l
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,8 +49,9 @@ def retrieval_examples(session: KVSession, context: Any) -> list[Any]:
         page = answer_page(session, fact.position)
         if page is None:
             continue
-        ids = fact.question_ids
-        queries = question_queries(session.cache, lambda ids=ids: session._forward(ids))
+        queries = question_queries(
+            session.cache, functools.partial(session._forward, fact.question_ids)
+        )
         questions = question_features(queries, summaries[0].shape[1])
         examples.append(RetrievalExample(questions, pages, page))
     return examples

@@ -149,8 +149,9 @@ def test_pinned_steps_read_nothing_back_to_the_host() -> None:
     question, tokens = _ids(20, seed=8), _ids(6, seed=9)
     pages = session.stats()["pages"]
     # the retrieval pass, the ranking, the pin, the question's chunks and decode steps
-    with no_host_reads(), question_pages(
-        session.cache, session.selector, lambda: session._forward(question)
+    with (
+        no_host_reads(),
+        question_pages(session.cache, session.selector, lambda: session._forward(question)),
     ):
         session._forward(question)
         for token in tokens:
@@ -240,7 +241,13 @@ def test_training_beats_its_random_start_on_held_out_contexts() -> None:
 def test_train_retriever_file_writes_a_file_a_session_loads(tmp_path: Path) -> None:
     model = tiny("llama")
     path, losses = train_retriever_file(
-        tmp_path / "r.safetensors", model, None, contexts=2, tokens=160, facts=4, steps=5,
+        tmp_path / "r.safetensors",
+        model,
+        None,
+        contexts=2,
+        tokens=160,
+        facts=4,
+        steps=5,
         **TRAIN_CONFIG,
     )
     assert len(losses) == 5 and path.is_file()
