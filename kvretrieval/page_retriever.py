@@ -221,7 +221,11 @@ def train(
         rows.append((xq, cached.setdefault(id(example.pages), xp), example.answer))
     start = retriever.diag.detach().clone().float()
     params = [t.detach().clone().float().requires_grad_(True) for t in retriever.parameters()]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    # Adam moves every weight by about `lr` a step whatever its size, and a score sums F
+    # products: steps shrink as 1 / F (from 64 features on), else the thousands of weights
+    # moving together would blow the logits up within a few steps on a real model
+    step = lr * min(1.0, 64 / retriever.width)
+    optimizer = torch.optim.Adam(params, lr=step)
     rng = random.Random(seed)
     losses = []
     for _ in range(steps):
