@@ -2,6 +2,7 @@
 hook, page selectors (`PageSelector`, the `SELECTORS` registry), rotary placement, the
 SmolLM2 loader and the passkey task."""
 
+from memlayer.kvretrieval import retrolm  # noqa: F401  (registers "retrolm")
 from memlayer.kvretrieval.selectors import SELECTORS, PageSelector
 
 __all__ = ["SELECTORS", "PageSelector"]

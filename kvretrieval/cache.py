@@ -41,7 +41,10 @@ class PagedKVCache(Cache):
         self.config = config
         self.calls = 0  # attention calls routed through memlayer (checked per forward)
         page_bytes = 2 * geometry.kv_heads * config.block_size * geometry.head_dim * dtype.itemsize
+        selector.check_model(geometry.layers, geometry.kv_heads, geometry.head_dim)
         step_pages = config.topk * (1 if selector.shares_selection else geometry.kv_heads)
+        if selector.selects_per_question:  # the pinned pages and up to topk sealed since
+            step_pages *= 2
         self.store, self._offload_folder = open_kv_store(config, device, page_bytes, step_pages)
         self.memories = [
             LayerMemory(
@@ -98,6 +101,32 @@ class PagedKVCache(Cache):
         finally:
             for memory, topk_before in zip(self.memories, previous, strict=True):
                 memory.topk = topk_before
+
+    @contextmanager
+    def recording(self) -> Iterator[list[list[torch.Tensor]]]:
+        """Within the block each layer records its steps' queries [1, Hq, T, D], placed in the
+        memory frame (a retrieval pass); yields the per-layer lists."""
+        recorded: list[list[torch.Tensor]] = [[] for _ in self.memories]
+        for memory, queries in zip(self.memories, recorded, strict=True):
+            memory.recorded = queries
+        try:
+            yield recorded
+        finally:
+            for memory in self.memories:
+                memory.recorded = None
+
+    @contextmanager
+    def pinned(self, chosen: torch.Tensor) -> Iterator[None]:
+        """Within the block every layer's steps attend to the pages `chosen` [k] (one
+        selection for all layers and heads) and to the pages sealed after this call."""
+        for memory in self.memories:
+            heads = memory.window.heads
+            memory.pin = (chosen.view(1, 1, -1).expand(1, heads, -1), memory.pages.count)
+        try:
+            yield
+        finally:
+            for memory in self.memories:
+                memory.pin = None
 
     def checkpoint(self) -> list[Checkpoint]:
         """Per-layer state to restore after a question."""

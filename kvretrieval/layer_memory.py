@@ -124,6 +124,12 @@ class LayerMemory(CacheLayerMixin):
         # video session encodes frames (`PagedKVCache.selecting`)
         # metadata of pages sealed together (first index, count), e.g. frame index and time
         self.labels: Callable[[int, int], list[dict[str, Any]]] | None = None
+        # -- one selection per question (RetroLM; `PagedKVCache.pinned` / `.recording`) --
+        # the pages [1, Hkv, k] every step attends to, and the page count when they were
+        # chosen: the pages sealed since (the question's and answer's own) are attended too
+        self.pin: tuple[torch.Tensor, int] | None = None
+        # while a retrieval pass runs: each step's queries [1, Hq, T, D] in the memory frame
+        self.recorded: list[torch.Tensor] | None = None
 
     @property
     def window_start(self) -> int:
@@ -172,10 +178,14 @@ class LayerMemory(CacheLayerMixin):
         then sealing of what left the window."""
         started = time.perf_counter()
         q_raw = self.rotary.unscale(queries)
+        if self.recorded is not None:
+            window = self.window
+            placed = window.rotate_queries(q_raw) if window.exact else self.memory_queries(q_raw)
+            self.recorded.append(placed)
         out = self.attend_resident(q_raw, scale)
         self.pages.prefetch_next()
         if self.pages.count and self.topk:
-            taken = min(self.topk, self.pages.count) * self.window.heads
+            taken = self._step_pages() * self.window.heads
             self.stats.pages_selected += taken
             self.pages.count_resident_read(taken)
         self._seal(q_raw[0])
@@ -209,9 +219,29 @@ class LayerMemory(CacheLayerMixin):
         )
 
     def select(self, q_memory: torch.Tensor) -> torch.Tensor:
-        """Top-k pages [1, Hkv, topk] for queries placed in the memory frame."""
+        """Top-k pages [1, Hkv, topk] for queries placed in the memory frame, or the pinned
+        pages (one selection per question) and the newest `topk` pages sealed since."""
+        if self.pin is not None:
+            return self._pinned(*self.pin)
         scores = self.selector.score(q_memory, self.pages.summaries[: self.pages.count])
         return select_pages(scores, self.topk)
+
+    def _pinned(self, chosen: torch.Tensor, count: int) -> torch.Tensor:
+        """The pinned pages, then the newest `topk` of the pages sealed since the pin (host
+        integers only: no value read back from the device)."""
+        if self.pages.count <= count:
+            return chosen
+        since = torch.arange(
+            max(count, self.pages.count - self.topk), self.pages.count, device=chosen.device
+        )
+        return torch.cat([chosen, since.expand(1, chosen.shape[1], -1)], dim=-1)
+
+    def _step_pages(self) -> int:
+        """Pages one step attends to per KV head."""
+        if self.pin is None:
+            return min(self.topk, self.pages.count)
+        chosen, count = self.pin
+        return chosen.shape[-1] + min(self.topk, max(self.pages.count - count, 0))
 
     def memory_queries(self, queries: torch.Tensor) -> torch.Tensor:
         """Unrotated queries [1, Hq, T, D] placed where memory is read (fixed distance n_local)."""

@@ -4,7 +4,9 @@ A selector is a small dataclass, as a kvpress press is: its fields are its param
 `summary_rows` its summary's shape, `summarize` and `score` its method. A session copies the
 selector once per layer, so an instance may also keep an index over its layer's pages: the
 hooks `sealed`, `truncate`, `state` and `load_state` keep such an index in step with the
-pages as they are sealed, dropped after a question, saved and loaded. A new method is one
+pages as they are sealed, dropped after a question, saved and loaded. A selector that
+`selects_per_question` (RetroLM) instead chooses one set of pages per question for every
+layer at once (`choose`, called by `memlayer.kvretrieval.question_pages`). A new method is one
 subclass; `SELECTORS.register(name)` makes it reachable by name (`KVSession(selector=name)`),
 and an instance works without a name (`KVSession(selector=MySelector(...))`).
 """
@@ -27,6 +29,10 @@ class PageSelector:
 
     name: ClassVar[str] = "custom"
     shares_selection: ClassVar[bool] = False  # True when every KV head gets the same pages
+    # True: a question's pages are chosen once, from all layers' scores, and every layer
+    # attends to them for the question and its answer (`choose`); `score` still selects
+    # per layer and step while text is fed
+    selects_per_question: ClassVar[bool] = False
 
     @property
     def summary_rows(self) -> int:
@@ -41,6 +47,19 @@ class PageSelector:
     def score(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
         """Scores [1, Hkv, P] of pages (summaries [P, Hkv, R, D]) for queries [1, Hq, T, D]."""
         raise NotImplementedError
+
+    def choose(
+        self, queries: list[torch.Tensor], summaries: list[torch.Tensor], k: int
+    ) -> torch.Tensor:
+        """For a selector that `selects_per_question`: the k pages [k] (ascending, on the
+        summaries' device) that every layer attends to for a question, given each layer's
+        question queries [1, Hq, T, D] (placed in the memory frame) and page summaries
+        [P, Hkv, R, D]; 1 <= k <= P."""
+        raise NotImplementedError
+
+    def check_model(self, layers: int, kv_heads: int, head_dim: int) -> None:
+        """Refuse (InvalidInputError) a model this selector cannot serve, before a session is
+        built on it (e.g. a trained retriever made for another geometry)."""
 
     def sealed(self, first: int, keys: torch.Tensor, summaries: torch.Tensor) -> None:
         """Pages `first` to `first + N - 1` were sealed: keys [N, Hkv, S, D] as memory stores

@@ -11,6 +11,7 @@ import io
 import json
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -177,9 +178,12 @@ class KVSession:
         """Answer `question` from the fed memory; the memory is left exactly as it was."""
         if self.tokens_fed == 0:
             raise InvalidInputError("question", "feed the session before asking")
+        return self._answer(self._question_ids(question), max_new_tokens)
+
+    def _question_ids(self, question: str) -> list[int]:
+        """The ids `ask` runs for `question`: a newline, the question, the chat suffix."""
         ids = self._ids(question, "question")
-        ids = self._encode("\n") + ids + (self._encode(self._suffix) if self._suffix else [])
-        return self._answer(ids, max_new_tokens)
+        return self._encode("\n") + ids + (self._encode(self._suffix) if self._suffix else [])
 
     def generate(
         self, prompt: str | Sequence[int] | None = None, *, max_new_tokens: int = 32
@@ -217,10 +221,20 @@ class KVSession:
         state = self.cache.checkpoint()
         fed = self.tokens_fed
         try:
-            return self._greedy(list(ids), max_new_tokens)
+            with self._question_pages(list(ids)):
+                return self._greedy(list(ids), max_new_tokens)
         finally:
             self.cache.restore(state)
             self.tokens_fed = fed
+
+    def _question_pages(self, ids: list[int]) -> AbstractContextManager[None]:
+        """For a selector that chooses pages once per question (RetroLM): a retrieval pass
+        over `ids`, then those pages pinned in every layer for the block; else nothing."""
+        from memlayer.kvretrieval.question_pages import question_pages
+
+        return question_pages(
+            self.cache, self.selector, (lambda: self._forward(ids)) if ids else None
+        )
 
     # -- inspection and persistence -------------------------------------------------------
 

@@ -118,3 +118,22 @@ def test_group_commit_small_run_compares_alone_and_grouped(tmp_path: Path) -> No
     }
     assert all(r["transactions"] == r["adds"] for r in runs if not r["grouped"])
     assert all(_positive(r["adds_per_s"]) for r in runs)
+
+
+def test_retrolm_eval_tiny_trains_and_compares_every_method(tmp_path: Path) -> None:
+    out = tmp_path / "retrolm.json"
+    done = _run(
+        "retrolm_eval.py",
+        *("--tiny", "--eval-tokens", "300", "--facts", "6", "--questions", "2"),
+        *("--train-contexts", "2", "--train-tokens", "200", "--train-facts", "4", "--steps", "5"),
+        *("--n-init", "4", "--n-local", "16", "--block-size", "8", "--topk", "2"),
+        *("--new-tokens", "2", "--json", str(out)),
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [row["method"] for row in rows] == ["infllm", "quest", "retrolm", "retrolm-trained"]
+    assert all(row["asked"] == 2 and 0 <= row["answer_page_attended"] <= 1 for row in rows)
+    # one selection per question: a layer attends to topk context pages, no more
+    assert [row["pages_per_layer"] for row in rows[2:]] == [2.0, 2.0]
+    assert _positive(report["training"]["seconds"])
