@@ -40,10 +40,11 @@ def paged_attention(
     page_idx: torch.Tensor,
     *,
     scale: float,
+    page_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over the pool pages in page_idx; see reference.paged_attention."""
     out: tuple[torch.Tensor, torch.Tensor] = _backend(q).paged_attention(
-        q, k_pool, v_pool, page_idx, scale=scale
+        q, k_pool, v_pool, page_idx, scale=scale, page_lengths=page_lengths
     )
     return out
 
@@ -78,6 +79,7 @@ def sparse_attention(
     *,
     scale: float,
     padded: bool = True,
+    page_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One layer's window + sinks + pages attention; see reference.sparse_attention."""
     out: torch.Tensor = _backend(q_local).sparse_attention(
@@ -92,5 +94,6 @@ def sparse_attention(
         page_idx,
         scale=scale,
         padded=padded,
+        page_lengths=page_lengths,
     )
     return out

@@ -48,6 +48,22 @@ def causal_window_attention(
     return _attend(q, k, v, scale, pos_k <= pos_q)
 
 
+def filled(
+    page_idx: torch.Tensor, page_size: int, page_lengths: torch.Tensor | None
+) -> torch.Tensor:
+    """Which keys of the listed pages exist: [B, Hkv, N, S] bool.
+
+    A slot of page_idx [B, Hkv, N] that is -1 has none; a listed page has its first
+    `page_lengths[b, g, n]` keys ([B, Hkv, N], None: every page full), so a page that holds
+    fewer than S tokens (one cluster's tail) is read without its unused rows.
+    """
+    valid = (page_idx >= 0).unsqueeze(-1)
+    if page_lengths is None:
+        return valid.expand(*page_idx.shape, page_size)
+    rows = torch.arange(page_size, device=page_idx.device)
+    return valid & (rows < page_lengths.unsqueeze(-1))
+
+
 def paged_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -55,10 +71,12 @@ def paged_attention(
     page_idx: torch.Tensor,
     *,
     scale: float,
+    page_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, Hq, T, D] over the pool pages listed per KV head in page_idx [B, Hkv, N].
 
-    k_pool, v_pool: [P, Hkv, S, D]. Index -1 marks an empty slot. No mask inside pages.
+    k_pool, v_pool: [P, Hkv, S, D]. Index -1 marks an empty slot. page_lengths [B, Hkv, N]:
+    the keys each listed page holds (its first ones; None: all S), see `filled`.
     """
     batch, kv_heads, count = page_idx.shape
     page = k_pool.shape[2]
@@ -68,8 +86,7 @@ def paged_attention(
     values = v_pool[safe, heads]
     keys = keys.reshape(batch, kv_heads, count * page, -1)
     values = values.reshape(batch, kv_heads, count * page, -1)
-    valid = (page_idx >= 0).unsqueeze(-1).expand(batch, kv_heads, count, page)
-    mask = valid.reshape(batch, kv_heads, 1, 1, count * page)
+    mask = filled(page_idx, page, page_lengths).reshape(batch, kv_heads, 1, 1, count * page)
     return _attend(q, keys, values, scale, mask)
 
 
@@ -86,6 +103,7 @@ def sparse_attention(
     *,
     scale: float,
     padded: bool = True,
+    page_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One layer's step: T queries over the local window (causal), the sink tokens and the
     pool pages in page_idx, in one softmax. Returns out [B, Hq, T, D].
@@ -94,9 +112,10 @@ def sparse_attention(
     same tensor when positions are exact). window_k/v: [B, Hkv, L, D], its last T keys the
     queries' own; sink_k/v: [B, Hkv, n, D] (n may be 0); k_pool, v_pool: [P, Hkv, S, D];
     page_idx: [B, Hkv, N], -1 for none (`padded=False` promises there is none, which skips
-    masking). Equal to `merge_attention` of the three parts, with
-    one softmax over the concatenated logits instead of three plus a merge: a fraction of
-    the operations, which is what a one-token step on a CPU costs.
+    masking); page_lengths [B, Hkv, N]: keys held by each listed page (None: all S, see
+    `filled`; given, it masks whatever `padded` says). Equal to `merge_attention` of the
+    three parts, with one softmax over the concatenated logits instead of three plus a
+    merge: a fraction of the operations, which is what a one-token step on a CPU costs.
     """
     batch, heads, length, dim = q_local.shape
     kv_heads, keys = window_k.shape[1], window_k.shape[2]
@@ -128,7 +147,10 @@ def sparse_attention(
         page_k = k_pool.reshape(pool * kv_heads, page, dim).index_select(0, rows_of)
         page_v = v_pool.reshape(pool * kv_heads, page, dim).index_select(0, rows_of)
         paged = torch.bmm(qm, page_k.view(shape).float().transpose(1, 2))
-        if padded:
+        if page_lengths is not None:
+            empty = ~filled(page_idx, page, page_lengths)
+            paged.masked_fill_(empty.reshape(groups, 1, -1), float("-inf"))
+        elif padded:
             empty = (page_idx < 0).reshape(groups, -1, 1).expand(-1, -1, page)
             paged.masked_fill_(empty.reshape(groups, 1, -1), float("-inf"))
         logits.append(paged)

@@ -31,6 +31,7 @@ def _paged_partial_kernel(
     k_ptr: tl.tensor,
     v_ptr: tl.tensor,
     idx_ptr: tl.tensor,
+    len_ptr: tl.tensor,
     out_ptr: tl.tensor,
     lse_ptr: tl.tensor,
     sq_b: int,
@@ -48,6 +49,9 @@ def _paged_partial_kernel(
     si_b: int,
     si_h: int,
     si_n: int,
+    sl_b: int,
+    sl_h: int,
+    sl_n: int,
     kv_heads: int,
     length: int,
     dim: int,
@@ -64,11 +68,13 @@ def _paged_partial_kernel(
     BLOCK_D: tl.constexpr,
     DOT_TYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
 ) -> None:
     """Online-softmax attention of one row block of a KV head's queries over one page slice.
 
     Key j of the listed pages' concatenation is seen by query t when j < key_limit and
-    j <= causal_start + t (a local window read in place as pages; huge for plain pages)."""
+    j <= causal_start + t (a local window read in place as pages; huge for plain pages),
+    and, with HAS_LENGTHS, when its row in its page is below that page's length."""
     bh = tl.program_id(0)
     split = tl.program_id(2)
     b = bh // kv_heads
@@ -94,6 +100,9 @@ def _paged_partial_kernel(
         page = tl.load(idx_ptr + b * si_b + g * si_h + slot * si_n, mask=slot < last, other=-1)
         valid = (page >= 0) & (tok < key_limit)
         pos = tok % PAGE
+        if HAS_LENGTHS:
+            held = tl.load(len_ptr + b * sl_b + g * sl_h + slot * sl_n, mask=slot < last, other=0)
+            valid = valid & (pos < held)
         kv_mask = valid[:, None] & d_ok[None, :]
         k_off = page[:, None] * sk_p + g * sk_h + pos[:, None] * sk_s + d[None, :] * sk_d
         k = tl.load(k_ptr + k_off, mask=kv_mask, other=0.0)
@@ -182,6 +191,7 @@ def paged_attention(
     *,
     scale: float,
     splits: int | None = None,
+    page_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of reference.paged_attention; `splits` forces the split-K count (tests)."""
     return _attention(
@@ -194,6 +204,7 @@ def paged_attention(
         page=k_pool.shape[2],
         scale=scale,
         splits=splits,
+        page_lengths=page_lengths,
     )
 
 
@@ -244,6 +255,7 @@ def sparse_attention(
     *,
     scale: float,
     padded: bool = True,
+    page_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton twin of reference.sparse_attention (batch 1): window, sinks and pages each
     through the paged kernel, merged by log-sum-exp (`padded` needs no special case here)."""
@@ -258,7 +270,11 @@ def sparse_attention(
             causal_window_attention(q_memory, sink_k, sink_v, scale=scale, q_start=sink_k.shape[2])
         )
     if page_idx.shape[2]:
-        parts.append(paged_attention(q_memory, k_pool, v_pool, page_idx, scale=scale))
+        parts.append(
+            paged_attention(
+                q_memory, k_pool, v_pool, page_idx, scale=scale, page_lengths=page_lengths
+            )
+        )
     out, _ = merge_attention([p[0] for p in parts], [p[1] for p in parts])
     return out
 
@@ -276,9 +292,11 @@ def _attention(
     splits: int | None,
     causal_start: int = _NO_LIMIT,
     key_limit: int = _NO_LIMIT,
+    page_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the paged kernel (and the split merge) over pages of `page` tokens whose
-    [P, Hkv, S, D] strides are given, so a window can be read in place."""
+    [P, Hkv, S, D] strides are given, so a window can be read in place; `page_lengths`
+    [B, Hkv, N] (None: every page full) masks the unused tail of partly filled pages."""
     batch, heads, length, dim = q.shape
     kv_heads = page_idx.shape[1]
     count = page_idx.shape[2]
@@ -302,17 +320,20 @@ def _attention(
         part = torch.empty((n_splits, *q.shape), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((n_splits, *lse.shape), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(dim))
+    lengths = page_idx if page_lengths is None else page_lengths  # unread when None
     _paged_partial_kernel[(batch * kv_heads, m_blocks, n_splits)](
         q,
         k_pool,
         v_pool,
         page_idx,
+        lengths,
         part,
         part_lse,
         *q.stride(),
         *k_strides,
         *v_strides,
         *page_idx.stride(),
+        *lengths.stride(),
         kv_heads,
         length,
         dim,
@@ -327,6 +348,7 @@ def _attention(
         BLOCK_M=block_m,
         BLOCK_N=_BLOCK_N,
         BLOCK_D=block_d,
+        HAS_LENGTHS=page_lengths is not None,
         **_dot_config(k_pool.dtype),
     )
     if n_splits > 1:

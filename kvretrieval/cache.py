@@ -3,6 +3,11 @@
 `update` (transformers' own) hands a chunk's keys and values to the layer, which stores
 them; the attention function registered by `memlayer.kvretrieval.attention` then attends
 over the layer's memory. Each layer gets its own copy of the selector.
+
+A fixed context (fed once, then asked many questions) may be prepared for its selector once
+it is fed: `regroup()` lets a clustering selector (Squeezed Attention) lay every layer's
+sealed pages out again by cluster, and sample questions run inside `calibrating()` tune its
+thresholds. Both are kept by `save` and need not run again after `load`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
+from memlayer.errors import InvalidInputError
 from memlayer.kvretrieval.config import KVConfig
 from memlayer.kvretrieval.layer_memory import Checkpoint, HeadGeometry, LayerMemory
 from memlayer.kvretrieval.rope import Rotary
@@ -128,6 +134,39 @@ class PagedKVCache(Cache):
             for memory in self.memories:
                 memory.pin = None
 
+    def regroup(self) -> int:
+        """Regroup every layer's sealed pages as its selector lays them out (call once, after
+        the fixed context is fed, before questions); the number of layers regrouped: 0 when
+        the selector keeps pages as sealed. Every layer is checked first, so an error (no
+        sealed pages, already regrouped) leaves all of them as they were."""
+        for memory in self.memories:
+            memory.check_regroup()
+        return sum(memory.regroup() for memory in self.memories)
+
+    @contextmanager
+    def calibrating(self) -> Iterator[None]:
+        """Record every layer's memory queries within the block (sample questions run with
+        `continue_ids`), then calibrate each layer's selector on its own. Nothing is
+        recorded for a selector that does not calibrate; an error inside the block leaves
+        the selectors as they were."""
+        if not self.memories[0].selector.calibrates:
+            yield
+            return
+        for memory in self.memories:
+            memory.recorded = []
+        try:
+            yield
+            recorded = [memory.recorded or [] for memory in self.memories]
+        finally:
+            for memory in self.memories:
+                memory.recorded = None
+        if not recorded[0]:
+            raise InvalidInputError("queries", "none ran inside calibrating(): ask some first")
+        for memory, queries in zip(self.memories, recorded, strict=True):
+            heads, dim = memory.window.heads, queries[0].shape[-1]
+            rows = torch.cat([q[0].reshape(heads, -1, dim) for q in queries], dim=1)
+            memory.selector.calibrate(rows, scale=memory.recorded_scale)
+
     def checkpoint(self) -> list[Checkpoint]:
         """Per-layer state to restore after a question."""
         return [memory.checkpoint() for memory in self.memories]
@@ -140,6 +179,9 @@ class PagedKVCache(Cache):
     def stats(self) -> dict[str, Any]:
         """Pages, selections and time summed over the layers; the store's tiers and moves.
 
+        `pages_selected` / `tokens_selected`: pages read by steps, per KV head, and the
+        tokens they held; `selector`: the selectors' own counters, summed over layers.
+
         `selection_hit_rate`: the share of selected pages already in the front tier (GPU, or
         RAM on CPU) when a step gathered them; the rest came up from a slower tier.
         """
@@ -147,11 +189,17 @@ class PagedKVCache(Cache):
         store = self.store.stats()
         gathered = sum(m.pages.gathered for m in memories)
         hits = sum(m.pages.front_hits for m in memories)
+        selector: dict[str, float] = {}
+        for memory in memories:
+            for key, value in memory.selector.stats().items():
+                selector[key] = selector.get(key, 0.0) + value
         return {
             "pages": sum(m.pages.count for m in memories),
             "tiers": store["tiers"],
             "moved": store["moved"],
-            "pages_selected": sum(m.stats.pages_selected for m in memories),
+            "pages_selected": sum(m.pages_selected for m in memories),
+            "tokens_selected": sum(m.tokens_selected for m in memories),
             "selection_hit_rate": hits / gathered if gathered else 0.0,
             "attention_s": sum(m.stats.attention_s for m in memories),
+            "selector": selector,
         }

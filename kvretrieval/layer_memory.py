@@ -3,8 +3,10 @@
 Keys arrive unrotated. Attention is split into disjoint parts merged exactly by log-sum-exp:
 the local window (true relative positions, causal), the sink tokens, and the top-k selected
 pages. Tokens leaving the window become sinks until `n_init` are kept, then are sealed into
-`block_size` pages with a selector summary. The layer owns all of its state: checkpoint and
-restore around a question, and the tensors a saved session keeps.
+`block_size` pages with a selector summary. A selector with a layout (Squeezed Attention)
+may regroup the sealed pages of a fixed context once (`regroup`): the same tokens, in new
+pages. The layer owns all of its state: checkpoint and restore around a question, and the
+tensors a saved session keeps.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from typing import Any, Protocol, cast
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from memlayer.errors import UnsupportedModelError
-from memlayer.kernels import select_pages, sparse_attention
+from memlayer.errors import InvalidInputError, UnsupportedModelError
+from memlayer.kernels import sparse_attention
 from memlayer.kvretrieval.config import KVConfig
 from memlayer.kvretrieval.rope import Rotary
 from memlayer.kvretrieval.sealed_pages import SealedPages
@@ -128,8 +130,13 @@ class LayerMemory(CacheLayerMixin):
         # the pages [1, Hkv, k] every step attends to, and the page count when they were
         # chosen: the pages sealed since (the question's and answer's own) are attended too
         self.pin: tuple[torch.Tensor, int] | None = None
-        # while a retrieval pass runs: each step's queries [1, Hq, T, D] in the memory frame
+        # pages and tokens read by steps whose selection may pad (counted on the device, so a
+        # step reads nothing back); other steps count pages on the host (`stats`)
+        self.selected = torch.zeros(2, dtype=torch.long, device=device)
+        # while a retrieval pass or a calibration runs: each step's queries [1, Hq, T, D] in
+        # the memory frame, and the attention scale they were used with
         self.recorded: list[torch.Tensor] | None = None
+        self.recorded_scale = 1.0
 
     @property
     def window_start(self) -> int:
@@ -179,14 +186,14 @@ class LayerMemory(CacheLayerMixin):
         started = time.perf_counter()
         q_raw = self.rotary.unscale(queries)
         if self.recorded is not None:
-            window = self.window
-            placed = window.rotate_queries(q_raw) if window.exact else self.memory_queries(q_raw)
-            self.recorded.append(placed)
+            self.recorded.append(self._placed_queries(q_raw)[1])
+            self.recorded_scale = scale
         out = self.attend_resident(q_raw, scale)
         self.pages.prefetch_next()
         if self.pages.count and self.topk:
             taken = self._step_pages() * self.window.heads
-            self.stats.pages_selected += taken
+            if not self.selector.pads_selection:
+                self.stats.pages_selected += taken
             self.pages.count_resident_read(taken)
         self._seal(q_raw[0])
         self.stats.attention_s += time.perf_counter() - started
@@ -196,14 +203,22 @@ class LayerMemory(CacheLayerMixin):
     def attend_resident(self, q_raw: torch.Tensor, scale: float) -> torch.Tensor:
         """Window + sinks + selected pages for unrotated queries [1, Hq, T, D]: tensor
         operations alone when the front tier is resident (no `.item()`, no loop over pages)."""
-        window = self.window
-        q_local = window.rotate_queries(q_raw)
-        q_memory = q_local if window.exact else self.memory_queries(q_raw)
-        if self.pages.count and self.topk:
-            k_pool, v_pool, slots = self.pages.slots(self.select(q_memory))
+        window, pages = self.window, self.pages
+        q_local, q_memory = self._placed_queries(q_raw)
+        lengths = None
+        if pages.count and self.topk:
+            chosen = self.select(q_memory, scale)
+            padded = self.selector.pads_selection or chosen.shape[-1] > pages.count
+            k_pool, v_pool, slots = pages.slots(chosen, padded)
+            if pages.partial:
+                lengths = pages.held(chosen)
+            if self.selector.pads_selection:
+                read = lengths if lengths is not None else (chosen >= 0) * pages.page_size
+                self.selected += torch.stack([(chosen >= 0).sum(), read.sum()])
         else:
             k_pool = v_pool = window.keys().new_empty(0, window.heads, 1, q_raw.shape[-1])
             slots = torch.empty(1, window.heads, 0, dtype=torch.long, device=q_raw.device)
+            padded = False
         return sparse_attention(
             q_local,
             window.keys()[None],
@@ -215,16 +230,72 @@ class LayerMemory(CacheLayerMixin):
             v_pool,
             slots,
             scale=scale,
-            padded=slots.shape[-1] > self.pages.count,
+            padded=padded,
+            page_lengths=lengths,
         )
 
-    def select(self, q_memory: torch.Tensor) -> torch.Tensor:
-        """Top-k pages [1, Hkv, topk] for queries placed in the memory frame, or the pinned
-        pages (one selection per question) and the newest `topk` pages sealed since."""
+    def _placed_queries(self, q_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unrotated queries placed for the local window and for memory (the same tensor when
+        positions are exact)."""
+        q_local = self.window.rotate_queries(q_raw)
+        return q_local, q_local if self.window.exact else self.memory_queries(q_raw)
+
+    def select(self, q_memory: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """The selector's pages [1, Hkv, topk] for queries placed in the memory frame, for
+        attention scaled by `scale` (None: 1/√head_dim); or the pinned pages (one selection
+        per question) and the newest `topk` pages sealed since."""
         if self.pin is not None:
             return self._pinned(*self.pin)
-        scores = self.selector.score(q_memory, self.pages.summaries[: self.pages.count])
-        return select_pages(scores, self.topk)
+        summaries = self.pages.summaries[: self.pages.count]
+        if scale is None:
+            scale = q_memory.shape[-1] ** -0.5
+        return self.selector.select(q_memory, summaries, self.topk, scale=scale)
+
+    @property
+    def pages_selected(self) -> int:
+        """Pages (per KV head) read by steps so far."""
+        return self.stats.pages_selected + int(self.selected[0])
+
+    @property
+    def tokens_selected(self) -> int:
+        """Tokens (per KV head) of the pages read by steps so far."""
+        return self.stats.pages_selected * self.pages.page_size + int(self.selected[1])
+
+    def check_regroup(self) -> None:
+        """Raise InvalidInputError if `regroup` cannot run now (nothing is changed)."""
+        if self.pages.count == 0:
+            raise InvalidInputError(
+                "context",
+                "has no sealed pages to regroup: feed more than n_init + n_local tokens",
+            )
+        self.selector.check_layout()
+
+    def regroup(self) -> bool:
+        """Lay the sealed pages out again as the selector says (once per fixed context): read
+        every page, let the selector index the tokens and place them, write the new pages.
+        Returns False (nothing done) when the selector keeps pages as sealed."""
+        self.check_regroup()
+        pages, size = self.pages, self.config.block_size
+        keys, values = pages.read()  # [N, Hkv, S, D], every page full (none regrouped yet)
+        starts = torch.tensor(pages.starts, device=keys.device)
+        positions = (starts[:, None] + torch.arange(size, device=keys.device)).reshape(-1)
+
+        def tokens(t: torch.Tensor) -> torch.Tensor:  # [N, Hkv, S, D] -> [Hkv, N·S, D]
+            return t.transpose(0, 1).flatten(1, 2)
+
+        layout = self.selector.layout(tokens(keys), positions, size)
+        if layout is None:
+            return False
+        heads = torch.arange(keys.shape[1], device=keys.device).view(1, -1, 1)
+        used = (layout.order >= 0).unsqueeze(-1)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:  # [Hkv, T, D] -> [P, Hkv, S, D]
+            return torch.where(used, t[heads, layout.order.clamp(min=0)], 0)
+
+        pages.replace(
+            gather(tokens(keys)), gather(tokens(values)), layout.summaries, layout.lengths
+        )
+        return True
 
     def _pinned(self, chosen: torch.Tensor, count: int) -> torch.Tensor:
         """The pinned pages, then the newest `topk` of the pages sealed since the pin (host
@@ -327,6 +398,7 @@ class LayerMemory(CacheLayerMixin):
             "sink_v": self.sinks.values().clone(),
             "summaries": pages.summaries[: pages.count].clone(),
             "starts": torch.tensor(pages.starts, dtype=torch.long),
+            "lengths": pages.lengths[: pages.count].clone(),
             "selector": self.selector.state(),
         }
 
@@ -336,6 +408,7 @@ class LayerMemory(CacheLayerMixin):
         self.window.reset(saved["window_k"], saved["window_v"], int(saved["window_start"]))
         self.sinks.reset(saved["sink_k"], saved["sink_v"])
         starts = saved["starts"].tolist()
+        lengths = saved.get("lengths")  # absent before regrouped pages: every page full
         for first in range(0, len(starts), 64):  # a bounded number of pages up at a time
             ids = [self.pages.page_id(i) for i in range(first, min(first + 64, len(starts)))]
             pages = folder.get_many(ids)
@@ -346,6 +419,7 @@ class LayerMemory(CacheLayerMixin):
                 saved["summaries"][first : first + len(ids)],
                 starts[first : first + len(ids)],
                 [page.metadata for page in pages],
+                None if lengths is None else lengths[first : first + len(ids)],
             )
         self.selector.load_state(saved.get("selector", {}))
 

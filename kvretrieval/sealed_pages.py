@@ -2,6 +2,8 @@
 
 Selection reads only the summaries; the payloads of the pages that win are gathered from
 whichever tier holds them (GPU, RAM, or offloaded to disk) into one stacked tensor per step.
+A page may hold fewer than its S rows for a KV head (a regrouped page holds one cluster's
+keys): `lengths` says how many, and the step's attention masks the rest.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class SealedPages:
     `table` (on the layer's device) maps page index -> slot in the front tier's slab, -1
     for a page not there; the front tier reports every move (`TensorTier.watch`), so a
     step reads selected pages straight from the slab by slot, with no host lookup.
+    `lengths` [pages, Hkv] (on the device) holds each page's used rows per KV head;
+    `partial` is True once some page holds fewer than S.
     """
 
     def __init__(
@@ -82,8 +86,11 @@ class SealedPages:
             raise InvalidInputError("tiers", "the KV page store's front tier must hold tensors")
         shape = tuple(page_shape)
         self.signature: Signature = (("k", dtype, shape), ("v", dtype, shape))
+        self.page_size = shape[1]
         self.summaries = torch.empty(0, *summary_shape, dtype=dtype, device=device)
         self.table = torch.empty(0, dtype=torch.long, device=device)
+        self.lengths = torch.empty(0, shape[0], dtype=torch.long, device=device)
+        self.partial = False
         self.starts: list[int] = []
         self.gathered = 0  # pages read for attention
         self.front_hits = 0  # of those, pages already in the front tier
@@ -116,10 +123,13 @@ class SealedPages:
         summaries: torch.Tensor,
         starts: list[int],
         labels: Sequence[dict[str, Any]] | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> None:
         """Seal pages: keys/values [N, Hkv, S, D] to the store in one batch, summaries
-        [N, Hkv, R, D] kept here, `starts` their first tokens' absolute positions, `labels`
-        each page's metadata (stored with it in every tier)."""
+        [N, Hkv, R, D] kept here, `starts` their first tokens' absolute positions (-1: not
+        one span), `labels` each page's metadata (stored with it in every tier), `lengths`
+        [N, Hkv] their used rows (None: all S; given, read once on the host, so not in a
+        step)."""
         first, count = self.count, len(starts)
         needed = first + count
         if needed > self.summaries.shape[0]:
@@ -130,7 +140,15 @@ class SealedPages:
             table = self.table.new_full((size,), -1)
             table[:first] = self.table[:first]
             self.table = table
+            held = self.lengths.new_full((size, self.lengths.shape[1]), self.page_size)
+            held[:first] = self.lengths[:first]
+            self.lengths = held
         self.summaries[first:needed] = summaries
+        if lengths is None:
+            self.lengths[first:needed] = self.page_size
+        else:
+            self.lengths[first:needed] = lengths
+            self.partial = self.partial or bool((lengths < self.page_size).any())
         self.starts.extend(starts)
         self.store.put_many(
             [
@@ -143,9 +161,12 @@ class SealedPages:
             ]
         )
 
-    def slots(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def slots(
+        self, chosen: torch.Tensor, padded: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The front slab's keys and values [slots, Hkv, S, D] and the slots [1, Hkv, k] of
         the pages `chosen` [1, Hkv, k] (-1 kept as -1), with the pages brought up first.
+        `padded` says whether `chosen` may hold -1 (None: only when k exceeds the pages).
 
         With a resident front tier this is tensor operations alone on the device. With a
         bounded one, the chosen pages come to the host once (one small read), the missing
@@ -155,10 +176,40 @@ class SealedPages:
             self._bring_up(chosen)
         slab = self.front.slab(self.signature)
         assert slab is not None  # a sealed page is in the front tier (brought up above)
-        if chosen.shape[-1] <= self.count:  # no -1 among them: a top-k of enough pages
+        if padded is None:
+            padded = chosen.shape[-1] > self.count
+        if not padded:  # no -1 among them: a top-k of enough pages
             return slab.fields["k"], slab.fields["v"], self.table[chosen]
         picked = self.table[chosen.clamp(min=0)]
         return slab.fields["k"], slab.fields["v"], torch.where(chosen >= 0, picked, -1)
+
+    def held(self, chosen: torch.Tensor) -> torch.Tensor:
+        """Used rows [1, Hkv, k] of the pages `chosen` [1, Hkv, k] per KV head (0 for -1)."""
+        heads = torch.arange(chosen.shape[1], device=chosen.device).view(1, -1, 1)
+        return torch.where(chosen >= 0, self.lengths[chosen.clamp(min=0), heads], 0)
+
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every page's keys and values, [N, Hkv, S, D] each, read through the store in
+        batches (whatever tier holds them); for a one-time regroup, not for a step."""
+        keys, values = [], []
+        for first in range(0, self.count, 64):
+            ids = [self.page_id(i) for i in range(first, min(first + 64, self.count))]
+            for page in self.store.get(ids):
+                keys.append(page.payload["k"].to(self.summaries.device))
+                values.append(page.payload["v"].to(self.summaries.device))
+        return torch.stack(keys), torch.stack(values)
+
+    def replace(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        summaries: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> None:
+        """Drop every page and seal these in their place (a regrouped layout: no page is one
+        span of positions, so their starts are -1)."""
+        self.truncate(0)
+        self.extend(keys, values, summaries, [-1] * keys.shape[0], lengths=lengths)
 
     def _bring_up(self, chosen: torch.Tensor) -> None:
         indices = sorted(set(chosen[chosen >= 0].tolist()))
@@ -191,3 +242,5 @@ class SealedPages:
         for index in range(count, self.count):
             self.store.delete(self.page_id(index))
         del self.starts[count:]
+        if count == 0:
+            self.partial = False

@@ -6,7 +6,10 @@ selector once per layer, so an instance may also keep an index over its layer's 
 hooks `sealed`, `truncate`, `state` and `load_state` keep such an index in step with the
 pages as they are sealed, dropped after a question, saved and loaded. A selector that
 `selects_per_question` (RetroLM) instead chooses one set of pages per question for every
-layer at once (`choose`, called by `memlayer.kvretrieval.question_pages`). A new method is one
+layer at once (`choose`, called by `memlayer.kvretrieval.question_pages`). Three more hooks
+serve a selector that reorganises a fixed context (Squeezed Attention): `layout` regroups the
+layer's sealed tokens into new pages once, `select` replaces top-k (it may keep fewer pages,
+padding with -1), `calibrate` tunes it from sample queries. A new method is one
 subclass; `SELECTORS.register(name)` makes it reachable by name (`KVSession(selector=name)`),
 and an instance works without a name (`KVSession(selector=MySelector(...))`).
 """
@@ -14,13 +17,23 @@ and an instance works without a name (`KVSession(selector=MySelector(...))`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
 from memlayer.errors import InvalidInputError
-from memlayer.kernels import score_pages
+from memlayer.kernels import score_pages, select_pages
 from memlayer.registry import Registry
+
+
+class PageLayout(NamedTuple):
+    """Where a regroup puts a layer's sealed tokens: new pages, each holding per KV head the
+    tokens `order` names (indices into the tokens regrouped, -1 for an unused row, a page's
+    used rows first), `lengths` how many rows are used, and the new pages' summaries."""
+
+    order: torch.Tensor  # [P, Hkv, S] long
+    lengths: torch.Tensor  # [P, Hkv] long
+    summaries: torch.Tensor  # [P, Hkv, R, D]
 
 
 @dataclass
@@ -33,6 +46,8 @@ class PageSelector:
     # attends to them for the question and its answer (`choose`); `score` still selects
     # per layer and step while text is fed
     selects_per_question: ClassVar[bool] = False
+    pads_selection: ClassVar[bool] = False  # True when `select` may leave -1 among its picks
+    calibrates: ClassVar[bool] = False  # True when `calibrate` uses sample queries
 
     @property
     def summary_rows(self) -> int:
@@ -60,6 +75,32 @@ class PageSelector:
     def check_model(self, layers: int, kv_heads: int, head_dim: int) -> None:
         """Refuse (InvalidInputError) a model this selector cannot serve, before a session is
         built on it (e.g. a trained retriever made for another geometry)."""
+
+    def select(
+        self, queries: torch.Tensor, summaries: torch.Tensor, topk: int, *, scale: float
+    ) -> torch.Tensor:
+        """Pages [1, Hkv, topk] a step attends to (ascending, -1 for none) for queries
+        [1, Hq, T, D] placed in the memory frame, attention scaled by `scale`: by default
+        the top-k of `score`. Tensor operations only: a resident step reads nothing back."""
+        return select_pages(self.score(queries, summaries), topk)
+
+    def layout(
+        self, keys: torch.Tensor, positions: torch.Tensor, page_size: int
+    ) -> PageLayout | None:
+        """New pages for a fixed context's sealed tokens, keys [Hkv, T, D] as memory stores
+        them at absolute `positions` [T] (the selector indexes them as it lays them out);
+        None: pages stay as sealed (the default)."""
+        return None
+
+    def check_layout(self) -> None:
+        """Raise InvalidInputError, before anything changes, if `layout` cannot run now."""
+
+    def calibrate(self, queries: torch.Tensor, *, scale: float) -> None:
+        """Tune selection from sample query rows [Hkv, N, D] (placed in the memory frame)."""
+
+    def stats(self) -> dict[str, float]:
+        """Counters of this layer's selections, summed over layers by the session."""
+        return {}
 
     def sealed(self, first: int, keys: torch.Tensor, summaries: torch.Tensor) -> None:
         """Pages `first` to `first + N - 1` were sealed: keys [N, Hkv, S, D] as memory stores

@@ -300,3 +300,51 @@ def test_a_layer_step_in_one_softmax_equals_the_merge_of_its_parts(
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     if not (x["page_idx"] < 0).any():
         assert torch.equal(sparse_attention(**x, scale=0.3, padded=False), out)
+
+
+def test_partly_filled_pages_equal_dense_over_the_keys_they_hold(gen: torch.Generator) -> None:
+    """page_lengths: a listed page holds its first n keys; the rest of it is never read.
+
+    The pool's unused rows are filled with huge keys, so reading any of them moves the
+    output; paged_attention and a layer step (sparse_attention, `padded=False` too) equal
+    dense attention over exactly the held keys."""
+    pool_k = torch.randn(5, 2, 4, 8, generator=gen)
+    pool_v = torch.randn(5, 2, 4, 8, generator=gen)
+    idx = torch.tensor([[[3, 0, -1], [1, 4, 2]]])
+    lengths = torch.tensor([[[2, 4, 3], [1, 0, 3]]])  # 0: a listed page holding nothing
+    for g in range(2):
+        for slot in range(3):
+            page, held = int(idx[0, g, slot]), int(lengths[0, g, slot])
+            if page >= 0:
+                pool_k[page, g, held:] = 50.0
+                pool_v[page, g, held:] = 1e4
+    q = torch.randn(1, 4, 2, 8, generator=gen)
+    out, lse = paged_attention(q, pool_k, pool_v, idx, scale=0.3, page_lengths=lengths)
+    for head in range(4):
+        g = head // 2
+        pairs = [(int(p), int(n)) for p, n in zip(idx[0, g], lengths[0, g], strict=True)]
+        keys = torch.cat([pool_k[p, g, :n] for p, n in pairs if p >= 0])
+        values = torch.cat([pool_v[p, g, :n] for p, n in pairs if p >= 0])
+        mask = torch.ones(2, keys.shape[0], dtype=torch.bool)
+        ref, ref_lse = _dense(
+            q[:, head : head + 1], keys[None, None], values[None, None], 0.3, mask
+        )
+        torch.testing.assert_close(out[0, head], ref[0, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse[0, head], ref_lse[0, 0], rtol=1e-5, atol=1e-5)
+
+    step = {
+        "q_local": q,
+        "window_k": torch.randn(1, 2, 5, 8, generator=gen),
+        "window_v": torch.randn(1, 2, 5, 8, generator=gen),
+        "q_memory": q,
+        "sink_k": torch.randn(1, 2, 0, 8),
+        "sink_v": torch.randn(1, 2, 0, 8),
+        "k_pool": pool_k,
+        "v_pool": pool_v,
+        "page_idx": idx,
+    }
+    window = causal_window_attention(q, step["window_k"], step["window_v"], scale=0.3, q_start=3)
+    expected, _ = merge_attention([window[0], out], [window[1], lse])
+    for padded in (True, False):
+        got = sparse_attention(**step, scale=0.3, padded=padded, page_lengths=lengths)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -65,7 +65,8 @@ class PagedCase:
     length: query rows per head (1 is a decode step); slots: page slots per KV head;
     logits: "normal" (|z| < 5), "large" (q and k scaled 8×: |z| reaches 200-300, past float32
     exp's 88.7) or "negative" (every logit near -300, where exp is 0 in float32);
-    splits: forced split-K count, None for the kernel's own choice (2 on CPU).
+    splits: forced split-K count, None for the kernel's own choice (2 on CPU);
+    partial: pages hold only their first `page_lengths` keys (`page_lengths_input`).
     """
 
     dtype: torch.dtype
@@ -76,13 +77,15 @@ class PagedCase:
     slots: int
     logits: Logits = "normal"
     splits: int | None = None
+    partial: bool = False
 
     @property
     def id(self) -> str:
-        """Readable test id, e.g. bfloat16-d64-p16-g4-t1-n64-large-s3."""
+        """Readable test id, e.g. bfloat16-d64-p16-g4-t1-n64-large-s3(-partial)."""
         splits = "auto" if self.splits is None else str(self.splits)
         shape = f"d{self.dim}-p{self.page}-g{self.group}-t{self.length}-n{self.slots}"
-        return f"{_name(self.dtype)}-{shape}-{self.logits}-s{splits}"
+        partial = "-partial" if self.partial else ""
+        return f"{_name(self.dtype)}-{shape}-{self.logits}-s{splits}{partial}"
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,12 @@ GPU_PAGED = [
         DTYPES, (64, 128), (16, 64, 128), (1, 3, 4), SCENARIOS, (None, 1, 3)
     )
 ]
+GPU_PAGED += [
+    PagedCase(dtype, dim, page, group, length, slots, logits, splits, partial=True)
+    for dtype, dim, page, group, (length, slots, logits), splits in itertools.product(
+        DTYPES, (64, 128), (16, 64), (1, 4), SCENARIOS, (None, 3)
+    )
+]
 GPU_WINDOWS = [
     WindowCase(dtype, dim, group, length, keys, sinks)
     for dtype, dim, group, (length, keys), sinks in itertools.product(
@@ -154,6 +163,8 @@ INTERPRET_PAGED = [
     PagedCase(torch.bfloat16, 64, 16, 4, 1, 64, "large", 3),
     PagedCase(torch.bfloat16, 128, 64, 3, 7, 9, "normal", 1),  # 21 rows: a 32-row block
     PagedCase(torch.bfloat16, 64, 128, 1, 1, 5, "negative", None),
+    PagedCase(torch.float32, 64, 16, 3, 2, 64, "normal", 3, partial=True),
+    PagedCase(torch.bfloat16, 128, 64, 4, 1, 9, "normal", None, partial=True),
 ]
 INTERPRET_SCORES = [
     ScoreCase(torch.float32, 64, 3, 1),
@@ -233,17 +244,34 @@ def paged_inputs(
     return q.to(case.dtype), k_pool.to(case.dtype), v_pool.to(case.dtype), idx
 
 
+def page_lengths_input(case: PagedCase, idx: torch.Tensor, seed: int) -> torch.Tensor | None:
+    """Keys each listed page holds ([B, Hkv, N], from `seed` alone), None unless the case is
+    partial: about a third of the pages full, the rest 0 to S − 1 keys (0: nothing read),
+    and the one valid slot of batch 1's KV head 0 holding a single key."""
+    if not case.partial:
+        return None
+    gen = torch.Generator().manual_seed(seed + 1)
+    lengths = torch.randint(0, case.page, idx.shape, generator=gen)
+    lengths[torch.rand(idx.shape, generator=gen) < 0.33] = case.page
+    lengths[1, 0, case.slots // 2] = 1
+    return lengths
+
+
 def _valid_logits(
-    q: torch.Tensor, k_pool: torch.Tensor, idx: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    idx: torch.Tensor,
+    scale: float,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Every logit a query row has over a non-empty slot, in float32 (flat)."""
+    """Every logit a query row has over a key a listed page holds, in float32 (flat)."""
     batch, kv_heads, _ = idx.shape
     heads = torch.arange(kv_heads, device=idx.device).view(1, kv_heads, 1).expand_as(idx)
     keys = k_pool[idx.clamp(min=0), heads].float()  # [B, Hkv, N, S, D]
     queries = q.float().reshape(batch, kv_heads, -1, q.shape[-1])  # [B, Hkv, G·T, D]
     logits = torch.einsum("bgrd,bgnsd->bgrns", queries, keys) * scale
-    valid = (idx >= 0)[:, :, None, :, None].expand_as(logits)
-    return logits[valid]
+    held = reference.filled(idx, k_pool.shape[2], lengths)  # [B, Hkv, N, S]
+    return logits[held[:, :, None].expand_as(logits)]
 
 
 def _check_premise(case: PagedCase, logits: torch.Tensor) -> None:
@@ -261,12 +289,13 @@ def _out_bound(
     ref: torch.Tensor,
     zmax: float,
     device: str,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-element bound on |out − ref| (the module docstring derives it)."""
     q, k_pool, v_pool, idx = inputs
     eps = torch.finfo(case.dtype).eps
     mean_abs_v, _ = reference.paged_attention(
-        q.float(), k_pool, v_pool.abs().float(), idx, scale=case.dim**-0.5
+        q.float(), k_pool, v_pool.abs().float(), idx, scale=case.dim**-0.5, page_lengths=lengths
     )
     size = torch.maximum(out.float().abs(), ref.float().abs())
     logit_error = LOGIT_ULPS * EPS32 * (1 + zmax)
@@ -285,7 +314,8 @@ def _worst(excess: torch.Tensor) -> str:
 def check_paged(case: PagedCase, device: str, seed: int, kernel: PagedKernel | None = None) -> None:
     """`kernel` (Triton's by default) equals the reference on the case's inputs from `seed`.
 
-    The kernel gets `splits=` only when the case forces a split-K count.
+    The kernel gets `splits=` only when the case forces a split-K count, `page_lengths=`
+    only when the case is partial.
     """
     if kernel is None:
         from memlayer.kernels import triton_paged
@@ -294,13 +324,20 @@ def check_paged(case: PagedCase, device: str, seed: int, kernel: PagedKernel | N
     where = f"{case.id}, seed {seed} (replay: MEMLAYER_TEST_SEED={seed})"
     inputs = tuple(t.to(device) for t in paged_inputs(case, seed))
     q, k_pool, v_pool, idx = inputs
+    lengths = page_lengths_input(case, idx, seed)
+    if lengths is not None:
+        lengths = lengths.to(device)
     scale = case.dim**-0.5
-    logits = _valid_logits(q, k_pool, idx, scale)
+    logits = _valid_logits(q, k_pool, idx, scale, lengths)
     _check_premise(case, logits)
     with _poisoned_allocations():
-        extra = {} if case.splits is None else {"splits": case.splits}
+        extra: dict[str, Any] = {} if case.splits is None else {"splits": case.splits}
+        if lengths is not None:
+            extra["page_lengths"] = lengths
         out, lse = kernel(q, k_pool, v_pool, idx, scale=scale, **extra)
-    ref, ref_lse = reference.paged_attention(q, k_pool, v_pool, idx, scale=scale)
+    ref, ref_lse = reference.paged_attention(
+        q, k_pool, v_pool, idx, scale=scale, page_lengths=lengths
+    )
     assert out.dtype == case.dtype and out.shape == q.shape, where
     assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape, where
     assert out.isfinite().all(), f"NaN, inf or unwritten output: {where}"
@@ -311,7 +348,7 @@ def check_paged(case: PagedCase, device: str, seed: int, kernel: PagedKernel | N
         LSE_RTOL * ref_lse[finite].abs().clamp(min=1)
     )
     assert lse_excess.max() <= 1, f"lse off by {_worst(lse_excess)}: {where}"
-    bound = _out_bound(case, inputs, out, ref, float(logits.abs().max()), device)
+    bound = _out_bound(case, inputs, out, ref, float(logits.abs().max()), device, lengths)
     out_excess = (out.float() - ref.float()).abs() / bound.clamp(
         min=torch.finfo(torch.float32).tiny
     )
@@ -456,6 +493,12 @@ def _no_max_subtraction(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.
     return (out.float() * total / total).to(out.dtype), total.squeeze(-1).log()
 
 
+def _reads_past_a_page_end(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mutant: the reference reading every page whole, its unused tail rows included."""
+    kwargs.pop("page_lengths", None)
+    return reference.paged_attention(*args, **kwargs)
+
+
 MUTANTS: list[tuple[PagedKernel, PagedCase]] = [
     (_shifted_lse, PagedCase(torch.float32, 64, 16, 3, 1, 64, "normal")),
     (_shifted_lse, PagedCase(torch.bfloat16, 128, 16, 4, 2, 64, "large")),
@@ -463,6 +506,8 @@ MUTANTS: list[tuple[PagedKernel, PagedCase]] = [
     (_reads_an_empty_slot, PagedCase(torch.bfloat16, 64, 64, 1, 3, 9, "negative")),
     (_no_max_subtraction, PagedCase(torch.float32, 128, 16, 4, 2, 64, "large")),
     (_no_max_subtraction, PagedCase(torch.float16, 64, 16, 3, 1, 64, "negative")),
+    (_reads_past_a_page_end, PagedCase(torch.float32, 64, 16, 3, 1, 64, "normal", partial=True)),
+    (_reads_past_a_page_end, PagedCase(torch.bfloat16, 64, 64, 4, 2, 9, "large", partial=True)),
 ]
 
 
