@@ -123,8 +123,10 @@ def test_one_selection_serves_every_layer_and_leaves_the_memory_as_it_was() -> N
     for memory, steps in zip(session.cache.memories, chosen, strict=True):
         select = memory.select
 
-        def recording(q: torch.Tensor, select: Any = select, steps: Any = steps) -> torch.Tensor:
-            steps.append(select(q))
+        def recording(
+            q: torch.Tensor, scale: float | None = None, select: Any = select, steps: Any = steps
+        ) -> torch.Tensor:
+            steps.append(select(q, scale))
             return steps[-1]
 
         memory.select = recording  # type: ignore[method-assign]
