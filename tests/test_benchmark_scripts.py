@@ -86,3 +86,21 @@ def test_crag_eval_small_run_compares_ranked_and_crag(tmp_path: Path) -> None:
                 assert max(row["tokens"]) <= row["value"]
         assert set(run["answers"]) == {"ranked k=2", "crag 64"}
     assert _positive(report["timing"]["pack_warm_ms"]["p95"])
+
+
+def test_shared_context_tiny_compares_a_reopened_context_with_re_prefill(tmp_path: Path) -> None:
+    out = tmp_path / "shared.json"
+    done = _run(
+        "shared_context.py",
+        *("--tiny", "--tokens", "1200", "--questions", "3", "--selectors", "infllm", "quest"),
+        *("--n-local", "64", "--block-size", "16", "--topk", "4", "--n-init", "8"),
+        *("--chunk-size", "128", "--reprefill", "1", "--json", str(out)),
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["method"] for row in rows] == ["dense", "infllm", "quest"]
+    for row in rows[1:]:
+        assert row["questions"] == 3 and row["reprefill_agree"] == "1/1"
+        assert 0 < row["read_per_step"] <= 1 and 0 < row["touched_fraction"] <= 1
+        assert all(_positive(row[key]) for key in ("encode_s", "first_ttft_s", "ttft_s"))
+        assert row["bytes"]["context"] > 0

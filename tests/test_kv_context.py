@@ -56,6 +56,16 @@ def _encode(model: Any, folder: Path, selector: str = "infllm", **config: Any) -
     )
 
 
+def _assert_same_logits(session: KVSession, reference: KVSession, ids: list[int]) -> None:
+    """Both give the same logits for `ids` (dtype-tight) and are left as they were."""
+    states = session.cache.checkpoint(), reference.cache.checkpoint()
+    got = session._forward(ids, all_logits=True)
+    expected = reference._forward(ids, all_logits=True)
+    session.cache.restore(states[0])
+    reference.cache.restore(states[1])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def _files(folder: Path) -> dict[str, str]:
     return {
         str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
@@ -77,12 +87,7 @@ def test_a_session_on_a_context_equals_a_plain_session_fed_the_same(
 
     assert session.tokens_fed == plain.tokens_fed
     assert session.stats()["own_pages"] > 0  # the conversation sealed pages of its own
-    state = plain.cache.checkpoint(), session.cache.checkpoint()
-    expected = plain._forward(QUESTION, all_logits=True)
-    got = session._forward(QUESTION, all_logits=True)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    plain.cache.restore(state[0])
-    session.cache.restore(state[1])
+    _assert_same_logits(session, plain, QUESTION)
     assert session.continue_ids(QUESTION, 8) == plain.continue_ids(QUESTION, 8)
     assert session.continue_ids([], 4) == plain.continue_ids([], 4)
 
@@ -128,6 +133,7 @@ def test_two_sessions_on_one_context_answer_as_on_their_own_copies(tmp_path: Pat
             copies[who].feed(fed)
             for other in range(2):
                 question = _ids(4, seed=100 + turn + other)
+                _assert_same_logits(sessions[other], copies[other], question)
                 got = sessions[other].continue_ids(question, 6)
                 assert got == copies[other].continue_ids(question, 6), (turn, who, other)
 
@@ -142,13 +148,35 @@ def test_two_sessions_on_one_context_answer_as_on_their_own_copies(tmp_path: Pat
     assert any(i.startswith(second + "/") for i in store.ids())  # the other's are not
     assert {i for i in store.ids() if i.startswith("layer")} == context_ids
     question = _ids(4, seed=7)
-    assert sessions[1].continue_ids(question, 6) == copies[1].continue_ids(question, 6)
+    _assert_same_logits(sessions[1], copies[1], question)
     fresh = KVSession(context=context, progress=False)  # the context itself is intact
     assert fresh.continue_ids(question, 6) == _plain(model, "quest", CONTEXT, **SMALL).continue_ids(
         question, 6
     )
     with pytest.raises(ClosedError):
         sessions[0].feed(question)
+
+
+def test_sessions_on_a_context_shorter_than_its_sinks_add_sinks_of_their_own(
+    tmp_path: Path,
+) -> None:
+    """A context shorter than n_init: each session adds sinks from its own tokens; each
+    session's go to its own copy, so one session's sinks never overwrite another's."""
+    model = tiny("llama")
+    short = CONTEXT[:1]  # fewer tokens than n_init: the sessions add sinks of their own tokens
+    context = KVContext.encode(
+        short, twin(model), None, path=tmp_path / "ctx", progress=False, **SMALL
+    )
+    sessions = [KVSession(context=context, progress=False) for _ in range(2)]
+    copies = [_plain(model, "infllm", short, **SMALL) for _ in range(2)]
+    for who in range(2):
+        fed = _ids(20, seed=3 + who)
+        sessions[who].feed(fed)
+        copies[who].feed(fed)
+        assert sessions[who].cache.memories[0].sinks.count == SMALL["n_init"]
+    for session, copy in zip(sessions, copies, strict=True):
+        _assert_same_logits(session, copy, QUESTION)
+    assert context._fixed.layers[0].sink_count == 0
 
 
 def test_a_context_reopened_in_a_new_process_answers_without_running_the_model_over_it(
