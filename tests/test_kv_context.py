@@ -195,7 +195,8 @@ from memlayer import KVContext, KVSession
 
 model = tiny("llama")
 ran = []
-model.register_forward_pre_hook(lambda m, a, k: ran.append(k["input_ids"].shape[1]), with_kwargs=True)
+count = lambda module, args, kwargs: ran.append(kwargs["input_ids"].shape[1])
+model.register_forward_pre_hook(count, with_kwargs=True)
 context = KVContext.open({str(tmp_path / "ctx")!r}, model, None)
 with KVSession(context=context, progress=False) as session:
     answer = session.continue_ids({QUESTION!r}, 6)
