@@ -388,3 +388,42 @@ def test_closing_the_context_closes_its_sessions(tmp_path: Path) -> None:
         KVSession(context=context)
     with pytest.raises(ClosedError):
         context.stats()
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_preloaded_context_answers_as_a_plain_session_and_never_synchronizes(
+    tmp_path: Path,
+) -> None:
+    """The context's front tier is the GPU: a session's answers equal a plain session's, and
+    once every page is up, a layer's steps (chunks that seal pages, one-token steps) run with
+    CUDA's sync checker set to fail on any synchronisation."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = tiny("llama").cuda()
+    context = _encode(model, tmp_path / "ctx", "quest")
+    assert "gpu" in context.stats()["tiers"]
+    plain = _plain(model, "quest", CONTEXT, **SMALL)
+    session = KVSession(context=context, progress=False)
+    assert session.continue_ids(QUESTION, 8) == plain.continue_ids(QUESTION, 8)
+
+    context.preload()
+    memory = session.cache.memories[0]
+    generator = torch.Generator("cuda").manual_seed(0)
+    inputs = [
+        [
+            torch.randn(*shape, generator=generator, device="cuda")
+            for shape in ((2, length, 16), (2, length, 16), (1, 4, length, 16))
+        ]
+        for length in [8] * 3 + [1] * 12
+    ]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outputs = []
+        for keys, values, queries in inputs:
+            memory.append(keys, values)
+            outputs.append(memory.attend(queries, 0.25))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert memory.pages.count > memory.pages.first  # the session sealed pages of its own
+    assert all(bool(out.isfinite().all()) for out in outputs)
