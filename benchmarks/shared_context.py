@@ -237,9 +237,11 @@ def machine() -> dict[str, object]:
 
 
 def write_json(path: Path | None, args: argparse.Namespace, rows: list[dict]) -> Path:
+    """The rows so far with the command, date, settings and machine; returns where (the same
+    file for every call of one run)."""
     now = datetime.datetime.now().astimezone()
     if path is None:
-        path = RESULTS / f"shared-context-{now:%Y%m%d-%H%M%S}.json"
+        args.json = path = RESULTS / f"shared-context-{now:%Y%m%d-%H%M%S}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "command": shlex.join(["python", "benchmarks/shared_context.py", *sys.argv[1:]]),
@@ -332,6 +334,7 @@ def main() -> None:
         else:
             row = run_dense(model, tokenizer, context, questions, args)
             rows.append(row)
+            write_json(args.json, args, rows)
             print(
                 f"| dense | {row['correct']}/{row['questions']} | 100% | 100% | | | | | "
                 f"{row['reprefill_ttft_s']:.2f} | | |",
@@ -341,6 +344,7 @@ def main() -> None:
         for selector in args.selectors:
             row = run_selector(model, tokenizer, context, questions, selector, args, Path(folder))
             rows.append(row)
+            write_json(args.json, args, rows)  # each method's row kept as soon as it is done
             print(
                 f"| {selector} | {row['correct']}/{row['questions']} | "
                 f"{row['read_per_step']:.1%} | {row['touched_fraction']:.0%} | "
