@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import copy
 import itertools
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import Cache
@@ -28,11 +27,22 @@ from memlayer.kvretrieval.layer_memory import Checkpoint, HeadGeometry, LayerMem
 from memlayer.kvretrieval.rope import Rotary
 from memlayer.kvretrieval.sealed_pages import open_kv_store
 from memlayer.kvretrieval.selectors import PageSelector
+from memlayer.kvretrieval.shared_pages import SlotRouter
 from memlayer.stores import TensorTier
+
+if TYPE_CHECKING:
+    from memlayer.kvretrieval.fixed_context import FixedContext
 
 
 class PagedKVCache(Cache):
-    """Per-layer paged KV memory for one stream (batch size 1)."""
+    """Per-layer paged KV memory for one stream (batch size 1).
+
+    Alone, the cache owns its page store. On a fixed context (`context`) it uses the
+    context's store, whose front tier every session on the context shares: the context's
+    pages are read in place, and this cache's own pages go to the same store under a prefix
+    of its own (`session-N/layer{i}/{j}`), so a step reads both from one slab; `close`
+    removes those and nothing else.
+    """
 
     def __init__(
         self,
@@ -43,41 +53,62 @@ class PagedKVCache(Cache):
         *,
         dtype: torch.dtype,
         device: torch.device,
+        context: FixedContext | None = None,
     ):
         self.config = config
         self.calls = 0  # attention calls routed through memlayer (checked per forward)
-        page_bytes = 2 * geometry.kv_heads * config.block_size * geometry.head_dim * dtype.itemsize
         selector.check_model(geometry.layers, geometry.kv_heads, geometry.head_dim)
-        step_pages = config.topk * (1 if selector.shares_selection else geometry.kv_heads)
-        if selector.selects_per_question:  # the pinned pages and up to topk sealed since
-            step_pages *= 2
-        self.store, self._offload_folder = open_kv_store(config, device, page_bytes, step_pages)
+        self._offload_folder = None
+        if context is None:
+            page_bytes = 2 * geometry.kv_heads * config.block_size * geometry.head_dim
+            page_bytes *= dtype.itemsize
+            step_pages = config.topk * (1 if selector.shares_selection else geometry.kv_heads)
+            if selector.selects_per_question:  # the pinned pages and up to topk sealed since
+                step_pages *= 2
+            self.store, self._offload_folder = open_kv_store(config, device, page_bytes, step_pages)
+            front = self.store.tiers[0]
+            assert isinstance(front, TensorTier)  # open_kv_store puts a tensor tier in front
+            self.router = SlotRouter(front)
+            prefix = "layer"
+            bases: list[Any] = [None] * geometry.layers
+        else:
+            self.store, self.router = context.store, context.router
+            prefix = f"{context.new_prefix()}/layer"
+            bases = list(context.layers)
+        self._owns_store = context is None
         self.memories = [
             LayerMemory(
-                config, copy.deepcopy(selector), rotary, geometry, dtype, device, self.store, i
+                config,
+                copy.deepcopy(selector),
+                rotary,
+                geometry,
+                dtype,
+                device,
+                self.store,
+                i,
+                prefix=f"{prefix}{i}",
+                context=base,
             )
-            for i in range(geometry.layers)
+            for i, base in enumerate(bases)
         ]
+        for memory in self.memories:
+            self.router.add(memory.pages)
         if config.prefetch:
             for layer, following in itertools.pairwise(self.memories):
                 layer.pages.next = following.pages
-        front = self.store.tiers[0]
-        assert isinstance(front, TensorTier)  # open_kv_store puts a tensor tier in front
-        cache = weakref.ref(self)  # the store must not keep the cache (and its pages) alive
-
-        def slot_moved(page_id: str, slot: int) -> None:
-            alive = cache()
-            if alive is not None:
-                alive._slot_moved(page_id, slot)
-
-        front.watch(slot_moved)
         layers: list[Any] = list(self.memories)  # transformers types the list by its own classes
         super().__init__(layers=layers)
 
-    def _slot_moved(self, page_id: str, slot: int) -> None:
-        """Keep the owning layer's page table in step with the front tier ("layer{i}/{j}")."""
-        layer, index = page_id.removeprefix("layer").split("/")
-        self.memories[int(layer)].pages.moved(int(index), slot)
+    def close(self) -> None:
+        """Remove this cache's own pages from the store (closing the store when it is the
+        cache's own); a fixed context's pages stay as they are."""
+        for memory in self.memories:
+            memory.pages.truncate(memory.pages.first)
+            self.router.remove(memory.pages.prefix)
+        if self._owns_store:
+            self.store.close()
+            if self._offload_folder is not None:
+                self._offload_folder.cleanup()
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         """Tokens stored (the same in every layer)."""
@@ -139,6 +170,8 @@ class PagedKVCache(Cache):
         the fixed context is fed, before questions); the number of layers regrouped: 0 when
         the selector keeps pages as sealed. Every layer is checked first, so an error (no
         sealed pages, already regrouped) leaves all of them as they were."""
+        if not self.memories[0].selector.regroups:
+            return 0
         for memory in self.memories:
             memory.check_regroup()
         return sum(memory.regroup() for memory in self.memories)
@@ -193,8 +226,15 @@ class PagedKVCache(Cache):
         for memory in memories:
             for key, value in memory.selector.stats().items():
                 selector[key] = selector.get(key, 0.0) + value
+        context_pages = sum(m.pages.first for m in memories)
+        read = sum(int(m.pages.context_reads) for m in memories)
+        steps = sum(m.stats.steps * m.pages.first * m.window.heads for m in memories)
         return {
             "pages": sum(m.pages.count for m in memories),
+            "own_pages": sum(m.pages.count - m.pages.first for m in memories),
+            "context_pages": context_pages,
+            # share of the context's KV (pages x KV heads) one step read, on average
+            "context_read_per_step": read / steps if steps else 0.0,
             "tiers": store["tiers"],
             "moved": store["moved"],
             "pages_selected": sum(m.pages_selected for m in memories),

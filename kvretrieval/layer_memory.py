@@ -25,6 +25,7 @@ from memlayer.kvretrieval.config import KVConfig
 from memlayer.kvretrieval.rope import Rotary
 from memlayer.kvretrieval.sealed_pages import SealedPages
 from memlayer.kvretrieval.selectors import PageSelector
+from memlayer.kvretrieval.shared_pages import ContextLayer
 from memlayer.kvretrieval.window import SinkBuffer, WindowBuffer
 from memlayer.stores import PageStore
 from memlayer.types import Page
@@ -108,7 +109,16 @@ class LayerMemory(CacheLayerMixin):
         device: torch.device,
         store: PageStore,
         layer: int,
+        *,
+        prefix: str | None = None,
+        context: ContextLayer | None = None,
     ):
+        """A layer whose pages are `{prefix}/{i}` in `store` (prefix: "layer{layer}").
+
+        On a fixed context (`context`), the layer starts where the context ended: its pages
+        and sinks are the context's, shared and read-only, its window a copy of the
+        context's trailing window, its selector the context's saved state.
+        """
         super().__init__()
         self.config = config
         self.selector = selector
@@ -120,7 +130,19 @@ class LayerMemory(CacheLayerMixin):
         self.sinks = SinkBuffer(config.n_init, heads, dim, dtype, device)
         summary_shape = (heads, selector.summary_rows, dim)
         page_shape = (heads, config.block_size, dim)
-        self.pages = SealedPages(store, f"layer{layer}", page_shape, summary_shape, dtype, device)
+        self.pages = SealedPages(
+            store,
+            prefix or f"layer{layer}",
+            page_shape,
+            summary_shape,
+            dtype,
+            device,
+            base=context.pages if context is not None else None,
+        )
+        if context is not None:
+            self.window.reset(context.window_k, context.window_v, context.window_start)
+            self.sinks.share(context.sink_k, context.sink_v, context.sink_count)
+            self.selector.load_state({k: v.clone() for k, v in context.selector_state.items()})
         self.stats = LayerStats()
         self.topk = config.topk  # pages a step attends to; 0 (sinks + window only) while a
         # video session encodes frames (`PagedKVCache.selecting`)
@@ -366,21 +388,21 @@ class LayerMemory(CacheLayerMixin):
         return self.rotary.unscale(keys)
 
     def checkpoint(self) -> Checkpoint:
-        """State to return to after a question, so the fed context stays intact (copies:
-        the buffers are written in place)."""
+        """State to return to after a question, so the fed context stays intact (copies of
+        the window: its buffers are written in place; sinks and pages are only appended, so
+        their counts suffice)."""
         return Checkpoint(
             self.window.raw_keys().clone(),
             self.window.values().clone(),
             self.window.start,
-            self.sinks.keys().clone(),
-            self.sinks.values().clone(),
+            self.sinks.count,
             self.pages.count,
         )
 
     def restore(self, state: Checkpoint) -> None:
         """Return to a checkpoint (pages sealed since then are dropped, from the selector too)."""
         self.window.reset(state.window_k, state.window_v, state.window_start)
-        self.sinks.reset(state.sink_k, state.sink_v)
+        self.sinks.truncate(state.sinks)
         self.pages.truncate(state.pages)
         self.selector.truncate(state.pages)
 
@@ -426,11 +448,10 @@ class LayerMemory(CacheLayerMixin):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A layer's state before a question: its window, sinks and page count."""
+    """A layer's state before a question: its window, sink count and page count."""
 
     window_k: torch.Tensor
     window_v: torch.Tensor
     window_start: int
-    sink_k: torch.Tensor
-    sink_v: torch.Tensor
+    sinks: int
     pages: int

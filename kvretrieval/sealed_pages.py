@@ -17,17 +17,24 @@ import torch
 
 from memlayer.errors import InvalidInputError
 from memlayer.kvretrieval.config import KVConfig
-from memlayer.stores import PageStore
+from memlayer.kvretrieval.shared_pages import ContextPages
+from memlayer.stores import PageStore, StoreConfig, Tier, TierConfig, build_tiers
 from memlayer.stores.tensor_tier import Signature, TensorTier
 from memlayer.types import Page
 
 
 def open_kv_store(
-    config: KVConfig, device: torch.device, page_bytes: int, step_pages: int
+    config: KVConfig,
+    device: torch.device,
+    page_bytes: int,
+    step_pages: int,
+    *,
+    below: Tier | None = None,
 ) -> tuple[PageStore, tempfile.TemporaryDirectory[str] | None]:
     """The session's page store (and the temporary offload folder it owns, if any): a tier
     on the model's device when it is a GPU, RAM, then, when RAM is bounded or `offload_path`
-    is given, a disk tier there (or in a temporary folder) that does not fsync.
+    is given, a disk tier there (or in a temporary folder) that does not fsync, then `below`
+    (a fixed context's read-only pages) when given.
 
     Each bounded front tier must hold the `step_pages` pages one layer's step gathers.
     """
@@ -57,17 +64,27 @@ def open_kv_store(
             folder = Path(owned.name)
         # offload is a cache (save() is durable), so its writes are not fsync'ed
         tiers.append({"kind": "disk", "path": folder, "sync": False})
-    return PageStore.open(tiers=tiers), owned
+    if below is None:
+        return PageStore.open(tiers=tiers), owned
+    built = build_tiers(StoreConfig(tiers=[TierConfig.model_validate(t) for t in tiers]))
+    return PageStore([*built, below]), owned
 
 
 class SealedPages:
     """Sealed pages of one layer; page `i` is stored as `{prefix}/{i}` with tensors k and v.
 
     `table` (on the layer's device) maps page index -> slot in the front tier's slab, -1
-    for a page not there; the front tier reports every move (`TensorTier.watch`), so a
-    step reads selected pages straight from the slab by slot, with no host lookup.
-    `lengths` [pages, Hkv] (on the device) holds each page's used rows per KV head;
-    `partial` is True once some page holds fewer than S.
+    for a page not there; the front tier reports every move (`SlotRouter`), so a step reads
+    selected pages straight from the slab by slot, with no host lookup.
+
+    On a fixed context (`base`), pages 0 .. base.count - 1 are the context's, read-only and
+    shared with every other session on it (page `i` is `base.page_id(i)`, its slot in
+    `base.table`); this layer's own pages follow from index `base.count`, under `prefix`,
+    and `table` holds their slots only. `summaries` starts as the context's own tensor and
+    becomes a copy the first time this layer seals a page of its own.
+    `lengths` [pages, Hkv] (on the device) holds each page's used rows per KV head, shared
+    with the context like `summaries`; `partial` is True once some page holds fewer than S
+    (a regrouped context's cluster pages).
     """
 
     def __init__(
@@ -78,6 +95,8 @@ class SealedPages:
         summary_shape: Sequence[int],
         dtype: torch.dtype,
         device: torch.device,
+        *,
+        base: ContextPages | None = None,
     ):
         self.store = store
         self.prefix = prefix
@@ -87,11 +106,22 @@ class SealedPages:
         shape = tuple(page_shape)
         self.signature: Signature = (("k", dtype, shape), ("v", dtype, shape))
         self.page_size = shape[1]
-        self.summaries = torch.empty(0, *summary_shape, dtype=dtype, device=device)
-        self.table = torch.empty(0, dtype=torch.long, device=device)
-        self.lengths = torch.empty(0, shape[0], dtype=torch.long, device=device)
-        self.partial = False
-        self.starts: list[int] = []
+        self.base = base
+        self.first = base.count if base is not None else 0  # index of the first own page
+        if base is not None:
+            self.summaries = base.summaries  # shared until an own page is sealed
+            self.lengths = base.lengths  # likewise
+            self.partial = base.partial
+            self.starts: list[int] = list(base.starts)
+            self.table = torch.full((1,), -1, dtype=torch.long, device=device)
+        else:
+            self.summaries = torch.empty(0, *summary_shape, dtype=dtype, device=device)
+            self.lengths = torch.empty(0, shape[0], dtype=torch.long, device=device)
+            self.partial = False
+            self.starts = []
+            self.table = torch.empty(0, dtype=torch.long, device=device)
+        # (page, KV head) pairs of the context read by steps, counted on the device
+        self.context_reads = torch.zeros((), dtype=torch.long, device=device)
         self.gathered = 0  # pages read for attention
         self.front_hits = 0  # of those, pages already in the front tier
         self.next: SealedPages | None = None  # the next layer's pages, to prefetch for
@@ -99,22 +129,27 @@ class SealedPages:
 
     @property
     def count(self) -> int:
-        """Pages sealed so far."""
+        """Pages sealed so far (the context's, then this layer's own)."""
         return len(self.starts)
 
     @property
     def resident(self) -> bool:
-        """Every page is always in the front tier (it has no budget, so it never evicts)."""
-        return self.front.budget is None
+        """Every page is in the front tier and stays there (it has no budget, so it never
+        evicts; a context's pages come up on demand until all of them are there)."""
+        return self.front.budget is None and (self.base is None or self.base.all_in_front)
 
     def page_id(self, index: int) -> str:
         """The store id of page `index`."""
+        if index < self.first:
+            assert self.base is not None
+            return self.base.page_id(index)
         return f"{self.prefix}/{index}"
 
     def moved(self, index: int, slot: int) -> None:
-        """Page `index` now sits in front-tier slot `slot` (-1: it left the front tier)."""
-        if index < self.table.shape[0]:  # fill_: a kernel argument, not a synchronous copy
-            self.table[index : index + 1].fill_(slot)
+        """Own page `index` now sits in front-tier slot `slot` (-1: it left the front tier)."""
+        own = index - self.first
+        if 0 <= own < self.table.shape[0]:  # fill_: a kernel argument, not a synchronous copy
+            self.table[own : own + 1].fill_(slot)
 
     def extend(
         self,
@@ -132,17 +167,20 @@ class SealedPages:
         step)."""
         first, count = self.count, len(starts)
         needed = first + count
-        if needed > self.summaries.shape[0]:
+        if needed > self.summaries.shape[0]:  # a context's summaries are copied here, once
             size = max(16, needed, 2 * self.summaries.shape[0])
             grown = self.summaries.new_empty((size, *self.summaries.shape[1:]))
             grown[:first] = self.summaries[:first]
             self.summaries = grown
-            table = self.table.new_full((size,), -1)
-            table[:first] = self.table[:first]
-            self.table = table
             held = self.lengths.new_full((size, self.lengths.shape[1]), self.page_size)
             held[:first] = self.lengths[:first]
             self.lengths = held
+        own_needed = needed - self.first
+        if own_needed > self.table.shape[0]:
+            size = max(16, own_needed, 2 * self.table.shape[0])
+            table = self.table.new_full((size,), -1)
+            table[: first - self.first] = self.table[: first - self.first]
+            self.table = table
         self.summaries[first:needed] = summaries
         if lengths is None:
             self.lengths[first:needed] = self.page_size
@@ -176,6 +214,8 @@ class SealedPages:
             self._bring_up(chosen)
         slab = self.front.slab(self.signature)
         assert slab is not None  # a sealed page is in the front tier (brought up above)
+        if self.first:
+            return slab.fields["k"], slab.fields["v"], self._slots_on_context(chosen)
         if padded is None:
             padded = chosen.shape[-1] > self.count
         if not padded:  # no -1 among them: a top-k of enough pages
@@ -211,6 +251,24 @@ class SealedPages:
         self.truncate(0)
         self.extend(keys, values, summaries, [-1] * keys.shape[0], lengths=lengths)
 
+    def _slots_on_context(self, chosen: torch.Tensor) -> torch.Tensor:
+        """Slots of `chosen` pages, the context's from its shared table and the own ones from
+        this table; marks the context's pages read (tensor operations only)."""
+        base = self.base
+        assert base is not None
+        first = self.first
+        safe = chosen.clamp(min=0)
+        from_context = (chosen >= 0) & (chosen < first)
+        slots = torch.where(
+            from_context,
+            base.table[safe.clamp(max=first - 1)],
+            self.table[(safe - first).clamp(min=0, max=self.table.shape[0] - 1)],
+        )
+        marked = torch.where(from_context, chosen, first).flatten()
+        base.touched.index_fill_(0, marked, True)
+        self.context_reads.add_(from_context.sum())
+        return torch.where(chosen >= 0, slots, -1)
+
     def _bring_up(self, chosen: torch.Tensor) -> None:
         indices = sorted(set(chosen[chosen >= 0].tolist()))
         ids = [self.page_id(i) for i in indices]
@@ -238,7 +296,10 @@ class SealedPages:
             self.front_hits += pages
 
     def truncate(self, count: int) -> None:
-        """Forget pages from index `count` on (their payloads leave the store)."""
+        """Forget own pages from index `count` on (their payloads leave the store); a
+        context's pages are never dropped."""
+        if count < self.first:
+            raise InvalidInputError("count", f"must keep the context's {self.first} pages", count)
         for index in range(count, self.count):
             self.store.delete(self.page_id(index))
         del self.starts[count:]

@@ -47,6 +47,7 @@ class PageSelector:
     # per layer and step while text is fed
     selects_per_question: ClassVar[bool] = False
     pads_selection: ClassVar[bool] = False  # True when `select` may leave -1 among its picks
+    regroups: ClassVar[bool] = False  # True when `layout` lays a fixed context out anew
     calibrates: ClassVar[bool] = False  # True when `calibrate` uses sample queries
 
     @property

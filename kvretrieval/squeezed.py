@@ -75,6 +75,7 @@ class SqueezedSelector(PageSelector):
     seed: int = 0
     name: ClassVar[str] = "squeezed"
     pads_selection: ClassVar[bool] = True
+    regroups: ClassVar[bool] = True
     calibrates: ClassVar[bool] = True
 
     def __post_init__(self) -> None:

@@ -111,7 +111,13 @@ class WindowBuffer:
 
 
 class SinkBuffer:
-    """The first `n_init` tokens' keys (placed as memory stores them) and values."""
+    """The first `n_init` tokens' keys (placed as memory stores them) and values.
+
+    Sinks are only ever appended, so a checkpoint is their count (`truncate` returns to it).
+    A session on a fixed context starts from the context's sinks, shared (`share`): they are
+    read in place, and copied only if this session adds sinks of its own (a context shorter
+    than `n_init` tokens).
+    """
 
     def __init__(
         self, capacity: int, heads: int, dim: int, dtype: torch.dtype, device: torch.device
@@ -119,6 +125,7 @@ class SinkBuffer:
         self._keys = torch.empty(heads, capacity, dim, dtype=dtype, device=device)
         self._values = torch.empty_like(self._keys)
         self.count = 0
+        self.shared = False  # the buffers belong to a fixed context: never written here
 
     def keys(self) -> torch.Tensor:
         return self._keys[:, : self.count]
@@ -128,6 +135,9 @@ class SinkBuffer:
 
     def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append sink tokens [Hkv, n, D] (within the capacity `n_init`)."""
+        if self.shared:  # copy on write: the context's sinks stay as they are
+            self._keys, self._values = self._keys.clone(), self._values.clone()
+            self.shared = False
         count = keys.shape[1]
         self._keys[:, self.count : self.count + count] = keys
         self._values[:, self.count : self.count + count] = values
@@ -135,5 +145,19 @@ class SinkBuffer:
 
     def reset(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Make the sinks exactly `keys` / `values` [Hkv, n, D]."""
+        if self.shared:
+            self._keys, self._values = torch.empty_like(self._keys), torch.empty_like(self._values)
+            self.shared = False
         self.count = 0
         self.add(keys, values)
+
+    def share(self, keys: torch.Tensor, values: torch.Tensor, count: int) -> None:
+        """Read the sinks from a fixed context's buffers [Hkv, n_init, D] (its first `count`
+        tokens), without copying them."""
+        if keys.shape != self._keys.shape or values.shape != self._values.shape:
+            raise ValueError(f"shared sinks must be {tuple(self._keys.shape)}")
+        self._keys, self._values, self.count, self.shared = keys, values, count, True
+
+    def truncate(self, count: int) -> None:
+        """Forget the sinks added after the first `count` (back to a checkpoint)."""
+        self.count = min(self.count, count)

@@ -31,6 +31,7 @@ _LAZY = {
     "Memory": "memlayer.memory",
     "AsyncMemory": "memlayer.async_memory",
     "KVSession": "memlayer.kv_session",
+    "KVContext": "memlayer.kv_context",
     "VideoSession": "memlayer.video_session",
     "VideoAnswer": "memlayer.video_session",
     "Limits": "memlayer.config",
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from memlayer.async_memory import AsyncMemory
     from memlayer.config import DatabaseOptions, Limits
     from memlayer.context import Context, CragContext
+    from memlayer.kv_context import KVContext
     from memlayer.kv_session import KVSession
     from memlayer.memory import Memory
     from memlayer.remote import AsyncRemoteMemory, RemoteMemory
@@ -70,6 +72,7 @@ __all__ = [
     "DatabaseOptions",
     "Hit",
     "InvalidInputError",
+    "KVContext",
     "KVSession",
     "Limits",
     "MemlayerError",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from memlayer.errors import (
+    ClosedError,
     InvalidInputError,
     ModelMismatchError,
     NotFoundError,
@@ -23,6 +24,7 @@ from memlayer.errors import (
 from memlayer.optional import require
 
 if TYPE_CHECKING:
+    from memlayer.kv_context import KVContext
     from memlayer.kvretrieval.selectors import PageSelector
 
 _PLACEHOLDER = "\x00memlayer\x00"
@@ -34,6 +36,12 @@ class KVSession:
     >>> session = KVSession()                      # SmolLM2-135M-Instruct, offline
     >>> session.feed(open("book.txt").read())      # any length, chunked, with a progress bar
     >>> session.ask("Who wrote the letter?")
+
+    On a fixed context (`KVSession(context=ctx)`, see `KVContext`) the session starts where
+    the context ended, without running the model over it: the context's pages and sinks are
+    shared read-only, its trailing window is copied, and its selector, chat framing and KV
+    config are the session's. `close()` (or leaving a `with` block) frees what the session
+    added and nothing of the context.
     """
 
     def __init__(
@@ -41,14 +49,16 @@ class KVSession:
         model: Any = None,
         tokenizer: Any = None,
         *,
-        selector: str | PageSelector = "infllm",
-        chat: bool = True,
+        context: KVContext | None = None,
+        selector: str | PageSelector | None = None,
+        chat: bool | None = None,
         progress: bool = True,
         **config: Any,
     ):
         require("transformers", "kv")
         import torch
 
+        from memlayer.kv_context import KVContext
         from memlayer.kvretrieval.cache import PagedKVCache
         from memlayer.kvretrieval.config import KVConfig
         from memlayer.kvretrieval.layer_memory import HeadGeometry
@@ -56,13 +66,21 @@ class KVSession:
         from memlayer.kvretrieval.rope import Rotary, find_rotary
         from memlayer.kvretrieval.selectors import PageSelector, resolve_selector
 
-        if not isinstance(selector, (str, PageSelector)):
+        if selector is not None and not isinstance(selector, (str, PageSelector)):
             raise InvalidInputError("selector", "must be a name or a PageSelector", selector)
         if "repr_topk" in config:  # a KVConfig field until 0.2.0
             raise InvalidInputError(
                 "repr_topk", "is InfLLM's option: selector=InfLLMSelector(repr_topk=...)"
             )
-        self.selector = resolve_selector(selector)
+        if context is not None and not isinstance(context, KVContext):
+            raise InvalidInputError("context", "must be a KVContext", context)
+        if context is not None:
+            model, tokenizer, selector, chat, config = context.session_settings(
+                model, tokenizer, selector, chat, config
+            )
+        self.context = context
+        self.chat = True if chat is None else chat
+        self.selector = resolve_selector("infllm" if selector is None else selector)
         self.config = KVConfig.build(selector=self.selector.name, **config)
         if model is None:
             model, tokenizer = load_smollm2()
@@ -80,17 +98,19 @@ class KVSession:
             self._rotary,
             dtype=param.dtype,
             device=param.device,
+            context=context.attach(self) if context is not None else None,
         )
         self._layers = geometry.layers
         self._device = param.device
         self._torch = torch
         self._prefix, self._suffix = (
-            self._chat_frame() if chat and tokenizer is not None else ("", "")
+            self._chat_frame() if self.chat and tokenizer is not None else ("", "")
         )
-        self._opened = False
-        self._last_logits: Any = None
-        self.tokens_fed = 0
+        self._opened = context.opened if context is not None else False
+        self._last_logits: Any = context.last_logits if context is not None else None
+        self.tokens_fed = context.tokens if context is not None else 0
         self._timing = {"prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0}
+        self._closed = False
 
     def _chat_frame(self) -> tuple[str, str]:
         template = getattr(self.tokenizer, "chat_template", None)
@@ -106,6 +126,7 @@ class KVSession:
 
     def feed(self, text: str | Sequence[int]) -> int:
         """Append text (or token ids) to the session's memory; returns the tokens added."""
+        self._check_open()
         ids = self._ids(text, "text")
         if not self._opened and self._prefix:
             ids = self._encode(self._prefix) + ids
@@ -216,6 +237,7 @@ class KVSession:
 
     def continue_ids(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
         """Greedy token ids continuing the memory after `ids`; the memory is left as it was."""
+        self._check_open()
         if isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InvalidInputError("max_new_tokens", "must be at least 1", max_new_tokens)
         state = self.cache.checkpoint()
@@ -255,6 +277,26 @@ class KVSession:
             **self._timing,
         }
 
+    def close(self) -> None:
+        """Free the session's memory: its own pages leave the store (a fixed context's stay
+        as they are, for the other sessions on it). Later calls raise ClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        self.cache.close()
+        if self.context is not None:
+            self.context.detach(self)
+
+    def __enter__(self) -> KVSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("KV session")
+
     def save(self, target: str | Path, *, name: str | None = None) -> None:
         """Persist the session's memory (every layer's pages, sinks and window).
 
@@ -264,6 +306,7 @@ class KVSession:
         """
         from memlayer.kvretrieval.model import fingerprint
 
+        self._check_open()
         meta = {
             "fingerprint": fingerprint(self.model),
             "config": self.config.model_dump(mode="json"),

@@ -137,3 +137,21 @@ def test_retrolm_eval_tiny_trains_and_compares_every_method(tmp_path: Path) -> N
     # one selection per question: a layer attends to topk context pages, no more
     assert [row["pages_per_layer"] for row in rows[2:]] == [2.0, 2.0]
     assert _positive(report["training"]["seconds"])
+
+
+def test_shared_context_tiny_compares_a_reopened_context_with_re_prefill(tmp_path: Path) -> None:
+    out = tmp_path / "shared.json"
+    done = _run(
+        "shared_context.py",
+        *("--tiny", "--tokens", "1200", "--questions", "3", "--selectors", "infllm", "quest"),
+        *("--n-local", "64", "--block-size", "16", "--topk", "4", "--n-init", "8"),
+        *("--chunk-size", "128", "--reprefill", "1", "--json", str(out)),
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["method"] for row in rows] == ["dense", "infllm", "quest"]
+    for row in rows[1:]:
+        assert row["questions"] == 3 and row["reprefill_agree"] == "1/1"
+        assert 0 < row["read_per_step"] <= 1 and 0 < row["touched_fraction"] <= 1
+        assert all(_positive(row[key]) for key in ("encode_s", "first_ttft_s", "ttft_s"))
+        assert row["bytes"]["context"] > 0
