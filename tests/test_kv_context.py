@@ -427,3 +427,45 @@ def test_on_cuda_a_preloaded_context_answers_as_a_plain_session_and_never_synchr
         torch.cuda.set_sync_debug_mode("default")
     assert memory.pages.count > memory.pages.first  # the session sealed pages of its own
     assert all(bool(out.isfinite().all()) for out in outputs)
+
+
+def test_a_squeezed_context_is_clustered_once_and_reopens_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`squeezed` on a fixed context: encode regroups the pages by key cluster (partly filled
+    pages), `open` brings the clusters back without k-means, and with every cluster kept a
+    session on the reopened context equals the dense model."""
+    import faiss
+
+    from memlayer.kvretrieval.squeezed import SqueezedSelector
+
+    calls: list[int] = []
+    real = faiss.Kmeans
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(faiss, "Kmeans", counted)
+    dense = tiny("llama")
+    conversation = _ids(30, seed=4)
+    with torch.no_grad():
+        expected = dense(torch.tensor([CONTEXT + conversation])).logits[0, len(CONTEXT) :]
+    keep_all = SqueezedSelector(cluster_fraction=0.2, groups_kept=1000)
+    KVContext.encode(
+        CONTEXT,
+        twin(dense),
+        None,
+        path=tmp_path / "ctx",
+        selector=keep_all,
+        progress=False,
+        **EXACT,
+    ).close()
+    clustered = len(calls)
+    assert clustered > 0
+    context = KVContext.open(tmp_path / "ctx", twin(dense), None, selector=keep_all)
+    assert len(calls) == clustered  # reopened: nothing clustered again
+    session = KVSession(context=context, progress=False)
+    assert session.cache.memories[0].pages.partial  # cluster pages, partly filled
+    logits = session._forward(conversation, all_logits=True)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
