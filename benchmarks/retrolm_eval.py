@@ -69,8 +69,10 @@ class SelectionLog:
         for memory, seen in zip(session.cache.memories, self.pages, strict=True):
             select = memory.select
 
-            def logged(q: torch.Tensor, select: Any = select, seen: Any = seen) -> torch.Tensor:
-                chosen = select(q)
+            def logged(
+                q: torch.Tensor, scale: float | None = None, select: Any = select, seen: Any = seen
+            ) -> torch.Tensor:
+                chosen = select(q, scale)
                 seen.update(i for i in chosen.flatten().tolist() if i >= 0)
                 return chosen
 
