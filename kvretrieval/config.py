@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -11,6 +11,7 @@ from memlayer.config import ByteSize
 from memlayer.errors import InvalidInputError
 
 PositionMode = Literal["infllm", "exact"]
+Config = TypeVar("Config", bound=BaseModel)
 
 
 class KVConfig(BaseModel):
@@ -55,13 +56,8 @@ class KVConfig(BaseModel):
 
     @classmethod
     def build(cls, **values: object) -> KVConfig:
-        """Validate `values`, turning pydantic's error into InvalidInputError naming the field."""
-        try:
-            return cls(**values)  # type: ignore[arg-type]
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(part) for part in first["loc"]) or "config"
-            raise InvalidInputError(field, first["msg"], first.get("input")) from exc
+        """Validate `values` (InvalidInputError naming the field)."""
+        return _validated(cls, values)
 
 
 class VideoConfig(BaseModel):
@@ -103,10 +99,15 @@ class VideoConfig(BaseModel):
 
     @classmethod
     def build(cls, **values: object) -> VideoConfig:
-        """Validate `values`, turning pydantic's error into InvalidInputError naming the field."""
-        try:
-            return cls(**values)  # type: ignore[arg-type]
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(part) for part in first["loc"]) or "config"
-            raise InvalidInputError(field, first["msg"], first.get("input")) from exc
+        """Validate `values` (InvalidInputError naming the field)."""
+        return _validated(cls, values)
+
+
+def _validated(cls: type[Config], values: dict[str, object]) -> Config:
+    """`cls(**values)`, with pydantic's error turned into InvalidInputError naming the field."""
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "config"
+        raise InvalidInputError(field, first["msg"], first.get("input")) from exc
