@@ -2,8 +2,12 @@
 
 The context is real prose (Python's own help topics, `pydoc_data.topics`, which ships with
 Python) with short facts planted at depths spread 5-95%: "The access code of section Amber
-is 4821." Each question asks for one code and is answered from the context by SmolLM2-135M
-(chat=False, greedy). Side by side in one run, on the same token ids:
+is Amber-4821." Each question asks for one code and is answered from the context by
+SmolLM2-135M (chat=False, greedy), its cue ending where the fact's code starts ("... is
+Amber-"): the only place in the context where the section's name is followed by a dash is its
+fact, so a model that reads the right page copies the code (with the bare "is 4821" form,
+SmolLM2 took a neighbouring fact's code for 4 of 10 questions even at 2K tokens, dense).
+Side by side in one run, on the same token ids:
 
 - `dense`: the whole context and the question through the model's own attention, every
   question re-prefilled (only where the context fits the 8K trained window);
@@ -67,7 +71,7 @@ class Question:
     def text(self) -> str:
         return (
             f"What is the access code of section {self.section}? "
-            f"The access code of section {self.section} is"
+            f"The access code of section {self.section} is {self.section}-"
         )
 
 
@@ -85,7 +89,7 @@ def build_context(tokenizer: Any, tokens: int, count: int, seed: int) -> tuple[s
         Question(section, str(rng.randint(1000, 9999)), depth)
         for section, depth in zip(sections, depths, strict=True)
     ]
-    facts = [f"The access code of section {q.section} is {q.code}." for q in questions]
+    facts = [f"The access code of section {q.section} is {q.section}-{q.code}." for q in questions]
     room = tokens - sum(len(ids_of(tokenizer, fact)) + 2 for fact in facts)
     paragraphs: list[str] = []
     for name in sorted(topics):
