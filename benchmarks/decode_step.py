@@ -1,9 +1,9 @@
 """One layer's one-token decode step, part by part, against what the same bytes cost densely.
 
 Issue 12 sets memlayer's decode against the model floor (dense SmolLM2 over 512 tokens).
-This benchmark takes one layer of a real session (SmolLM2 fed `--tokens` of passkey filler,
-or `--tiny`: a random 2-layer Llama with SmolLM2's head shapes) and times, side by side in
-one run, with the same threads:
+This benchmark takes one layer of a real session (SmolLM2 fed `--tokens` of passkey
+filler, or `--tiny`: random ids through a random 2-layer Llama with SmolLM2's head shapes)
+and times, side by side in one run, with the same threads:
 
 - the parts of memlayer's resident step: placing the query (`placed`), scoring and top-k
   (`select`), the page-table lookup (`slots`), the attention over sinks + pages + window
@@ -150,11 +150,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="where to write the run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_smollm2()
-    if args.tiny:
-        model = tiny_model()
-    context = samples(args.tokens, 1, seed=0)[0].context
-    ids = list(tokenizer(context, add_special_tokens=False)["input_ids"])
+    if args.tiny:  # random ids: no tokenizer or GGUF to load
+        model, tokenizer = tiny_model(), None
+        ids = torch.randint(0, 49152, (args.tokens,), generator=torch.Generator().manual_seed(0))
+        ids = ids.tolist()
+    else:
+        model, tokenizer = load_smollm2()
+        context = samples(args.tokens, 1, seed=0)[0].context
+        ids = list(tokenizer(context, add_special_tokens=False)["input_ids"])
     session = KVSession(model, tokenizer, chat=False, progress=False, selector=args.selector)
     with torch.no_grad():
         session.feed(ids)

@@ -155,3 +155,21 @@ def test_shared_context_tiny_compares_a_reopened_context_with_re_prefill(tmp_pat
         assert 0 < row["read_per_step"] <= 1 and 0 < row["touched_fraction"] <= 1
         assert all(_positive(row[key]) for key in ("encode_s", "first_ttft_s", "ttft_s"))
         assert row["bytes"]["context"] > 0
+
+
+def test_decode_step_tiny_times_every_part_beside_dense_references(tmp_path: Path) -> None:
+    out = tmp_path / "step.json"
+    done = _run(
+        "decode_step.py",
+        *("--tiny", "--tokens", "1200", "--threads", "1", "--repeats", "5", "--json", str(out)),
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {row["what"]: row for row in json.loads(out.read_text())["rows"]}
+    parts = ("placed", "select", "slots", "sparse", "attend_resident", "append")
+    references = ("sdpa floor", "sdpa same keys", "copy same bytes")
+    assert set(rows) == {*parts, *references}
+    assert all(
+        _positive(row["min_us"]) and row["min_us"] <= row["median_us"] for row in rows.values()
+    )
+    assert rows["sdpa floor"]["keys"] == 512
+    assert rows["sdpa same keys"]["keys"] == rows["sparse"]["keys"] > 512
