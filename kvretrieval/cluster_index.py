@@ -131,6 +131,15 @@ class ClusterIndex:
             page_cluster=self.page_cluster[:pages],
         )
 
+    def page_log_fractions(self) -> torch.Tensor:
+        """Log of the share of its cluster's tokens each fixed page holds, [fixed_pages, Hkv]
+        (-inf where a page holds nothing for a head): a cluster spread over several pages
+        has its estimated attention spread over them too."""
+        held = (self.positions >= 0).sum(dim=-1).float()  # [fixed_pages, Hkv]
+        cluster = self.page_cluster[: self.fixed_pages].clamp(min=0)
+        sizes = self.log_sizes.gather(0, cluster)
+        return held.log() - torch.where(held > 0, sizes, 0)
+
     def log_shares(
         self, queries: torch.Tensor, explore: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

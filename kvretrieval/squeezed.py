@@ -6,8 +6,9 @@ cluster's keys and values: keeping a cluster is gathering its pages (`cluster_in
 Online, per step and KV head: each cluster's share of the softmax mass is estimated from its
 centroid and size, `size · exp(scale · q·centroid)`, normalised over all clusters; the
 clusters whose share for some query row reaches a threshold are kept (then at most `topk`
-pages, the best first). Exact attention runs over the kept pages, the sink tokens and the
-local window, merged in one softmax.
+pages, those with the largest part of the estimated attention first: a cluster's share
+spread over its pages by the tokens each holds). Exact attention runs over the kept pages,
+the sink tokens and the local window, merged in one softmax.
 
 The threshold is `threshold`, or per KV head from sample queries (`calibrate`, run through
 `PagedKVCache.calibrating`): the smallest share among the clusters that cover `mass` of a
@@ -96,6 +97,7 @@ class SqueezedSelector(PageSelector):
         self._scored: torch.Tensor | None = None  # first-level centroids scored (device)
         self._possible = 0  # ... out of this many
         self._nonempty = 0  # non-empty first-level clusters of the fixed context
+        self._fractions: torch.Tensor | None = None  # `_page_fractions`, grown on demand
 
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -157,6 +159,7 @@ class SqueezedSelector(PageSelector):
             iterations=self.iterations,
         )
         self._thresholds = None
+        self._fractions = None
         self._count_clusters()
         return layout
 
@@ -198,13 +201,31 @@ class SqueezedSelector(PageSelector):
         return best.new_full((best.shape[0], 1), NEG_INF)
 
     def _page_scores(self, queries: torch.Tensor, pages: int, scale: float) -> torch.Tensor:
-        """[Hkv, P]: each page's cluster's best log share, -inf when the cluster is not kept
-        (or not scored), or the page holds nothing for the head."""
+        """[Hkv, P]: each page's share of the estimated attention — its cluster's best log
+        share, times the fraction of the cluster's tokens the page holds — or -inf when the
+        cluster is not kept (or not scored), or the page holds nothing for the head.
+
+        A page budget is best spent on the pages that carry the most attention each: a
+        large cluster of middling keys spread over many pages would otherwise give every one
+        of its pages the whole cluster's share and crowd out a small cluster of the keys
+        the query matches best (a passkey among repeated filler)."""
         assert self._index is not None
         best = self._best_shares(queries, scale, explore=True)
         best = best.masked_fill(best < self._log_threshold(best), NEG_INF)
         cluster = self._index.page_cluster[:pages].T  # [Hkv, P]
-        return best.gather(1, cluster.clamp(min=0)).masked_fill(cluster < 0, NEG_INF)
+        shares = best.gather(1, cluster.clamp(min=0)) + self._page_fractions(pages)
+        return shares.masked_fill(cluster < 0, NEG_INF)
+
+    def _page_fractions(self, pages: int) -> torch.Tensor:
+        """Log fraction of its cluster each of the first `pages` pages holds, [Hkv, P]: the
+        fixed pages' from the layout, 0 for a page sealed later (a one-page cluster)."""
+        cached = self._fractions
+        if cached is None or cached.shape[1] < pages:
+            assert self._index is not None
+            fixed = self._index.page_log_fractions().T  # [Hkv, fixed_pages]
+            later = fixed.new_zeros(fixed.shape[0], max(pages, 2 * fixed.shape[1]) - fixed.shape[1])
+            self._fractions = cached = torch.cat([fixed, later], dim=1)
+        return cached[:, :pages]
 
     def score(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
         """Scores [1, Hkv, P]: the page's cluster's best estimated log share (1/√D scale)."""
@@ -263,4 +284,5 @@ class SqueezedSelector(PageSelector):
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self._index = ClusterIndex.from_state(state) if state else None
         self._thresholds = state.get("thresholds")
+        self._fractions = None
         self._count_clusters()

@@ -189,7 +189,7 @@ def test_a_regrouped_step_reads_nothing_back_and_compiles_as_one_graph() -> None
     selector = SqueezedSelector(
         clusters=6, hierarchical=True, group_fraction=0.5, groups_kept=1, threshold=0.05
     )
-    session = _regrouped(selector, SMALL, fed=100)
+    session = _regrouped(selector, dict(SMALL, topk=12), fed=100)  # kept clusters' tails too
     chunks, tokens = _ids(24, seed=6), _ids(6, seed=7)
     with no_host_reads():
         session._forward(chunks)  # three chunks, sealing pages after the regroup
@@ -295,6 +295,25 @@ def test_opening_fewer_groups_scores_fewer_first_level_centroids(opened: int, fo
         selector._scored, selector._possible = None, 0
     assert hits / 256 >= found
     assert sum(fractions) / len(fractions) < opened / 12 + 0.1
+
+
+def test_a_page_budget_goes_to_the_pages_carrying_most_attention_not_to_a_big_cluster() -> None:
+    """A passkey among filler: 256 filler keys (one cluster over 16 pages of 16) the query
+    matches moderately, 8 needle keys (one cluster, one page) it matches 3 logits better. The
+    filler cluster's share is 32 × e^-3 ≈ 1.6 times the needle's, but each filler page holds
+    1/16 of it: with a budget of one page, the needle's page is the one read."""
+    dim, filler, needle = 16, 256, 8
+    a, b = torch.eye(dim)[0], torch.eye(dim)[1]
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.cat([a.expand(filler, dim), b.expand(needle, dim)])
+    keys = (keys + torch.randn(filler + needle, dim, generator=gen) * 0.01)[None]  # [1, T, D]
+    selector = SqueezedSelector(clusters=2)
+    layout = selector.layout(keys, torch.arange(filler + needle), 16)
+    assert layout is not None and layout.summaries.shape[0] == 17  # 16 filler pages + 1
+    query = (2.0 * a + 5.0 * b)[None, None, None]  # logits 2 and 5 at scale 1
+    chosen = selector.select(query, layout.summaries, 1, scale=1.0)
+    needle_page = int(selector.index.page_cluster[:, 0].bincount().argmin())  # the 1-page one
+    assert chosen.tolist() == [[[needle_page]]]
 
 
 @pytest.mark.parametrize(("mass", "coverage"), [(0.9, 1.0), (0.5, 0.8), (0.99, 0.9)])
