@@ -22,7 +22,14 @@ import numpy as np
 
 from memlayer.chunking import split_sentences
 from memlayer.errors import InvalidInputError
-from memlayer.extractive import PART_SEPARATOR, SENTENCE_SEPARATOR, Sentence, SentenceVectors, pick
+from memlayer.extractive import (
+    PART_SEPARATOR,
+    SENTENCE_SEPARATOR,
+    Picked,
+    Sentence,
+    SentenceVectors,
+    pick,
+)
 from memlayer.registry import Registry
 from memlayer.retrievers.clusters import Clustering, cluster
 from memlayer.summarizer import Summarizer, SummaryCache
@@ -129,7 +136,12 @@ class CragContext:
 
     Candidates: at least `min_candidates` (or the call's k), doubled up to `max_candidates`
     while their query similarities stay flat (best tenth and weakest tenth less than
-    `flat_spread` apart: the relevant set goes on beyond them). Clusters: FAISS k-means
+    `flat_spread` apart: the relevant set goes on beyond them); then (extractive, with
+    `widen_to_fill`) doubled again and packed again while packing runs dry and widening
+    adds to the context. Dry: every cluster's sentences were taken or dropped as
+    duplicates, the budget turned none away and still has room for a typical sentence, so
+    these candidates have nothing left to say that the budget could hold and the
+    next-ranked memories may. Clusters: FAISS k-means
     (k-means++ starts, seeded by `seed`) over the candidates' stored embeddings, for k on a
     grid up to `max_clusters` and up to what the budget holds at one typical sentence per
     cluster; the most clusters whose silhouette is within `silhouette_tolerance` of the best.
@@ -148,6 +160,7 @@ class CragContext:
     min_candidates: int = 50
     max_candidates: int = 500
     flat_spread: float = 0.3
+    widen_to_fill: bool = True
     max_clusters: int = 32
     members_per_cluster: int = 8
     query_weight: float = 1.0
@@ -175,9 +188,28 @@ class CragContext:
 
     def pack(self, recall: Recall, budget_tokens: int) -> Context:
         count = cache(recall.tokenizer)  # each sentence is counted once per call
-        found = self._candidates(recall)
+        found, asked = self._candidates(recall)
         if not found.hits:
             return Context("", [], 0)
+        context, dry = self._pack(found, recall, budget_tokens, count)
+        while dry and len(found.hits) == asked < self.max_candidates:
+            asked = min(2 * asked, self.max_candidates)  # look further down the ranking
+            wider = recall.candidates(asked)
+            if len(wider.hits) <= len(found.hits):
+                break
+            found = wider
+            widened, dry = self._pack(found, recall, budget_tokens, count)
+            if widened.tokens <= context.tokens:  # the next-ranked memories added nothing
+                break
+            context = widened
+        return context
+
+    def _pack(
+        self, found: Candidates, recall: Recall, budget_tokens: int, count: Tokenizer
+    ) -> tuple[Context, bool]:
+        """The context of these candidates, and whether packing ran dry: `widen_to_fill`
+        is on, extractive, the budget turned no sentence away, and it has room left for
+        at least one typical sentence."""
 
         @cache
         def sentences(row: int) -> tuple[str, ...]:  # split only the candidates looked at
@@ -201,17 +233,25 @@ class CragContext:
                 count,
                 self.summary_members,
             )
-        else:
-            parts = self._extractive(found, sentences, groups, order, budget_tokens, recall, count)
-        return _assemble_within(parts, budget_tokens, count)
+            return _assemble_within(parts, budget_tokens, count), False
+        picked = self._extractive(found, sentences, groups, order, budget_tokens, recall, count)
+        parts = [
+            [_Piece(s.text, [found.hits[s.source].id]) for s in chosen]
+            for chosen in picked.sentences
+            if chosen
+        ]
+        context = _assemble_within(parts, budget_tokens, count)
+        room = budget_tokens - context.tokens
+        return context, self.widen_to_fill and not picked.budget_bound and room >= typical
 
-    def _candidates(self, recall: Recall) -> Candidates:
-        """The candidate set, widened while the query similarities stay flat."""
+    def _candidates(self, recall: Recall) -> tuple[Candidates, int]:
+        """The candidate set, widened while the query similarities stay flat, and how many
+        were asked for."""
         n = min(max(recall.k, self.min_candidates), self.max_candidates)
         while True:
             found = recall.candidates(n)
             if len(found.hits) < n or n >= self.max_candidates or not self._flat(found):
-                return found
+                return found, n
             n = min(2 * n, self.max_candidates)
 
     def _flat(self, found: Candidates) -> bool:
@@ -228,7 +268,7 @@ class CragContext:
         budget: int,
         recall: Recall,
         count: Tokenizer,
-    ) -> list[list[_Piece]]:
+    ) -> Picked:
         """Per cluster, the sentences that best cover it and the query (see the class)."""
         members = [_central(found, groups, c, self.members_per_cluster) for c in order]
         split = sorted(
@@ -243,18 +283,14 @@ class CragContext:
                 for c, rows in zip(order, members, strict=True)
             ]
             picked = pick(pools, budget, count, self.duplicate, self.novelty)
-        if not any(picked):
+        if not any(picked.sentences):
             shortest = min(count(s.text) for pool in pools for s in pool)
             raise InvalidInputError(
                 "budget_tokens",
                 f"must hold at least one sentence (the shortest one here takes {shortest})",
                 budget,
             )
-        return [
-            [_Piece(s.text, [found.hits[s.source].id]) for s in chosen]
-            for chosen in picked
-            if chosen
-        ]
+        return picked
 
 
 @dataclass(frozen=True)

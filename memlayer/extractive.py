@@ -57,19 +57,29 @@ class SentenceVectors:
         return [v for v in found if v is not None]
 
 
+@dataclass(frozen=True)
+class Picked:
+    """The sentences taken per pool, and whether the budget turned any sentence away
+    (False: every pool was used up, taken or dropped as a duplicate, within the budget)."""
+
+    sentences: list[list[Sentence]]
+    budget_bound: bool
+
+
 def pick(
     pools: Sequence[Sequence[Sentence]],
     budget: int,
     count: Tokenizer,
     duplicate: float,
     novelty: float,
-) -> list[list[Sentence]]:
+) -> Picked:
     """Sentences per pool, one per pool per round (pools in order) while `budget` tokens last,
     separators counted. Each turn takes the pool's sentence of best score minus `novelty` ×
     its highest cosine with a sentence already taken (maximal marginal relevance), so a
     cluster's second sentence says something its first did not; a sentence within
     `duplicate` cosine of one taken, or one that no longer fits, is dropped."""
     picked: list[list[Sentence]] = [[] for _ in pools]
+    bound = False
     vectors = [np.stack([s.vector for s in pool]) if pool else None for pool in pools]
     scores = [np.array([s.score for s in pool]) for pool in pools]
     # each sentence's highest cosine with those taken so far, updated as sentences are taken
@@ -90,7 +100,10 @@ def pick(
                 sentence = pool[best]
                 joint = sentence_cost if picked[index] else (part_cost if taken_any else 0)
                 cost = count(sentence.text) + joint
-                if overlap[best] >= duplicate or used + cost > budget:
+                if overlap[best] >= duplicate:
+                    continue
+                if used + cost > budget:
+                    bound = True
                     continue
                 picked[index].append(sentence)
                 for other, matrix in enumerate(vectors):
@@ -100,4 +113,4 @@ def pick(
                 used += cost
                 progress = True
                 break
-    return picked
+    return Picked(picked, bound)

@@ -73,6 +73,7 @@ def test_crag_eval_small_run_compares_ranked_and_crag(tmp_path: Path) -> None:
     done = _run(
         "crag_eval.py",
         *("--subjects", "2", "--per-subject", "30", "--ks", "2", "8", "--budgets", "64", "128"),
+        *("--corpora", "reviews", "chats"),  # tickets stays held out: the tests never see it
         *("--llm-questions", "1", "--llm-settings", "ranked k=2", "crag 64"),
         *("--timing-items", "60", "--timing-repeats", "1", "--out", str(out)),
     )
@@ -86,6 +87,8 @@ def test_crag_eval_small_run_compares_ranked_and_crag(tmp_path: Path) -> None:
                 assert max(row["tokens"]) <= row["value"]
         assert set(run["answers"]) == {"ranked k=2", "crag 64"}
     assert _positive(report["timing"]["pack_warm_ms"]["p95"])
+    assert _positive(report["timing"]["context_call_widening_ms"]["p95"])
+    assert report["timing"]["widen_asked"][0] == 50  # the default rule starts at 50
 
 
 def test_service_load_small_run_measures_closed_and_open_loop(tmp_path: Path) -> None:

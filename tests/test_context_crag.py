@@ -138,12 +138,16 @@ def test_an_empty_scope_gives_an_empty_context(memory: Memory) -> None:
 
 
 class _Recall:
-    """A Recall over fixed candidates that records how many each call asked for."""
+    """A Recall over fixed candidates (ranked in row order) that records how many each call
+    asked for."""
 
-    def __init__(self, vectors: np.ndarray, query: np.ndarray) -> None:
+    def __init__(
+        self, vectors: np.ndarray, query: np.ndarray, texts: list[str] | None = None
+    ) -> None:
         self.query, self.k, self.embedder, self.tokenizer = "q", 5, "test", count_tokens
         self.asked: list[int] = []
         self._vectors, self._query = vectors, query
+        self._texts = texts or [f"Sentence {i}." for i in range(len(vectors))]
 
     def hits(self, n: int) -> list[Hit]:
         return self.candidates(n).hits
@@ -151,9 +155,7 @@ class _Recall:
     def candidates(self, n: int) -> Candidates:
         self.asked.append(n)
         rows = self._vectors[:n]
-        hits = [
-            Hit(f"h{i}", f"Sentence {i}.", 1.0, {}, Scope(), 0.0, 0.0) for i in range(len(rows))
-        ]
+        hits = [Hit(f"h{i}", self._texts[i], 1.0, {}, Scope(), 0.0, 0.0) for i in range(len(rows))]
         return Candidates(hits, rows, self._query)
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -175,6 +177,78 @@ def test_flat_scores_widen_the_candidate_set() -> None:
     steep = np.concatenate([flat[:10], _unit(rng.standard_normal((990, 16)))])
     recall = _Recall(steep, query)
     CragContext(min_candidates=50, max_candidates=300).pack(recall, 40)
+    assert recall.asked == [50]
+
+
+def _repetitive_head(total: int = 200) -> _Recall:
+    """Ranked candidates whose best 50 say five things, each ten times over, at clearly
+    falling query similarity (not flat), and whose next ones each say something new."""
+    rng = np.random.default_rng(1)
+    query = _unit(rng.standard_normal(16))
+
+    def at(cosine: float) -> np.ndarray:  # a unit vector at this cosine to the query
+        other = rng.standard_normal(16)
+        other = _unit(other - (other @ query) * query)
+        return _unit(cosine * query + np.sqrt(1 - cosine**2) * other)
+
+    topics = [
+        "Battery lasts ten hours.",
+        "Delivery took four days.",
+        "The strap is green.",
+        "Setup needs the app.",
+        "The case feels solid.",
+    ]
+    head = [(at(c), t) for c, t in zip([0.9, 0.7, 0.5, 0.3, 0.1], topics, strict=True)]
+    rows = [v for v, _ in head for _ in range(10)] + [at(0.05) for _ in range(total - 50)]
+    texts = [t for _, t in head for _ in range(10)]
+    texts += [f"Tail note number {i} says more." for i in range(50, total)]
+    return _Recall(np.stack(rows).astype(np.float32), query, texts)
+
+
+def test_candidates_widen_while_packing_runs_dry() -> None:
+    recall = _repetitive_head()
+    context = CragContext(min_candidates=50).pack(recall, 60)
+    # the best 50 hold five distinct sentences (about 25 tokens): the budget is not filled,
+    # so the next 50 are fetched, and what they add is in the context
+    assert recall.asked == [50, 100]
+    assert "Tail note number" in context.text
+    assert context.tokens > 40
+    assert all(int(rid[1:]) < 100 for rid in context.ids)
+
+    recall = _repetitive_head()
+    off = CragContext(min_candidates=50, widen_to_fill=False).pack(recall, 60)
+    assert recall.asked == [50]
+    assert "Tail note number" not in off.text and off.tokens < 40
+
+
+def test_candidates_do_not_widen_once_the_budget_is_filled() -> None:
+    recall = _repetitive_head()
+    CragContext(min_candidates=50).pack(recall, 12)  # two of the five sentences fill it
+    assert recall.asked == [50]
+
+
+def test_widening_stops_when_it_adds_nothing() -> None:
+    recall = _repetitive_head()
+    head = recall._vectors[:50]
+    # further down, the same five sentences again: widening once finds nothing new
+    again = _Recall(np.concatenate([head, head, head, head]), recall._query, recall._texts[:50] * 4)
+    context = CragContext(min_candidates=50).pack(again, 60)
+    assert again.asked == [50, 100]
+    assert context == CragContext(min_candidates=50, widen_to_fill=False).pack(again, 60)
+
+
+def test_widening_stops_at_max_candidates_and_at_the_end_of_the_ranking() -> None:
+    recall = _repetitive_head()
+    CragContext(min_candidates=50, max_candidates=70).pack(recall, 1000)
+    assert recall.asked == [50, 70]
+    recall = _repetitive_head(total=90)  # fewer than asked for: nothing further down
+    CragContext(min_candidates=50).pack(recall, 1000)
+    assert recall.asked == [50, 100]
+
+
+def test_abstractive_contexts_do_not_widen_to_fill() -> None:
+    recall = _repetitive_head()
+    CragContext(min_candidates=50, summarizer=lambda texts, n: texts[0]).pack(recall, 200)
     assert recall.asked == [50]
 
 
