@@ -13,6 +13,7 @@ rank for it with their embeddings, the embedder and the tokenizer) and a budget:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -183,6 +184,10 @@ class CragContext:
             _positive_int(name, getattr(self, name))
         if self.max_candidates < self.min_candidates:
             raise InvalidInputError("max_candidates", "must be at least min_candidates")
+        for name in ("flat_spread", "query_weight", "duplicate", "novelty", "silhouette_tolerance"):
+            _finite(name, getattr(self, name))
+        if not isinstance(self.widen_to_fill, bool):
+            raise InvalidInputError("widen_to_fill", "must be true or false", self.widen_to_fill)
         if self.summarizer is not None:
             self._summaries = SummaryCache(self.summarizer)
 
@@ -416,6 +421,11 @@ def _assemble(parts: list[ContextPart], separator: str, count: Tokenizer) -> Con
     text = separator.join(part.text for part in parts)
     ids = list(dict.fromkeys(rid for part in parts for rid in part.ids))
     return Context(text=text, ids=ids, tokens=count(text), parts=parts)
+
+
+def _finite(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidInputError(name, "must be a finite number", value)
 
 
 def _positive_int(name: str, value: object) -> None:

@@ -308,6 +308,9 @@ def test_abstractive_summaries_are_cached_by_cluster_content(memory: Memory) -> 
         (lambda m: CragContext(summarizer="llm"), "summarizer"),
         (lambda m: CragContext(min_candidates=0), "min_candidates"),
         (lambda m: CragContext(min_candidates=60, max_candidates=50), "max_candidates"),
+        (lambda m: CragContext(widen_to_fill="yes"), "widen_to_fill"),
+        (lambda m: CragContext(novelty=float("nan")), "novelty"),
+        (lambda m: CragContext(flat_spread="0.3"), "flat_spread"),
     ],
 )
 def test_bad_input_names_the_field_and_changes_nothing(memory: Memory, call, field: str) -> None:
