@@ -24,7 +24,7 @@ call (retrieval included), warm; and the whole call with the default candidate r
 `min_candidates` up, widened while packing runs dry) at `--timing-widen-budget`, with the
 candidate counts it asked for.
 
-    python benchmarks/crag_eval.py                       # the full run (about 10 minutes)
+    python benchmarks/crag_eval.py                       # the full run (over 30 min)
     python benchmarks/crag_eval.py --subjects 2 --per-subject 30 --llm-questions 2 \\
         --timing-items 120 --timing-repeats 3 --out /tmp/crag.json   # a smoke run
 """
