@@ -13,8 +13,12 @@ bytes) and the time to the first answer token for questions asked at the end.
 `--part text`: SmolLM2-135M-Instruct reads an event log of `--frames` text frames (one
 frame of 32 tokens every 2 s; planted events, see event_log.py) and answers, for each
 planted event, "at what time did it happen?" from the frames it retrieves. Correct when the
-answer starts with the event's timestamp; also reported: the event's frame among the frames
-retrieved by most layers, and among all retrieved frames.
+answer starts with the event's timestamp (`--format` picks how lines and questions are
+written); also reported: the answer's first citation (the frame its question attended to
+most), and the event's frame among the frames retrieved by most layers and by any. With
+`--dense-frames N` the same model first answers the same questions densely (its own
+attention, everything in context) over short logs of N frames written the same way: the
+baseline where dense attention fits.
 
     python benchmarks/video_stream.py --part vlm --minutes 60
     python benchmarks/video_stream.py --part text --frames 2000 --events 40
@@ -267,11 +271,79 @@ def dense_baseline(
     }
 
 
+# how a text frame is written and how its question ends (the cue the answer continues); the
+# question never holds the time, and routine lines are written exactly like event lines
+FORMATS: dict[str, tuple[str, str]] = {
+    "paren": ("{text} (at {time}).", "Question: {question}\nAnswer: {said} (at"),
+    "at": ("{text} at {time}.", "Question: {question}\nAnswer: {said} at"),
+    "line": ("{text} (at {time}).", "{line} (at"),
+}
+SYSTEM = "Security camera log."
+
+
+def cue(fmt: str, event: Any) -> str:
+    """The question and answer cue of `event` in format `fmt`."""
+    said = event.text.split(": ", 1)[1]
+    return FORMATS[fmt][1].format(question=event.question, said=said, line=event.text)
+
+
+def dense_text(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """The same questions answered with dense attention over short logs (`--dense-frames`
+    frames each, written and padded exactly as the session writes frames), one log per seed
+    with 5 events, until `--dense-questions` are asked; greedy, 8 tokens."""
+    from transformers import DynamicCache
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    newline = ids("\n")[0]
+    rows: list[dict[str, Any]] = []
+    seed = args.seed
+    while len(rows) < args.dense_questions:
+        log, events = event_log(args.dense_frames, 5, seed=seed)
+        seed += 1
+        stream = ids(SYSTEM + "\n")
+        for time_s, text in log:
+            line = ids(FORMATS[args.format][0].format(time=clock(time_s), text=text))
+            stream += line + [newline] * (32 - len(line))
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(input_ids=torch.tensor([stream]), past_key_values=cache, use_cache=True)
+            for event in events[: args.dense_questions - len(rows)]:
+                step = ids("\n" + cue(args.format, event))
+                out: list[int] = []
+                for _ in range(8):
+                    logits = model(
+                        input_ids=torch.tensor([step]), past_key_values=cache, use_cache=True
+                    ).logits[0, -1]
+                    out.append(int(logits.argmax()))
+                    step = out[-1:]
+                cache.crop(len(stream) - cache.get_seq_length())
+                text = tokenizer.decode(out, skip_special_tokens=True).strip()
+                rows.append(
+                    {
+                        "timestamp": clock(event.timestamp),
+                        "answer": text,
+                        "correct": text.startswith(clock(event.timestamp)),
+                    }
+                )
+    correct = sum(r["correct"] for r in rows)
+    return {
+        "method": "dense attention (SmolLM2's own, everything in context)",
+        "frames": args.dense_frames,
+        "tokens": len(stream),
+        "events": len(rows),
+        "correct": correct,
+        "accuracy": correct / len(rows),
+        "rows": rows,
+    }
+
+
 def text_part(args: argparse.Namespace) -> dict[str, Any]:
     log, events = event_log(args.frames, args.events, seed=args.seed)
     session = VideoSession(
-        system="Security camera log.",
-        text_format="{text} (at {time}).",
+        system=SYSTEM,
+        text_format=FORMATS[args.format][0],
         chat=False,
         progress=False,
         fps=None,
@@ -279,14 +351,15 @@ def text_part(args: argparse.Namespace) -> dict[str, Any]:
         chunk_frames=8,
         n_local=512,
         retrieve=args.retrieve,
+        sink_frames=args.sink_frames,
     )
+    dense = dense_text(args, session.model, session.tokenizer) if args.dense_frames else None
     started = time.perf_counter()
     session.feed(log)
     encode_s = time.perf_counter() - started
-    rows = []
+    rows: list[dict[str, Any]] = []
     for event in events:
-        said = event.text.split(": ", 1)[1]
-        prompt = f"Question: {event.question}\nAnswer: {said} (at"
+        prompt = cue(args.format, event)
         answer = session.ask(prompt, max_new_tokens=8, retrieve=args.retrieve)
         most = max(f.layers for f in answer.frames)
         rows.append(
@@ -307,6 +380,11 @@ def text_part(args: argparse.Namespace) -> dict[str, Any]:
         )
     correct = sum(r["correct"] for r in rows)
     return {
+        "format": args.format,
+        "line": FORMATS[args.format][0],
+        "cue": FORMATS[args.format][1],
+        "sink_frames": session.sink_frames,
+        "dense": dense,
         "frames": args.frames,
         "tokens": args.frames * 32,
         "events": len(rows),
@@ -337,6 +415,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--events", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=sorted(FORMATS), default="paren")
+    parser.add_argument("--sink-frames", type=int, default=4)
+    parser.add_argument("--dense-frames", type=int, default=60, help="0: no dense baseline")
+    parser.add_argument("--dense-questions", type=int, default=20)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     result = vlm_part(args) if args.part == "vlm" else text_part(args)
@@ -356,9 +438,15 @@ def main() -> None:
     path = args.json or RESULTS / f"video_stream_{args.part}_{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
-    print(json.dumps({k: v for k, v in out.items() if k not in ("rows",)}, indent=1)[:4000])
+    print(json.dumps({k: v for k, v in out.items() if k not in ("rows", "dense")}, indent=1)[:4000])
     if args.part == "text":
-        print(f"accuracy {result['correct']}/{result['events']}")
+        print(
+            f"memlayer: right timestamp {result['correct']}/{result['events']}, cited first "
+            f"{result['top_cited']}/{result['events']}"
+        )
+        if result["dense"]:
+            dense = result["dense"]
+            print(f"dense ({dense['frames']} frames): {dense['correct']}/{dense['events']}")
     print(f"wrote {path}")
 
 

@@ -66,9 +66,12 @@ class VideoConfig(BaseModel):
     Frames are sampled at `fps` and encoded `chunk_frames` at a time with sliding-window
     attention over the system prompt (the sink tokens) and the last `n_local` tokens (rounded
     up to whole frames); `encode_topk` pages are retrieved while encoding (0, ReKV's choice:
-    the window alone). A question takes `retrieve` frames per layer, in runs of `run`
-    contiguous frames. `frame_tokens` is the size of a text frame (a VLM's image frames have
-    the size its vision side gives), written as `text_format` says.
+    the window alone). The system prompt and the first `sink_frames` frames are the sink
+    tokens: read by every question, never paged, retrieved or cited (InfLLM keeps 64-128
+    sink tokens; the first frames, encoded with little before them, otherwise draw attention
+    like sinks and win every question's selection). A question takes `retrieve` frames per
+    layer, in runs of `run` contiguous frames. `frame_tokens` is the size of a text frame (a
+    VLM's image frames have the size its vision side gives), written as `text_format` says.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -79,6 +82,7 @@ class VideoConfig(BaseModel):
     retrieve: int = Field(16, ge=1)
     run: int = Field(1, ge=1)
     encode_topk: int = Field(0, ge=0)
+    sink_frames: int = Field(4, ge=0)
     frame_tokens: int = Field(32, ge=1)
     text_format: str = "[{time}] {text}"  # how a text frame is written: {time} is H:MM:SS
     positions: PositionMode = "infllm"

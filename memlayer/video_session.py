@@ -55,7 +55,8 @@ class VideoAnswer:
 
     `frames`: the retrieved frames in time order; `citations`: their timestamps, the frame
     the question attended to most first; `window`: the recent frames [first, end) read from
-    the local window. `str(answer)` is the text followed by its three leading citations.
+    the local window. The sink frames (the session's first `sink_frames`) are read by every
+    answer and never cited. `str(answer)` is the text followed by its three leading citations.
     """
 
     text: str
@@ -147,9 +148,10 @@ class VideoSession:
         self._prefix, self._suffix = self._prompt_frame()
         prefix_ids = self._encode(self._prefix) if self._prefix else []
         local = self.config.n_local or _DEFAULT_LOCAL_FRAMES * tokens
+        self.sink_frames = self.config.sink_frames  # with the system prompt: the sinks
         self.kv_config = KVConfig.build(
             selector=self.selector.name,
-            n_init=len(prefix_ids),
+            n_init=len(prefix_ids) + self.sink_frames * tokens,
             n_local=math.ceil(local / tokens) * tokens,
             block_size=tokens,
             topk=self.config.retrieve,
@@ -233,8 +235,9 @@ class VideoSession:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _labels(self, first: int, count: int) -> list[dict[str, Any]]:
-        """Page metadata of frames first .. first + count - 1 (page i is frame i)."""
-        return [{"frame": i, "timestamp": self.timestamps[i]} for i in range(first, first + count)]
+        """Metadata of pages first .. first + count - 1 (page i is frame sink_frames + i)."""
+        frames = range(self.sink_frames + first, self.sink_frames + first + count)
+        return [{"frame": i, "timestamp": self.timestamps[i]} for i in frames]
 
     # -- streaming --------------------------------------------------------------------------
 
@@ -381,7 +384,7 @@ class VideoSession:
         return VideoAnswer(
             text=text,
             frames=self._cited(cache.chosen(), cache.attention()),
-            window=(self.pages, len(self.timestamps)),
+            window=(self._window_start, len(self.timestamps)),
             first_token_s=first_token_s,
             seconds=seconds,
             tokens=tuple(tokens),
@@ -401,24 +404,27 @@ class VideoSession:
         return logits[0, -1]
 
     def _retrieved_externally(self, question: str, k: int) -> list[int]:
-        """The k frames (among those already paged out of the window) the external retriever
-        ranks best for the question, in time order."""
+        """The pages of the k frames (among those already paged out of the window) the
+        external retriever ranks best for the question, in time order."""
         if self.retriever is None:
             raise InvalidInputError("by", "'retriever' needs a session built with retriever=")
         pages = self.pages
         if not pages:
             return []
         query = np.asarray(self.retriever.embed_query(question), dtype=np.float32)[None]
-        _, ids = self._index.search(query, min(k, pages), allowed=np.arange(pages))
-        return sorted(int(i) for i in ids[0] if i >= 0)
+        first = self.sink_frames
+        allowed = np.arange(first, first + pages)
+        _, ids = self._index.search(query, min(k, pages), allowed=allowed)
+        return sorted(int(i) - first for i in ids[0] if i >= 0)
 
     def _cited(
         self, chosen: list[list[int]], attention: list[list[float]]
     ) -> tuple[CitedFrame, ...]:
         votes: Counter[int] = Counter()
         mass: dict[int, float] = {}
-        for frames, shares in zip(chosen, attention, strict=True):
-            for index, share in zip(frames, shares, strict=True):
+        for pages, shares in zip(chosen, attention, strict=True):
+            for page, share in zip(pages, shares, strict=True):
+                index = self.sink_frames + page
                 votes[index] += 1
                 mass[index] = mass.get(index, 0.0) + share
         return tuple(
@@ -430,8 +436,16 @@ class VideoSession:
 
     @property
     def pages(self) -> int:
-        """Frames sealed into pages (every frame but those still in the local window)."""
+        """Frames sealed into pages (every frame but the sink frames and those still in the
+        local window)."""
         return self.cache.memories[0].pages.count
+
+    @property
+    def _window_start(self) -> int:
+        """The first frame still in the local window."""
+        memory = self.cache.memories[0]
+        sunk = max(0, memory.sinks.count - len(self._prefix_ids)) // self.frame_tokens
+        return sunk + self.pages
 
     def stats(self) -> dict[str, Any]:
         """Frames, pages, the page store's tiers (pages, bytes) and moves, the bytes held
@@ -529,6 +543,7 @@ class VideoSession:
                 raise InvalidInputError("selector", "unregistered: pass it again", meta["selector"])
             selector = resolve_selector(meta["selector"], meta["selector_options"])
         mean, std = meta["image_norm"]
+        meta["config"].setdefault("sink_frames", 0)  # saved before sink frames existed
         session = cls(
             model,
             tokenizer,

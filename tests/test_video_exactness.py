@@ -62,8 +62,10 @@ def rekv_mask(n_init: int, frame: int, n_local: int, chunks: list[int], total: i
     return visible
 
 
-@pytest.mark.parametrize("selector", ["rekv", "quest"])
-def test_all_frames_retrieved_equals_full_context(tmp_path: Path, selector: str) -> None:
+@pytest.mark.parametrize(("selector", "sink_frames"), [("rekv", 0), ("quest", 0), ("rekv", 2)])
+def test_all_frames_retrieved_equals_full_context(
+    tmp_path: Path, selector: str, sink_frames: int
+) -> None:
     from transformers import AttentionInterface
 
     tokenizer = byte_tokenizer()
@@ -80,10 +82,13 @@ def test_all_frames_retrieved_equals_full_context(tmp_path: Path, selector: str)
         n_local=8,
         positions="exact",
         selector=selector,
+        sink_frames=sink_frames,
     )
     assert session.feed(video) == 10
     n_init, frame = session.kv_config.n_init, session.frame_tokens
-    assert session.pages == 10 - 8 // frame  # the window keeps 2 frames; the rest are pages
+    assert n_init == len(session._prefix_ids) + sink_frames * frame
+    # the window keeps 2 frames, the sinks `sink_frames`; the rest are pages
+    assert session.pages == 10 - 8 // frame - sink_frames
 
     question = session._encode("\nWhat moved?")
     answer_cache = FrameContextCache(session.cache.memories, retrieve=1000)
@@ -96,7 +101,7 @@ def test_all_frames_retrieved_equals_full_context(tmp_path: Path, selector: str)
             inputs_embeds=session._embed_ids(question)[None],
             logits_to_keep=0,
         )[0]
-    assert answer_cache.chosen() == [list(range(10 - 2))] * 2
+    assert answer_cache.chosen() == [list(range(10 - 2 - sink_frames))] * 2
 
     frames = [image for _, image in read_video(video, fps=2, size=56)]
     pixels = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255
@@ -111,7 +116,8 @@ def test_all_frames_retrieved_equals_full_context(tmp_path: Path, selector: str)
                 session._embed_ids(question),
             ]
         )
-    chunk_ends = [n_init + frame * min(n, 10) for n in (3, 6, 9, 10)]
+    prefix = len(session._prefix_ids)
+    chunk_ends = [prefix + frame * min(n, 10) for n in (3, 6, 9, 10)]
     MASK[:] = [rekv_mask(n_init, frame, 8, chunk_ends, embeds.shape[0])]
     AttentionInterface.register("video_reference", masked_attention)
     reference.set_attn_implementation("video_reference")

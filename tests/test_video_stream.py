@@ -28,7 +28,10 @@ def video(tmp_path: Path) -> Path:
 
 
 def session(**options: object) -> VideoSession:
-    defaults: dict[str, object] = dict(progress=False, fps=2, chunk_frames=4, n_local=8)
+    """A tiny LLaVA session; no sink frames unless asked (frame i is page i)."""
+    defaults: dict[str, object] = dict(
+        progress=False, fps=2, chunk_frames=4, n_local=8, sink_frames=0
+    )
     return VideoSession(tiny_llava(), byte_tokenizer(), **{**defaults, **options})
 
 
@@ -117,6 +120,43 @@ def test_a_frame_whose_keys_match_the_question_is_retrieved(video: Path) -> None
     assert after.citations[0] == s.timestamps[target]
 
 
+def test_the_first_frames_are_sinks_read_by_every_answer_never_retrieved(video: Path) -> None:
+    s = session(retrieve=100, sink_frames=2)  # retrieve: more than every paged frame
+    s.feed(video)
+    assert s.kv_config.n_init == 2 * s.frame_tokens  # no system prompt: the sinks are frames
+    assert s.pages == 12 - 2 - 2  # the sink frames and the window's 2 frames are not pages
+    memory = s.cache.memories[0]
+    assert memory.pages.store.get([memory.pages.page_id(0)])[0].metadata == {
+        "frame": 2,
+        "timestamp": 1.0,
+    }
+    answer = s.ask("what?", max_new_tokens=2)
+    assert [f.index for f in answer.frames] == list(range(2, 10))  # cited: never frames 0, 1
+    assert sorted(answer.citations) == s.timestamps[2:10]
+    assert answer.window == (10, 12)
+    # the sink frames are read: changing frame 0's keys in every layer changes the answer
+    for layer in s.cache.memories:
+        layer.sinks.keys()[:, :4] *= -1
+    changed = s.ask("what?", max_new_tokens=2)
+    assert changed.tokens != answer.tokens or changed.frames != answer.frames
+    # a frame whose keys match the question is retrieved and cited by its own index and time
+    recording = Recording(s)
+    s.ask("Where is the red bar?", max_new_tokens=1, retrieve=1)
+    target = 5  # page 5: frame 7
+    for memory, queries in zip(s.cache.memories, recording.queries, strict=True):
+        kv_heads, dim = memory.window.heads, queries.shape[-1]
+        direction = queries[0].float().mean(dim=1).reshape(kv_heads, -1, dim).mean(dim=1)
+        keys = (50 * direction / direction.norm(dim=-1, keepdim=True)).to(queries.dtype)
+        page_keys = keys[:, None].expand(-1, s.frame_tokens, -1).contiguous()
+        page_id = memory.pages.page_id(target)
+        old = memory.pages.store.get([page_id])[0]
+        memory.pages.store.put(Page(page_id, {"k": page_keys, "v": old.payload["v"]}))
+        memory.pages.summaries[target] = memory.selector.summarize(page_keys[None], queries[0])
+    after = s.ask("Where is the red bar?", max_new_tokens=1, retrieve=1)
+    assert [f.index for f in after.frames] == [7]
+    assert after.citations == [s.timestamps[7]] == [3.5]
+
+
 def test_asking_leaves_the_memory_as_it_was_and_the_stream_goes_on(video: Path) -> None:
     frames = list(read_video(video, fps=2, size=56))
     s = session()
@@ -133,13 +173,20 @@ def test_external_clip_retriever_picks_frames_by_embedding(video: Path, tmp_path
     retriever = ClipFrameRetriever(tiny_clip(tmp_path / "clip"))
     s = session(retrieve=3)
     s_with = VideoSession(
-        s.model, s.tokenizer, retriever=retriever, progress=False, fps=2, chunk_frames=4, n_local=8
+        s.model,
+        s.tokenizer,
+        retriever=retriever,
+        progress=False,
+        fps=2,
+        chunk_frames=4,
+        n_local=8,
+        sink_frames=1,
     )
     s_with.feed(video)
     answer = s_with.ask("a white screen", max_new_tokens=2, retrieve=3, by="retriever")
-    images = [image for _, image in read_video(video, fps=2, size=56)][: s_with.pages]
+    images = [image for _, image in read_video(video, fps=2, size=56)][1 : 1 + s_with.pages]
     similarity = retriever.embed_frames(images) @ retriever.embed_query("a white screen")
-    expected = sorted(np.argsort(-similarity)[:3].tolist())
+    expected = sorted(1 + i for i in np.argsort(-similarity)[:3].tolist())  # after the sink
     assert [f.index for f in answer.frames] == expected
     assert all(f.layers == 2 for f in answer.frames)  # every layer read the retriever's frames
     with pytest.raises(InvalidInputError) as error:
@@ -159,6 +206,7 @@ def test_text_frames_with_a_text_retriever(tmp_path: Path) -> None:
         frame_tokens=40,
         chunk_frames=8,
         n_local=80,
+        sink_frames=0,
     )
     s.feed(events)
     assert s.pages == 28 and s.frame_tokens == 40
