@@ -98,14 +98,9 @@ class Recording:
             memory.selector.score = score  # type: ignore[method-assign]
 
 
-def test_a_frame_whose_keys_match_the_question_is_retrieved(video: Path) -> None:
-    s = session(retrieve=2)
-    s.feed(video)
-    recording = Recording(s)
-    before = s.ask("Where is the red bar?", max_new_tokens=1)
-    chosen = {frame.index for frame in before.frames}
-    target = next(i for i in range(s.pages) if i not in chosen)
-    # every layer: page `target`'s keys become its question's mean query, scaled up
+def _match_question(s: VideoSession, recording: Recording, target: int) -> None:
+    """In every layer, page `target`'s keys become the recorded question's mean query, scaled
+    up: the page the question's queries match best."""
     for memory, queries in zip(s.cache.memories, recording.queries, strict=True):
         kv_heads, dim = memory.window.heads, queries.shape[-1]
         direction = queries[0].float().mean(dim=1).reshape(kv_heads, -1, dim).mean(dim=1)
@@ -115,6 +110,16 @@ def test_a_frame_whose_keys_match_the_question_is_retrieved(video: Path) -> None
         old = memory.pages.store.get([page_id])[0]
         memory.pages.store.put(Page(page_id, {"k": page_keys, "v": old.payload["v"]}))
         memory.pages.summaries[target] = memory.selector.summarize(page_keys[None], queries[0])
+
+
+def test_a_frame_whose_keys_match_the_question_is_retrieved(video: Path) -> None:
+    s = session(retrieve=2)
+    s.feed(video)
+    recording = Recording(s)
+    before = s.ask("Where is the red bar?", max_new_tokens=1)
+    chosen = {frame.index for frame in before.frames}
+    target = next(i for i in range(s.pages) if i not in chosen)
+    _match_question(s, recording, target)
     after = s.ask("Where is the red bar?", max_new_tokens=1)
     assert [f.index for f in after.frames if f.layers == 2] == [target]
     assert after.citations[0] == s.timestamps[target]
@@ -143,15 +148,7 @@ def test_the_first_frames_are_sinks_read_by_every_answer_never_retrieved(video: 
     recording = Recording(s)
     s.ask("Where is the red bar?", max_new_tokens=1, retrieve=1)
     target = 5  # page 5: frame 7
-    for memory, queries in zip(s.cache.memories, recording.queries, strict=True):
-        kv_heads, dim = memory.window.heads, queries.shape[-1]
-        direction = queries[0].float().mean(dim=1).reshape(kv_heads, -1, dim).mean(dim=1)
-        keys = (50 * direction / direction.norm(dim=-1, keepdim=True)).to(queries.dtype)
-        page_keys = keys[:, None].expand(-1, s.frame_tokens, -1).contiguous()
-        page_id = memory.pages.page_id(target)
-        old = memory.pages.store.get([page_id])[0]
-        memory.pages.store.put(Page(page_id, {"k": page_keys, "v": old.payload["v"]}))
-        memory.pages.summaries[target] = memory.selector.summarize(page_keys[None], queries[0])
+    _match_question(s, recording, target)
     after = s.ask("Where is the red bar?", max_new_tokens=1, retrieve=1)
     assert [f.index for f in after.frames] == [7]
     assert after.citations == [s.timestamps[7]] == [3.5]
