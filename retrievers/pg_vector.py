@@ -1,10 +1,11 @@
 """Vector search in PostgreSQL with pgvector: an HNSW index (cosine) over the records'
 `vector` column, searched in SQL, so every worker on every host sees the same index.
 
-A filtered HNSW search can return fewer than k rows (pgvector filters the ef_search
-candidates it found). So a search returns the true top-k of the matching records: with
-iterative index scans where the server's pgvector has them (0.8+); otherwise by ranking
-exactly when the planner expects few matches, and when HNSW still comes back short.
+A filtered HNSW search can return fewer than k rows: before 0.8 pgvector filters the
+ef_search candidates it found; from 0.8 an iterative scan walks on until k match, but
+stops after `hnsw.max_scan_tuples`. So a search returns the true top-k of the matching
+records: it ranks exactly when the planner expects few matches, and when the index still
+comes back short.
 """
 
 from __future__ import annotations
@@ -44,10 +45,7 @@ class PgVectorSearch:
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
         ef_search = max(self._config.hnsw_ef_search, k)
         with self._records.engine.begin() as conn:
-            if self.iterative:
-                conn.exec_driver_sql("SET LOCAL hnsw.iterative_scan = strict_order")
-                return self._ranked(conn, query, k, condition, ef_search)
-            if self._expected(conn, condition) <= self._config.pg_exact_below:
+            if self._few(conn, condition):
                 return self._ranked(conn, query, k, condition, None)
             found = self._ranked(conn, query, k, condition, ef_search)
             if len(found) < k:
@@ -99,11 +97,25 @@ class PgVectorSearch:
             distance = rows.c.embedding.cosine_distance(query)
             stmt = select(rows.c.rowid, distance).order_by(distance).limit(k)
         else:  # the caller chose the index: keep the planner off a full sort of the table
-            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
-            conn.exec_driver_sql(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
+            self._index_settings(conn, ef_search)
             distance = table.c.embedding.cosine_distance(query)
             stmt = select(table.c.rowid, distance).where(condition).order_by(distance).limit(k)
         return [(int(rowid), 1.0 - float(d)) for rowid, d in conn.execute(stmt)]
+
+    def _index_settings(self, conn: Any, ef_search: int) -> None:
+        """This transaction's index scan settings, in one round trip: the HNSW index over a
+        sort of the table, `ef_search` candidates, and an iterative scan where the server's
+        pgvector has one (in exact distance order)."""
+        settings = {"enable_seqscan": "off", "hnsw.ef_search": str(int(ef_search))}
+        if self.iterative:
+            settings["hnsw.iterative_scan"] = "strict_order"
+        calls = ", ".join(f"set_config('{name}', %s, true)" for name in settings)
+        conn.exec_driver_sql(f"SELECT {calls}", tuple(settings.values()))
+
+    def _few(self, conn: Any, condition: Any) -> bool:
+        """Whether the planner expects at most `pg_exact_below` records to match `condition`
+        (no rows read): then ranking them exactly is cheap, and sure to be complete."""
+        return self._expected(conn, condition) <= self._config.pg_exact_below
 
     def _expected(self, conn: Any, condition: Any) -> float:
         """The planner's estimate of how many records match `condition` (no rows read)."""

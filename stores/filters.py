@@ -186,14 +186,15 @@ _ORDER = {
 class _JsonField:
     """The kind and value of one JSON path in SQL, for one dialect."""
 
-    def __init__(self, kind: Any, text: Any, number: Any, contains: Any = None):
+    def __init__(self, kind: Any, text: Any, number: Any, equals: Any = None):
         self.kind = kind  # 'number' | 'string' | 'true' | 'false' | 'null' | ...; NULL if missing
         self.text = text
         self.number = number
-        # PostgreSQL: operand -> `column @> {path: operand}`, which a GIN index answers; it
-        # holds whenever the path equals the operand, so ANDed with the exact test it only
-        # lets the planner narrow the rows first
-        self.contains = contains
+        # PostgreSQL: operand -> the path equals it, as containment `column @> {path:
+        # operand}` (exact for a scalar under at least one key: jsonb compares types, and an
+        # array holds a scalar only at the top level): a GIN index answers it, and the
+        # planner estimates it from the column's statistics, so it weighs GIN against HNSW
+        self.equals = equals
 
 
 def _json_field(column: Any, path: str, dialect: str) -> _JsonField:
@@ -226,15 +227,15 @@ def _json_field(column: Any, path: str, dialect: str) -> _JsonField:
         )
         number = case((raw_kind == "number", cast(text, Numeric)), else_=None)
 
-        def contains(operand: Any) -> Any:
+        def equals(operand: Any) -> Any:
             from sqlalchemy.dialects.postgresql import JSONB
 
             nested: Any = operand
             for part in reversed(parts):
                 nested = {part: nested}
-            return column.op("@>")(cast(literal(json.dumps(nested), Text), JSONB))
+            return column.bool_op("@>")(cast(literal(json.dumps(nested), Text), JSONB))
 
-        return _JsonField(kind, text, number, contains)
+        return _JsonField(kind, text, number, equals)
     raise InvalidInputError("url", "metadata filters support SQLite and PostgreSQL", dialect)
 
 
@@ -247,12 +248,13 @@ def _kind_name(value: Any) -> str:
 def _eq_sql(field: _JsonField, operand: Any) -> Any:
     from sqlalchemy import and_
 
+    if field.equals is not None:
+        return field.equals(operand)
     kind = _kind_name(operand)
-    narrowed = [] if field.contains is None else [field.contains(operand)]
     if kind in ("true", "false"):
-        return and_(*narrowed, field.kind.is_not(None), field.kind == kind)
+        return and_(field.kind.is_not(None), field.kind == kind)
     target = field.number if kind == "number" else field.text
-    return and_(*narrowed, field.kind.is_not(None), field.kind == kind, target == operand)
+    return and_(field.kind.is_not(None), field.kind == kind, target == operand)
 
 
 def _field_sql(field: _JsonField, condition: Any) -> Any:

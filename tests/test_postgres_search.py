@@ -43,7 +43,11 @@ def url(postgres_url: str) -> Iterator[str]:
     with Memory(url=postgres_url, embedder=lookup) as memory:
         memory.add_many(
             [
-                {"text": text, "id": text, "metadata": {"rare": i % 100 == 0, "i": i}}
+                {
+                    "text": text,
+                    "id": text,
+                    "metadata": {"rare": i % 100 == 0, "half": i % 2 == 0, "i": i},
+                }
                 for i, text in enumerate(TEXTS)
             ]
         )
@@ -95,6 +99,39 @@ def test_a_selective_filter_gets_the_true_top_k(
                 abs=1e-5,
             )
     assert short_hnsw == path * 5
+
+
+def test_an_iterative_index_scan_fills_k_under_a_filter_without_the_exact_path(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With table statistics the planner takes HNSW for a filter half the records match;
+    pgvector 0.8's iterative scan walks on past ef_search=10 candidates until 10 match
+    (without it about 5 of them would, and the exact path would run)."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE records")
+    engine.dispose()
+    paths: list[str] = []
+    ranked = PgVectorSearch._ranked
+
+    def recorded(self: PgVectorSearch, conn: Any, query: Any, k: int, cond: Any, ef: Any) -> Any:
+        paths.append("exact" if ef is None else "hnsw")
+        return ranked(self, conn, query, k, cond, ef)
+
+    monkeypatch.setattr(PgVectorSearch, "_ranked", recorded)
+    half = np.flatnonzero(np.arange(COUNT) % 2 == 0)
+    recalled = []
+    config = IndexConfig(pg_exact_below=0, hnsw_ef_search=10)
+    with Memory(url=url, embedder=lookup, index_config=config) as memory:
+        for seed in range(5):
+            query = _vectors(300 + seed, 1)[0]
+            hits = memory.search_by_vector(query, k=10, filters={"half": True})
+            assert len(hits) == 10 and all(int(h.id.split()[1]) % 2 == 0 for h in hits)
+            recalled.append(len({h.id for h in hits} & set(exact(query, 10, half))) / 10)
+    assert paths == ["hnsw"] * 5
+    assert np.mean(recalled) >= 0.9
 
 
 def test_unfiltered_search_through_hnsw_finds_the_nearest(url: str) -> None:
