@@ -415,3 +415,36 @@ def test_work_over_the_time_limit_is_a_503(open_memory: Callable[..., Memory]) -
     with TestClient(create_app(open_memory(embedder="hash"), settings, close_memory=True)) as c:
         slow = c.post("/v1/tenants", json={}, headers={"Authorization": f"Bearer {ADMIN}"})
         error(slow, 503, "timeout")
+
+
+def test_a_write_whose_commit_fails_is_never_acknowledged(
+    client: TestClient, key: dict[str, str]
+) -> None:
+    """A write's reply waits for its commit: when the database fails the commit the caller
+    gets a 5xx, never 201, and nothing is stored (a server that answered first would
+    acknowledge writes that a crash in between loses)."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.exc import OperationalError
+
+    def fail(conn: Any) -> None:
+        raise OperationalError("COMMIT", {}, OSError("disk I/O error"))
+
+    writes = [
+        ("/v1/memories", {"text": "never stored", "id": "lost-1", "user_id": "ada"}),
+        (
+            "/v1/users/ada/sessions/s/messages",
+            {"messages": [{"role": "user", "content": "never stored either"}]},
+        ),
+    ]
+    event.listen(Engine, "commit", fail)
+    try:
+        answers = [client.post(path, json=body, headers=key) for path, body in writes]
+    finally:
+        event.remove(Engine, "commit", fail)
+    for answer in answers:
+        error(answer, 503, "storage")
+    assert (
+        client.get("/v1/memories/lost-1", params={"user_id": "ada"}, headers=key).status_code == 404
+    )
+    assert client.post("/v1/memories/count", json={}, headers=key).json()["count"] == 0

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException
 
 from memlayer import (
@@ -110,6 +111,13 @@ def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, str(exc.detail), field, exc.headers)
 
 
+def _database_error(_: Request, exc: Exception) -> JSONResponse:
+    """The service's own tables (tenants, keys, sessions) failed in the driver: the same
+    answer as a failing memory store, without the SQL."""
+    log.warning("database failure: %s", exc)
+    return error_response(503, "storage", "the database failed; the error is logged")
+
+
 def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected failure", exc_info=exc)
     return error_response(500, "internal", "the service failed; the error is logged")
@@ -121,4 +129,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(MemlayerError, _core_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected)
