@@ -289,3 +289,26 @@ def test_a_bulk_load_builds_its_index_past_the_statement_timeout(postgres_url: s
         assert time.perf_counter() - started > 0.5  # the build outlasted the timeout
         assert m.count() == COUNT
     assert "ef_construction='1000'" in _indexes(postgres_url)["records_embedding_hnsw"]
+
+
+def test_embeddings_stay_in_the_row_not_in_toast(postgres_url: str) -> None:
+    """A 384-d vector (1.5 kB) with a few hundred characters of text crosses PostgreSQL's
+    2 kB row threshold; pgvector's default storage would move the vector out to the TOAST
+    table, and every exact distance would fetch it from there."""
+    from sqlalchemy import create_engine
+
+    rng = np.random.default_rng(7)
+
+    def wide(texts: list[str]) -> np.ndarray:
+        return rng.standard_normal((len(texts), 384)).astype(np.float32)
+
+    words = "harbour lights tide pilot anchor beacon channel mooring".split()
+    with Memory(url=postgres_url, embedder=wide) as memory:
+        memory.add_many([{"text": " ".join(rng.choice(words, 80)) + f" {i}"} for i in range(50)])
+    engine = create_engine(postgres_url)
+    with engine.connect() as conn:
+        out_of_row = conn.exec_driver_sql(  # PostgreSQL 17+
+            "SELECT count(*) FROM records WHERE pg_column_toast_chunk_id(embedding) IS NOT NULL"
+        ).scalar()
+    engine.dispose()
+    assert out_of_row == 0
