@@ -91,15 +91,13 @@ class PgVectorSearch:
         from sqlalchemy import select
 
         table = self._records.records
-        if ef_search is None:
-            matching = select(table.c.rowid, table.c.embedding).where(condition)
-            rows = matching.cte("matching").prefix_with("MATERIALIZED")
-            distance = rows.c.embedding.cosine_distance(query)
-            stmt = select(rows.c.rowid, distance).order_by(distance).limit(k)
+        if ef_search is None:  # no index scan (HNSW's order is approximate); bitmap scans
+            # of the scope and metadata indexes still find the matching rows
+            conn.exec_driver_sql("SELECT set_config('enable_indexscan', 'off', true)")
         else:  # the caller chose the index: keep the planner off a full sort of the table
             self._index_settings(conn, ef_search)
-            distance = table.c.embedding.cosine_distance(query)
-            stmt = select(table.c.rowid, distance).where(condition).order_by(distance).limit(k)
+        distance = table.c.embedding.cosine_distance(query)
+        stmt = select(table.c.rowid, distance).where(condition).order_by(distance).limit(k)
         found = [(int(rowid), 1.0 - float(d)) for rowid, d in conn.execute(stmt)]
         return sorted(found, key=lambda hit: -hit[1])  # a relaxed iterative scan's order
 
