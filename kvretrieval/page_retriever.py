@@ -12,7 +12,11 @@ score of a page is
 a weighted dot product (which layers, heads and channels matter) plus a low-rank bilinear
 term (rank r). Training minimises InfoNCE over the pages of each example's context: the
 page holding the answer against every other page. The file stores the three tensors and,
-in its metadata, the model geometry it was trained for, so another model is refused.
+in its metadata, the model geometry it was trained for and the model's fingerprint
+(`memlayer.kvretrieval.model.fingerprint`, as saved sessions and KV contexts keep it), so
+another model is refused: one of another shape by its geometry, one of the same shape with
+other weights by its fingerprint. Files saved before the fingerprint was kept load with a
+warning (their geometry is still checked).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from memlayer.errors import InvalidInputError
+from memlayer.errors import InvalidInputError, ModelMismatchError
 
 FORMAT = "memlayer-retrolm-page-retriever"
 VERSION = "1"
@@ -47,7 +52,8 @@ class RetrievalExample:
 @dataclass
 class PageRetriever:
     """The scorer's geometry (model layers, KV heads, head dim; the band [first, last) of
-    layers it reads; the rank of its bilinear term) and weights."""
+    layers it reads; the rank of its bilinear term), weights, and the fingerprint of the
+    model its features came from (None: unknown, e.g. a file saved before it was kept)."""
 
     layers: int
     kv_heads: int
@@ -58,6 +64,7 @@ class PageRetriever:
     diag: torch.Tensor  # [F]
     query: torch.Tensor  # [r, F]
     page: torch.Tensor  # [r, F]
+    fingerprint: str | None = None
 
     @property
     def width(self) -> int:
@@ -76,10 +83,12 @@ class PageRetriever:
         rank: int = 32,
         init: Literal["identity", "random"] = "identity",
         seed: int = 0,
+        fingerprint: str | None = None,
     ) -> PageRetriever:
         """A new scorer. `identity`: diag = 1 / (layers · KV heads) and K = 0, the mean over
         layers and heads of the normalised dot products, to start from; `random`: every
-        weight drawn at random (a baseline for training)."""
+        weight drawn at random (a baseline for training). `fingerprint`: the model's (see
+        `memlayer.kvretrieval.model.fingerprint`) whose features it will score."""
         last = layers if last is None else last
         if not 0 <= first < last <= layers:
             raise InvalidInputError("band", f"must satisfy 0 <= first < last <= {layers}")
@@ -96,20 +105,47 @@ class PageRetriever:
             page = torch.randn(rank, width, generator=generator) / math.sqrt(width)
         else:
             raise InvalidInputError("init", "must be 'identity' or 'random'", init)
-        return cls(layers, kv_heads, head_dim, first, last, rank, diag, query, page)
+        return cls(layers, kv_heads, head_dim, first, last, rank, diag, query, page, fingerprint)
 
     def parameters(self) -> list[torch.Tensor]:
         """The trainable tensors."""
         return [self.diag, self.query, self.page]
 
-    def check(self, layers: int, kv_heads: int, head_dim: int) -> None:
-        """InvalidInputError unless the model has the geometry this scorer was trained for."""
+    def check(
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        fingerprint: str | None = None,
+        *,
+        source: str = "the page retriever",
+    ) -> None:
+        """Refuse a model this scorer was not trained for: InvalidInputError for another
+        geometry; ModelMismatchError, naming both fingerprints, for a model of the same
+        geometry with other weights (its features would be another model's, and the scores
+        quietly meaningless). With `fingerprint` given and none kept in the scorer (a file
+        saved before fingerprints were kept) a warning says the model cannot be checked."""
         mine = (self.layers, self.kv_heads, self.head_dim)
         if (layers, kv_heads, head_dim) != mine:
             raise InvalidInputError(
                 "retriever",
                 f"was trained for a model with {mine[0]} layers, {mine[1]} KV heads of "
                 f"{mine[2]} dims; this model has {layers}, {kv_heads} of {head_dim}",
+            )
+        if fingerprint is None:
+            return
+        if self.fingerprint is None:
+            warnings.warn(
+                f"{source} keeps no model fingerprint (saved before memlayer kept one, or "
+                "made without one): only its geometry was checked; set its `fingerprint` and "
+                "save it again to check the model too",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif self.fingerprint != fingerprint:
+            raise ModelMismatchError(
+                f"{source} was trained on the model with fingerprint {self.fingerprint}; "
+                f"this model's fingerprint is {fingerprint}"
             )
 
     def features(
@@ -142,6 +178,8 @@ class PageRetriever:
         target = Path(path)
         metadata = {"format": FORMAT, "version": VERSION}
         metadata |= {key: str(getattr(self, key)) for key in _GEOMETRY}
+        if self.fingerprint is not None:
+            metadata["fingerprint"] = self.fingerprint
         tensors = {
             name: t.detach().float().cpu().contiguous()
             for name, t in zip(("diag", "query", "page"), self.parameters(), strict=True)
@@ -184,6 +222,7 @@ class PageRetriever:
                 tensors["diag"],
                 tensors["query"],
                 tensors["page"],
+                metadata.get("fingerprint") or None,
             )
         except (KeyError, ValueError) as exc:
             raise InvalidInputError("retriever", f"lacks {exc}", str(source)) from exc

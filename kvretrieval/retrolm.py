@@ -74,7 +74,8 @@ class RetroLMSelector(ReKVSelector):
     """RetroLM page retrieval: one selection of `topk` pages per question, for every layer.
 
     `retriever`: None (training-free ranking) or the path of a trained `PageRetriever`
-    safetensors file (refused for a model of another geometry). `layers`: the band of the
+    safetensors file (refused for a model of another geometry, or of other weights when the
+    file keeps the fingerprint of the model it was trained on). `layers`: the band of the
     model's depth, as fractions (first, last), whose layers vote in the training-free
     ranking (a trained retriever uses the band it was trained on).
     """
@@ -114,9 +115,12 @@ class RetroLMSelector(ReKVSelector):
         """The loaded trained retriever, if any."""
         return self._scorer
 
-    def check_model(self, layers: int, kv_heads: int, head_dim: int) -> None:
+    def check_model(
+        self, layers: int, kv_heads: int, head_dim: int, fingerprint: str | None = None
+    ) -> None:
         if self._scorer is not None:
-            self._scorer.check(layers, kv_heads, head_dim)
+            source = f"the page retriever {self.retriever}"
+            self._scorer.check(layers, kv_heads, head_dim, fingerprint, source=source)
 
     def rank(self, queries: list[torch.Tensor], summaries: list[torch.Tensor]) -> torch.Tensor:
         """Scores [P] of the pages for a question (see `choose`)."""
