@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from memlayer.errors import InvalidInputError
-from memlayer.kvretrieval.page_retriever import PageRetriever
+from memlayer.kvretrieval.page_retriever import PageRetriever, head_z_scores
 from memlayer.kvretrieval.selectors import SELECTORS, ReKVSelector
 
 
@@ -62,10 +62,7 @@ def training_free_scores(
     """Page scores [P]: per layer and KV head, mean question query · mean page key
     ([L, Hkv, D] · [L, P, Hkv, D]), z-scored over the pages, averaged over `band`'s layers
     and all heads."""
-    similarity = torch.einsum("lhd,lphd->lhp", questions[band], pages[band])
-    mean = similarity.mean(dim=-1, keepdim=True)
-    spread = similarity.std(dim=-1, keepdim=True, unbiased=False)
-    return ((similarity - mean) / (spread + 1e-6)).mean(dim=(0, 1))
+    return head_z_scores(questions[band], pages[band]).mean(dim=(0, 1))
 
 
 @SELECTORS.register("retrolm")
