@@ -15,14 +15,16 @@ weights on the diagonal alone). The `heads` kind scores the training-free rankin
 features instead: per layer and KV head, the question's similarity to each page z-scored
 over the pages (`head_z_scores`), x_q = 1 and x_p the F = layers · KV heads z-scores, so its
 identity start *is* the training-free ranking and training learns which layers and heads to
-trust: a capacity a few dozen (question, page) pairs can fit. Training minimises InfoNCE
-over the pages of each example's context: the page holding the answer against every other
-page. The file stores the three tensors and,
-in its metadata, the model geometry it was trained for and the model's fingerprint
-(`memlayer.kvretrieval.model.fingerprint`, as saved sessions and KV contexts keep it), so
-another model is refused: one of another shape by its geometry, one of the same shape with
-other weights by its fingerprint. Files saved before the fingerprint was kept load with a
-warning (their geometry is still checked).
+trust: layers · KV heads weights (90 for SmolLM2), not thousands, for the few dozen
+(question, page) pairs a benchmark generates. Training minimises InfoNCE over the pages of
+each example's context: the page holding the answer against every other page.
+
+The file stores the three tensors and, in its metadata, the kind, the model geometry it was
+trained for and the model's fingerprint (`memlayer.kvretrieval.model.fingerprint`, as saved
+sessions and KV contexts keep it), so another model is refused: one of another shape by its
+geometry, one of the same shape with other weights by its fingerprint. Files saved before
+the fingerprint was kept load with a warning (their geometry is still checked); files
+without a kind are `channels`.
 """
 
 from __future__ import annotations
