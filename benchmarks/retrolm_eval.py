@@ -174,7 +174,14 @@ def main() -> None:
     parser.add_argument("--train-tokens", type=int, default=1500)
     parser.add_argument("--train-facts", type=int, default=12)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16, help="0: no bilinear term")
+    parser.add_argument(
+        "--kind",
+        choices=["channels", "heads"],
+        default="channels",
+        help="the trained scorer's features: a weight per channel (plus the bilinear term), "
+        "or one per layer and KV head over the training-free z-scores",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--retriever", type=Path, help="a trained file: skip training")
     parser.add_argument("--save-retriever", type=Path, help="where to keep the trained file")
@@ -215,6 +222,7 @@ def main() -> None:
                 steps=args.steps,
                 seed=args.seed,
                 rank=args.rank,
+                kind=args.kind,
                 **config,
             )
             training = {

@@ -42,6 +42,9 @@ class PagedKVCache(Cache):
     pages are read in place, and this cache's own pages go to the same store under a prefix
     of its own (`session-N/layer{i}/{j}`), so a step reads both from one slab; `close`
     removes those and nothing else.
+
+    `fingerprint`: the model's (`memlayer.kvretrieval.model.fingerprint`), so a selector with
+    a trained part made for another model refuses it before anything is built.
     """
 
     def __init__(
@@ -54,10 +57,11 @@ class PagedKVCache(Cache):
         dtype: torch.dtype,
         device: torch.device,
         context: FixedContext | None = None,
+        fingerprint: str | None = None,
     ):
         self.config = config
         self.calls = 0  # attention calls routed through memlayer (checked per forward)
-        selector.check_model(geometry.layers, geometry.kv_heads, geometry.head_dim)
+        selector.check_model(geometry.layers, geometry.kv_heads, geometry.head_dim, fingerprint)
         self._offload_folder = None
         if context is None:
             page_bytes = 2 * geometry.kv_heads * config.block_size * geometry.head_dim

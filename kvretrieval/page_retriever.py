@@ -10,9 +10,21 @@ score of a page is
     (diag ⊙ x_q) · x_p  +  (Q x_q) · (K x_p)
 
 a weighted dot product (which layers, heads and channels matter) plus a low-rank bilinear
-term (rank r). Training minimises InfoNCE over the pages of each example's context: the
-page holding the answer against every other page. The file stores the three tensors and,
-in its metadata, the model geometry it was trained for, so another model is refused.
+term (rank r, 0: none). That is the `channels` kind (F = layers · KV heads · head dim
+weights on the diagonal alone). The `heads` kind scores the training-free ranking's own
+features instead: per layer and KV head, the question's similarity to each page z-scored
+over the pages (`head_z_scores`), x_q = 1 and x_p the F = layers · KV heads z-scores, so its
+identity start *is* the training-free ranking and training learns which layers and heads to
+trust: layers · KV heads weights (90 for SmolLM2), not thousands, for the few dozen
+(question, page) pairs a benchmark generates. Training minimises InfoNCE over the pages of
+each example's context: the page holding the answer against every other page.
+
+The file stores the three tensors and, in its metadata, the kind, the model geometry it was
+trained for and the model's fingerprint (`memlayer.kvretrieval.model.fingerprint`, as saved
+sessions and KV contexts keep it), so another model is refused: one of another shape by its
+geometry, one of the same shape with other weights by its fingerprint. Files saved before
+the fingerprint was kept load with a warning (their geometry is still checked); files
+without a kind are `channels`.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +40,22 @@ from typing import Literal
 
 import torch
 
-from memlayer.errors import InvalidInputError
+from memlayer.errors import InvalidInputError, ModelMismatchError
 
 FORMAT = "memlayer-retrolm-page-retriever"
 VERSION = "1"
 _GEOMETRY = ("layers", "kv_heads", "head_dim", "first", "last", "rank")
+KINDS = ("channels", "heads")
+
+
+def head_z_scores(questions: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """Per layer and KV head, mean question query · each page's mean key ([L, Hkv, D] ·
+    [L, P, Hkv, D]), z-scored over the pages (so layers and heads of different scales vote
+    alike): [L, Hkv, P]. RetroLM's training-free ranking is their mean."""
+    similarity = torch.einsum("lhd,lphd->lhp", questions.float(), pages.float())
+    mean = similarity.mean(dim=-1, keepdim=True)
+    spread = similarity.std(dim=-1, keepdim=True, unbiased=False)
+    return (similarity - mean) / (spread + 1e-6)
 
 
 @dataclass(frozen=True)
@@ -47,7 +71,9 @@ class RetrievalExample:
 @dataclass
 class PageRetriever:
     """The scorer's geometry (model layers, KV heads, head dim; the band [first, last) of
-    layers it reads; the rank of its bilinear term) and weights."""
+    layers it reads; the rank of its bilinear term), weights, the fingerprint of the model
+    its features came from (None: unknown, e.g. a file saved before it was kept) and its
+    kind of features (`channels` or `heads`, see the module)."""
 
     layers: int
     kv_heads: int
@@ -58,11 +84,14 @@ class PageRetriever:
     diag: torch.Tensor  # [F]
     query: torch.Tensor  # [r, F]
     page: torch.Tensor  # [r, F]
+    fingerprint: str | None = None
+    kind: str = "channels"
 
     @property
     def width(self) -> int:
         """F: features per question or page."""
-        return (self.last - self.first) * self.kv_heads * self.head_dim
+        per_head = self.head_dim if self.kind == "channels" else 1
+        return (self.last - self.first) * self.kv_heads * per_head
 
     @classmethod
     def create(
@@ -76,16 +105,22 @@ class PageRetriever:
         rank: int = 32,
         init: Literal["identity", "random"] = "identity",
         seed: int = 0,
+        fingerprint: str | None = None,
+        kind: str = "channels",
     ) -> PageRetriever:
         """A new scorer. `identity`: diag = 1 / (layers · KV heads) and K = 0, the mean over
-        layers and heads of the normalised dot products, to start from; `random`: every
-        weight drawn at random (a baseline for training)."""
+        layers and heads of the normalised dot products (`heads`: exactly the training-free
+        ranking), to start from; `random`: every weight drawn at random (a baseline for
+        training). `rank` 0: no bilinear term. `fingerprint`: the model's (see
+        `memlayer.kvretrieval.model.fingerprint`) whose features it will score."""
         last = layers if last is None else last
         if not 0 <= first < last <= layers:
             raise InvalidInputError("band", f"must satisfy 0 <= first < last <= {layers}")
-        if rank < 1:
-            raise InvalidInputError("rank", "must be a positive integer", rank)
-        width = (last - first) * kv_heads * head_dim
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise InvalidInputError("rank", "must be an integer of at least 0", rank)
+        if kind not in KINDS:
+            raise InvalidInputError("kind", f"must be one of {KINDS}", kind)
+        width = (last - first) * kv_heads * (head_dim if kind == "channels" else 1)
         generator = torch.Generator().manual_seed(seed)
         query = torch.randn(rank, width, generator=generator) / math.sqrt(width)
         scale = 1 / ((last - first) * kv_heads)  # a mean over the band's layers and heads
@@ -96,14 +131,28 @@ class PageRetriever:
             page = torch.randn(rank, width, generator=generator) / math.sqrt(width)
         else:
             raise InvalidInputError("init", "must be 'identity' or 'random'", init)
-        return cls(layers, kv_heads, head_dim, first, last, rank, diag, query, page)
+        return cls(
+            layers, kv_heads, head_dim, first, last, rank, diag, query, page, fingerprint, kind
+        )
 
     def parameters(self) -> list[torch.Tensor]:
         """The trainable tensors."""
         return [self.diag, self.query, self.page]
 
-    def check(self, layers: int, kv_heads: int, head_dim: int) -> None:
-        """InvalidInputError unless the model has the geometry this scorer was trained for."""
+    def check(
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        fingerprint: str | None = None,
+        *,
+        source: str = "the page retriever",
+    ) -> None:
+        """Refuse a model this scorer was not trained for: InvalidInputError for another
+        geometry; ModelMismatchError, naming both fingerprints, for a model of the same
+        geometry with other weights (its features would be another model's, and the scores
+        quietly meaningless). With `fingerprint` given and none kept in the scorer (a file
+        saved before fingerprints were kept) a warning says the model cannot be checked."""
         mine = (self.layers, self.kv_heads, self.head_dim)
         if (layers, kv_heads, head_dim) != mine:
             raise InvalidInputError(
@@ -111,12 +160,30 @@ class PageRetriever:
                 f"was trained for a model with {mine[0]} layers, {mine[1]} KV heads of "
                 f"{mine[2]} dims; this model has {layers}, {kv_heads} of {head_dim}",
             )
+        if fingerprint is None:
+            return
+        if self.fingerprint is None:
+            warnings.warn(
+                f"{source} keeps no model fingerprint (saved before memlayer kept one, or "
+                "made without one): only its geometry was checked; set its `fingerprint` and "
+                "save it again to check the model too",
+                UserWarning,
+                stacklevel=2,
+            )
+        elif self.fingerprint != fingerprint:
+            raise ModelMismatchError(
+                f"{source} was trained on the model with fingerprint {self.fingerprint}; "
+                f"this model's fingerprint is {fingerprint}"
+            )
 
     def features(
         self, questions: torch.Tensor, pages: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x_q [F] and x_p [P, F] from question [L, Hkv, D] and page [L, P, Hkv, D] features."""
         band = slice(self.first, self.last)
+        if self.kind == "heads":
+            z = head_z_scores(questions[band], pages[band])  # [L, Hkv, P]
+            return z.new_ones(self.width), z.flatten(0, 1).T
         q = questions[band].float()
         q = q / (q.norm(dim=-1, keepdim=True) + 1e-6)
         p = pages[band].float()
@@ -142,6 +209,10 @@ class PageRetriever:
         target = Path(path)
         metadata = {"format": FORMAT, "version": VERSION}
         metadata |= {key: str(getattr(self, key)) for key in _GEOMETRY}
+        if self.fingerprint is not None:
+            metadata["fingerprint"] = self.fingerprint
+        if self.kind != "channels":  # files without it (older ones) are `channels`
+            metadata["kind"] = self.kind
         tensors = {
             name: t.detach().float().cpu().contiguous()
             for name, t in zip(("diag", "query", "page"), self.parameters(), strict=True)
@@ -184,9 +255,13 @@ class PageRetriever:
                 tensors["diag"],
                 tensors["query"],
                 tensors["page"],
+                metadata.get("fingerprint") or None,
+                metadata.get("kind", "channels"),
             )
         except (KeyError, ValueError) as exc:
             raise InvalidInputError("retriever", f"lacks {exc}", str(source)) from exc
+        if retriever.kind not in KINDS:
+            raise InvalidInputError("retriever", f"has an unknown kind {retriever.kind!r}")
         width, rank = retriever.width, retriever.rank
         shapes = [tuple(t.shape) for t in retriever.parameters()]
         if shapes != [(width,), (rank, width), (rank, width)]:
@@ -218,7 +293,9 @@ def train(
     rows = []
     for example in examples:
         xq, xp = retriever.features(example.question, example.pages)
-        rows.append((xq, cached.setdefault(id(example.pages), xp), example.answer))
+        if retriever.kind == "channels":  # page features without the question: one per context
+            xp = cached.setdefault(id(example.pages), xp)
+        rows.append((xq, xp, example.answer))
     start = retriever.diag.detach().clone().float()
     params = [t.detach().clone().float().requires_grad_(True) for t in retriever.parameters()]
     # Adam moves every weight by about `lr` a step whatever its size, and a score sums F

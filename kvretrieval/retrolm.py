@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from memlayer.errors import InvalidInputError
-from memlayer.kvretrieval.page_retriever import PageRetriever
+from memlayer.kvretrieval.page_retriever import PageRetriever, head_z_scores
 from memlayer.kvretrieval.selectors import SELECTORS, ReKVSelector
 
 
@@ -62,10 +62,7 @@ def training_free_scores(
     """Page scores [P]: per layer and KV head, mean question query · mean page key
     ([L, Hkv, D] · [L, P, Hkv, D]), z-scored over the pages, averaged over `band`'s layers
     and all heads."""
-    similarity = torch.einsum("lhd,lphd->lhp", questions[band], pages[band])
-    mean = similarity.mean(dim=-1, keepdim=True)
-    spread = similarity.std(dim=-1, keepdim=True, unbiased=False)
-    return ((similarity - mean) / (spread + 1e-6)).mean(dim=(0, 1))
+    return head_z_scores(questions[band], pages[band]).mean(dim=(0, 1))
 
 
 @SELECTORS.register("retrolm")
@@ -74,7 +71,8 @@ class RetroLMSelector(ReKVSelector):
     """RetroLM page retrieval: one selection of `topk` pages per question, for every layer.
 
     `retriever`: None (training-free ranking) or the path of a trained `PageRetriever`
-    safetensors file (refused for a model of another geometry). `layers`: the band of the
+    safetensors file (refused for a model of another geometry, or of other weights when the
+    file keeps the fingerprint of the model it was trained on). `layers`: the band of the
     model's depth, as fractions (first, last), whose layers vote in the training-free
     ranking (a trained retriever uses the band it was trained on).
     """
@@ -114,9 +112,12 @@ class RetroLMSelector(ReKVSelector):
         """The loaded trained retriever, if any."""
         return self._scorer
 
-    def check_model(self, layers: int, kv_heads: int, head_dim: int) -> None:
+    def check_model(
+        self, layers: int, kv_heads: int, head_dim: int, fingerprint: str | None = None
+    ) -> None:
         if self._scorer is not None:
-            self._scorer.check(layers, kv_heads, head_dim)
+            source = f"the page retriever {self.retriever}"
+            self._scorer.check(layers, kv_heads, head_dim, fingerprint, source=source)
 
     def rank(self, queries: list[torch.Tensor], summaries: list[torch.Tensor]) -> torch.Tensor:
         """Scores [P] of the pages for a question (see `choose`)."""

@@ -73,9 +73,13 @@ class PageSelector:
         [P, Hkv, R, D]; 1 <= k <= P."""
         raise NotImplementedError
 
-    def check_model(self, layers: int, kv_heads: int, head_dim: int) -> None:
-        """Refuse (InvalidInputError) a model this selector cannot serve, before a session is
-        built on it (e.g. a trained retriever made for another geometry)."""
+    def check_model(
+        self, layers: int, kv_heads: int, head_dim: int, fingerprint: str | None = None
+    ) -> None:
+        """Refuse a model this selector cannot serve, before a session is built on it: an
+        InvalidInputError for one of another geometry, a ModelMismatchError for one whose
+        `fingerprint` (`memlayer.kvretrieval.model.fingerprint`; None: not known) is not the
+        model a trained part was made for (e.g. RetroLM's trained retriever)."""
 
     def select(
         self, queries: torch.Tensor, summaries: torch.Tensor, topk: int, *, scale: float

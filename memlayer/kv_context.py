@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from memlayer.kvretrieval.selectors import PageSelector
 
 FORMAT = "memlayer-kv-context/1"
+# tokens each calibration question generates: its decode steps' queries count too, as a
+# short answer's would
+CALIBRATION_NEW_TOKENS = 8
 # where pages live: chosen by each process that opens the context, never saved with it
 PLACEMENT = ("gpu_budget", "ram_budget", "offload_path", "prefetch")
 
@@ -91,6 +94,7 @@ class KVContext:
         selector: str | PageSelector = "infllm",
         chat: bool = True,
         progress: bool = True,
+        calibration: Sequence[str | Sequence[int]] | None = None,
         **kv_config: Any,
     ) -> KVContext:
         """Encode `text` (or token ids) once and persist it at `path`; returns it opened.
@@ -101,6 +105,15 @@ class KVContext:
         positions) are fixed for every session on the context; the placement options
         (gpu_budget, ram_budget, offload_path, prefetch) apply to the encoding and to the
         context returned, and each later `open` chooses its own.
+
+        `calibration`: sample questions (text, framed as `ask` frames a question, or token
+        ids, run as given) for a selector that calibrates on them (`squeezed`: its share
+        thresholds, per layer and KV head, in place of `threshold` or the top-k fallback).
+        Each is answered (a few tokens) once the context is fed and laid out; the thresholds
+        are saved with the context, so every `open` and session uses them. Questions like
+        the ones users will ask make the best sample. Bad input (not a list of questions,
+        an empty one, a selector that does not calibrate) is an InvalidInputError naming
+        `calibration`, raised before anything is written.
         """
         from memlayer.kv_session import KVSession, _is_url, _named
 
@@ -109,12 +122,18 @@ class KVContext:
             _check_new_folder(Path(path))
         elif name is None:
             _named(name)
+        samples = _calibration_samples(calibration)
         session = KVSession(
             model, tokenizer, selector=selector, chat=chat, progress=progress, **kv_config
         )
         try:
+            questions = _calibration_ids(session, samples)  # checked before the model runs
             session.feed(text)
             session.cache.regroup()  # a clustering selector (squeezed) lays the pages out
+            if questions:
+                with session.cache.calibrating():  # sets the thresholds that are saved
+                    for ids in questions:
+                        session.continue_ids(ids, CALIBRATION_NEW_TOKENS)
             meta = _meta(session, chat)
             if isinstance(target, Path):
                 _write_folder(session, target, meta)
@@ -389,6 +408,67 @@ def _check_new_folder(folder: Path) -> None:
         raise InvalidInputError("path", "must be a folder, not a file", str(folder))
     if folder.is_dir() and any(folder.iterdir()):
         raise InvalidInputError("path", "must be a new or empty folder", str(folder))
+
+
+def _calibration_samples(
+    calibration: Sequence[str | Sequence[int]] | None,
+) -> list[str | list[int]]:
+    """`calibration` as a list of questions (text, or token ids); [] for None.
+    InvalidInputError naming `calibration` for anything else."""
+    if calibration is None:
+        return []
+    if isinstance(calibration, (str, bytes)) or not isinstance(calibration, (list, tuple)):
+        raise InvalidInputError(
+            "calibration", "must be a list of sample questions (text or token ids)", calibration
+        )
+    if not calibration:
+        raise InvalidInputError("calibration", "must hold at least one question (or be None)")
+    samples: list[str | list[int]] = []
+    for i, item in enumerate(calibration):
+        if isinstance(item, str) and item.strip():
+            samples.append(item)
+        elif (
+            isinstance(item, (list, tuple))
+            and item
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in item)
+        ):
+            samples.append(list(item))
+        else:
+            raise InvalidInputError(
+                "calibration",
+                f"question {i} must be a non-empty string or list of token ids",
+                item,
+            )
+    return samples
+
+
+def _calibration_ids(session: KVSession, samples: list[str | list[int]]) -> list[list[int]]:
+    """The ids each calibration question runs, checked against the session before the model
+    runs: its selector must calibrate, text needs a tokenizer, ids must be in the
+    vocabulary."""
+    if not samples:
+        return []
+    selector = session.selector
+    if not selector.calibrates:
+        raise InvalidInputError(
+            "calibration", f"the selector {selector.name!r} does not calibrate (squeezed does)"
+        )
+    vocab = session.model.config.get_text_config().vocab_size
+    questions = []
+    for i, sample in enumerate(samples):
+        if isinstance(sample, str):
+            if session.tokenizer is None:
+                raise InvalidInputError(
+                    "calibration", f"question {i} is text: it needs a tokenizer (or pass ids)"
+                )
+            questions.append(session._question_ids(sample))
+        elif max(sample) >= vocab:
+            raise InvalidInputError(
+                "calibration", f"question {i} holds ids outside the vocabulary (< {vocab})"
+            )
+        else:
+            questions.append(sample)
+    return questions
 
 
 def _meta(session: KVSession, chat: bool) -> dict[str, Any]:

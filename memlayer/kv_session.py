@@ -62,7 +62,7 @@ class KVSession:
         from memlayer.kvretrieval.cache import PagedKVCache
         from memlayer.kvretrieval.config import KVConfig
         from memlayer.kvretrieval.layer_memory import HeadGeometry
-        from memlayer.kvretrieval.model import AttentionRoute, load_smollm2
+        from memlayer.kvretrieval.model import AttentionRoute, fingerprint, load_smollm2
         from memlayer.kvretrieval.rope import Rotary, find_rotary
         from memlayer.kvretrieval.selectors import PageSelector, resolve_selector
 
@@ -99,6 +99,8 @@ class KVSession:
             dtype=param.dtype,
             device=param.device,
             context=context.attach(self) if context is not None else None,
+            # a context checked the model already (`session_settings`): its fingerprint
+            fingerprint=context.fingerprint if context is not None else fingerprint(model),
         )
         self._layers = geometry.layers
         self._device = param.device

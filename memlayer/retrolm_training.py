@@ -102,12 +102,16 @@ def train_retriever_file(
     seed: int = 0,
     rank: int = 32,
     layers: tuple[float, float] = (0.0, 1.0),
+    kind: str = "channels",
     **config: Any,
 ) -> tuple[Path, list[float]]:
     """Build pairs from `contexts` training contexts (topics disjoint from the evaluation
-    half), train a page retriever for `steps` steps with `seed`, write it to `out`; returns
-    the file and the loss per step. `model` None: SmolLM2-135M-Instruct."""
-    from memlayer.kvretrieval.model import load_smollm2
+    half), train a page retriever for `steps` steps with `seed`, write it to `out` (with
+    the model's fingerprint: sessions on another model refuse it); returns the file and the
+    loss per step. `kind`: the scorer's features (`PageRetriever`: `channels`, or `heads`,
+    one weight per layer and KV head over the training-free ranking's z-scores). `model`
+    None: SmolLM2-135M-Instruct."""
+    from memlayer.kvretrieval.model import fingerprint, load_smollm2
     from memlayer.kvretrieval.page_retriever import PageRetriever, train
     from memlayer.kvretrieval.retrolm import layer_band
 
@@ -123,7 +127,15 @@ def train_retriever_file(
     total, kv_heads, head_dim = examples[0].question.shape
     band = layer_band(total, layers)
     retriever = PageRetriever.create(
-        total, kv_heads, head_dim, first=band.start, last=band.stop, rank=rank, seed=seed
+        total,
+        kv_heads,
+        head_dim,
+        first=band.start,
+        last=band.stop,
+        rank=rank,
+        seed=seed,
+        fingerprint=fingerprint(model),  # the file is refused for any other model
+        kind=kind,
     )
     losses = train(retriever, examples, steps=steps, seed=seed)
     return retriever.save(out), losses

@@ -112,7 +112,7 @@ class VideoSession:
             vision_side,
         )
         from memlayer.kvretrieval.layer_memory import HeadGeometry
-        from memlayer.kvretrieval.model import AttentionRoute, load_smollm2
+        from memlayer.kvretrieval.model import AttentionRoute, fingerprint, load_smollm2
         from memlayer.kvretrieval.rope import Rotary, find_rotary
         from memlayer.kvretrieval.selectors import PageSelector, resolve_selector
 
@@ -163,7 +163,13 @@ class VideoSession:
         )
         rotary = Rotary(find_rotary(model), geometry.head_dim, param.device, param.dtype)
         self.cache = PagedKVCache(
-            geometry, self.kv_config, self.selector, rotary, dtype=param.dtype, device=param.device
+            geometry,
+            self.kv_config,
+            self.selector,
+            rotary,
+            dtype=param.dtype,
+            device=param.device,
+            fingerprint=fingerprint(model),
         )
         for memory in self.cache.memories:
             memory.labels = self._labels

@@ -469,3 +469,95 @@ def test_a_squeezed_context_is_clustered_once_and_reopens_exact(
     assert session.cache.memories[0].pages.partial  # cluster pages, partly filled
     logits = session._forward(conversation, all_logits=True)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+# -- calibration at encode time ----------------------------------------------------------------
+
+
+def _squeezed() -> Any:
+    from memlayer.kvretrieval.squeezed import SqueezedSelector
+
+    return SqueezedSelector(clusters=6, mass=0.5)
+
+
+CALIBRATION = [_ids(9, seed=21), _ids(7, seed=22)]
+KEEP_ALL = dict(SMALL, topk=1000)  # no page budget: what is kept is the threshold's choice
+
+
+def _thresholds(session: KVSession) -> list[torch.Tensor | None]:
+    return [memory.selector.thresholds for memory in session.cache.memories]
+
+
+def test_calibration_questions_set_squeezed_thresholds_that_persist_and_prune_pages(
+    tmp_path: Path,
+) -> None:
+    """`KVContext.encode(calibration=...)` calibrates as a plain session's
+    `cache.calibrating()` would, the thresholds come back with `open`, and they change what
+    a question reads (uncalibrated, squeezed keeps every page the budget allows)."""
+    from memlayer.kv_context import CALIBRATION_NEW_TOKENS
+
+    model = tiny("llama")
+    reference = _plain(model, _squeezed(), CONTEXT, **KEEP_ALL)
+    reference.cache.regroup()
+    with reference.cache.calibrating():
+        for ids in CALIBRATION:
+            reference.continue_ids(ids, CALIBRATION_NEW_TOKENS)
+    expected = _thresholds(reference)
+
+    for folder, calibration in (("plain", None), ("calibrated", CALIBRATION)):
+        KVContext.encode(
+            CONTEXT,
+            twin(model),
+            None,
+            path=tmp_path / folder,
+            selector=_squeezed(),
+            calibration=calibration,
+            progress=False,
+            **KEEP_ALL,
+        ).close()
+    read = {}
+    for folder in ("plain", "calibrated"):
+        with (
+            KVContext.open(tmp_path / folder, twin(model), None) as context,
+            KVSession(context=context, progress=False) as session,
+        ):
+            thresholds = _thresholds(session)
+            if folder == "plain":
+                assert thresholds == [None, None]
+            else:
+                for got, want in zip(thresholds, expected, strict=True):
+                    assert got is not None and want is not None
+                    torch.testing.assert_close(got, want)
+            session.continue_ids(QUESTION, 4)
+            read[folder] = session.stats()["pages_selected"]
+    assert 0 < read["calibrated"] < read["plain"]
+
+
+def test_bad_calibration_is_refused_naming_the_field_and_writes_nothing(tmp_path: Path) -> None:
+    model = tiny("llama")
+    folder = tmp_path / "ctx"
+    cases: list[tuple[Any, Any, str]] = [
+        ("a question", _squeezed(), "must be a list of sample questions"),
+        (5, _squeezed(), "must be a list of sample questions"),
+        ([], _squeezed(), "must hold at least one question"),
+        ([_ids(4, seed=1), "  "], _squeezed(), "question 1 must be a non-empty string"),
+        ([[]], _squeezed(), "question 0 must be a non-empty string"),
+        ([[3, -1]], _squeezed(), "question 0 must be a non-empty string or list of token ids"),
+        ([[3, True]], _squeezed(), "question 0 must be"),
+        ([[3, 96]], _squeezed(), "question 0 holds ids outside the vocabulary"),
+        (["What is it?"], _squeezed(), "question 0 is text: it needs a tokenizer"),
+        (CALIBRATION, "infllm", "the selector 'infllm' does not calibrate"),
+    ]
+    for calibration, selector, message in cases:
+        with pytest.raises(InvalidInputError, match=f"calibration: {message}"):
+            KVContext.encode(
+                CONTEXT,
+                twin(model),
+                None,
+                path=folder,
+                selector=selector,
+                calibration=calibration,
+                progress=False,
+                **SMALL,
+            )
+        assert not folder.exists() or not any(folder.iterdir())

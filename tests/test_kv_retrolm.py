@@ -3,12 +3,14 @@
 Checked on tiny random models: with every page selected it reproduces dense attention; the
 pinned pages are the retriever's choice and every layer attends to them at every step of an
 answer; the retrieval pass and the answer leave the memory exactly as it was; the trained
-retriever's file round-trips and is refused for another geometry; training on planted-fact
+retriever's file round-trips and is refused for another geometry or, by the fingerprint it
+keeps, for another model of the same geometry; training on planted-fact
 pairs beats its random start on held-out contexts; bad input is refused and changes nothing.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,12 @@ import torch
 from kv_models import tiny, twin
 from test_kv_resident_step import no_host_reads
 
-from memlayer import InvalidInputError, KVSession
+from memlayer import InvalidInputError, KVSession, ModelMismatchError
+from memlayer.kvretrieval.model import fingerprint
 from memlayer.kvretrieval.page_retriever import PageRetriever, recall_at, train
 from memlayer.kvretrieval.planted import token_context
 from memlayer.kvretrieval.question_pages import page_summaries, question_pages, question_queries
-from memlayer.kvretrieval.retrolm import RetroLMSelector
+from memlayer.kvretrieval.retrolm import RetroLMSelector, training_free_scores
 from memlayer.retrolm_training import collect, retrieval_examples, train_retriever_file
 
 EXACT = dict(n_init=3, n_local=8, block_size=4, topk=1000, chunk_size=8, positions="exact")
@@ -213,6 +216,82 @@ def test_a_file_for_another_geometry_is_refused_and_changes_nothing(tmp_path: Pa
         assert torch.equal(model(ids).logits, expected)
 
 
+def test_a_file_trained_on_another_model_of_the_same_shape_is_refused(tmp_path: Path) -> None:
+    trained_on, other = tiny("llama"), tiny("llama", seed=1)  # same geometry, other weights
+    mine, theirs = fingerprint(trained_on), fingerprint(other)
+    assert mine != theirs
+    retriever = PageRetriever.create(*TINY_GEOMETRY, rank=4, seed=3, fingerprint=mine)
+    path = retriever.save(tmp_path / "r.safetensors")
+    assert PageRetriever.load(path).fingerprint == mine
+    ids = torch.tensor([_ids(20, seed=16)])
+    with torch.no_grad():
+        expected = other(ids).logits
+    implementation = other.config._attn_implementation
+    selector = RetroLMSelector(retriever=str(path))
+    with pytest.raises(ModelMismatchError, match=f"fingerprint {mine}.*fingerprint is {theirs}"):
+        KVSession(other, None, progress=False, selector=selector, **SMALL)
+    assert other.config._attn_implementation == implementation
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model it was trained on: no warning either
+        KVSession(trained_on, None, progress=False, selector=selector, **SMALL).close()
+
+
+def test_a_file_saved_without_a_fingerprint_loads_with_a_warning(tmp_path: Path) -> None:
+    """Files saved before the fingerprint was kept: the geometry is still checked, and the
+    warning says the model could not be."""
+    path = _random_file(tmp_path / "old.safetensors")
+    assert PageRetriever.load(path).fingerprint is None
+    with pytest.warns(UserWarning, match="keeps no model fingerprint"):
+        session = KVSession(
+            tiny("llama", seed=1), None, progress=False, selector=RetroLMSelector(str(path))
+        )
+    assert session.selector.scorer is not None
+
+
+# -- the `heads` kind: weights per layer and KV head over the training-free z-scores ----------
+
+
+def test_a_heads_scorer_starts_as_the_training_free_ranking_and_round_trips(
+    tmp_path: Path,
+) -> None:
+    questions, pages = torch.randn(2, 2, 16), torch.randn(2, 9, 2, 16)
+    start = PageRetriever.create(*TINY_GEOMETRY, rank=0, kind="heads")
+    assert start.width == 2 * 2 and start.query.shape == (0, 4)
+    torch.testing.assert_close(
+        start.scores(questions, pages), training_free_scores(questions, pages)
+    )
+
+    trained = PageRetriever.create(*TINY_GEOMETRY, rank=0, kind="heads", init="random", seed=4)
+    loaded = PageRetriever.load(trained.save(tmp_path / "heads.safetensors"))
+    assert loaded.kind == "heads" and loaded.rank == 0
+    assert torch.equal(loaded.scores(questions, pages), trained.scores(questions, pages))
+
+
+def test_training_a_heads_scorer_lowers_its_loss_and_serves_a_session(tmp_path: Path) -> None:
+    """The z-scores depend on the question: each example keeps its own page features."""
+    model = tiny("llama")
+    path, losses = train_retriever_file(
+        tmp_path / "heads.safetensors",
+        model,
+        None,
+        contexts=4,
+        tokens=240,
+        facts=10,
+        steps=60,
+        rank=0,
+        kind="heads",
+        **TRAIN_CONFIG,
+    )
+    assert sum(losses[-10:]) < sum(losses[:10])
+    selector = RetroLMSelector(retriever=str(path))
+    assert selector.scorer is not None and selector.scorer.kind == "heads"
+    session = KVSession(model, None, progress=False, selector=selector, **TRAIN_CONFIG)
+    session.feed(_ids(200, seed=17))
+    assert len(session.continue_ids(_ids(6, seed=18), 3)) == 3
+
+
 # -- training ----------------------------------------------------------------------------------
 
 TRAIN_CONFIG = dict(n_init=4, n_local=16, block_size=8, topk=2, chunk_size=32)
@@ -253,6 +332,7 @@ def test_train_retriever_file_writes_a_file_a_session_loads(tmp_path: Path) -> N
         **TRAIN_CONFIG,
     )
     assert len(losses) == 5 and path.is_file()
+    assert PageRetriever.load(path).fingerprint == fingerprint(model)
     session = KVSession(model, None, progress=False, selector=RetroLMSelector(retriever=str(path)))
     assert session.selector.scorer is not None
 
@@ -278,8 +358,10 @@ def test_bad_options_are_refused_with_the_field_named(tmp_path: Path) -> None:
             RetroLMSelector(layers=band)  # type: ignore[arg-type]
     with pytest.raises(InvalidInputError, match="topk: "):
         KVSession(tiny("llama"), None, progress=False, selector="retrolm", topk=0)
-    with pytest.raises(InvalidInputError, match="rank: must be a positive integer"):
-        PageRetriever.create(*TINY_GEOMETRY, rank=0)
+    with pytest.raises(InvalidInputError, match="rank: must be an integer of at least 0"):
+        PageRetriever.create(*TINY_GEOMETRY, rank=-1)
+    with pytest.raises(InvalidInputError, match="kind: must be one of"):
+        PageRetriever.create(*TINY_GEOMETRY, kind="layers")
     with pytest.raises(InvalidInputError, match="examples: must not be empty"):
         train(PageRetriever.create(*TINY_GEOMETRY), [])
     with pytest.raises(InvalidInputError, match="contexts: must be a positive integer"):
