@@ -12,11 +12,14 @@ bytes) and the time to the first answer token for questions asked at the end.
 
 `--part text`: SmolLM2-135M-Instruct reads an event log of `--frames` text frames (one
 frame of 32 tokens every 2 s; planted events, see event_log.py) and answers, for each
-planted event, "at what time did it happen?" from the frames it retrieves. Correct when the
-answer starts with the event's timestamp (`--format` picks how lines and questions are
-written); also reported: the answer's first citation (the frame its question attended to
-most), and the event's frame among the frames retrieved by most layers and by any. With
-`--dense-frames N` the same model first answers the same questions densely (its own
+planted event, a question about the event at its time, from the frames it retrieves
+(`--format code`, default: the event's frame reads "The code at H:MM:SS is Falcon-4821.",
+the cue "The code at H:MM:SS is", correct when the answer holds the code; `what`: the cue
+"[H:MM:SS]", correct when the answer holds the event's key words; `paren`, `at`, `line`:
+the older "at what time did ...?" questions, correct when the answer starts with the
+event's time). Also reported: the answer's first citation (the retrieved frame the answer
+read most), and the event's frame among the frames retrieved by most layers and by any.
+With `--dense-frames N` the same model first answers the same questions densely (its own
 attention, everything in context) over short logs of N frames written the same way: the
 baseline where dense attention fits.
 
