@@ -12,11 +12,14 @@ bytes) and the time to the first answer token for questions asked at the end.
 
 `--part text`: SmolLM2-135M-Instruct reads an event log of `--frames` text frames (one
 frame of 32 tokens every 2 s; planted events, see event_log.py) and answers, for each
-planted event, "at what time did it happen?" from the frames it retrieves. Correct when the
-answer starts with the event's timestamp (`--format` picks how lines and questions are
-written); also reported: the answer's first citation (the frame its question attended to
-most), and the event's frame among the frames retrieved by most layers and by any. With
-`--dense-frames N` the same model first answers the same questions densely (its own
+planted event, a question about the event at its time, from the frames it retrieves
+(`--format code`, default: the event's frame reads "The code at H:MM:SS is Falcon-4821.",
+the cue "The code at H:MM:SS is", correct when the answer holds the code; `what`: the cue
+"[H:MM:SS]", correct when the answer holds the event's key words; `paren`, `at`, `line`:
+the older "at what time did ...?" questions, correct when the answer starts with the
+event's time). Also reported: the answer's first citation (the retrieved frame the answer
+read most), and the event's frame among the frames retrieved by most layers and by any.
+With `--dense-frames N` the same model first answers the same questions densely (its own
 attention, everything in context) over short logs of N frames written the same way: the
 baseline where dense attention fits.
 
@@ -35,14 +38,15 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from event_log import event_log
+from event_log import Event, event_log
 
 from memlayer import VideoSession
 from memlayer.kvretrieval.frame_encoders import ImageFrames
@@ -121,8 +125,8 @@ def random_vlm(shape: str, device: str) -> tuple[Any, Any]:
     )
     config._attn_implementation = "sdpa"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = tf.LlavaOnevisionForConditionalGeneration(config).to(device=device, dtype=dtype)
-    return model.eval(), byte_tokenizer()
+    model: Any = tf.LlavaOnevisionForConditionalGeneration(config)
+    return model.to(device=device, dtype=dtype).eval(), byte_tokenizer()
 
 
 def live_frames(seconds: int, size: int) -> Iterator[tuple[float, np.ndarray]]:
@@ -218,6 +222,9 @@ def dense_baseline(
         return out
 
     prefix = session._prefix_ids
+    images = session._images
+    if images is None:
+        raise ValueError("the dense baseline needs a session on a vision-language model")
     with torch.no_grad():
         forward(embed(torch.tensor(prefix, device=embed.weight.device)))
         batch: list[np.ndarray] = []
@@ -227,7 +234,7 @@ def dense_baseline(
                 continue
             tick = time.perf_counter()
             try:
-                forward(session._images.embed(batch).flatten(0, 1))
+                forward(images.embed(batch).flatten(0, 1))
             except torch.OutOfMemoryError as exc:
                 oom = f"out of memory at minute {frames / 60:.1f}: {exc}"[:200]
                 break
@@ -235,9 +242,10 @@ def dense_baseline(
             frames += len(batch)
             batch = []
             if frames >= mark or frames == seconds:
+                layers: list[Any] = list(cache.layers)
                 kv = sum(
                     t.numel() * t.element_size()
-                    for layer in cache.layers
+                    for layer in layers
                     for t in (layer.keys, layer.values)
                     if t is not None
                 )
@@ -271,26 +279,69 @@ def dense_baseline(
     }
 
 
-# how a text frame is written and how its question ends (the cue the answer continues); the
-# question never holds the time, and routine lines are written exactly like event lines
-FORMATS: dict[str, tuple[str, str]] = {
-    "paren": ("{text} (at {time}).", "Question: {question}\nAnswer: {said} (at"),
-    "at": ("{text} at {time}.", "Question: {question}\nAnswer: {said} at"),
-    "line": ("{text} (at {time}).", "{line} (at"),
+# How a text frame is written (the session's text_format), how a planted event's frame text
+# is written, how its question ends (the cue the answer continues) and what the answer is
+# checked for. "code" and "what" ask the issue's question, about the event at a known time
+# (the time is in the question; checked: the event's code or its key words in the answer);
+# "paren", "at", "line" ask when an event happened (the time is not in the question;
+# checked: the answer starts with the event's timestamp). Routine lines are written exactly
+# like event lines but for the "code" format's event frames.
+@dataclass(frozen=True)
+class Format:
+    line: str
+    event: str
+    cue: str
+    asks: Literal["code", "key", "time"]
+
+
+FORMATS: dict[str, Format] = {
+    "code": Format(
+        "[{time}] {text}", "The code at {time} is {code}.", "The code at {time} is", "code"
+    ),
+    "what": Format("[{time}] {text}", "{text}", "[{time}]", "key"),
+    "paren": Format(
+        "{text} (at {time}).", "{text}", "Question: {question}\nAnswer: {said} (at", "time"
+    ),
+    "at": Format("{text} at {time}.", "{text}", "Question: {question}\nAnswer: {said} at", "time"),
+    "line": Format("{text} (at {time}).", "{text}", "{line} (at", "time"),
 }
 SYSTEM = "Security camera log."
 
 
-def cue(fmt: str, event: Any) -> str:
+def planted(fmt: str, log: list[tuple[float, str]], events: list[Event]) -> list[tuple[float, str]]:
+    """The log with each event's frame written as format `fmt` writes event frames."""
+    out = list(log)
+    for event in events:
+        text = FORMATS[fmt].event.format(
+            text=event.text, time=clock(event.timestamp), code=event.code
+        )
+        out[event.frame] = (event.timestamp, text)
+    return out
+
+
+def cue(fmt: str, event: Event) -> str:
     """The question and answer cue of `event` in format `fmt`."""
     said = event.text.split(": ", 1)[1]
-    return FORMATS[fmt][1].format(question=event.question, said=said, line=event.text)
+    return FORMATS[fmt].cue.format(
+        question=event.question, said=said, line=event.text, time=clock(event.timestamp)
+    )
+
+
+def answered(fmt: str, event: Event, answer: str) -> bool:
+    """Whether `answer` answers `event`'s question in format `fmt`: it holds the event's code
+    ("code") or key words ("key", any case), or it starts with the event's time ("time")."""
+    asks = FORMATS[fmt].asks
+    if asks == "code":
+        return event.code in answer
+    if asks == "key":
+        return event.key.lower() in answer.lower()
+    return answer.strip().startswith(clock(event.timestamp))
 
 
 def dense_text(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict[str, Any]:
     """The same questions answered with dense attention over short logs (`--dense-frames`
     frames each, written and padded exactly as the session writes frames), one log per seed
-    with 5 events, until `--dense-questions` are asked; greedy, 8 tokens."""
+    with 5 events, until `--dense-questions` are asked; greedy, `--answer-tokens` tokens."""
     from transformers import DynamicCache
 
     def ids(text: str) -> list[int]:
@@ -303,8 +354,8 @@ def dense_text(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict[str
         log, events = event_log(args.dense_frames, 5, seed=seed)
         seed += 1
         stream = ids(SYSTEM + "\n")
-        for time_s, text in log:
-            line = ids(FORMATS[args.format][0].format(time=clock(time_s), text=text))
+        for time_s, text in planted(args.format, log, events):
+            line = ids(FORMATS[args.format].line.format(time=clock(time_s), text=text))
             stream += line + [newline] * (32 - len(line))
         cache = DynamicCache()
         with torch.no_grad():
@@ -312,7 +363,7 @@ def dense_text(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict[str
             for event in events[: args.dense_questions - len(rows)]:
                 step = ids("\n" + cue(args.format, event))
                 out: list[int] = []
-                for _ in range(8):
+                for _ in range(args.answer_tokens):
                     logits = model(
                         input_ids=torch.tensor([step]), past_key_values=cache, use_cache=True
                     ).logits[0, -1]
@@ -324,7 +375,7 @@ def dense_text(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict[str
                     {
                         "timestamp": clock(event.timestamp),
                         "answer": text,
-                        "correct": text.startswith(clock(event.timestamp)),
+                        "correct": answered(args.format, event, text),
                     }
                 )
     correct = sum(r["correct"] for r in rows)
@@ -343,7 +394,7 @@ def text_part(args: argparse.Namespace) -> dict[str, Any]:
     log, events = event_log(args.frames, args.events, seed=args.seed)
     session = VideoSession(
         system=SYSTEM,
-        text_format=FORMATS[args.format][0],
+        text_format=FORMATS[args.format].line,
         chat=False,
         progress=False,
         fps=None,
@@ -355,45 +406,59 @@ def text_part(args: argparse.Namespace) -> dict[str, Any]:
     )
     dense = dense_text(args, session.model, session.tokenizer) if args.dense_frames else None
     started = time.perf_counter()
-    session.feed(log)
+    for frames in session.stream(planted(args.format, log, events)):
+        if frames % 200 == 0:
+            print(f"encoded {frames} frames in {time.perf_counter() - started:.0f} s", flush=True)
     encode_s = time.perf_counter() - started
     rows: list[dict[str, Any]] = []
     for event in events:
-        prompt = cue(args.format, event)
-        answer = session.ask(prompt, max_new_tokens=8, retrieve=args.retrieve)
-        most = max(f.layers for f in answer.frames)
-        rows.append(
-            {
-                "frame": event.frame,
-                "timestamp": clock(event.timestamp),
-                "answer": answer.text,
-                "correct": answer.text.startswith(clock(event.timestamp)),
-                "retrieved": any(f.index == event.frame for f in answer.frames),
-                "most_layers": any(
-                    f.index == event.frame and f.layers == most for f in answer.frames
-                ),
-                "layers": next((f.layers for f in answer.frames if f.index == event.frame), 0),
-                "top_cited": answer.citations[0] == event.timestamp,
-                "cited": [clock(t) for t in answer.citations[:3]],
-                "first_token_s": answer.first_token_s,
-            }
+        answer = session.ask(
+            cue(args.format, event), max_new_tokens=args.answer_tokens, retrieve=args.retrieve
         )
-    correct = sum(r["correct"] for r in rows)
+        most = max(f.layers for f in answer.frames)
+        row = {
+            "frame": event.frame,
+            "timestamp": clock(event.timestamp),
+            "expected": {"code": event.code, "key": event.key, "time": clock(event.timestamp)}[
+                FORMATS[args.format].asks
+            ],
+            "answer": answer.text,
+            "correct": answered(args.format, event, answer.text),
+            "retrieved": any(f.index == event.frame for f in answer.frames),
+            "most_layers": any(f.index == event.frame and f.layers == most for f in answer.frames),
+            "layers": next((f.layers for f in answer.frames if f.index == event.frame), 0),
+            "top_cited": answer.citations[0] == event.timestamp,
+            "cited": [clock(t) for t in answer.citations[:3]],
+            "first_token_s": answer.first_token_s,
+        }
+        rows.append(row)
+        print(
+            f"{row['timestamp']} {row['expected']!r} -> {answer.text!r} {row['cited']}", flush=True
+        )
+
+    def count(*keys: str) -> int:
+        return sum(all(r[k] for k in keys) for r in rows)
+
     return {
         "format": args.format,
-        "line": FORMATS[args.format][0],
-        "cue": FORMATS[args.format][1],
+        "line": FORMATS[args.format].line,
+        "event_line": FORMATS[args.format].event,
+        "cue": FORMATS[args.format].cue,
+        "asks": FORMATS[args.format].asks,
+        "answer_tokens": args.answer_tokens,
         "sink_frames": session.sink_frames,
         "dense": dense,
         "frames": args.frames,
         "tokens": args.frames * 32,
         "events": len(rows),
         "retrieve": args.retrieve,
-        "correct": correct,
-        "accuracy": correct / len(rows),
-        "retrieved": sum(r["retrieved"] for r in rows),
-        "most_layers": sum(r["most_layers"] for r in rows),
-        "top_cited": sum(r["top_cited"] for r in rows),
+        "correct": count("correct"),
+        "accuracy": count("correct") / len(rows),
+        "retrieved": count("retrieved"),
+        "most_layers": count("most_layers"),
+        "top_cited": count("top_cited"),
+        "correct_and_top_cited": count("correct", "top_cited"),
+        "correct_and_retrieved": count("correct", "retrieved"),
         "encode_frames_per_s": args.frames / encode_s,
         "first_token_s": statistics.median(r["first_token_s"] for r in rows),
         "rows": rows,
@@ -415,7 +480,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=2000)
     parser.add_argument("--events", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--format", choices=sorted(FORMATS), default="paren")
+    parser.add_argument("--format", choices=list(FORMATS), default="code")
+    parser.add_argument("--answer-tokens", type=int, default=12)
     parser.add_argument("--sink-frames", type=int, default=4)
     parser.add_argument("--dense-frames", type=int, default=60, help="0: no dense baseline")
     parser.add_argument("--dense-questions", type=int, default=20)
@@ -441,8 +507,8 @@ def main() -> None:
     print(json.dumps({k: v for k, v in out.items() if k not in ("rows", "dense")}, indent=1)[:4000])
     if args.part == "text":
         print(
-            f"memlayer: right timestamp {result['correct']}/{result['events']}, cited first "
-            f"{result['top_cited']}/{result['events']}"
+            f"memlayer: answered {result['correct']}/{result['events']}, event frame cited first "
+            f"{result['top_cited']}/{result['events']}, both {result['correct_and_top_cited']}"
         )
         if result["dense"]:
             dense = result["dense"]

@@ -87,6 +87,8 @@ class FrameContextLayer(CacheLayerMixin):
         self._built = False
         self._spans: list[tuple[int, int]] = []  # context token range of each chosen frame
         self.attention: list[float] = []  # share of the question's attention on each one
+        self._read: torch.Tensor | None = None  # summed shares of the answer's queries
+        self._reads = 0
 
     # -- transformers' cache layer interface ------------------------------------------------
 
@@ -134,23 +136,38 @@ class FrameContextLayer(CacheLayerMixin):
             scale=scale,
             q_start=context.length - q.shape[2],
         )
-        if question:
-            self.attention = self._attention_on_frames(q, lse, scale)
+        if self._spans:
+            shares = self._attention_on_frames(q, lse, scale)  # [T, frames]
+            if question:
+                self.attention = shares.mean(dim=0).tolist()
+                shares = shares[-1:]  # the question's last token predicts the answer's first
+            self._read = shares.sum(dim=0) + (self._read if self._read is not None else 0)
+            self._reads += shares.shape[0]
         return out
 
-    def _attention_on_frames(self, q: torch.Tensor, lse: torch.Tensor, scale: float) -> list[float]:
-        """Each chosen frame's share of the question's attention (softmax mass over its
-        tokens, mean over heads and question tokens): what the answer read it for."""
-        if not self._spans:
-            return []
+    @property
+    def answer_attention(self) -> list[float]:
+        """Each chosen frame's share of the attention of the queries that produced the
+        answer's tokens (the question's last token, then each answer token fed back), mean
+        over those queries: what the answer read it for."""
+        if self._read is None:
+            return [0.0] * len(self._spans)
+        return (self._read / self._reads).tolist()
+
+    def _attention_on_frames(
+        self, q: torch.Tensor, lse: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Each query token's share of attention on each chosen frame [T, frames] (softmax
+        mass over the frame's tokens, mean over heads)."""
         first, end = self._spans[0][0], self._spans[-1][1]
         keys = self.context.keys()[:, first:end].float()  # [Hkv, n, D]
-        heads, kv_heads = q.shape[1], keys.shape[0]
-        grouped = q[0].float().reshape(kv_heads, heads // kv_heads * q.shape[2], -1)
+        heads, kv_heads, tokens = q.shape[1], keys.shape[0], q.shape[2]
+        grouped = q[0].float().reshape(kv_heads, heads // kv_heads * tokens, -1)
         logits = torch.bmm(grouped, keys.transpose(1, 2)) * scale  # [Hkv, G·T, n]
         weights = torch.exp(logits - lse[0].float().reshape(kv_heads, -1, 1))
-        per_token = weights.mean(dim=(0, 1))  # [n]
-        return [float(per_token[a - first : b - first].sum()) for a, b in self._spans]
+        per_token = weights.reshape(heads, tokens, -1).mean(dim=0)  # [T, n]
+        sums = [per_token[:, a - first : b - first].sum(dim=1) for a, b in self._spans]
+        return torch.stack(sums, dim=1)
 
     def _build(self, q_raw: torch.Tensor) -> None:
         """Choose the frames (unless given) and lay out the context, the question last."""
@@ -246,3 +263,8 @@ class FrameContextCache(Cache):
     def attention(self) -> list[list[float]]:
         """Per layer, the share of the question's attention each chosen frame got."""
         return [list(layer.attention) for layer in self.memories]
+
+    def answer_attention(self) -> list[list[float]]:
+        """Per layer, each chosen frame's share of the attention of the queries that produced
+        the answer (the question's last token and the answer's tokens)."""
+        return [layer.answer_attention for layer in self.memories]

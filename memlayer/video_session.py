@@ -40,13 +40,16 @@ _DEFAULT_LOCAL_FRAMES = 16
 @dataclass(frozen=True)
 class CitedFrame:
     """A frame an answer read: its index in the stream, its time, how many layers chose it,
-    and the share of the question's attention it drew (summed over the layers that read it,
-    averaged over heads and question tokens)."""
+    the share of the question's attention it drew (summed over the layers that read it,
+    averaged over heads and question tokens) and `read`, the share of the answer's
+    attention it drew (the same, over the queries that produced the answer's tokens: the
+    question's last token and each answer token fed back)."""
 
     index: int
     timestamp: float
     layers: int
     attention: float
+    read: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class VideoAnswer:
     """The model's answer and the frames it read.
 
     `frames`: the retrieved frames in time order; `citations`: their timestamps, the frame
-    the question attended to most first; `window`: the recent frames [first, end) read from
+    the answer read most first; `window`: the recent frames [first, end) read from
     the local window. The sink frames (the session's first `sink_frames`) are read by every
     answer and never cited. `str(answer)` is the text followed by its three leading citations.
     """
@@ -68,8 +71,9 @@ class VideoAnswer:
 
     @property
     def citations(self) -> list[float]:
-        """Timestamps of the retrieved frames, the most attended first (ties: earlier first)."""
-        ranked = sorted(self.frames, key=lambda f: (-f.attention, f.index))
+        """Timestamps of the retrieved frames, the one the answer read most first (`read`:
+        the attention of the queries that produced its tokens; ties: earlier first)."""
+        ranked = sorted(self.frames, key=lambda f: (-f.read, f.index))
         return [frame.timestamp for frame in ranked]
 
     def __str__(self) -> str:
@@ -389,7 +393,7 @@ class VideoSession:
         text = str(self.tokenizer.decode(tokens, skip_special_tokens=True)).strip()
         return VideoAnswer(
             text=text,
-            frames=self._cited(cache.chosen(), cache.attention()),
+            frames=self._cited(cache.chosen(), cache.attention(), cache.answer_attention()),
             window=(self._window_start, len(self.timestamps)),
             first_token_s=first_token_s,
             seconds=seconds,
@@ -424,17 +428,19 @@ class VideoSession:
         return sorted(int(i) - first for i in ids[0] if i >= 0)
 
     def _cited(
-        self, chosen: list[list[int]], attention: list[list[float]]
+        self, chosen: list[list[int]], attention: list[list[float]], read: list[list[float]]
     ) -> tuple[CitedFrame, ...]:
         votes: Counter[int] = Counter()
         mass: dict[int, float] = {}
-        for pages, shares in zip(chosen, attention, strict=True):
-            for page, share in zip(pages, shares, strict=True):
+        answer: dict[int, float] = {}
+        for pages, shares, reads in zip(chosen, attention, read, strict=True):
+            for page, share, got in zip(pages, shares, reads, strict=True):
                 index = self.sink_frames + page
                 votes[index] += 1
                 mass[index] = mass.get(index, 0.0) + share
+                answer[index] = answer.get(index, 0.0) + got
         return tuple(
-            CitedFrame(index, self.timestamps[index], votes[index], mass[index])
+            CitedFrame(index, self.timestamps[index], votes[index], mass[index], answer[index])
             for index in sorted(votes)
         )
 

@@ -245,6 +245,45 @@ def test_front_tier_stays_flat_while_the_offload_tier_grows(video: Path, tmp_pat
     assert bounded.stats()["moved"].get("disk->ram", {}).get("pages", 0) > 0
 
 
+def test_citations_rank_frames_by_what_the_answer_read(
+    video: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first citation is the frame the queries that produced the answer (the question's
+    last token, then the answer's tokens) attended to most, not the one the question's
+    earlier tokens looked at: here every layer's question tokens but the last put 0.9 of
+    their attention on the earliest chosen frame, the last token and the answer's tokens on
+    the latest."""
+    from memlayer.kvretrieval.frames import FrameContextLayer
+
+    def shares(
+        self: FrameContextLayer, q: torch.Tensor, lse: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        out = torch.zeros(q.shape[2], len(self._spans))
+        out[:, 0] = 0.9
+        out[-1] = 0.0
+        out[-1, -1] = 0.5
+        return out
+
+    monkeypatch.setattr(FrameContextLayer, "_attention_on_frames", shares)
+    s = session(retrieve=3)
+    s.feed(video)
+    answer = s.ask("Where is the red bar?", max_new_tokens=3)
+    earliest, latest = answer.frames[0], answer.frames[-1]
+    assert earliest.attention > latest.attention  # what the whole question looked at
+    assert latest.read > earliest.read == 0.0  # what the answer read
+    assert answer.citations[0] == max(answer.frames, key=lambda f: f.read).timestamp
+    assert answer.citations[0] != earliest.timestamp
+
+
+def test_an_answer_reads_at_most_all_of_its_attention_from_frames(video: Path) -> None:
+    s = session(retrieve=3)
+    s.feed(video)
+    answer = s.ask("Where is the red bar?", max_new_tokens=3)
+    layers = len(s.cache.memories)
+    assert 0.0 < sum(f.read for f in answer.frames) <= layers + 1e-4
+    assert all(0.0 < f.read <= f.layers + 1e-4 for f in answer.frames)
+
+
 def test_pages_carry_frame_index_and_timestamp(video: Path) -> None:
     s = session()
     s.feed(video)
