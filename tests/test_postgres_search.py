@@ -302,7 +302,7 @@ def test_embeddings_stay_in_the_row_not_in_toast(postgres_url: str) -> None:
     def wide(texts: list[str]) -> np.ndarray:
         return rng.standard_normal((len(texts), 384)).astype(np.float32)
 
-    words = "harbour lights tide pilot anchor beacon channel mooring".split()
+    words = ["harbour", "lights", "tide", "pilot", "anchor", "beacon", "channel", "mooring"]
     with Memory(url=postgres_url, embedder=wide) as memory:
         memory.add_many([{"text": " ".join(rng.choice(words, 80)) + f" {i}"} for i in range(50)])
     engine = create_engine(postgres_url)
