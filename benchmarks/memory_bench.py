@@ -406,7 +406,7 @@ def bench_memlayer_memory(work: Workload) -> Result:
     return finish(result, work.target)
 
 
-PG_EF = (40, 80, 160, 320, 640)  # pgvector hnsw.ef_search; memlayer's default is 100
+PG_EF = (40, 80, 160, 200, 240, 320, 640)  # pgvector hnsw.ef_search; memlayer's default is 100
 SHARDS = 100  # metadata "shard" = i % SHARDS: a filter on one shard keeps 1% of the records
 SHARD = 7
 CLIENTS = 8
