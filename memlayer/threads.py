@@ -3,8 +3,11 @@
 Clustering a few hundred vectors takes milliseconds on one core, but numpy's BLAS and FAISS's
 OpenMP split each small product over every core; on a busy machine a thread team waits for
 a core to come free and the same work takes 10-100x longer (measured: 30 ms against 2.4 s on
-a loaded 2-core VM). Part of the ground. Nested and concurrent users share one limit: the
-first to enter sets it, the last to leave restores the process's thread counts.
+a loaded 2-core VM). Part of the ground. `one_thread` limits the whole process (BLAS pools
+are process-wide): nested and concurrent users share one limit, the first to enter sets it,
+the last to leave restores the process's thread counts. `faiss_threads` sets only FAISS's on
+the calling thread (OpenMP keeps a thread count per calling thread), for hot paths that must
+not touch other threads' settings.
 """
 
 from __future__ import annotations
@@ -49,3 +52,20 @@ def _controller() -> Any:
 
 
 _controller_instance: Any = None
+
+
+@contextmanager
+def faiss_threads(count: int | None) -> Iterator[None]:
+    """FAISS's OpenMP on `count` threads for the calling thread inside the block (None: as
+    it is); other threads keep their own setting, and the caller's is restored after."""
+    import faiss
+
+    if count is None:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)

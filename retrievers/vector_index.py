@@ -24,8 +24,14 @@ from typing import Any
 import numpy as np
 
 from memlayer.errors import CorruptionError, InvalidInputError
+from memlayer.threads import faiss_threads
 
 _MAGIC = b"MLVIDX02"
+# A flat search of fewer queries runs on the calling thread alone: FAISS scans a few queries
+# one per thread, so more threads add no speed, only a team that waits at its barrier for a
+# core to come free (12.6 against 1.5 ms p50 for one query over 10,000 vectors on a 2-core
+# VM with one core busy; RESULTS.md). FAISS multiplies by BLAS from 20 queries up.
+SERIAL_BELOW = 20
 _HEADER = struct.Struct("<8sqQI")  # magic, applied_seq, payload length, crc32
 
 
@@ -39,7 +45,9 @@ class IndexConfig:
     brute_force_below: int = 5_000  # filtered searches over fewer allowed ids use a matmul
     settle_rounds: int = 2  # filtered IVF search stops after this many doublings add no hit
     train_sample: int = 100_000
-    threads: int | None = None  # FAISS OpenMP threads; None keeps FAISS's default
+    # FAISS OpenMP threads for adds and searches, on whichever thread calls (None: FAISS's
+    # default); a flat search of fewer than SERIAL_BELOW queries always runs on one
+    threads: int | None = None
     # PostgreSQL (pgvector HNSW, cosine): graph degree, build and search breadth
     hnsw_m: int = 16
     hnsw_ef_construction: int = 64
@@ -58,14 +66,10 @@ class VectorIndex:
     """Upsertable id → unit vector map with top-k and exact-k filtered search."""
 
     def __init__(self, dim: int, config: IndexConfig | None = None, *, _index: Any = None):
-        faiss = _faiss()
-
         if dim < 1:
             raise InvalidInputError("dim", "must be at least 1", dim)
         self.dim = dim
         self.config = config or IndexConfig()
-        if self.config.threads:
-            faiss.omp_set_num_threads(self.config.threads)
         self._index = _index if _index is not None else _flat(dim)
         self._ids: set[int] = set(_stored_ids(self._index).tolist())
         self._sorted_ids: np.ndarray | None = None  # self._ids as a sorted array, until changed
@@ -93,10 +97,11 @@ class VectorIndex:
         if len(ids) == 0:
             return
         self.remove(ids)
-        self._index.add_with_ids(vectors, ids)
-        self._ids.update(ids.tolist())
-        self._sorted_ids = None
-        self._maybe_retrain()
+        with faiss_threads(self.config.threads):
+            self._index.add_with_ids(vectors, ids)
+            self._ids.update(ids.tolist())
+            self._sorted_ids = None
+            self._maybe_retrain()
 
     def remove(self, ids: np.ndarray) -> None:
         """Remove ids (unknown ids are ignored)."""
@@ -123,7 +128,8 @@ class VectorIndex:
             present = self._present(np.asarray(allowed, dtype=np.int64))
             if len(present) == 0 or len(present) <= self.config.brute_force_below:
                 return self._brute_force(queries, k, present)
-            scores, ids = self._filtered(queries, k, present)
+            with faiss_threads(self.config.threads):
+                scores, ids = self._filtered(queries, k, present)
         return np.where(ids < 0, -np.inf, scores).astype(np.float32), ids.astype(np.int64)
 
     def _search(
@@ -137,7 +143,9 @@ class VectorIndex:
             params = faiss.SearchParameters()
         if selector is not None:
             params.sel = selector
-        return self._index.search(queries, k, params=params)
+        serial = not self.approximate and len(queries) < SERIAL_BELOW
+        with faiss_threads(1 if serial else self.config.threads):
+            return self._index.search(queries, k, params=params)
 
     def _filtered(
         self, queries: np.ndarray, k: int, present: np.ndarray

@@ -214,3 +214,73 @@ def test_failed_save_leaves_the_old_file_and_no_temporary(
     loaded, seq = VectorIndex.load(path)
     assert seq == 1 and len(loaded) == 0
     assert [entry.name for entry in tmp_path.iterdir()] == ["v.idx"]
+
+
+class _ThreadsSeen:
+    """Stands in front of a FAISS index and records FAISS's OpenMP thread count per search."""
+
+    def __init__(self, index: Any) -> None:
+        self._index = index
+        self.seen: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._index, name)
+
+    def search(self, *args: Any, **kwargs: Any) -> Any:
+        import faiss
+
+        self.seen.append(faiss.omp_get_max_threads())
+        return self._index.search(*args, **kwargs)
+
+
+@pytest.mark.parametrize("allowed", [None, "half"])
+def test_a_few_queries_search_on_the_calling_thread_alone(allowed: str | None) -> None:
+    """A flat search of a few queries runs FAISS single-threaded (a thread team only waits at
+    its barrier for a busy core), a batch keeps the caller's threads, and the caller's
+    setting is as it was after."""
+    import faiss
+
+    rng = np.random.default_rng(3)
+    vectors = _unit(rng, 400, 16)
+    ids = np.arange(400, dtype=np.int64)
+    index = VectorIndex(16, IndexConfig(brute_force_below=0))
+    index.add(ids, vectors)
+    spy = _ThreadsSeen(index._index)
+    index._index = spy
+    subset = ids[::2] if allowed else None
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        one = index.search(_unit(rng, 1, 16), 5, subset)
+        batch = index.search(_unit(rng, 30, 16), 5, subset)
+        after = faiss.omp_get_max_threads()
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert spy.seen == [1, 2]
+    assert after == 2
+    assert one[1].shape == (1, 5) and batch[1].shape == (30, 5)
+    if subset is not None:
+        assert set(one[1].ravel().tolist()) <= set(subset.tolist())
+
+
+def test_configured_threads_apply_on_every_calling_thread() -> None:
+    """`IndexConfig.threads` holds for a batch searched from a thread other than the one that
+    built the index (OpenMP keeps a thread count per calling thread)."""
+    import threading
+
+    import faiss
+
+    rng = np.random.default_rng(4)
+    index = VectorIndex(16, IndexConfig(threads=1))
+    index.add(np.arange(100, dtype=np.int64), _unit(rng, 100, 16))
+    spy = _ThreadsSeen(index._index)
+    index._index = spy
+
+    def search_batch() -> None:
+        faiss.omp_set_num_threads(2)
+        index.search(_unit(rng, 30, 16), 3)
+
+    worker = threading.Thread(target=search_batch)
+    worker.start()
+    worker.join()
+    assert spy.seen == [1]
