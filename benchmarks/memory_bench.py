@@ -55,7 +55,7 @@ import numpy as np
 
 DIM = 384
 K = 10
-SIZES = {"10k": 10_000, "20k": 20_000, "100k": 100_000, "1m": 1_000_000}
+SIZES = {"2k": 2_000, "10k": 10_000, "20k": 20_000, "100k": 100_000, "1m": 1_000_000}
 RESULTS = Path(__file__).resolve().parent / "results"
 DURABLE = "durable"
 RAM = "RAM"
@@ -1040,7 +1040,8 @@ def make_workload(
         both = generate(n + n_queries, 1)  # queries come from the same distribution
         data, queries = both[:n], both[n:]
         docs = numbered_texts(n)
-        tag, batch = f"{label} {'uniform' if uniform else 'clustered'}", 5_000
+        tag = f"{label} {'uniform' if uniform else 'clustered'}"
+        batch = min(5_000, n // 4)
     truth, kth = exact_topk(data, queries)
     where = pg_data / f"{tag.replace(' ', '-').replace('/', '-')}" if pg_data else None
     return Workload(tag, data, docs, queries, truth, kth, batch, root, target, pg_data=where)

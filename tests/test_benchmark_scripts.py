@@ -176,3 +176,41 @@ def test_decode_step_tiny_times_every_part_beside_dense_references(tmp_path: Pat
     )
     assert rows["sdpa floor"]["keys"] == 512
     assert rows["sdpa same keys"]["keys"] == rows["sparse"]["keys"] > 512
+
+
+def test_faiss_threads_small_run_compares_both_with_and_without_a_neighbour(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "threads.json"
+    done = _run("faiss_threads.py", "--sizes", "300", "--queries", "5", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["busy"], r["system"]) for r in rows} == {
+        (busy, system) for busy in (False, True) for system in ("faiss", "memlayer")
+    }
+    assert all(_positive(r["p50_ms"]) and r["p95_ms"] >= r["p50_ms"] for r in rows)
+
+
+@pytest.mark.postgres
+def test_memory_bench_small_run_measures_every_memlayer_backend(tmp_path: Path) -> None:
+    """The 1M PostgreSQL measurement takes an hour to load: its script is smoke-tested at 2K."""
+    out = tmp_path / "memory.json"
+    systems = ("memlayer-index", "memlayer-memory", "memlayer-postgres", "faiss-flat")
+    done = _run(
+        "memory_bench.py", "--sizes", "2k", "--systems", *systems, "--queries", "5",
+        "--tmp", str(tmp_path), "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())["runs"][0]["results"]
+    names = [r["system"] for r in results]
+    assert names == [
+        "memlayer VectorIndex",
+        "memlayer Memory",
+        "memlayer Memory (PostgreSQL)",
+        "faiss IndexFlatIP",
+    ]
+    for result in results:
+        assert result["curve"] and all(0.0 <= p["recall"] <= 1.0 for p in result["curve"])
+        assert all(_positive(p["p50_ms"]) for p in result["curve"])
+    postgres = {p["setting"] for p in results[2]["curve"]}
+    assert any("filter 1%" in s for s in postgres) and any("8 clients" in s for s in postgres)
