@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from memlayer import Memory, __version__
 from memlayer.integrations.server import admin, chat, errors, memories
+from memlayer.integrations.server.compute import limit_compute_threads
 from memlayer.integrations.server.config import ServerSettings
 from memlayer.integrations.server.limits import BodyLimit, RateLimiter, rule_of
 from memlayer.integrations.server.metrics import MeasureRequests, Metrics
@@ -44,17 +45,24 @@ def create_app(
     settings: ServerSettings | None = None,
     *,
     close_memory: bool | None = None,
+    limit_threads: bool = False,
 ) -> FastAPI:
     """The service over `memory` (None: `Memory()` from the environment, opened at startup).
 
     The memory is closed at shutdown when the app opened it, or when `close_memory` says so.
+    `limit_threads` puts the process's numeric libraries on `settings.compute_threads`
+    threads (what a `memlayer serve` worker does; an app embedding the service keeps its own).
     """
     settings = settings or ServerSettings()
     owns = memory is None if close_memory is None else close_memory
+    if limit_threads:  # before the embedder and FAISS load their OpenMP runtimes
+        limit_compute_threads(settings.compute_threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         opened = memory if memory is not None else Memory()
+        if limit_threads:  # again, now that the embedder's libraries are loaded
+            limit_compute_threads(settings.compute_threads)
         tenants = TenantStore(opened.url)
         limiter = RateLimiter(settings.rate_per_s, settings.rate_burst)
         app.state.service = service = Service(opened, tenants, settings, limiter)
@@ -108,4 +116,4 @@ def openapi_document() -> dict[str, Any]:
 
 def app_from_env() -> FastAPI:
     """The app `memlayer serve` runs in each worker (a uvicorn factory)."""
-    return create_app()
+    return create_app(limit_threads=True)

@@ -26,6 +26,10 @@ class ServerSettings(BaseSettings):
     max_page: int = Field(default=1000, ge=1)  # most items one list, search or batch holds
     # threads running the blocking work (database, embedder) of one process's requests
     threads: int = Field(default=8, ge=1)
+    # threads of the numeric libraries (torch, BLAS, OpenMP) in a `memlayer serve` worker:
+    # one request's embedding or search on one, requests in parallel across the pool and the
+    # workers (a thread team of one request waits for cores other requests hold)
+    compute_threads: int = Field(default=1, ge=1)
     # seconds a process trusts an API key it looked up: a key revoked through another
     # process (or host) stops working there within this time; in the revoking process at once.
     # 0: look every key up in the database on every request
