@@ -80,6 +80,7 @@ class Server:
 
     def __init__(self, db: str, workers: int, embedder: str, log: Path) -> None:
         self.db, self.workers, self.embedder, self.log = db, workers, embedder, log
+        self.compute_threads = 1
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -90,6 +91,7 @@ class Server:
             "MEMLAYER_ADMIN_TOKEN": ADMIN,
             "MEMLAYER_SERVER_RATE_PER_S": "0",
             "MEMLAYER_EMBEDDER": self.embedder,
+            "MEMLAYER_SERVER_COMPUTE_THREADS": str(self.compute_threads),
         }
         command = [sys.executable, "-m", "memlayer.cli", "serve", "--port", str(self.port)]
         command += ["--db", self.db, "--workers", str(self.workers)]
@@ -357,50 +359,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         f"{backend} x{workers}: preloaded {args.stored} in {preload_s:.0f} s",
                         flush=True,
                     )
-                    for clients in args.clients:
-                        result = asyncio.run(
-                            _load(
-                                server.url,
-                                key,
-                                users,
-                                clients,
-                                args.duration,
-                                args.requests,
-                                seed=clients,
+                    for compute in args.compute_threads:
+                        if compute != server.compute_threads:  # same store, restarted
+                            server.stop()
+                            server.compute_threads = compute
+                            server.start()
+                        for clients in args.clients:
+                            result = asyncio.run(
+                                _load(
+                                    server.url,
+                                    key,
+                                    users,
+                                    clients,
+                                    args.duration,
+                                    args.requests,
+                                    seed=clients,
+                                )
                             )
-                        )
-                        row = {
-                            "backend": backend,
-                            "workers": workers,
-                            "clients": clients,
-                            "stored": args.stored,
-                            "preload_s": round(preload_s, 1),
-                            **result,
-                        }
-                        rows.append(row)
-                        print(_row(row), flush=True)
-                    for rate in args.rates:
-                        result = asyncio.run(
-                            _open_load(
-                                server.url,
-                                key,
-                                users,
-                                args.open_clients,
-                                rate,
-                                args.duration,
-                                seed=int(rate),
+                            row = {
+                                "backend": backend,
+                                "workers": workers,
+                                "compute_threads": compute,
+                                "clients": clients,
+                                "stored": args.stored,
+                                "preload_s": round(preload_s, 1),
+                                **result,
+                            }
+                            rows.append(row)
+                            print(_row(row), flush=True)
+                        for rate in args.rates:
+                            result = asyncio.run(
+                                _open_load(
+                                    server.url,
+                                    key,
+                                    users,
+                                    args.open_clients,
+                                    rate,
+                                    args.duration,
+                                    seed=int(rate),
+                                )
                             )
-                        )
-                        row = {
-                            "backend": backend,
-                            "workers": workers,
-                            "clients": args.open_clients,
-                            "stored": args.stored,
-                            "preload_s": round(preload_s, 1),
-                            **result,
-                        }
-                        open_rows.append(row)
-                        print(_open_row(row), flush=True)
+                            row = {
+                                "backend": backend,
+                                "workers": workers,
+                                "compute_threads": compute,
+                                "clients": args.open_clients,
+                                "stored": args.stored,
+                                "preload_s": round(preload_s, 1),
+                                **result,
+                            }
+                            open_rows.append(row)
+                            print(_open_row(row), flush=True)
                     if args.kill and workers == args.workers[0]:
                         kill = asyncio.run(_kill_phase(server, key, users))
                         kills.append({"backend": backend, "workers": workers, **kill})
@@ -426,15 +435,20 @@ def _cells(row: dict[str, Any]) -> list[str]:
     return [*cells, f"{row['loadavg_1m']:.1f}"]
 
 
+def _workers(row: dict[str, Any]) -> str:
+    """Workers × each one's compute threads."""
+    return f"{row['workers']} × {row.get('compute_threads', 1)}"
+
+
 def _row(row: dict[str, Any]) -> str:
     """A closed-loop level as a markdown table row."""
-    head = [row["backend"], str(row["workers"]), str(row["clients"])]
+    head = [row["backend"], _workers(row), str(row["clients"])]
     return "| " + " | ".join([*head, f"{row['throughput_rps']:.0f}", *_cells(row)]) + " |"
 
 
 def _open_row(row: dict[str, Any]) -> str:
     """An open-loop level: offered → served requests/s in the throughput column."""
-    head = [f"{row['backend']} (open)", str(row["workers"]), str(row["clients"])]
+    head = [f"{row['backend']} (open)", _workers(row), str(row["clients"])]
     rate = f"{row['offered_rps']:g} → {row['throughput_rps']:.0f}"
     return "| " + " | ".join([*head, rate, *_cells(row)]) + " |"
 
@@ -458,12 +472,20 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per level")
     parser.add_argument("--requests", type=int, default=20_000, help="requests per level, max")
     parser.add_argument("--embedder", default="hash")
+    parser.add_argument(
+        "--compute-threads",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="MEMLAYER_SERVER_COMPUTE_THREADS levels, each on the same preloaded store",
+    )
     parser.add_argument("--no-kill", dest="kill", action="store_false")
     parser.add_argument("--out", type=Path, help="JSON path (default: results/, dated)")
     args = parser.parse_args()
     print(
-        "| db | workers | clients | req/s | append p50/p95/p99 ms | search p50/p95/p99 ms "
-        "| context p50/p95/p99 ms | errors | cross-tenant hits | load (1 min) |"
+        "| db | workers × compute threads | clients | req/s | append p50/p95/p99 ms "
+        "| search p50/p95/p99 ms | context p50/p95/p99 ms | errors | cross-tenant hits "
+        "| load (1 min) |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     results = run(args)

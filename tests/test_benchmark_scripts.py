@@ -96,14 +96,16 @@ def test_service_load_small_run_measures_closed_and_open_loop(tmp_path: Path) ->
     done = _run(
         "service_load.py",
         *("--backends", "sqlite", "--workers", "1", "--clients", "2", "--rates", "20"),
-        *("--stored", "100", "--duration", "1", "--no-kill", "--out", str(out)),
+        *("--stored", "100", "--duration", "1", "--no-kill", "--compute-threads", "2", "1"),
+        *("--out", str(out)),
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     for row in (*report["rows"], *report["open_rows"]):
         assert row["requests_ok"] > 0 and row["errors"] == {} and row["cross_tenant_hits"] == 0
         assert _positive(row["latency_ms"]["search"]["p95"])
-    assert report["open_rows"][0]["offered_rps"] == 20
+    assert [row["offered_rps"] for row in report["open_rows"]] == [20, 20]
+    assert [row["compute_threads"] for row in report["rows"]] == [2, 1]
 
 
 def test_group_commit_small_run_compares_alone_and_grouped(tmp_path: Path) -> None:
