@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from memlayer.errors import CorruptionError, InvalidInputError
+from memlayer.optional import require_faiss
 from memlayer.retrievers import faiss_device
 
 _MAGIC = b"MLVIDX02"
@@ -362,9 +363,7 @@ def check_device_available(config: IndexConfig) -> None:
 
 def _faiss() -> Any:
     """FAISS, imported on first use (its type stubs lag its API, hence Any)."""
-    import faiss
-
-    return faiss
+    return require_faiss()
 
 
 def _flat(dim: int) -> Any:

@@ -9,6 +9,7 @@ the `gpu` test checks the real copy against CPU FAISS where FAISS's GPU build ha
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,7 +18,7 @@ import faiss
 import numpy as np
 import pytest
 
-from memlayer import InvalidInputError, Memory, MissingExtraError
+from memlayer import InvalidInputError, Memory, MissingExtraError, threads
 from memlayer.retrievers import faiss_device
 from memlayer.retrievers.vector_index import IndexConfig, VectorIndex
 
@@ -127,6 +128,15 @@ def test_a_gpu_faiss_cannot_see_is_refused_naming_the_field() -> None:
     assert faiss_device.gpu_for(no_gpu, "auto") is None
     with pytest.raises(InvalidInputError):
         faiss_device.gpu_for(no_gpu, "cuda")
+
+
+def test_without_faiss_the_error_names_both_builds_extras(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "faiss", None)  # neither faiss-cpu nor faiss-gpu
+    with pytest.raises(MissingExtraError, match=r"memlayer\[cpu\].*memlayer\[gpu\].*never both"):
+        VectorIndex(DIM)
+    monkeypatch.setattr(threads, "_controller_instance", None)
+    with threads.one_thread():  # thread limits need no FAISS
+        pass
 
 
 @pytest.mark.parametrize("device", ["tpu", "CUDA", "cuda:", "cuda:x", "cuda0", "", None, 0])
