@@ -93,6 +93,7 @@ class GpuCopy:
         global _resources
 
         self._faiss = faiss
+        self._ivf = hasattr(index, "nlist")  # searched with SearchParametersIVF's nprobe
         with _lock:
             if _resources is None:
                 _resources = faiss.StandardGpuResources()
@@ -105,8 +106,6 @@ class GpuCopy:
 
     def search(self, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids); `nprobe` lists on an IVF, ignored on a flat index."""
-        params = None
-        if isinstance(self._index, self._faiss.GpuIndexIVF):
-            params = self._faiss.SearchParametersIVF(nprobe=nprobe)
+        params = self._faiss.SearchParametersIVF(nprobe=nprobe) if self._ivf else None
         with _lock:
             return self._index.search(queries, k, params=params)

@@ -2,8 +2,9 @@
 GPU, with the CPU index's answers; on the CPU otherwise; "cuda" without one is a clear error.
 
 The GPU copy's bookkeeping (made at the first search, inserts mirrored, dropped on removal and
-retraining, never used for filtered searches) is checked on the CPU through a stand-in copy;
-the `gpu` test checks the real copy against CPU FAISS where FAISS's GPU build has a GPU.
+retraining, never used for filtered searches) is checked on the CPU, with FAISS's CPU build
+playing the GPU build (its GPU copy a CPU clone); the `gpu` test checks the real copy against
+CPU FAISS where FAISS's GPU build has a GPU.
 """
 
 from __future__ import annotations
@@ -57,34 +58,28 @@ def _same(got: tuple[np.ndarray, np.ndarray], expected: tuple[np.ndarray, np.nda
     np.testing.assert_array_equal(got[0], expected[0])
 
 
-class _StandInCopy:
-    """faiss_device.GpuCopy's interface over a CPU clone, counting what reaches it."""
-
-    made = 0
-    searches = 0
-
-    def __init__(self, faiss_module: Any, index: Any, gpu: int) -> None:
-        type(self).made += 1
-        self._faiss = faiss_module
-        self._index = faiss_module.clone_index(index)
-
-    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        self._index.add_with_ids(vectors, ids)
-
-    def search(self, queries: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-        type(self).searches += 1
-        ivf = hasattr(self._index, "nlist")
-        params = self._faiss.SearchParametersIVF(nprobe=nprobe) if ivf else None
-        return self._index.search(queries, k, params=params)
-
-
 @pytest.fixture
-def stand_in_gpu(monkeypatch: pytest.MonkeyPatch) -> type[_StandInCopy]:
-    """FAISS sees one GPU, and the GPU copy is a counted CPU clone."""
-    monkeypatch.setattr(faiss_device, "gpu_count", lambda faiss_module: 1)
-    monkeypatch.setattr(faiss_device, "GpuCopy", _StandInCopy)
-    _StandInCopy.made = _StandInCopy.searches = 0
-    return _StandInCopy
+def stand_in_gpu(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """FAISS's GPU build seeing one GPU, played by the CPU build: the real `GpuCopy` runs,
+    over a CPU clone of the index; counts copies made and searches that reach a copy."""
+    counts = SimpleNamespace(made=0, searches=0)
+
+    def to_gpu(resources: Any, gpu: int, index: Any) -> Any:
+        counts.made += 1
+        return faiss.clone_index(index)
+
+    search = faiss_device.GpuCopy.search
+
+    def counted(self: faiss_device.GpuCopy, *args: Any) -> tuple[np.ndarray, np.ndarray]:
+        counts.searches += 1
+        return search(self, *args)
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: "resources", raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss_device, "_resources", None)
+    monkeypatch.setattr(faiss_device.GpuCopy, "search", counted)
+    return counts
 
 
 @cpu_faiss_only
@@ -148,7 +143,7 @@ def test_bad_device_values_are_rejected(device: object) -> None:
 
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_the_gpu_copy_answers_unfiltered_searches_and_follows_every_change(
-    kind: str, stand_in_gpu: type[_StandInCopy], tmp_path: Path
+    kind: str, stand_in_gpu: SimpleNamespace, tmp_path: Path
 ) -> None:
     gpu, cpu = _pair(kind, "auto")
     assert gpu.on_gpu and not cpu.on_gpu
@@ -182,7 +177,16 @@ def test_the_gpu_copy_answers_unfiltered_searches_and_follows_every_change(
     _same(loaded.search(queries, 10), cpu.search(queries, 10))
 
 
-def test_retraining_drops_the_gpu_copy(stand_in_gpu: type[_StandInCopy]) -> None:
+def test_cuda_is_taken_where_faiss_sees_the_gpu(stand_in_gpu: SimpleNamespace) -> None:
+    assert VectorIndex(DIM, IndexConfig(device="cuda")).on_gpu
+    assert VectorIndex(DIM, IndexConfig(device="cuda:0")).on_gpu
+    assert not VectorIndex(DIM, IndexConfig(device="cpu")).on_gpu
+    with pytest.raises(InvalidInputError, match="sees 1") as caught:
+        VectorIndex(DIM, IndexConfig(device="cuda:1"))
+    assert caught.value.field == "device"
+
+
+def test_retraining_drops_the_gpu_copy(stand_in_gpu: SimpleNamespace) -> None:
     gpu, cpu = _pair("flat", "auto", n=399)
     queries = _unit(np.random.default_rng(6), 20)
     gpu.search(queries, 10)
