@@ -357,7 +357,7 @@ class VectorIndex:
 def check_device_available(config: IndexConfig) -> None:
     """Raise now, before anything is opened, when `config.device` names a GPU that FAISS
     cannot search on (the error `VectorIndex` would raise)."""
-    if config.device != "auto":
+    if config.device.startswith("cuda"):
         faiss_device.gpu_for(_faiss(), config.device)
 
 
