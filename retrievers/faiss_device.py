@@ -12,7 +12,9 @@ IVF with exact vectors in its lists); another type (HNSW, say) stays on the CPU,
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import re
 import threading
 from typing import Any
@@ -36,6 +38,7 @@ _INSTALL_GPU = (
 _lock = threading.Lock()
 _resources: Any = None
 _warned: set[str] = set()
+_driver: dict[int, int] = {}  # process id -> GPUs the CUDA driver reports (a fork asks again)
 
 
 def check_device(device: object) -> str:
@@ -67,10 +70,34 @@ def gpu_for(faiss: Any, device: str) -> int | None:
 
 
 def gpu_count(faiss: Any) -> int:
-    """GPUs FAISS can search on: 0 with its CPU build."""
-    if not hasattr(faiss, "StandardGpuResources"):
+    """GPUs FAISS can search on: 0 with its CPU build, and 0 where the CUDA driver reports
+    none (FAISS's GPU build aborts the process when asked without a working driver)."""
+    if not hasattr(faiss, "StandardGpuResources") or driver_gpus() == 0:
         return 0
     return int(faiss.get_num_gpus())
+
+
+def driver_gpus() -> int:
+    """GPUs the CUDA driver reports, asked through libcuda directly (its calls return error
+    codes, where FAISS's abort): 0 without a driver, with one older than CUDA 12 (faiss-gpu's
+    runtime), or in a process forked after CUDA started."""
+    pid = os.getpid()
+    if pid not in _driver:
+        _driver[pid] = _ask_driver()
+    return _driver[pid]
+
+
+def _ask_driver() -> int:
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    version, count = ctypes.c_int(0), ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return 0
+    if version.value < 12_000 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
 
 
 def supported(faiss: Any, index: Any) -> bool:

@@ -77,6 +77,7 @@ def stand_in_gpu(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     monkeypatch.setattr(faiss, "StandardGpuResources", lambda: "resources", raising=False)
     monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss_device, "driver_gpus", lambda: 1)
     monkeypatch.setattr(faiss_device, "_resources", None)
     monkeypatch.setattr(faiss_device.GpuCopy, "search", counted)
     return counts
@@ -111,7 +112,10 @@ def test_cuda_without_gpu_faiss_is_refused_and_changes_nothing(tmp_path: Path) -
     assert not folder.exists()  # refused before a database was created
 
 
-def test_a_gpu_faiss_cannot_see_is_refused_naming_the_field() -> None:
+def test_a_gpu_faiss_cannot_see_is_refused_naming_the_field(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(faiss_device, "driver_gpus", lambda: 1)
     one_gpu = SimpleNamespace(StandardGpuResources=object, get_num_gpus=lambda: 1)
     assert faiss_device.gpu_for(one_gpu, "cuda") == 0
     assert faiss_device.gpu_for(one_gpu, "auto") == 0
@@ -132,6 +136,20 @@ def test_without_faiss_the_error_names_both_builds_extras(monkeypatch: pytest.Mo
     monkeypatch.setattr(threads, "_controller_instance", None)
     with threads.one_thread():  # thread limits need no FAISS
         pass
+
+
+def test_without_a_cuda_driver_faiss_is_never_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    def aborts() -> int:  # what FAISS's GPU build does when asked without a working driver
+        raise AssertionError("faiss.get_num_gpus called")
+
+    gpu_build = SimpleNamespace(StandardGpuResources=object, get_num_gpus=aborts)
+    monkeypatch.setattr(faiss_device, "driver_gpus", lambda: 0)
+    assert faiss_device.gpu_count(gpu_build) == 0
+    assert faiss_device.gpu_for(gpu_build, "auto") is None
+    with pytest.raises(InvalidInputError, match="sees 0"):
+        faiss_device.gpu_for(gpu_build, "cuda")
+    monkeypatch.undo()
+    assert faiss_device.driver_gpus() >= 0  # the real probe answers here, with or without CUDA
 
 
 @pytest.mark.parametrize("device", ["tpu", "CUDA", "cuda:", "cuda:x", "cuda0", "", None, 0])
