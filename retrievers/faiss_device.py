@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 GPU_MAX_K = 2048
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 _INSTALL_GPU = (
-    "pip uninstall -y faiss-cpu && pip install 'memlayer[gpu]' "
+    "pip uninstall -y faiss-cpu faiss-gpu && pip install 'memlayer[gpu]' "
     "(IndexConfig.device={device!r} needs FAISS's CUDA build; the faiss installed is the CPU one)"
 )
 
