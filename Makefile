@@ -50,8 +50,8 @@ test: lint
 
 # The GPU checks (benchmarks/gpu.py): the gpu-marked tests, then every GPU benchmark, JSON
 # into benchmarks/results and dated rows appended to RESULTS.md; without CUDA it says so and
-# exits 0. On a machine whose own python has CUDA torch, triton and transformers beside
-# memlayer: make gpu GPU_PYTHON=python3.
+# exits 0. On a machine whose own python has CUDA torch, triton, transformers and faiss-gpu
+# beside memlayer: make gpu GPU_PYTHON=python3.
 GPU_PYTHON ?= $(BIN)/python
 GPU_TESTS ?= tests
 gpu: $(if $(filter $(BIN)/python,$(GPU_PYTHON)),setup)

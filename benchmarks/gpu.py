@@ -5,7 +5,8 @@ rest): `tests` (pytest -m gpu), `kernels` (benchmarks/kernels.py), `store`
 (benchmarks/store_bench.py), `e2e` (benchmarks/e2e_gpu.py, SmolLM2 shape), `e2e-8b`
 (e2e_gpu.py, Llama-3-8B shape at 32K and 128K, dense and InfLLM), `video`
 (video_stream.py: a 1-hour stream at 1 frame/s through a LLaVA-OneVision-0.5B shape, memlayer
-vs dense attention). The tests run on
+vs dense attention), `faiss` (faiss_gpu.py: the vector index's search at 1M vectors on the CPU
+and on the GPU, side by side; needs faiss-gpu in place of faiss-cpu). The tests run on
 pytest-xdist's workers when it is installed (Triton compiles each case on the host).
 JSON goes to --out-dir; a dated Markdown summary (the GPU's name, each step's outcome, the
 e2e rows) is written beside it and appended to RESULTS.md. Without CUDA it says so and
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-STEPS = ["tests", "kernels", "store", "e2e", "e2e-8b", "video"]
+STEPS = ["tests", "kernels", "store", "e2e", "e2e-8b", "video", "faiss"]
 
 
 def commands(steps: list[str], tests: list[str], out: Path, stamp: str) -> dict[str, list[str]]:
@@ -55,6 +56,7 @@ def commands(steps: list[str], tests: list[str], out: Path, stamp: str) -> dict[
         *(py, str(HERE / "video_stream.py"), "--part", "vlm", "--shape", "0.5b"),
         *("--minutes", "60", "--json", str(out / f"video-0.5b-{stamp}.json")),
     ]
+    every["faiss"] = [py, str(HERE / "faiss_gpu.py"), "--out", str(out / f"faiss-gpu-{stamp}.json")]
     return {step: every[step] for step in steps}
 
 
@@ -88,6 +90,31 @@ def e2e_table(path: Path) -> list[str]:
     return [*lines, ""]
 
 
+def faiss_table(path: Path) -> list[str]:
+    """Markdown rows of the faiss_gpu JSON file (absent when the step wrote none)."""
+    if not path.exists():
+        return []
+    record = json.loads(path.read_text())
+    lines = [
+        f"`{record['command']}` ({record['vectors']:,} x {record['dim']}-d, "
+        f"{record['queries']:,} queries, FAISS {record['faiss']}, "
+        f"{record['cpu_threads']} CPU threads)",
+        "",
+        "| index | setting | device | recall@10 | p50 ms | p95 ms | batch queries/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in record["rows"]:
+        head = f"| {row['index']} | {row['setting']} | {row['device']} |"
+        if "note" in row:
+            lines.append(f"{head} {row['note']} | | | |")
+            continue
+        lines.append(
+            f"{head} {row['recall']:.3f} | {row['p50_ms']:.2f} | {row['p95_ms']:.2f} | "
+            f"{row['batch_qps']:,.0f} |"
+        )
+    return [*lines, ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -116,6 +143,7 @@ def main() -> None:
     summary.append("")
     for name in (f"e2e-smollm2-{stamp}.json", f"e2e-llama3-8b-{stamp}.json"):
         summary += e2e_table(args.out_dir / name)
+    summary += faiss_table(args.out_dir / f"faiss-gpu-{stamp}.json")
     text = "\n".join(summary) + "\n"
     (args.out_dir / f"gpu-{stamp}.md").write_text(text)
     with args.results_md.open("a") as handle:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from memlayer.kvretrieval.selectors import PageLayout
+from memlayer.optional import require_faiss
 
 NEG_INF = float("-inf")
 
@@ -39,8 +40,9 @@ def kmeans_labels(
 ) -> torch.Tensor:
     """Seeded FAISS k-means of `points` [n, D] into min(k, n) clusters: each point's cluster
     [n] (long, on the points' device). `weights` [n] weigh the points (cluster sizes)."""
-    import faiss
     import numpy as np
+
+    faiss = require_faiss()
 
     x = np.ascontiguousarray(points.detach().float().cpu().numpy())
     count = min(k, x.shape[0])

@@ -29,7 +29,7 @@ from memlayer.errors import ClosedError, InvalidInputError, NotFoundError
 from memlayer.group_commit import GroupCommit
 from memlayer.retrievers.keywords import index_text
 from memlayer.retrievers.search import MODES, Retriever, SearchMode, SearchPlan
-from memlayer.retrievers.vector_index import IndexConfig
+from memlayer.retrievers.vector_index import IndexConfig, check_device_available
 from memlayer.stores import filters as filter_rules
 from memlayer.stores.database import sqlite_url
 from memlayer.stores.records import NewRecord, Record, RecordStore
@@ -65,6 +65,8 @@ class Memory:
         limits: Limits | None = None,
         database: DatabaseOptions | None = None,
     ):
+        if index_config is not None:
+            check_device_available(index_config)  # before a database is created
         settings = Settings()
         if path is None and url is None:
             url = settings.url

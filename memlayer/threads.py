@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 _lock = threading.Lock()
@@ -44,8 +44,10 @@ def _controller() -> Any:
     """One ThreadpoolController, made once the numeric libraries are loaded."""
     global _controller_instance
     if _controller_instance is None:
-        import faiss  # noqa: F401  (load its OpenMP runtime so the controller sees it)
         from threadpoolctl import ThreadpoolController
+
+        with suppress(ImportError):  # load FAISS's OpenMP runtime so the controller sees it
+            import faiss  # noqa: F401
 
         _controller_instance = ThreadpoolController()
     return _controller_instance

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from memlayer.optional import require_faiss
+
 K_GRID = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
@@ -122,8 +124,7 @@ def _single(vectors: np.ndarray) -> Clustering:
 
 def _kmeans(vectors: np.ndarray, k: int, seed: int, niter: int, redo: int = 1) -> Clustering:
     """One seeded FAISS k-means run; empty clusters are dropped and labels renumbered."""
-    import faiss
-
+    faiss = require_faiss()
     options = faiss.ClusteringParameters()
     options.niter = niter
     options.seed = seed

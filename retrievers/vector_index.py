@@ -6,7 +6,8 @@ return the top-k of the allowed ids (all of them when fewer are stored): small a
 scored by brute force, larger ones through FAISS with an id selector; on the IVF path the probe
 is widened by the filter's selectivity and then doubled until more lists stop changing the
 answer. Saved as one checksummed file so a torn write is detected and the index rebuilt from
-the database.
+the database. With FAISS's GPU build and a GPU (`IndexConfig.device`), unfiltered top-k
+searches run on a GPU copy of the index (`faiss_device`); everything else stays on the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from memlayer.errors import CorruptionError, InvalidInputError
+from memlayer.optional import require_faiss
+from memlayer.retrievers import faiss_device
 from memlayer.threads import faiss_threads
 
 _MAGIC = b"MLVIDX02"
@@ -48,6 +51,9 @@ class IndexConfig:
     # FAISS OpenMP threads for adds and searches, on whichever thread calls (None: FAISS's
     # default); a flat search of fewer than SERIAL_BELOW queries always runs on one
     threads: int | None = None
+    # where unfiltered top-k searches run: "auto" (a GPU when FAISS's GPU build sees one),
+    # "cpu", "cuda" / "cuda:N" (an error when FAISS cannot search there); see faiss_device
+    device: str = "auto"
     # PostgreSQL (pgvector HNSW, cosine): graph degree, build and search breadth
     hnsw_m: int = 16
     hnsw_ef_construction: int = 64
@@ -61,6 +67,9 @@ class IndexConfig:
     # that outgrows it is built far slower
     pg_build_memory_mb: int | None = 1024
 
+    def __post_init__(self) -> None:
+        faiss_device.check_device(self.device)
+
 
 class VectorIndex:
     """Upsertable id → unit vector map with top-k and exact-k filtered search."""
@@ -70,10 +79,17 @@ class VectorIndex:
             raise InvalidInputError("dim", "must be at least 1", dim)
         self.dim = dim
         self.config = config or IndexConfig()
+        self._gpu = faiss_device.gpu_for(_faiss(), self.config.device)  # None: the CPU
+        self._gpu_copy: faiss_device.GpuCopy | None = None  # made at the first search
         self._index = _index if _index is not None else _flat(dim)
         self._ids: set[int] = set(_stored_ids(self._index).tolist())
         self._sorted_ids: np.ndarray | None = None  # self._ids as a sorted array, until changed
         self._trained_at = len(self._ids) if self.approximate else 0
+
+    @property
+    def on_gpu(self) -> bool:
+        """True when unfiltered top-k searches run on a GPU."""
+        return self._gpu is not None
 
     @property
     def approximate(self) -> bool:
@@ -99,6 +115,8 @@ class VectorIndex:
         self.remove(ids)
         with faiss_threads(self.config.threads):
             self._index.add_with_ids(vectors, ids)
+            if self._gpu_copy is not None:
+                self._gpu_copy.add(vectors, ids)
             self._ids.update(ids.tolist())
             self._sorted_ids = None
             self._maybe_retrain()
@@ -112,6 +130,7 @@ class VectorIndex:
         if len(known):
             # IVF's hashtable direct map removes only through an IDSelectorArray
             self._index.remove_ids(faiss.IDSelectorArray(len(known), faiss.swig_ptr(known)))
+            self._gpu_copy = None  # FAISS's GPU indexes cannot remove: copied again on search
             self._ids.difference_update(known.tolist())
             self._sorted_ids = None
 
@@ -137,6 +156,11 @@ class VectorIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         faiss = _faiss()
 
+        if selector is None and self._searches_on_gpu(k, nprobe):
+            assert self._gpu is not None
+            if self._gpu_copy is None:
+                self._gpu_copy = faiss_device.GpuCopy(faiss, self._index, self._gpu)
+            return self._gpu_copy.search(queries, k, nprobe)
         if self.approximate:
             params: Any = faiss.SearchParametersIVF(nprobe=nprobe)
         else:
@@ -146,6 +170,12 @@ class VectorIndex:
         serial = not self.approximate and len(queries) < SERIAL_BELOW
         with faiss_threads(1 if serial else self.config.threads):
             return self._index.search(queries, k, params=params)
+
+    def _searches_on_gpu(self, k: int, nprobe: int) -> bool:
+        """Whether an unfiltered search of this k and nprobe runs on the GPU copy."""
+        if self._gpu is None or len(self._ids) == 0 or max(k, nprobe) > faiss_device.GPU_MAX_K:
+            return False
+        return faiss_device.supported(_faiss(), self._index)
 
     def _filtered(
         self, queries: np.ndarray, k: int, present: np.ndarray
@@ -271,6 +301,7 @@ class VectorIndex:
         if self.approximate and size < 4 * self._trained_at:
             return
         self._index = self._train_ivf()
+        self._gpu_copy = None
         self._trained_at = size
 
     def _train_ivf(self) -> Any:
@@ -300,6 +331,9 @@ class VectorIndex:
     def save(self, path: Path, applied_seq: int) -> None:
         """Write atomically with the database seq it reflects, safe against concurrent saves.
 
+        The CPU index is what is saved (a GPU copy is only ever a copy of it), so a saved
+        index loads on any machine, with or without a GPU.
+
         Each save writes a temporary file of its own (unique name, same folder), fsyncs it,
         renames it over `path` and fsyncs the folder: a reader, or another saver, only ever
         sees a whole file, the previous one or one of the new ones.
@@ -328,11 +362,16 @@ class VectorIndex:
         return cls(index.d, config, _index=index), int(applied_seq)
 
 
+def check_device_available(config: IndexConfig) -> None:
+    """Raise now, before anything is opened, when `config.device` names a GPU that FAISS
+    cannot search on (the error `VectorIndex` would raise)."""
+    if config.device.startswith("cuda"):
+        faiss_device.gpu_for(_faiss(), config.device)
+
+
 def _faiss() -> Any:
     """FAISS, imported on first use (its type stubs lag its API, hence Any)."""
-    import faiss
-
-    return faiss
+    return require_faiss()
 
 
 def _flat(dim: int) -> Any:

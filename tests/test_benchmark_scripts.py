@@ -3,11 +3,13 @@ them broken; `make gpu` without CUDA says so and exits 0."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +48,45 @@ def test_e2e_tiny_measures_dense_and_both_selectors(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert [row["method"] for row in rows] == ["dense", "infllm", "quest"]
     assert all(_positive(row["prefill_tok_s"]) and _positive(row["decode_ms"]) for row in rows)
+
+
+def test_faiss_gpu_tiny_measures_the_cpu_index_beside_the_gpu_column(tmp_path: Path) -> None:
+    out = tmp_path / "faiss.json"
+    done = _run("faiss_gpu.py", "--tiny", "--vectors", "8000", "--queries", "20", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    assert [(row["index"], row["device"]) for row in rows] == [
+        ("ivf", "cpu"),
+        ("ivf", "cuda"),
+        ("flat", "cpu"),
+        ("flat", "cuda"),
+    ]
+    assert rows[0]["setting"].startswith("nprobe ") and rows[2]["setting"] == "exact"
+    assert rows[2]["recall"] == 1.0  # exact search against exact search
+    for row in rows:
+        if row["device"] == "cuda" and record["gpu"] is None:
+            assert row["note"] == "not measured: no CUDA FAISS"
+            continue
+        assert 0 < row["recall"] <= 1
+        assert all(_positive(row[key]) for key in ("p50_ms", "p95_ms", "batch_qps"))
+    assert "not measured: no CUDA FAISS" in done.stdout or record["gpu"] is not None
+    make_gpu = _module("gpu.py")  # `make gpu` runs it, and its summary shows the rows
+    command = make_gpu.commands(["faiss"], ["tests"], tmp_path, "stamp")["faiss"]
+    assert command[1:] == [
+        str(BENCHMARKS / "faiss_gpu.py"),
+        "--out",
+        str(tmp_path / "faiss-gpu-stamp.json"),
+    ]
+    assert len([line for line in make_gpu.faiss_table(out) if line.startswith("| ivf")]) == 2
+
+
+def _module(script: str) -> Any:
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), BENCHMARKS / script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_kernels_tiny_measures_every_path(tmp_path: Path) -> None:
