@@ -10,10 +10,13 @@ and on the GPU, side by side; needs faiss-gpu in place of faiss-cpu). The tests 
 pytest-xdist's workers when it is installed (Triton compiles each case on the host).
 JSON goes to --out-dir; a dated Markdown summary (the GPU's name, each step's outcome, the
 e2e rows) is written beside it and appended to RESULTS.md. Without CUDA it says so and
-exits 0: there is nothing to measure.
+exits 0: there is nothing to measure. On a short GPU lease, `--deadline` bounds the whole run
+(each step gets what is left, at most --timeout; a step with no time left is skipped) and
+`--quick` runs the kernel grid's 32K/128K corner and e2e at 8K and 32K.
 
     python benchmarks/gpu.py                          # everything
     python benchmarks/gpu.py --steps tests e2e --out-dir /tmp/gpu
+    python benchmarks/gpu.py --quick --deadline 480   # a 10-minute lease
 """
 
 from __future__ import annotations
@@ -33,17 +36,23 @@ HERE = Path(__file__).parent
 STEPS = ["tests", "kernels", "store", "e2e", "e2e-8b", "video", "faiss"]
 
 
-def commands(steps: list[str], tests: list[str], out: Path, stamp: str) -> dict[str, list[str]]:
+def commands(
+    steps: list[str], tests: list[str], out: Path, stamp: str, quick: bool = False
+) -> dict[str, list[str]]:
     py = sys.executable
     xdist = ["-n", "auto"] if importlib.util.find_spec("xdist") else []
     e2e = [py, str(HERE / "e2e_gpu.py")]
     every = {
         "tests": [py, "-P", "-m", "pytest", "-p", "no:cacheprovider", "-m", "gpu", *xdist, *tests],
-        "kernels": [py, str(HERE / "kernels.py"), "--out", str(out / f"kernels-{stamp}.json")],
+        "kernels": [
+            *(py, str(HERE / "kernels.py"), *(["--quick"] if quick else [])),
+            *("--out", str(out / f"kernels-{stamp}.json")),
+        ],
         "store": [py, str(HERE / "store_bench.py"), "--out", str(out / f"store-{stamp}.json")],
         "e2e": [
             *e2e,
-            *("--shape", "smollm2", "--out", str(out / f"e2e-smollm2-{stamp}.json")),
+            *("--shape", "smollm2", *(["--contexts", "8k", "32k"] if quick else [])),
+            *("--out", str(out / f"e2e-smollm2-{stamp}.json")),
             *("--profile", str(out / f"e2e-profile-{stamp}.txt")),
         ],
         "e2e-8b": [
@@ -61,8 +70,11 @@ def commands(steps: list[str], tests: list[str], out: Path, stamp: str) -> dict[
 
 
 def run(name: str, command: list[str], timeout: float) -> tuple[str, float]:
-    """Run one step with its output streamed; its outcome ('ok', 'failed (rc N)', 'timed out')."""
-    print(f"== {name}: {' '.join(command)}", flush=True)
+    """Run one step with its output streamed; its outcome ('ok', 'failed (rc N)', 'timed out',
+    'skipped: no time left')."""
+    if timeout <= 0:
+        return "skipped: no time left", 0.0
+    print(f"== {name} (at most {timeout:.0f} s): {' '.join(command)}", flush=True)
     started = time.perf_counter()
     try:
         rc = subprocess.run(command, timeout=timeout).returncode
@@ -124,6 +136,8 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--results-md", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per step")
+    parser.add_argument("--deadline", type=float, help="seconds for the whole run")
+    parser.add_argument("--quick", action="store_true", help="smaller kernel and e2e grids")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("make gpu: no CUDA device here; nothing was run or measured.")
@@ -132,10 +146,14 @@ def main() -> None:
     now = datetime.datetime.now().astimezone()
     stamp = f"{gpu.split()[-1].lower()}-{now:%Y%m%d-%H%M}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    outcomes = {
-        step: run(step, command, args.timeout)
-        for step, command in commands(args.steps, args.tests, args.out_dir, stamp).items()
-    }
+    started = time.monotonic()
+    planned = commands(args.steps, args.tests, args.out_dir, stamp, args.quick)
+    outcomes = {}
+    for step, command in planned.items():
+        left = args.timeout
+        if args.deadline is not None:
+            left = min(left, args.deadline - (time.monotonic() - started))
+        outcomes[step] = run(step, command, left)
     summary = [f"### make gpu, {now:%Y-%m-%d %H:%M %Z}, {gpu} (torch {torch.__version__})", ""]
     summary += [
         f"- {step}: {outcome} in {seconds:.0f} s" for step, (outcome, seconds) in outcomes.items()
