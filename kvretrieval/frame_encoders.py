@@ -47,11 +47,12 @@ class ImageFrames:
             )
         self._side = side
         self.size = int(vision.image_size)
+        side_patches = self.size // int(vision.patch_size)
+        self.tokens = (-(-side_patches // 2)) ** 2  # the patch grid after 2x2 pooling
         param = next(model.parameters())
         self._device, self._dtype = param.device, param.dtype
         self._mean = torch.tensor(mean, device=self._device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, device=self._device).view(1, 3, 1, 1)
-        self.tokens = int(self.embed([np.zeros((self.size, self.size, 3), np.uint8)]).shape[1])
 
     def pixels(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
         """Frames resized to the vision tower's size and normalised: [n, 3, size, size]."""
@@ -72,11 +73,18 @@ class ImageFrames:
 
     def embed(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
         """Embeddings [n, tokens, hidden] of n frames (one batch through the vision tower)."""
-        with torch.no_grad():
-            output = self._side.get_video_features(pixel_values_videos=self.pixels(frames)[None])
+        with torch.no_grad():  # positional: transformers renamed it (5.17 pixel_values)
+            output = self._side.get_video_features(self.pixels(frames)[None])
         features = output.pooler_output if hasattr(output, "pooler_output") else output
-        features = features[:, :-1]  # the newline embedding after the video
-        return features.reshape(len(frames), -1, features.shape[-1])
+        # newer transformers append the newline embedding here, 5.17 in forward
+        expected = len(frames) * self.tokens
+        if features.shape[1] not in (expected, expected + 1):
+            raise UnsupportedModelError(
+                f"{type(self._side).__name__}.get_video_features gave {features.shape[1]} "
+                f"embeddings for {len(frames)} frames of {self.tokens}"
+            )
+        features = features[:, :expected]
+        return features.reshape(len(frames), self.tokens, features.shape[-1])
 
 
 class TextFrames:

@@ -106,9 +106,8 @@ def test_all_frames_retrieved_equals_full_context(
     frames = [image for _, image in read_video(video, fps=2, size=56)]
     pixels = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
-        video_features = reference.model.get_video_features(
-            pixel_values_videos=((pixels - 0.5) / 0.5)[None]
-        ).pooler_output[0, :-1]
+        video_features = reference.model.get_video_features(((pixels - 0.5) / 0.5)[None])
+        video_features = video_features.pooler_output[0, : len(frames) * session.frame_tokens]
         embeds = torch.cat(
             [
                 session._embed_ids(session._prefix_ids),
@@ -135,7 +134,9 @@ def test_frame_embeddings_are_the_models_video_features(tmp_path: Path) -> None:
     frames = [image for _, image in read_video(video, fps=None, size=56)]
     pixels = (torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
     with torch.no_grad():
-        expected = model.model.get_video_features(pixel_values_videos=pixels[None])
+        expected = model.model.get_video_features(pixels[None])
     got = session._images.embed(frames)
     assert got.shape == (len(frames), session.frame_tokens, 64)
-    torch.testing.assert_close(got.flatten(0, 1), expected.pooler_output[0, :-1])
+    # the video's one newline embedding (appended here by newer transformers) is not a frame's
+    expected = expected.pooler_output[0, : got.shape[0] * got.shape[1]]
+    torch.testing.assert_close(got.flatten(0, 1), expected)
