@@ -190,11 +190,13 @@ def score_pages(q: torch.Tensor, summary: torch.Tensor, *, kind: SummaryKind) ->
     kv_heads = summary.shape[1]
     group = heads // kv_heads
     qf = q.float().reshape(batch, kv_heads, group, length, dim)
-    sf = summary.float()
     if kind == "repr":
         query = qf.mean(dim=3).sum(dim=2)  # [B, Hkv, D]
-        keys = sf.mean(dim=2)  # [P, Hkv, D]
-        return torch.einsum("bgd,pgd->bgp", query, keys)
+        # one row (InfLLM keeps the mean representative key): a view, no pass over P·R rows
+        keys = summary[:, :, 0].float() if summary.shape[2] == 1 else summary.float().mean(2)
+        # per KV head [B, D] x [D, P]: a bmm, cheaper than einsum's permutes for one token
+        return torch.bmm(query.transpose(0, 1), keys.permute(1, 2, 0)).transpose(0, 1)
+    sf = summary.float()
     if kind == "bounds":
         # Σ_d max(q_d·min_d, q_d·max_d) = q⁺·max + q⁻·min: two matmuls, no [.., P, D] tensor
         low, high = sf[:, :, 0], sf[:, :, 1]  # [P, Hkv, D]

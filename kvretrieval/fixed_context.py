@@ -79,7 +79,9 @@ class FixedContext:
         front = store.tiers[0]
         assert isinstance(front, TensorTier)  # open_kv_store puts a tensor tier in front
         router = SlotRouter(front)
-        layers = [_layer(i, layer, config, dtype, device) for i, layer in enumerate(saved)]
+        layers = [
+            _layer(i, layer, config, selector, dtype, device) for i, layer in enumerate(saved)
+        ]
         for built in layers:
             router.add(built.pages)
         return cls(layers, store, router, owned)
@@ -121,7 +123,12 @@ class FixedContext:
 
 
 def _layer(
-    index: int, saved: dict[str, Any], config: KVConfig, dtype: torch.dtype, device: torch.device
+    index: int,
+    saved: dict[str, Any],
+    config: KVConfig,
+    selector: PageSelector,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> ContextLayer:
     """One layer, its tensors on the model's device; sinks in buffers of capacity n_init."""
     n_init = config.n_init
@@ -137,7 +144,7 @@ def _layer(
     buffers[0][:, :count] = sink_k
     buffers[1][:, :count] = sink_v
     starts = [int(start) for start in saved["starts"].tolist()]
-    summaries = put(saved["summaries"])
+    summaries = put(selector.adopt_summaries(saved["summaries"]))
     if summaries.shape[0] != len(starts):
         raise InvalidInputError("path", f"layer {index}: summaries and pages disagree")
     full = torch.full((len(starts), heads), config.block_size, dtype=torch.long)

@@ -430,6 +430,7 @@ class LayerMemory(CacheLayerMixin):
         self.window.reset(saved["window_k"], saved["window_v"], int(saved["window_start"]))
         self.sinks.reset(saved["sink_k"], saved["sink_v"])
         starts = saved["starts"].tolist()
+        summaries = self.selector.adopt_summaries(saved["summaries"])
         lengths = saved.get("lengths")  # absent before regrouped pages: every page full
         for first in range(0, len(starts), 64):  # a bounded number of pages up at a time
             ids = [self.pages.page_id(i) for i in range(first, min(first + 64, len(starts)))]
@@ -438,7 +439,7 @@ class LayerMemory(CacheLayerMixin):
             self.pages.extend(
                 torch.stack([payload["k"] for payload in payloads]),
                 torch.stack([payload["v"] for payload in payloads]),
-                saved["summaries"][first : first + len(ids)],
+                summaries[first : first + len(ids)],
                 starts[first : first + len(ids)],
                 [page.metadata for page in pages],
                 None if lengths is None else lengths[first : first + len(ids)],

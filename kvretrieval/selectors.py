@@ -64,6 +64,11 @@ class PageSelector:
         """Scores [1, Hkv, P] of pages (summaries [P, Hkv, R, D]) for queries [1, Hq, T, D]."""
         raise NotImplementedError
 
+    def adopt_summaries(self, summaries: torch.Tensor) -> torch.Tensor:
+        """Summaries [P, Hkv, R', D] saved by an earlier memlayer, in the shape `summarize`
+        gives now (the default: unchanged)."""
+        return summaries
+
     def choose(
         self, queries: list[torch.Tensor], summaries: list[torch.Tensor], k: int
     ) -> torch.Tensor:
@@ -135,7 +140,8 @@ class InfLLMSelector(PageSelector):
     """InfLLM: a page is represented by the `repr_topk` keys the local window attended to most.
 
     Score = mean chunk query · mean representative key, summed over heads, so every head
-    shares one selection.
+    shares one selection. The score is linear in the representative keys, so a page keeps
+    their mean (one row) and a step reads P rows instead of averaging P·repr_topk.
     """
 
     repr_topk: int = 4
@@ -150,7 +156,7 @@ class InfLLMSelector(PageSelector):
 
     @property
     def summary_rows(self) -> int:
-        return self.repr_topk
+        return 1
 
     def summarize(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         kv_heads, dim = keys.shape[1], keys.shape[-1]
@@ -158,11 +164,18 @@ class InfLLMSelector(PageSelector):
         attended = torch.einsum("gd,ngsd->ngs", group_query, keys.float())
         take = min(self.repr_topk, keys.shape[2])
         top = attended.topk(take, dim=-1).indices  # [N, Hkv, R]
-        return torch.gather(keys, 2, top.unsqueeze(-1).expand(-1, -1, -1, dim))
+        chosen = torch.gather(keys, 2, top.unsqueeze(-1).expand(-1, -1, -1, dim))
+        return chosen.float().mean(dim=2, keepdim=True).to(keys.dtype)
 
     def score(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
         per_head = score_pages(queries, summaries, kind="repr")
         return per_head.sum(dim=1, keepdim=True).expand_as(per_head)
+
+    def adopt_summaries(self, summaries: torch.Tensor) -> torch.Tensor:
+        """memlayer 0.2 kept the `repr_topk` keys themselves: their mean scores the same."""
+        if summaries.shape[2] == 1:
+            return summaries
+        return summaries.float().mean(dim=2, keepdim=True).to(summaries.dtype)
 
 
 @SELECTORS.register("quest")

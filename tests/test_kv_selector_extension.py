@@ -130,3 +130,29 @@ def test_saved_options_rebuild_a_named_selector_and_bad_ones_are_refused(tmp_pat
         KVSession(model, None, progress=False, repr_topk=8)
     with pytest.raises(InvalidInputError, match="repr_topk: must be a positive integer"):
         KVSession(model, None, progress=False, selector=SELECTORS.create("infllm", repr_topk=0))
+
+
+def test_infllm_keeps_the_mean_of_its_representative_keys_and_scores_by_its_definition() -> None:
+    """One row per page, the mean of the `repr_topk` keys the chunk's mean group query
+    attends to most; the score is the float64 Σ over heads of mean group query · that mean
+    (and summaries of 0.2, the keys themselves, are adopted as their mean)."""
+    gen = torch.Generator().manual_seed(3)
+    selector = SELECTORS.create("infllm", repr_topk=3)
+    keys = torch.randn(5, 2, 8, 16, generator=gen)  # [N, Hkv, S, D]
+    chunk = torch.randn(4, 6, 16, generator=gen)  # [Hq, T, D]
+    summaries = selector.summarize(keys, chunk)
+    group_query = chunk.double().reshape(2, -1, 16).mean(dim=1)  # [Hkv, D]
+    attended = torch.einsum("gd,ngsd->ngs", group_query, keys.double())
+    top = attended.topk(3, dim=-1).indices
+    chosen = torch.gather(keys.double(), 2, top[..., None].expand(-1, -1, -1, 16))
+    assert summaries.shape == (5, 2, 1, 16)
+    torch.testing.assert_close(summaries[:, :, 0].double(), chosen.mean(dim=2))
+    torch.testing.assert_close(selector.adopt_summaries(chosen.float()), summaries)
+
+    queries = torch.randn(1, 4, 3, 16, generator=gen)
+    step_query = queries[0].double().reshape(2, 2, 3, 16).mean(dim=2).sum(dim=1)  # [Hkv, D]
+    expected = torch.einsum("gd,ngd->n", step_query, chosen.mean(dim=2))
+    scores = selector.score(queries, summaries)
+    assert scores.shape == (1, 2, 5)
+    torch.testing.assert_close(scores[0, 0].double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores[0, 1], scores[0, 0])  # every head shares the selection
