@@ -2,7 +2,8 @@
 
 Steps (each in its own process, each bounded by --timeout; a failed step does not stop the
 rest): `tests` (pytest -m gpu), `kernels` (benchmarks/kernels.py), `store`
-(benchmarks/store_bench.py), `e2e` (benchmarks/e2e_gpu.py, SmolLM2 shape), `e2e-8b`
+(benchmarks/store_bench.py), `e2e` (benchmarks/e2e_gpu.py, SmolLM2 shape), `host`
+(benchmarks/gpu_host.py: a decode step's host and device time, dense and memlayer), `e2e-8b`
 (e2e_gpu.py, Llama-3-8B shape at 32K and 128K, dense and InfLLM), `video`
 (video_stream.py: a 1-hour stream at 1 frame/s through a LLaVA-OneVision-0.5B shape, memlayer
 vs dense attention), `faiss` (faiss_gpu.py: the vector index's search at 1M vectors on the CPU
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-STEPS = ["tests", "kernels", "store", "e2e", "e2e-8b", "video", "faiss"]
+STEPS = ["tests", "kernels", "store", "e2e", "host", "e2e-8b", "video", "faiss"]
 
 
 def commands(
@@ -66,6 +67,7 @@ def commands(
         *("--minutes", "60", "--json", str(out / f"video-0.5b-{stamp}.json")),
     ]
     every["faiss"] = [py, str(HERE / "faiss_gpu.py"), "--out", str(out / f"faiss-gpu-{stamp}.json")]
+    every["host"] = [py, str(HERE / "gpu_host.py"), "--out", str(out / f"gpu-host-{stamp}.json")]
     return {step: every[step] for step in steps}
 
 

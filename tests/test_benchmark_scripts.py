@@ -257,3 +257,18 @@ def test_memory_bench_small_run_measures_every_memlayer_backend(tmp_path: Path) 
         assert all(_positive(p["p50_ms"]) for p in result["curve"])
     postgres = {p["setting"] for p in results[2]["curve"]}
     assert any("filter 1%" in s for s in postgres) and any("8 clients" in s for s in postgres)
+
+
+def test_gpu_host_tiny_profiles_dense_and_memlayer_steps(tmp_path: Path) -> None:
+    out = tmp_path / "host.json"
+    done = _run("gpu_host.py", "--tiny", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    assert _positive(record["launch_us"]) and _positive(record["python_step_ns"])
+    steps = [record["dense_step"], record["dense_step_no_cudnn"], record["memlayer"]["decode_step"]]
+    for step in steps:
+        assert _positive(step["wall_ms"]) and _positive(step["host_ms"])
+        assert step["ops_per_layer"] > 0 and 0 < step["top_host_share"] <= 1
+    assert set(record["memlayer"]["prefill_tok_s_by_chunk"]) == {"512", "2048"}
+    assert all(_positive(v) for v in record["memlayer"]["prefill_tok_s_by_chunk"].values())
+    assert "| memlayer |" in done.stdout

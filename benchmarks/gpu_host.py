@@ -1,0 +1,194 @@
+"""Where a decode step's time goes on a GPU host: the host or the device.
+
+On the lent GPU machines every decode path measured so far was bound by the host (dense
+decode of an 8B model at 60-90 ms per token against 3.8 ms of weight reads). This script
+names the parts, in one run on one model (random bf16 weights, `e2e_gpu.py`'s shapes):
+  launch    host cost of one tiny kernel (20,000 in-place adds), and a pure-Python loop step;
+  dense     one decode step of transformers' eager model + DynamicCache, with SDPA as it
+            chooses its backend and with cuDNN attention ruled out: wall ms, the profiler's
+            host and device ms, kernel launches per layer, and the costliest host operator;
+  memlayer  the same for one `KVSession` decode step, and prefill tok/s by chunk size.
+
+    python benchmarks/gpu_host.py --out benchmarks/results/gpu-host.json
+    python benchmarks/gpu_host.py --tiny      # a 2-layer model on the CPU: smoke-tests the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from e2e_gpu import DEVICE, machine, random_model, synchronize
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernelEx")
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def launch_costs(launches: int) -> dict[str, float]:
+    """Microseconds per tiny kernel launched back to back, nanoseconds per Python loop step."""
+    x = torch.zeros(1, device=DEVICE)
+    for _ in range(100):
+        x.add_(1)
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(launches):
+        x.add_(1)
+    synchronize()
+    launch_us = (time.perf_counter() - started) / launches * 1e6
+    steps, total = 10 * launches, 0
+    started = time.perf_counter()
+    for i in range(steps):
+        total += i
+    return {"launch_us": launch_us, "python_step_ns": (time.perf_counter() - started) / steps * 1e9}
+
+
+def step_profile(step: Callable[[], Any], layers: int, repeats: int) -> dict[str, Any]:
+    """Wall ms (median of `repeats`) of one step, then one profiled step: host and device ms,
+    launches per layer, the operator with the most host time and its share."""
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        started = time.perf_counter()
+        step()
+        synchronize()
+        times.append(time.perf_counter() - started)
+    cuda = DEVICE.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize()
+    events = prof.key_averages()
+    host = sum(e.self_cpu_time_total for e in events)
+    top = max(events, key=lambda e: e.self_cpu_time_total)
+    return {
+        "wall_ms": 1e3 * statistics.median(times),
+        "host_ms": host / 1e3,
+        "device_ms": sum(e.self_device_time_total for e in events) / 1e3 if cuda else None,
+        "launches_per_layer": sum(e.count for e in events if e.key in LAUNCHES) / layers,
+        "ops_per_layer": sum(e.count for e in events if e.key.startswith("aten::")) / layers,
+        "top_host_op": top.key,
+        "top_host_share": top.self_cpu_time_total / host,
+    }
+
+
+@contextmanager
+def no_grad_backends(backends: list[SDPBackend] | None) -> Iterator[None]:
+    with torch.no_grad(), sdpa_kernel(backends) if backends else nullcontext():
+        yield
+
+
+def dense_step(model: Any, context: list[int], backends: list[SDPBackend] | None) -> Any:
+    """A decode step of the dense model after prefilling `context` (the cache grows a token per
+    call, as in generation)."""
+    from transformers import DynamicCache
+
+    from memlayer.kvretrieval.model import cache_argument
+
+    cache = {cache_argument(model): DynamicCache(config=model.config)}
+    with no_grad_backends(backends):
+        model(torch.tensor([context], device=DEVICE), logits_to_keep=1, **cache)
+
+    def step() -> None:
+        with no_grad_backends(backends):
+            model(torch.tensor([[5]], device=DEVICE), **cache)
+
+    return step
+
+
+def memlayer_runs(model: Any, context: list[int], chunks: list[int]) -> dict[str, Any]:
+    """Prefill tok/s per chunk size (after a warm-up feed), and one decode step's profile."""
+    from memlayer import KVSession
+
+    warm = KVSession(model, None, chat=False, progress=False)
+    warm.feed(context[:2048])
+    warm.continue_ids([1], 2)
+    prefill = {}
+    for chunk in chunks:
+        session = KVSession(model, None, chat=False, progress=False, chunk_size=chunk)
+        synchronize()
+        started = time.perf_counter()
+        session.feed(context)
+        synchronize()
+        prefill[str(chunk)] = len(context) / (time.perf_counter() - started)
+    session = KVSession(model, None, chat=False, progress=False)
+    session.feed(context)
+    layers = model.config.num_hidden_layers
+    step = step_profile(lambda: session.continue_ids([1], 1), layers, repeats=10)
+    return {"prefill_tok_s_by_chunk": prefill, "decode_step": step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", default="smollm2", choices=["smollm2", "llama3-8b"])
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--tiny", action="store_true", help="tiny shape, 2K; CPU ok")
+    parser.add_argument("--out", type=Path, help="JSON file for the results")
+    args = parser.parse_args()
+    if args.tiny:
+        args.shape, args.context, args.chunks = "tiny", 2048, [512, 2048]
+    elif DEVICE.type != "cuda":
+        sys.exit("gpu_host.py: needs a CUDA GPU (or --tiny to smoke-test on the CPU)")
+    record: dict[str, Any] = {
+        "command": shlex.join(["python", "benchmarks/gpu_host.py", *sys.argv[1:]]),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "model": {"shape": args.shape, "weights": "random", "dtype": "bfloat16"},
+        "context": args.context,
+        **launch_costs(2000 if args.tiny else 20000),
+    }
+    model = random_model(args.shape)
+    layers = model.config.num_hidden_layers
+    context = torch.randint(100, 49000, (args.context,), generator=torch.Generator().manual_seed(1))
+    tokens = context.tolist()
+    record["dense_step"] = step_profile(dense_step(model, tokens, None), layers, repeats=20)
+    no_cudnn = dense_step(model, tokens, NO_CUDNN)
+    record["dense_step_no_cudnn"] = step_profile(no_cudnn, layers, repeats=20)
+    record["memlayer"] = memlayer_runs(model, tokens, args.chunks)
+    print(
+        f"{record['machine'].get('gpu', 'cpu')}: launch {record['launch_us']:.1f} us, "
+        f"Python loop step {record['python_step_ns']:.0f} ns"
+    )
+    print(
+        "| decode step | wall ms | host ms | device ms | launches/layer | aten calls/layer, nested "
+        "| top host op (share) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    steps = [
+        ("dense, SDPA's choice", record["dense_step"]),
+        ("dense, no cuDNN attention", record["dense_step_no_cudnn"]),
+        ("memlayer", record["memlayer"]["decode_step"]),
+    ]
+    for name, row in steps:
+        device = "" if row["device_ms"] is None else f"{row['device_ms']:.1f}"
+        print(
+            f"| {name} | {row['wall_ms']:.1f} | {row['host_ms']:.1f} | {device} | "
+            f"{row['launches_per_layer']:.0f} | {row['ops_per_layer']:.0f} | "
+            f"{row['top_host_op']} ({row['top_host_share']:.0%}) |"
+        )
+    prefill = record["memlayer"]["prefill_tok_s_by_chunk"]
+    print(
+        "memlayer prefill tok/s by chunk: "
+        + ", ".join(f"{c}: {v:,.0f}" for c, v in prefill.items())
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
