@@ -7,7 +7,9 @@ names the parts, in one run on one model (random bf16 weights, `e2e_gpu.py`'s sh
   dense     one decode step of transformers' eager model + DynamicCache, with SDPA as it
             chooses its backend and with cuDNN attention ruled out: wall ms, the profiler's
             host and device ms, kernel launches per layer, and the costliest host operator;
-  memlayer  the same for one `KVSession` decode step, and prefill tok/s by chunk size.
+  memlayer  the same for one `KVSession` decode step (a question answered with 9 tokens less
+            the same question with 1: its prompt and the context's checkpoint cancel out),
+            and prefill tok/s by chunk size.
 
     python benchmarks/gpu_host.py --out benchmarks/results/gpu-host.json
     python benchmarks/gpu_host.py --tiny      # a 2-layer model on the CPU: smoke-tests the script
@@ -54,32 +56,55 @@ def launch_costs(launches: int) -> dict[str, float]:
     return {"launch_us": launch_us, "python_step_ns": (time.perf_counter() - started) / steps * 1e9}
 
 
-def step_profile(step: Callable[[], Any], layers: int, repeats: int) -> dict[str, Any]:
-    """Wall ms (median of `repeats`) of one step, then one profiled step: host and device ms,
-    launches per layer, the operator with the most host time and its share."""
+def measure(run: Callable[[], Any], repeats: int) -> dict[str, Any]:
+    """Wall seconds of `run` (median of `repeats`), then one profiled run: host and device
+    microseconds, kernel launches, aten calls (nested included), host time per operator."""
     times = []
     for _ in range(repeats):
         synchronize()
         started = time.perf_counter()
-        step()
+        run()
         synchronize()
         times.append(time.perf_counter() - started)
     cuda = DEVICE.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        step()
+        run()
         synchronize()
     events = prof.key_averages()
-    host = sum(e.self_cpu_time_total for e in events)
-    top = max(events, key=lambda e: e.self_cpu_time_total)
     return {
-        "wall_ms": 1e3 * statistics.median(times),
+        "wall_s": statistics.median(times),
+        "host_us": sum(e.self_cpu_time_total for e in events),
+        "device_us": sum(e.self_device_time_total for e in events) if cuda else None,
+        "launches": sum(e.count for e in events if e.key in LAUNCHES),
+        "calls": sum(e.count for e in events if e.key.startswith("aten::")),
+        "by_op": {e.key: e.self_cpu_time_total for e in events},
+    }
+
+
+def per_step(
+    runs: dict[str, Any], layers: int, steps: int = 1, before: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One step's share of `runs` (measure's totals over `steps` steps, less those of
+    `before`, a run of everything but those steps): ms, launches and calls per layer, and
+    the operator with the most host time and its share."""
+
+    def step(key: str) -> float:
+        return (runs[key] - (before[key] if before else 0)) / steps
+
+    by_op = {
+        op: (us - (before["by_op"].get(op, 0) if before else 0)) for op, us in runs["by_op"].items()
+    }
+    host = step("host_us")
+    top = max(by_op, key=lambda op: by_op[op])
+    return {
+        "wall_ms": 1e3 * step("wall_s"),
         "host_ms": host / 1e3,
-        "device_ms": sum(e.self_device_time_total for e in events) / 1e3 if cuda else None,
-        "launches_per_layer": sum(e.count for e in events if e.key in LAUNCHES) / layers,
-        "ops_per_layer": sum(e.count for e in events if e.key.startswith("aten::")) / layers,
-        "top_host_op": top.key,
-        "top_host_share": top.self_cpu_time_total / host,
+        "device_ms": None if runs["device_us"] is None else step("device_us") / 1e3,
+        "launches_per_layer": step("launches") / layers,
+        "ops_per_layer": step("calls") / layers,
+        "top_host_op": top,
+        "top_host_share": by_op[top] / steps / host,
     }
 
 
@@ -107,8 +132,10 @@ def dense_step(model: Any, context: list[int], backends: list[SDPBackend] | None
     return step
 
 
-def memlayer_runs(model: Any, context: list[int], chunks: list[int]) -> dict[str, Any]:
-    """Prefill tok/s per chunk size (after a warm-up feed), and one decode step's profile."""
+def memlayer_runs(model: Any, context: list[int], chunks: list[int], steps: int) -> dict[str, Any]:
+    """Prefill tok/s per chunk size (after a warm-up feed), and a decode step's profile: a
+    question answered with 1 + `steps` tokens less the same question with 1 token (its
+    prompt's forward and the checkpoint and restore of the fed context cancel out)."""
     from memlayer import KVSession
 
     warm = KVSession(model, None, chat=False, progress=False)
@@ -125,7 +152,9 @@ def memlayer_runs(model: Any, context: list[int], chunks: list[int]) -> dict[str
     session = KVSession(model, None, chat=False, progress=False)
     session.feed(context)
     layers = model.config.num_hidden_layers
-    step = step_profile(lambda: session.continue_ids([1], 1), layers, repeats=10)
+    short = measure(lambda: session.continue_ids([1], 1), repeats=5)
+    long = measure(lambda: session.continue_ids([1], 1 + steps), repeats=5)
+    step = per_step(long, layers, steps, before=short)
     return {"prefill_tok_s_by_chunk": prefill, "decode_step": step}
 
 
@@ -155,10 +184,10 @@ def main() -> None:
     layers = model.config.num_hidden_layers
     context = torch.randint(100, 49000, (args.context,), generator=torch.Generator().manual_seed(1))
     tokens = context.tolist()
-    record["dense_step"] = step_profile(dense_step(model, tokens, None), layers, repeats=20)
+    record["dense_step"] = per_step(measure(dense_step(model, tokens, None), 20), layers)
     no_cudnn = dense_step(model, tokens, NO_CUDNN)
-    record["dense_step_no_cudnn"] = step_profile(no_cudnn, layers, repeats=20)
-    record["memlayer"] = memlayer_runs(model, tokens, args.chunks)
+    record["dense_step_no_cudnn"] = per_step(measure(no_cudnn, 20), layers)
+    record["memlayer"] = memlayer_runs(model, tokens, args.chunks, steps=8)
     print(
         f"{record['machine'].get('gpu', 'cpu')}: launch {record['launch_us']:.1f} us, "
         f"Python loop step {record['python_step_ns']:.0f} ns"
