@@ -6,6 +6,8 @@ layers, 32 / 8 heads of 128): time and memory do not depend on the weights. Accu
 passkey.py's job. For each context length, in one run:
   dense     the HF model with a DynamicCache: one prefill forward (last token's logits
             only), then greedy one-token forwards;
+  dense-no-cudnn  the same with SDPA's cuDNN backend ruled out (on the lent H200 its host
+            cost per call was 60% of a dense decode step's host time);
   infllm,   KVSession with that selector and its default span (2K tokens): feed in chunks,
   quest     then greedy tokens through `continue_ids`.
 Prefill is tokens/s over the synchronised wall time; decode is ms per generated token (mean
@@ -18,6 +20,7 @@ over the tokens; dense also gives its median); memory is torch's peak allocation
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
@@ -93,13 +96,17 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return result, time.perf_counter() - started
 
 
-def run_dense(model: Any, context: list[int], new_tokens: int) -> dict[str, float]:
+def run_dense(
+    model: Any, context: list[int], new_tokens: int, cudnn: bool = True
+) -> dict[str, float]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import DynamicCache
 
     from memlayer.kvretrieval.model import cache_argument
 
     cache = {cache_argument(model): DynamicCache(config=model.config)}
-    with torch.no_grad():
+    others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with torch.no_grad(), sdpa_kernel(others) if not cudnn else contextlib.nullcontext():
         out, prefill_s = timed(
             lambda: model(torch.tensor([context], device=DEVICE), logits_to_keep=1, **cache)
         )
@@ -176,7 +183,9 @@ def main() -> None:
     )
     parser.add_argument("--shape", default="smollm2", choices=SHAPES)
     parser.add_argument("--contexts", nargs="+", default=["8k", "32k", "128k"], choices=CONTEXTS)
-    parser.add_argument("--methods", nargs="+", default=["dense", "infllm", "quest"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["dense", "dense-no-cudnn", "infllm", "quest"]
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--tiny", action="store_true", help="tiny shape, 2K, 4 tokens; CPU ok")
     parser.add_argument("--profile", type=Path, help="also write a profile of one chunk here")
@@ -199,8 +208,8 @@ def main() -> None:
             if DEVICE.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            if method == "dense":
-                row = run_dense(model, context, args.new_tokens)
+            if method in ("dense", "dense-no-cudnn"):
+                row = run_dense(model, context, args.new_tokens, cudnn=method == "dense")
             else:
                 row = run_memlayer(model, context, args.new_tokens, method)
             row = {"context": name, "method": method, **row}

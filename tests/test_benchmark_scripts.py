@@ -46,7 +46,7 @@ def test_e2e_tiny_measures_dense_and_both_selectors(tmp_path: Path) -> None:
     done = _run("e2e_gpu.py", "--tiny", "--out", str(out))
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [row["method"] for row in rows] == ["dense", "infllm", "quest"]
+    assert [row["method"] for row in rows] == ["dense", "dense-no-cudnn", "infllm", "quest"]
     assert all(_positive(row["prefill_tok_s"]) and _positive(row["decode_ms"]) for row in rows)
 
 
