@@ -57,7 +57,7 @@ from memlayer.errors import (
     NotFoundError,
     StorageError,
 )
-from memlayer.stores.codec import decode, encode, read_header
+from memlayer.stores.codec import TensorLayout, decode, encode, read_header
 from memlayer.stores.tier import Tier
 from memlayer.types import Page
 
@@ -103,6 +103,17 @@ class Location:
 
 
 @dataclass(frozen=True)
+class _Parsed:
+    """A page body's header, parsed once: where its tensor bytes start, the page without its
+    payload, and its tensors in order. Records are never rewritten, so it stays true for
+    as long as the page id names the same record."""
+
+    start: int
+    page: Page
+    layout: TensorLayout
+
+
+@dataclass(frozen=True)
 class Damage:
     """A corrupt stretch of a segment: bytes [`offset`, `end`) of `segment` and why.
 
@@ -128,6 +139,10 @@ class _Frame:
     @property
     def end(self) -> int:
         return self.location.offset + self.location.length
+
+
+def _signature(layout: TensorLayout) -> Signature:
+    return tuple((name, dtype, shape) for name, dtype, shape, _ in layout)
 
 
 def _record(
@@ -235,6 +250,7 @@ class DiskTier(Tier):
         self._live_bytes = 0
         self._maps: dict[int, mmap.mmap] = {}
         self._readers: dict[int, int] = {}  # segment -> read-only fd for read_into
+        self._parsed: dict[str, _Parsed] = {}  # headers read_into has parsed (or put wrote)
         self._lock = threading.RLock()
         self._closed = False
         try:
@@ -284,6 +300,7 @@ class DiskTier(Tier):
                     )
             for page_id, body in records:
                 self._append(_PUT, page_id, body)
+                self._remember_header(page_id, body)
             self._flush()
         return []
 
@@ -317,7 +334,11 @@ class DiskTier(Tier):
         (or None to decline), the file's bytes are read into them with one `preadv`, and the
         checksum is verified over what arrived (CorruptionError as `get` raises it; the
         destinations then hold garbage). Returns the page without its payload; None when
-        the page cannot be read this way (bytes payload, declined): use `get`."""
+        the page cannot be read this way (bytes payload, declined): use `get`.
+
+        A header is parsed once (when `put` writes it, or on the first read of a page found
+        on disk) and kept: later reads are one `preadv` of the header's bytes and the
+        tensors, with no JSON on the way; the checksum still covers both."""
         with self._lock:  # compaction closes readers under it: no read through a stale fd
             self._check_open()
             location = self._index.get(page_id)
@@ -325,21 +346,24 @@ class DiskTier(Tier):
                 self.counters.misses += 1
                 raise NotFoundError("page", page_id)
             fd = self._reader(location.segment)
-            prefix = os.pread(fd, min(location.length, 1024), location.offset)
-            parsed = read_header(prefix)
+            parsed = self._parsed.get(page_id)
             if parsed is None:
-                return None
-            start, page, layout = parsed
-            if start + sum(nbytes for *_, nbytes in layout) != location.length:
-                return None
-            sig = tuple((name, dtype, shape) for name, dtype, shape, _ in layout)
-            fields = destinations(sig)
+                prefix = os.pread(fd, min(location.length, 1024), location.offset)
+                parsed = self._parse(prefix, location)
+                if parsed is None:
+                    return None
+            fields = destinations(_signature(parsed.layout))
             if fields is None:
                 return None
-            views = [fields[name].view(torch.uint8).reshape(-1).numpy().data for name, *_ in layout]
-            if os.preadv(fd, views, location.offset + start) != location.length - start:
+            head = bytearray(parsed.start)
+            views = [memoryview(head)]
+            views += [
+                fields[name].view(torch.uint8).reshape(-1).numpy().data
+                for name, *_ in parsed.layout
+            ]
+            if os.preadv(fd, views, location.offset) != location.length:
                 raise StorageError(f"page {page_id!r}: short read from segment {location.segment}")
-        digest = xxhash.xxh3_64(prefix[:start])
+        digest = xxhash.xxh3_64()
         for view in views:
             digest.update(view)
         if digest.intdigest() != location.checksum:
@@ -348,8 +372,29 @@ class DiskTier(Tier):
                 f"page {page_id!r}: body checksum mismatch in segment {damage.segment} "
                 f"at {damage.offset} (kept on disk, never returned)"
             )
+        with self._lock:
+            if self._index.get(page_id) == location:  # the header read is the one verified
+                self._parsed.setdefault(page_id, parsed)
         self.counters.hits += 1
-        return page
+        return replace(parsed.page, metadata=dict(parsed.page.metadata))
+
+    @staticmethod
+    def _parse(prefix: bytes, location: Location) -> _Parsed | None:
+        """The header at the start of a body whose first bytes are `prefix`; None when it
+        does not parse or its tensors do not fill the body exactly."""
+        found = read_header(prefix)
+        if found is None:
+            return None
+        start, page, layout = found
+        if start + sum(nbytes for *_, nbytes in layout) != location.length:
+            return None
+        return _Parsed(start, page, layout)
+
+    def _remember_header(self, page_id: str, body: bytes) -> None:
+        """Keep the header of a body just written (the next read_into skips parsing it)."""
+        parsed = self._parse(body[:1024], self._index[page_id])
+        if parsed is not None:
+            self._parsed[page_id] = parsed
 
     def get_many(self, page_ids: Sequence[str], *, transient: bool = False) -> list[Page]:
         """The pages, read as `get` reads them (`transient`: views of the memory maps)."""
@@ -374,6 +419,7 @@ class DiskTier(Tier):
             for fd in self._readers.values():
                 os.close(fd)
             self._readers.clear()
+            self._parsed.clear()
 
     def stats(self) -> dict[str, float | int | str | None]:
         return {
@@ -514,6 +560,7 @@ class DiskTier(Tier):
                 raise StorageError(f"fsync failed in {self.path}: {exc}") from exc
 
     def _forget(self, page_id: str) -> None:
+        self._parsed.pop(page_id, None)
         location = self._index.pop(page_id, None)
         if location is not None:
             self._live_bytes -= location.length

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from memlayer.errors import CapacityError, CorruptionError
-from memlayer.stores import DiskTier, PageStore, TensorTier
+from memlayer.stores import DiskTier, PageStore, TensorTier, disk_tier
 from memlayer.types import Page
 
 PAGE_BYTES = 2 * 4 * 16 * 8 * 2  # k and v, [4, 16, 8] bf16
@@ -94,4 +94,42 @@ def test_bring_up_makes_pages_resident_together_or_refuses(tmp_path: Path) -> No
     assert all(page_id in ram for page_id in ids[:2])
     with pytest.raises(CapacityError, match="bring_up of 3 pages does not fit tier 'ram'"):
         store.bring_up(ids[:3])
+    store.close()
+
+
+def test_a_header_is_parsed_once_and_a_damaged_header_is_still_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the first read of a page found on disk, promotion parses no JSON; the checksum
+    still covers the header's bytes, so a flipped byte there is refused."""
+    pages = _pages(6)
+    _, _, disk = _store(tmp_path)
+    disk.put_many(pages)
+    disk.close()
+    store, ram, disk = _store(tmp_path)  # reopened: nothing parsed yet
+    parses: list[bytes] = []
+    real = disk_tier.read_header
+    monkeypatch.setattr(
+        disk_tier, "read_header", lambda prefix: parses.append(prefix) or real(prefix)
+    )
+    ids = [page.id for page in pages]
+    for _ in range(3):
+        for page_id in ids[:2]:
+            if page_id in ram:
+                ram.evict(page_id)
+        store.bring_up(ids[:2])
+    assert len(parses) == 2  # once per page, not once per read
+    for page in pages[:2]:
+        assert torch.equal(ram.get(page.id).payload["v"], page.payload["v"])
+        assert ram.get(page.id).metadata == page.metadata
+
+    segment = next((tmp_path / "disk").glob("segment-*.log"))
+    data = bytearray(segment.read_bytes())
+    at = data.find(b'"index":0')
+    assert at > 0
+    data[at + len('"index":')] = ord("7")  # still valid JSON: only the checksum can tell
+    segment.write_bytes(bytes(data))
+    ram.evict(ids[0])
+    with pytest.raises(CorruptionError, match="checksum"):
+        store.bring_up(ids[:1])
     store.close()
