@@ -240,6 +240,23 @@ def test_quest_bound_is_an_upper_bound(gen: torch.Generator) -> None:
     assert (upper >= actual - 1e-5).all()
 
 
+def test_quest_score_is_its_definition_for_every_batch_head_and_token(
+    gen: torch.Generator,
+) -> None:
+    """Quest's score of page p for KV head g: the max over the group's query heads and the
+    tokens of Σ_d max(q_d·min_d, q_d·max_d), against a float64 loop over the definition."""
+    q = torch.randn(2, 6, 3, 8, generator=gen)  # B=2, 3 KV heads of 2 query heads, T=3
+    keys = torch.randn(5, 3, 4, 8, generator=gen)
+    bounds = torch.stack([keys.amin(dim=2), keys.amax(dim=2)], dim=2)
+    expected = torch.empty(2, 3, 5, dtype=torch.float64)
+    for b, g, p in itertools.product(range(2), range(3), range(5)):
+        rows = q[b, 2 * g : 2 * g + 2].double().reshape(-1, 8)
+        low, high = bounds[p, g, 0].double(), bounds[p, g, 1].double()
+        expected[b, g, p] = torch.maximum(rows * low, rows * high).sum(dim=-1).max()
+    got = score_pages(q, bounds, kind="bounds")
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_selection_pads_when_pages_are_few() -> None:
     """Fewer pages than k: all of them, ascending, then -1."""
     chosen = select_pages(torch.tensor([[[0.3, 0.9]]]), 4)
