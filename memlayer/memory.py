@@ -401,11 +401,7 @@ class Memory:
             raise InvalidInputError("mode", f"must be one of {', '.join(MODES)}", mode)
         filter_rules.validate(filters)
         self._check_open()
-        ranked = self._retriever.rank(query, k, mode, owner, filters, vector)
-        records = self._records.fetch(
-            [rowid for rowid, _ in ranked], owner, filters, embeddings=embeddings
-        )
-        return [(records[rowid], score) for rowid, score in ranked if rowid in records]
+        return self._retriever.search(query, k, mode, owner, filters, vector, embeddings)
 
     def context(
         self,

@@ -18,15 +18,23 @@ from typing import Any
 import numpy as np
 
 from memlayer.retrievers.vector_index import IndexConfig
-from memlayer.stores.records import RecordStore
+from memlayer.retrievers.vector_search import Fetch, Hits, Ranking
+from memlayer.stores.records import DEFAULT_TENANT, RecordStore, record_of
 from memlayer.types import Scope
 
-Ranking = list[tuple[int, float]]
+Found = list[tuple[int, float, Any]]  # (rowid, cosine, the row read with it or None)
 _INDEX = "records_embedding_hnsw"
+_MAX_EF_SEARCH = 1000  # the largest hnsw.ef_search pgvector accepts
 
 
 class PgVectorSearch:
-    """Top-k by cosine over the records table, through HNSW or an exact scan."""
+    """Top-k by cosine over the records table, through HNSW or an exact scan.
+
+    One search is one transaction on one connection: the planner's estimate of the matches
+    where it can change the way (`EXPLAIN`, no rows read), the way's settings, then one
+    statement that ranks and, for `search_records`, reads the hits' records with it (the
+    ranked ids joined back to the table by primary key); again exactly when HNSW comes back
+    with fewer than k."""
 
     def __init__(self, records: RecordStore, config: IndexConfig) -> None:
         self._records = records
@@ -42,14 +50,55 @@ class PgVectorSearch:
         self, vector: np.ndarray, k: int, condition: Any, scope: Scope, whole_tenant: bool
     ) -> Ranking:
         """The k records matching `condition` nearest to `vector` (cosine), best first."""
+        found = self._search(vector, k, condition, scope, whole_tenant, None)
+        return [(rowid, score) for rowid, score, _ in found]
+
+    def search_records(
+        self,
+        vector: np.ndarray,
+        k: int,
+        condition: Any,
+        scope: Scope,
+        whole_tenant: bool,
+        *,
+        embeddings: bool,
+        fetch: Fetch,
+    ) -> Hits:
+        """`search` with each hit's record, read by the ranking statement itself (`fetch`
+        is not needed: the records come from the same snapshot, under the same condition)."""
+        columns = self._records.record_columns(embeddings)
+        found = self._search(vector, k, condition, scope, whole_tenant, columns)
+        return [(record_of(row), score) for _, score, row in found]
+
+    def _search(
+        self,
+        vector: np.ndarray,
+        k: int,
+        condition: Any,
+        scope: Scope,
+        whole_tenant: bool,
+        columns: list[Any] | None,
+    ) -> Found:
+        """The true top-k of the matches when the planner expects at most `pg_exact_below`
+        of them (an exact scan); otherwise HNSW's, exactly again if it finds fewer than k.
+        A search of a whole tenant that is alone in a table the planner knows to hold more
+        than `pg_exact_below` records goes through HNSW without asking for the estimate
+        (it would be the table's size): the check rides on the index settings' statement."""
         query = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
-        ef_search = max(self._config.hnsw_ef_search, k)
+        # pgvector takes at most 1,000: a larger k walks on iteratively, or comes back short
+        ef_search = min(max(self._config.hnsw_ef_search, k), _MAX_EF_SEARCH)
         with self._records.engine.begin() as conn:
-            if self._few(conn, condition):
-                return self._ranked(conn, query, k, condition, None)
-            found = self._ranked(conn, query, k, condition, ef_search)
+            tenant = scope.tenant_id or DEFAULT_TENANT
+            if not (whole_tenant and self._index_settings(conn, ef_search, tenant)):
+                if self._few(conn, condition):
+                    self._exact_settings(conn, after_index=whole_tenant)
+                    return self._ranked(conn, query, k, condition, None, columns)
+                if not whole_tenant:  # (a whole tenant's search has them already)
+                    self._index_settings(conn, ef_search, None)
+            found = self._ranked(conn, query, k, condition, ef_search, columns)
             if len(found) < k:
-                return self._ranked(conn, query, k, condition, None)
+                self._exact_settings(conn, after_index=False)
+                return self._ranked(conn, query, k, condition, None, columns)
             return found
 
     @contextmanager
@@ -85,32 +134,76 @@ class PgVectorSearch:
         )
 
     def _ranked(
-        self, conn: Any, query: np.ndarray, k: int, condition: Any, ef_search: int | None
-    ) -> Ranking:
-        """Top-k through the HNSW index (`ef_search` given) or by an exact scan (None)."""
+        self,
+        conn: Any,
+        query: np.ndarray,
+        k: int,
+        condition: Any,
+        ef_search: int | None,
+        columns: list[Any] | None = None,
+    ) -> Found:
+        """Top-k through the HNSW index (`ef_search` given) or by an exact scan (None), under
+        the settings the caller made for that way, in one statement: (rowid, cosine, row),
+        the row of `columns` when given (the ranked ids joined back to the table), else
+        None."""
         from sqlalchemy import select
 
         table = self._records.records
-        if ef_search is None:  # no index scan (HNSW's order is approximate); bitmap scans
-            # of the scope and metadata indexes still find the matching rows
-            conn.exec_driver_sql("SELECT set_config('enable_indexscan', 'off', true)")
-        else:  # the caller chose the index: keep the planner off a full sort of the table
-            self._index_settings(conn, ef_search)
-        distance = table.c.embedding.cosine_distance(query)
-        stmt = select(table.c.rowid, distance).where(condition).order_by(distance).limit(k)
-        found = [(int(rowid), 1.0 - float(d)) for rowid, d in conn.execute(stmt)]
+        distance = table.c.embedding.cosine_distance(query).label("distance")
+        ranking = select(table.c.rowid, distance).where(condition).order_by(distance).limit(k)
+        if columns is None:
+            rows = conn.execute(ranking)
+            found = [(int(row.rowid), 1.0 - float(row.distance), None) for row in rows]
+        else:
+            ranked = ranking.subquery("ranked")
+            stmt = (
+                select(ranked.c.distance, *columns)
+                .join_from(ranked, table, table.c.rowid == ranked.c.rowid)
+                .order_by(ranked.c.distance)
+            )
+            found = [
+                (int(row.rowid), 1.0 - float(row.distance), row._mapping)
+                for row in conn.execute(stmt)
+            ]
         return sorted(found, key=lambda hit: -hit[1])  # a relaxed iterative scan's order
 
-    def _index_settings(self, conn: Any, ef_search: int) -> None:
+    def _exact_settings(self, conn: Any, *, after_index: bool) -> None:
+        """No index scan (HNSW's order is approximate); bitmap scans of the scope and
+        metadata indexes still find the matching rows. `after_index`: the index settings
+        were made in this transaction and the exact way was chosen after them, so the
+        sequential scans they turned off are turned back to the server's setting."""
+        calls = "set_config('enable_indexscan', 'off', true)"
+        if after_index:
+            calls += (
+                ", set_config('enable_seqscan', "
+                "(SELECT reset_val FROM pg_settings WHERE name = 'enable_seqscan'), true)"
+            )
+        conn.exec_driver_sql(f"SELECT {calls}")
+
+    def _index_settings(self, conn: Any, ef_search: int, tenant: str | None) -> bool:
         """This transaction's index scan settings, in one round trip: the HNSW index over a
         sort of the table, `ef_search` candidates, and an iterative scan where the server's
         pgvector has one: relaxed order (better recall under a filter: 0.58 against 0.47
-        for strict order at 1M records under a 1% filter), re-sorted by `_ranked`."""
+        for strict order at 1M records under a 1% filter), re-sorted by `_ranked`.
+
+        With `tenant`, the same statement answers whether the planner's estimate for that
+        whole tenant would exceed `pg_exact_below` (so HNSW is the way): the tenant is the
+        only one in the table (the lowest and highest tenant ids, two seeks in the scope
+        index) and the table's analysed row count exceeds it (-1 when never analysed)."""
         settings = {"enable_seqscan": "off", "hnsw.ef_search": str(int(ef_search))}
         if self.iterative:
             settings["hnsw.iterative_scan"] = "relaxed_order"
         calls = ", ".join(f"set_config('{name}', %s, true)" for name in settings)
-        conn.exec_driver_sql(f"SELECT {calls}", tuple(settings.values()))
+        if tenant is None:
+            conn.exec_driver_sql(f"SELECT {calls}", tuple(settings.values()))
+            return False
+        check = (
+            "(SELECT min(tenant_id) FROM records) = %s AND (SELECT max(tenant_id) FROM records)"
+            " = %s AND (SELECT reltuples FROM pg_class WHERE oid = 'records'::regclass) > %s"
+        )
+        values = (*settings.values(), tenant, tenant, int(self._config.pg_exact_below))
+        row = conn.exec_driver_sql(f"SELECT {calls}, {check}", values).one()
+        return bool(row[-1])
 
     def _few(self, conn: Any, condition: Any) -> bool:
         """Whether the planner expects at most `pg_exact_below` records to match `condition`

@@ -1,8 +1,8 @@
 """The search plan: which retrievers a mode asks, how many candidates each proposes, and how
 their rankings are fused.
 
-`Memory.search` validates its arguments, hands the query, mode, scope and filters to
-`Retriever.rank`, and fetches the records of the rowids it returns.
+`Memory.search` validates its arguments and hands the query, mode, scope and filters to
+`Retriever.search`, which ranks and reads the records of the hits.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from memlayer.retrievers.fusion import reciprocal_rank_fusion
 from memlayer.retrievers.keyword_index import open_keyword_index
 from memlayer.retrievers.vector_index import IndexConfig
 from memlayer.retrievers.vector_search import open_vector_search
-from memlayer.stores.records import RecordStore
+from memlayer.stores.records import Record, RecordStore
 from memlayer.types import Scope
 
 SearchMode = Literal["hybrid", "vector", "keyword"]
@@ -59,7 +59,7 @@ class Retriever:
         self._keywords = open_keyword_index(records)
         self.plan = plan or SearchPlan()
 
-    def rank(
+    def search(
         self,
         query: str | None,
         k: int,
@@ -67,11 +67,23 @@ class Retriever:
         scope: Scope,
         filters: Filters = None,
         vector: np.ndarray | None = None,
-    ) -> Ranking:
-        """Best-first (rowid, score) of the records in `scope` matching `filters`, at most k;
-        `vector` is the query's unit embedding (1, dim) when the caller has it already (a
-        vector-mode call may give it without a text)."""
-        condition = self._records.condition(scope, filters)
+        embeddings: bool = False,
+    ) -> list[tuple[Record, float]]:
+        """Best-first (record, score) of the records in `scope` matching `filters`, at most
+        k, with their embeddings when asked; `vector` is the query's unit embedding (1, dim)
+        when the caller has it already (a vector-mode call may give it without a text).
+
+        The filters' SQL is built once. A vector-mode search reads its hits' records with
+        the ranking where the database ranks (PostgreSQL: one statement); otherwise the
+        records of the ranking are read after it, again under the scope and filters."""
+        where = self._records.filter_clause(filters)
+        condition = self._records.condition(scope, where=where)
+
+        def fetch(ranked: Ranking) -> list[tuple[Record, float]]:
+            rowids = [rowid for rowid, _ in ranked]
+            found = self._records.fetch(rowids, scope, where, embeddings=embeddings)
+            return [(found[rowid], score) for rowid, score in ranked if rowid in found]
+
         wanted = self.plan.candidates(k, mode)
         rankings: list[Ranking] = []
         if mode in ("vector", "hybrid"):
@@ -79,13 +91,17 @@ class Retriever:
             if vector is None:
                 assert query is not None, "vector search needs a text or a vector"
                 vector = self._embed([query])
+            if mode == "vector":
+                return self._vectors.search_records(
+                    vector, k, condition, scope, whole_tenant, embeddings=embeddings, fetch=fetch
+                )
             rankings.append(self._vectors.search(vector, wanted, condition, scope, whole_tenant))
         if mode in ("keyword", "hybrid"):
             assert query is not None, "keyword search needs a text query"
             narrow = bool(set(scope.as_dict()) - {"tenant_id"})
             rankings.append(self._keywords.search(query, wanted, condition, narrow))
         ranked = rankings[0] if len(rankings) == 1 else reciprocal_rank_fusion(rankings)
-        return ranked[:k]
+        return fetch(ranked[:k])
 
     def wrote(self, seq: int, rowids: Sequence[int], vectors: np.ndarray | None) -> None:
         """Apply this process's own committed write (vectors None: a delete)."""

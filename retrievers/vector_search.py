@@ -8,6 +8,7 @@ the table and pgvector searches them in SQL (`PgVectorSearch`), so no process ke
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,10 +17,12 @@ import numpy as np
 
 from memlayer.retrievers.mirror import IndexMirror
 from memlayer.retrievers.vector_index import IndexConfig
-from memlayer.stores.records import RecordStore
+from memlayer.stores.records import Record, RecordStore
 from memlayer.types import Scope
 
 Ranking = list[tuple[int, float]]
+Hits = list[tuple[Record, float]]
+Fetch = Callable[[Ranking], Hits]  # the records of a ranking, read under the search's scope
 
 
 class VectorSearch(Protocol):
@@ -30,6 +33,21 @@ class VectorSearch(Protocol):
     ) -> Ranking:
         """Best-first (rowid, cosine) of the records matching `condition`, at most k.
         `whole_tenant`: the condition is only `scope`'s tenant (no other field, no filter)."""
+        ...
+
+    def search_records(
+        self,
+        vector: np.ndarray,
+        k: int,
+        condition: Any,
+        scope: Scope,
+        whole_tenant: bool,
+        *,
+        embeddings: bool,
+        fetch: Fetch,
+    ) -> Hits:
+        """`search` with each hit's record (its embedding when asked): read in the ranking's
+        own statement where the database ranks, else by `fetch` after the ranking."""
         ...
 
     def wrote(self, seq: int, rowids: np.ndarray, vectors: np.ndarray | None) -> None:
@@ -74,6 +92,20 @@ class MirroredVectorSearch:
             self._mirror.refresh()
             scores, ids = self._mirror.index.search(vector, k, allowed)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+
+    def search_records(
+        self,
+        vector: np.ndarray,
+        k: int,
+        condition: Any,
+        scope: Scope,
+        whole_tenant: bool,
+        *,
+        embeddings: bool,
+        fetch: Fetch,
+    ) -> Hits:
+        """The FAISS ranking, then its records read from the table by `fetch`."""
+        return fetch(self.search(vector, k, condition, scope, whole_tenant))
 
     def wrote(self, seq: int, rowids: np.ndarray, vectors: np.ndarray | None) -> None:
         """Apply the write to the index now (others' writes come through the log)."""

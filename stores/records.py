@@ -353,15 +353,15 @@ class RecordStore:
         self,
         rowids: Sequence[int],
         scope: Scope,
-        filters: Mapping[str, Any] | None = None,
+        where: Any = None,
         *,
         embeddings: bool = False,
     ) -> dict[int, Record]:
-        """The records with these rowids that (still) lie in `scope` and match `filters`,
-        with their embeddings when asked."""
+        """The records with these rowids that (still) lie in `scope` and match `where` (a
+        `filter_clause`, None for none), with their embeddings when asked."""
         if not rowids:
             return {}
-        condition = self.condition(scope, filters, indexed=False)
+        condition = self.condition(scope, where=where, indexed=False)
         rows = self.fetch_where(
             self.records.c.rowid.in_([int(r) for r in rowids]) & condition, embeddings=embeddings
         )
@@ -382,9 +382,7 @@ class RecordStore:
         from sqlalchemy import select
 
         table = self.records
-        skip = ("keywords",) if embeddings else ("embedding", "keywords")
-        columns = [c for c in table.c if c.name not in skip]
-        query = select(*columns).where(condition)
+        query = select(*self.record_columns(embeddings)).where(condition)
         if oldest_first:
             query = query.order_by(table.c.rowid)
         if limit is not None:
@@ -392,7 +390,18 @@ class RecordStore:
         if offset:
             query = query.offset(offset)
         with self.engine.connect() as conn:
-            return [_record(row._mapping) for row in conn.execute(query)]
+            return [record_of(row._mapping) for row in conn.execute(query)]
+
+    def record_columns(self, embeddings: bool = False) -> list[Any]:
+        """The columns a `Record` is read from (`record_of`), the embedding when asked."""
+        skip = ("keywords",) if embeddings else ("embedding", "keywords")
+        return [c for c in self.records.c if c.name not in skip]
+
+    def filter_clause(self, filters: Mapping[str, Any] | None) -> Any:
+        """`filters` as a SQL condition on the metadata, to build once and pass as `where`."""
+        from memlayer.stores.filters import to_sql
+
+        return to_sql(filters, self.records.c.metadata, self.dialect)
 
     def condition(
         self,
@@ -402,16 +411,16 @@ class RecordStore:
         id: str | None = None,
         ids: Sequence[str] | None = None,
         indexed: bool = True,
+        where: Any = None,
     ) -> Any:
         """SQL condition: records of `scope`'s tenant whose other named scope fields match,
-        that satisfy `filters` and, when given, have this id (or one of these ids).
+        that satisfy `filters` (or `where`, the same already built by `filter_clause`) and,
+        when given, have this id (or one of these ids).
 
         `indexed=False` keeps the scope terms off the scope index, for queries that find
         their rows by rowid: SQLite would otherwise walk every row of the tenant.
         """
         from sqlalchemy import and_
-
-        from memlayer.stores.filters import to_sql
 
         table = self.records
 
@@ -424,7 +433,7 @@ class RecordStore:
             parts.append(table.c.id == id)
         if ids is not None:
             parts.append(table.c.id.in_(list(ids)))
-        parts.append(to_sql(filters, table.c.metadata, self.dialect))
+        parts.append(self.filter_clause(filters) if where is None else where)
         return and_(*parts)
 
     def only_tenant(self, tenant: str | None) -> bool:
@@ -555,7 +564,8 @@ def _tables(dialect: str, dim: int) -> tuple[Any, Any, Any, Any]:
     return records, changes, settings, meta
 
 
-def _record(row: Mapping[str, Any]) -> Record:
+def record_of(row: Mapping[str, Any]) -> Record:
+    """A `Record` from a row of `RecordStore.record_columns` (the embedding when read)."""
     scope = {name: row[name] for name in SCOPE_FIELDS}
     scope["tenant_id"] = scope["tenant_id"] or None
     return Record(

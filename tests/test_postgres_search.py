@@ -67,9 +67,11 @@ def record_paths(monkeypatch: pytest.MonkeyPatch, hnsw_keeps: int | None = None)
     paths: list[str] = []
     ranked = PgVectorSearch._ranked
 
-    def recorded(self: PgVectorSearch, conn: Any, query: Any, k: int, cond: Any, ef: Any) -> Any:
+    def recorded(
+        self: PgVectorSearch, conn: Any, query: Any, k: int, cond: Any, ef: Any, *rest: Any
+    ) -> Any:
         paths.append("exact" if ef is None else "hnsw")
-        found = ranked(self, conn, query, k, cond, ef)
+        found = ranked(self, conn, query, k, cond, ef, *rest)
         return found if ef is None else found[:hnsw_keeps]
 
     monkeypatch.setattr(PgVectorSearch, "_ranked", recorded)
@@ -142,6 +144,92 @@ def test_unfiltered_search_through_hnsw_finds_the_nearest(url: str) -> None:
             found = {h.id for h in memory.search_by_vector(query, k=10)}
             recalled.append(len(found & set(exact(query, 10, everything))) / 10)
     assert np.mean(recalled) >= 0.95
+
+
+def _analyzed(url: str) -> None:
+    """Refresh the planner's statistics (and `pg_class.reltuples`) of the records table."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ANALYZE records")
+    engine.dispose()
+
+
+def _statements(memory: Memory) -> tuple[list[str], list[int]]:
+    """What each later search sends to the server, by kind ("explain": the planner's
+    estimate, "settings": the way's settings, "rank": a statement reading records), and how
+    many pooled connections it checks out."""
+    from sqlalchemy import event
+
+    sent: list[str] = []
+    checkouts: list[int] = []
+    engine = memory._records.engine
+
+    def kind(statement: str) -> str:
+        if statement.startswith("EXPLAIN"):
+            return "explain"
+        return "settings" if "set_config(" in statement else "rank"
+
+    def executing(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(kind(statement))
+
+    event.listen(engine, "before_cursor_execute", executing)
+    event.listen(engine.pool, "checkout", lambda *_: checkouts.append(1))
+    return sent, checkouts
+
+
+def test_a_search_is_one_statement_on_one_connection_with_an_estimate_only_when_filtered(
+    url: str,
+) -> None:
+    """Ranking and reading the hits' records are one statement, on one connection: a whole
+    tenant alone in a table the planner knows to be large goes through HNSW without the
+    planner's estimate; a filter asks for it first (it picks exact or HNSW); nothing else
+    is sent, and the hits are those of the exact search."""
+    _analyzed(url)
+    config = IndexConfig(pg_exact_below=100)  # 1,500 records: "large"; 15 rare ones: few
+    rare = np.flatnonzero(np.arange(COUNT) % 100 == 0)
+    with Memory(url=url, embedder=lookup, index_config=config) as memory:
+        sent, checkouts = _statements(memory)
+        query = _vectors(400, 1)[0]
+        hits = memory.search_by_vector(query, k=10)
+        assert (sent, len(checkouts)) == (["settings", "rank"], 1)
+        assert len(set(h.id for h in hits) & set(exact(query, 10, np.arange(COUNT)))) >= 9
+        assert hits[0].text == hits[0].id and hits[0].metadata["i"] == int(hits[0].id[5:])
+        assert len(memory.search_by_vector(query, k=1200)) == 1200  # past pgvector's ef 1,000
+        for filters, allowed in (({"rare": True}, rare), ({"i": {"$in": [3, 5]}}, [3, 5])):
+            sent.clear()
+            checkouts.clear()
+            hits = memory.search_by_vector(query, k=10, filters=filters)
+            assert (sent, len(checkouts)) == (["explain", "settings", "rank"], 1), filters
+            assert [h.id for h in hits] == exact(query, 10, np.asarray(allowed))
+        sent.clear()
+        hits = memory.search_by_vector(query, k=10, filters={"half": True})  # HNSW
+        assert sent == ["explain", "settings", "rank"]
+        assert len(hits) == 10 and all(h.metadata["half"] for h in hits)
+        sent.clear()
+        memory.search("item 7", k=3, mode="vector", user_id="nobody")  # a scope: estimated
+        assert sent == ["explain", "settings", "rank"]
+
+
+def test_a_whole_tenant_search_beside_other_tenants_asks_for_the_estimate(url: str) -> None:
+    """A tenant that shares the table may be small (then exact, as under a filter): the
+    settings' statement finds another tenant, and the planner is asked; every search stays
+    in its own tenant."""
+    config = IndexConfig(pg_exact_below=100)
+    with Memory(url=url, embedder=lookup, index_config=config) as memory:
+        memory.add_many([{"text": t, "id": t} for t in TEXTS[:5]], tenant_id="small")
+        _analyzed(url)
+        sent, checkouts = _statements(memory)
+        query = _vectors(401, 1)[0]
+        hits = memory.search_by_vector(query, k=10, tenant_id="small")
+        assert sent == ["settings", "explain", "settings", "rank"] and len(checkouts) == 1
+        assert [h.id for h in hits] == exact(query, 5, np.arange(5))
+        assert all(h.scope.tenant_id == "small" for h in hits)
+        sent.clear()
+        hits = memory.search_by_vector(query, k=10)  # the default tenant: 1,500, HNSW
+        assert sent == ["settings", "explain", "rank"]
+        assert len(hits) == 10 and all(h.scope.tenant_id is None for h in hits)
 
 
 def test_the_hnsw_index_has_the_configured_parameters(postgres_url: str) -> None:
