@@ -1,4 +1,6 @@
-"""Kernel dispatch: Triton for CUDA tensors when triton imports, the torch reference otherwise.
+"""Kernel dispatch: Triton for CUDA tensors when triton imports, the torch reference otherwise;
+a layer's step over a CPU chunk of many queries (a prefill) through PyTorch's CPU flash
+attention (`cpu_flash.py`).
 
 MEMLAYER_KERNELS=reference forces the reference. The Triton module (and triton itself) is
 imported on the first CUDA call only, so importing memlayer.kernels never touches either.
@@ -12,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from memlayer.kernels import reference
+from memlayer.kernels import cpu_flash, reference
 from memlayer.kernels.reference import SummaryKind
 
 
@@ -26,9 +28,13 @@ def _triton_kernels() -> ModuleType | None:
     return triton_paged
 
 
+def _forced_reference() -> bool:
+    return os.environ.get("MEMLAYER_KERNELS", "auto") == "reference"
+
+
 def _backend(tensor: torch.Tensor) -> ModuleType:
     """Module whose kernels run on `tensor`: Triton on CUDA unless forced to the reference."""
-    if tensor.is_cuda and os.environ.get("MEMLAYER_KERNELS", "auto") != "reference":
+    if tensor.is_cuda and not _forced_reference():
         return _triton_kernels() or reference
     return reference
 
@@ -82,7 +88,10 @@ def sparse_attention(
     page_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One layer's window + sinks + pages attention; see reference.sparse_attention."""
-    out: torch.Tensor = _backend(q_local).sparse_attention(
+    backend = _backend(q_local)
+    if backend is reference and not _forced_reference() and cpu_flash.handles(q_local):
+        backend = cpu_flash
+    out: torch.Tensor = backend.sparse_attention(
         q_local,
         window_k,
         window_v,

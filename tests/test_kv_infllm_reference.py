@@ -42,6 +42,8 @@ FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "llama-yarn"]
 CONFIGS = {
     "sinks-then-blocks": dict(n_init=3, n_local=8, block_size=4, chunk_size=8),
     "no-sinks-long-chunks": dict(n_init=0, n_local=6, block_size=4, chunk_size=10),
+    # chunks of at least cpu_flash.FLASH_FROM queries: the CPU flash path, by parts
+    "chunks-through-cpu-flash": dict(n_init=3, n_local=8, block_size=4, chunk_size=36),
 }
 REFERENCE = "memlayer_test_reference"
 
