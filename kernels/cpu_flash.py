@@ -1,0 +1,114 @@
+"""A layer's step for a chunk of many queries on the CPU, through PyTorch's fused CPU flash
+attention.
+
+For a prefill chunk the reference materialises the [rows, keys] logits of every part and a
+concatenated copy for its one softmax. PyTorch's CPU flash attention streams the keys in
+blocks and returns each part's log-sum-exp, so the parts merge exactly: the window's keys
+before the chunk (every query sees them), the chunk's own keys (causal, a square), the sink
+tokens and the pages. A one-token decode step is cheaper in the reference's one softmax, so
+`dispatch` sends only chunks of at least `FLASH_FROM` queries here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from memlayer.kernels.reference import filled, merge_attention
+
+FLASH_FROM = 32  # queries; below this the reference's one softmax is as fast or faster
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLASH: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = getattr(
+    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None
+)
+
+
+def handles(q: torch.Tensor) -> bool:
+    """True for a CPU chunk of at least FLASH_FROM queries in a dtype the kernel takes."""
+    return (
+        _FLASH is not None
+        and q.device.type == "cpu"
+        and q.shape[2] >= FLASH_FROM
+        and q.dtype in _DTYPES
+    )
+
+
+def sparse_attention(
+    q_local: torch.Tensor,
+    window_k: torch.Tensor,
+    window_v: torch.Tensor,
+    q_memory: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    page_idx: torch.Tensor,
+    *,
+    scale: float,
+    padded: bool = True,
+    page_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`reference.sparse_attention`, by parts merged on their log-sum-exp (same arguments)."""
+    assert _FLASH is not None
+    batch, heads, length, dim = q_local.shape
+    kv_heads, keys = window_k.shape[1], window_k.shape[2]
+    group = heads // kv_heads
+
+    def grouped(q: torch.Tensor) -> torch.Tensor:  # [B, Hkv, G·T, D]: no K/V copy for GQA
+        return q.reshape(batch, kv_heads, group * length, dim)
+
+    def attend(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _FLASH(q, k, v, attn_mask=mask, scale=scale)
+
+    ql, qm = grouped(q_local), grouped(q_memory)
+    outs, lses = [], []
+    if keys > length:  # the window before the chunk: seen by every query
+        before = keys - length
+        out, lse = attend(ql, window_k[:, :, :before], window_v[:, :, :before])
+        outs.append(out)
+        lses.append(lse)
+    own_k = window_k[:, :, keys - length :].repeat_interleave(group, dim=1)
+    own_v = window_v[:, :, keys - length :].repeat_interleave(group, dim=1)
+    out, lse = _FLASH(q_local, own_k, own_v, is_causal=True, scale=scale)
+    outs.append(grouped(out))
+    lses.append(lse.reshape(batch, kv_heads, group * length))
+    if sink_k.shape[2]:
+        out, lse = attend(qm, sink_k, sink_v)
+        outs.append(out)
+        lses.append(lse)
+    if page_idx.shape[2]:
+        outs_lses = _pages(attend, qm, k_pool, v_pool, page_idx, padded, page_lengths)
+        outs.append(outs_lses[0])
+        lses.append(outs_lses[1])
+    out, _ = merge_attention(outs, lses)
+    return out.reshape(batch, heads, length, dim)
+
+
+def _pages(
+    attend: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    qm: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    page_idx: torch.Tensor,
+    padded: bool,
+    page_lengths: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of grouped queries over the listed pages, gathered per (page, KV head) row;
+    a head with no key to read gets a log-sum-exp of -inf (the flash kernel reports 0)."""
+    batch, kv_heads, count = page_idx.shape
+    pool, page, dim = k_pool.shape[0], k_pool.shape[2], k_pool.shape[3]
+    heads_of = torch.arange(kv_heads, device=qm.device).view(1, kv_heads, 1)
+    rows = (page_idx.clamp(min=0) * kv_heads + heads_of).view(-1)
+    shape = (batch, kv_heads, count * page, dim)
+    page_k = k_pool.reshape(pool * kv_heads, page, dim).index_select(0, rows).view(shape)
+    page_v = v_pool.reshape(pool * kv_heads, page, dim).index_select(0, rows).view(shape)
+    if page_lengths is None and not padded:
+        return attend(qm, page_k, page_v)
+    present = filled(page_idx, page, page_lengths).reshape(batch, kv_heads, 1, count * page)
+    mask = torch.zeros(present.shape, dtype=qm.dtype, device=qm.device)
+    mask.masked_fill_(~present, float("-inf"))
+    out, lse = attend(qm, page_k, page_v, mask)
+    return out, lse.masked_fill(~present.any(dim=-1), float("-inf"))
