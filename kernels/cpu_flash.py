@@ -19,9 +19,18 @@ from memlayer.kernels.reference import filled, merge_attention
 
 FLASH_FROM = 32  # queries; below this the reference's one softmax is as fast or faster
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FLASH: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = getattr(
-    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None
-)
+
+
+def _flash_kernel() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """PyTorch's CPU flash attention returning (out, log-sum-exp), where this torch has one
+    that takes a mask (a private op: a torch without it keeps the reference)."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or "attn_mask" not in str(op.default._schema):
+        return None
+    return op.default
+
+
+_FLASH = _flash_kernel()
 
 
 def handles(q: torch.Tensor) -> bool:
