@@ -89,9 +89,9 @@ def sparse_attention(
         outs.append(out)
         lses.append(lse)
     if page_idx.shape[2]:
-        outs_lses = _pages(attend, qm, k_pool, v_pool, page_idx, padded, page_lengths)
-        outs.append(outs_lses[0])
-        lses.append(outs_lses[1])
+        out, lse = _pages(attend, qm, k_pool, v_pool, page_idx, padded, page_lengths)
+        outs.append(out)
+        lses.append(lse)
     out, _ = merge_attention(outs, lses)
     return out.reshape(batch, heads, length, dim)
 
