@@ -58,17 +58,8 @@ def commands(
         ],
         "e2e-8b": [
             *e2e,
-            *(
-                "--shape",
-                "llama3-8b",
-                "--contexts",
-                "32k",
-                "128k",
-                "--methods",
-                "dense",
-                "dense-no-cudnn",
-                "infllm",
-            ),
+            *("--shape", "llama3-8b", "--contexts", "32k", "128k"),
+            *("--methods", "dense", "dense-no-cudnn", "infllm"),
             *("--out", str(out / f"e2e-llama3-8b-{stamp}.json")),
         ],
     }
