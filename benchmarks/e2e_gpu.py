@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 CONTEXTS = {"2k": 2048, "8k": 8192, "32k": 32768, "128k": 131072, "512k": 524288}
 SHAPES: dict[str, dict[str, Any]] = {
@@ -65,6 +66,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# every SDPA backend but cuDNN attention, whose host cost per call dominated a dense decode
+# step on the lent H200
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def random_model(shape: str) -> Any:
@@ -99,14 +103,12 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 def run_dense(
     model: Any, context: list[int], new_tokens: int, cudnn: bool = True
 ) -> dict[str, float]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     from transformers import DynamicCache
 
     from memlayer.kvretrieval.model import cache_argument
 
     cache = {cache_argument(model): DynamicCache(config=model.config)}
-    others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with torch.no_grad(), sdpa_kernel(others) if not cudnn else contextlib.nullcontext():
+    with torch.no_grad(), sdpa_kernel(NO_CUDNN) if not cudnn else contextlib.nullcontext():
         out, prefill_s = timed(
             lambda: model(torch.tensor([context], device=DEVICE), logits_to_keep=1, **cache)
         )

@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from e2e_gpu import DEVICE, machine, random_model, synchronize
+from e2e_gpu import DEVICE, NO_CUDNN, machine, random_model, synchronize
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernelEx")
-NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def launch_costs(launches: int) -> dict[str, float]:

@@ -67,16 +67,11 @@ def sparse_attention(
     def grouped(q: torch.Tensor) -> torch.Tensor:  # [B, Hkv, G·T, D]: no K/V copy for GQA
         return q.reshape(batch, kv_heads, group * length, dim)
 
-    def attend(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _FLASH(q, k, v, attn_mask=mask, scale=scale)
-
     ql, qm = grouped(q_local), grouped(q_memory)
     outs, lses = [], []
     if keys > length:  # the window before the chunk: seen by every query
         before = keys - length
-        out, lse = attend(ql, window_k[:, :, :before], window_v[:, :, :before])
+        out, lse = _FLASH(ql, window_k[:, :, :before], window_v[:, :, :before], scale=scale)
         outs.append(out)
         lses.append(lse)
     own_k = window_k[:, :, keys - length :].repeat_interleave(group, dim=1)
@@ -85,11 +80,11 @@ def sparse_attention(
     outs.append(grouped(out))
     lses.append(lse.reshape(batch, kv_heads, group * length))
     if sink_k.shape[2]:
-        out, lse = attend(qm, sink_k, sink_v)
+        out, lse = _FLASH(qm, sink_k, sink_v, scale=scale)
         outs.append(out)
         lses.append(lse)
     if page_idx.shape[2]:
-        out, lse = _pages(attend, qm, k_pool, v_pool, page_idx, padded, page_lengths)
+        out, lse = _pages(qm, k_pool, v_pool, page_idx, scale, padded, page_lengths)
         outs.append(out)
         lses.append(lse)
     out, _ = merge_attention(outs, lses)
@@ -97,16 +92,17 @@ def sparse_attention(
 
 
 def _pages(
-    attend: Callable[..., tuple[torch.Tensor, torch.Tensor]],
     qm: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
     page_idx: torch.Tensor,
+    scale: float,
     padded: bool,
     page_lengths: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of grouped queries over the listed pages, gathered per (page, KV head) row;
     a head with no key to read gets a log-sum-exp of -inf (the flash kernel reports 0)."""
+    assert _FLASH is not None
     batch, kv_heads, count = page_idx.shape
     pool, page, dim = k_pool.shape[0], k_pool.shape[2], k_pool.shape[3]
     heads_of = torch.arange(kv_heads, device=qm.device).view(1, kv_heads, 1)
@@ -115,9 +111,9 @@ def _pages(
     page_k = k_pool.reshape(pool * kv_heads, page, dim).index_select(0, rows).view(shape)
     page_v = v_pool.reshape(pool * kv_heads, page, dim).index_select(0, rows).view(shape)
     if page_lengths is None and not padded:
-        return attend(qm, page_k, page_v)
+        return _FLASH(qm, page_k, page_v, scale=scale)
     present = filled(page_idx, page, page_lengths).reshape(batch, kv_heads, 1, count * page)
     mask = torch.zeros(present.shape, dtype=qm.dtype, device=qm.device)
     mask.masked_fill_(~present, float("-inf"))
-    out, lse = attend(qm, page_k, page_v, mask)
+    out, lse = _FLASH(qm, page_k, page_v, attn_mask=mask, scale=scale)
     return out, lse.masked_fill(~present.any(dim=-1), float("-inf"))
