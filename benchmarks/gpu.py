@@ -13,7 +13,7 @@ JSON goes to --out-dir; a dated Markdown summary (the GPU's name, each step's ou
 e2e rows) is written beside it and appended to RESULTS.md. Without CUDA it says so and
 exits 0: there is nothing to measure. On a short GPU lease, `--deadline` bounds the whole run
 (each step gets what is left, at most --timeout; a step with no time left is skipped) and
-`--quick` runs the kernel grid's 32K/128K corner and e2e at 8K and 32K.
+`--quick` runs the kernel grid's 32K/128K corner, e2e at 8K and 32K and a 10-minute video.
 
     python benchmarks/gpu.py                          # everything
     python benchmarks/gpu.py --steps tests e2e --out-dir /tmp/gpu
@@ -65,10 +65,13 @@ def commands(
     }
     every["video"] = [
         *(py, str(HERE / "video_stream.py"), "--part", "vlm", "--shape", "0.5b"),
-        *("--minutes", "60", "--json", str(out / f"video-0.5b-{stamp}.json")),
+        *("--minutes", "10" if quick else "60", "--json", str(out / f"video-0.5b-{stamp}.json")),
     ]
     every["faiss"] = [py, str(HERE / "faiss_gpu.py"), "--out", str(out / f"faiss-gpu-{stamp}.json")]
-    every["host"] = [py, str(HERE / "gpu_host.py"), "--out", str(out / f"gpu-host-{stamp}.json")]
+    every["host"] = [
+        *(py, str(HERE / "gpu_host.py"), "--out", str(out / f"gpu-host-{stamp}.json")),
+        *("--profile", str(out / f"gpu-host-prefill-profile-{stamp}.txt")),
+    ]
     return {step: every[step] for step in steps}
 
 

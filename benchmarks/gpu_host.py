@@ -13,6 +13,7 @@ names the parts, in one run on one model (random bf16 weights, `e2e_gpu.py`'s sh
 
     python benchmarks/gpu_host.py --out benchmarks/results/gpu-host.json
     python benchmarks/gpu_host.py --tiny      # a 2-layer model on the CPU: smoke-tests the script
+    python benchmarks/gpu_host.py --profile /tmp/prefill.txt   # and where a prefill's time goes
 """
 
 from __future__ import annotations
@@ -131,6 +132,46 @@ def dense_step(model: Any, context: list[int], backends: list[SDPBackend] | None
     return step
 
 
+def prefill_profile(model: Any, context: list[int], chunk: int, path: Path) -> dict[str, Any]:
+    """Where a warm prefill's time goes: a second feed of `context` in `chunk`-token chunks
+    (the first compiles every kernel variant) under cProfile (Python functions by own and by
+    cumulative time) and under the torch profiler (operators by host and device time); the
+    tables go to `path`, the totals are returned."""
+    import cProfile
+    import io
+    import pstats
+
+    from memlayer import KVSession
+
+    def feed() -> None:
+        KVSession(model, None, chat=False, progress=False, chunk_size=chunk).feed(context)
+        synchronize()
+
+    feed()
+    python = cProfile.Profile()
+    started = time.perf_counter()
+    python.runcall(feed)
+    wall = time.perf_counter() - started
+    text = io.StringIO()
+    stats = pstats.Stats(python, stream=text)
+    for order in ("tottime", "cumulative"):
+        stats.sort_stats(order).print_stats(35)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        feed()
+    events = prof.key_averages()
+    for order in ("self_cpu_time_total", "self_device_time_total"):
+        text.write(events.table(sort_by=order, row_limit=30) + "\n")
+    path.write_text(text.getvalue())
+    return {
+        "chunk": chunk,
+        "wall_s_under_cprofile": wall,
+        "host_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
+        "device_ms": sum(e.self_device_time_total for e in events) / 1e3,
+        "launches": sum(e.count for e in events if e.key in LAUNCHES),
+    }
+
+
 def memlayer_runs(model: Any, context: list[int], chunks: list[int], steps: int) -> dict[str, Any]:
     """Prefill tok/s per chunk size (after a warm-up feed), and a decode step's profile: a
     question answered with 1 + `steps` tokens less the same question with 1 token (its
@@ -166,6 +207,11 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--tiny", action="store_true", help="tiny shape, 2K; CPU ok")
     parser.add_argument("--out", type=Path, help="JSON file for the results")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="also profile a warm prefill in 2,048-token chunks: tables here",
+    )
     args = parser.parse_args()
     if args.tiny:
         args.shape, args.context, args.chunks = "tiny", 2048, [512, 2048]
@@ -208,6 +254,11 @@ def main() -> None:
             f"{row['launches_per_layer']:.0f} | {row['ops_per_layer']:.0f} | "
             f"{row['top_host_op']} ({row['top_host_share']:.0%}) |"
         )
+    if args.profile:
+        record["prefill_profile"] = prefill_profile(
+            model, tokens, min(2048, args.context), args.profile
+        )
+        print("warm prefill profiled:", record["prefill_profile"])
     prefill = record["memlayer"]["prefill_tok_s_by_chunk"]
     print(
         "memlayer prefill tok/s by chunk: "

@@ -17,7 +17,7 @@ import torch
 
 from memlayer.errors import InvalidInputError
 from memlayer.kvretrieval.config import KVConfig
-from memlayer.kvretrieval.shared_pages import ContextPages
+from memlayer.kvretrieval.shared_pages import ContextPages, write_slots
 from memlayer.stores import PageStore, StoreConfig, Tier, TierConfig, build_tiers
 from memlayer.stores.tensor_tier import Signature, TensorTier
 from memlayer.types import Page
@@ -145,11 +145,12 @@ class SealedPages:
             return self.base.page_id(index)
         return f"{self.prefix}/{index}"
 
-    def moved(self, index: int, slot: int) -> None:
-        """Own page `index` now sits in front-tier slot `slot` (-1: it left the front tier)."""
-        own = index - self.first
-        if 0 <= own < self.table.shape[0]:  # fill_: a kernel argument, not a synchronous copy
-            self.table[own : own + 1].fill_(slot)
+    def moved(self, indices: list[int], slots: list[int]) -> None:
+        """Own pages `indices` now sit in front-tier `slots` (-1: it left the front tier)."""
+        size = self.table.shape[0]
+        pairs = [(i - self.first, s) for i, s in zip(indices, slots, strict=True)]
+        pairs = [(own, s) for own, s in pairs if 0 <= own < size]
+        write_slots(self.table, [own for own, _ in pairs], [s for _, s in pairs])
 
     def extend(
         self,

@@ -29,7 +29,28 @@ class PageTable(Protocol):
 
     prefix: str
 
-    def moved(self, index: int, slot: int) -> None: ...
+    def moved(self, indices: list[int], slots: list[int]) -> None: ...
+
+
+def write_slots(table: torch.Tensor, indices: list[int], slots: list[int]) -> None:
+    """table[indices] = slots with no host-to-device copy: one `arange` per run of pages
+    whose indices and slots both step by one (a batch sealed together), else one `fill_`
+    (a kernel argument, not a synchronous copy)."""
+    first = 0
+    for i in range(1, len(indices) + 1):
+        if (
+            i < len(indices)
+            and indices[i] == indices[i - 1] + 1
+            and slots[i] == slots[i - 1] + 1
+            and slots[i - 1] >= 0
+        ):
+            continue
+        start, count = indices[first], i - first
+        if count == 1:
+            table[start : start + 1].fill_(slots[first])
+        else:
+            torch.arange(slots[first], slots[first] + count, out=table[start : start + count])
+        first = i
 
 
 class SlotRouter:
@@ -43,12 +64,18 @@ class SlotRouter:
         self._tables: dict[str, weakref.ref[PageTable]] = {}
         tables = self._tables
 
-        def moved(page_id: str, slot: int) -> None:  # holds the dict, not the router
-            prefix, _, index = page_id.rpartition("/")
-            ref = tables.get(prefix)
-            table = ref() if ref is not None else None
-            if table is not None:
-                table.moved(int(index), slot)
+        def moved(page_ids: list[str], slots: list[int]) -> None:  # holds the dict only
+            by_prefix: dict[str, tuple[list[int], list[int]]] = {}
+            for page_id, slot in zip(page_ids, slots, strict=True):
+                prefix, _, index = page_id.rpartition("/")
+                indices, taken = by_prefix.setdefault(prefix, ([], []))
+                indices.append(int(index))
+                taken.append(slot)
+            for prefix, (indices, taken) in by_prefix.items():
+                ref = tables.get(prefix)
+                table = ref() if ref is not None else None
+                if table is not None:
+                    table.moved(indices, taken)
 
         front.watch(moved)
 
@@ -105,14 +132,14 @@ class ContextPages:
     def page_id(self, index: int) -> str:
         return f"{self.prefix}/{index}"
 
-    def moved(self, index: int, slot: int) -> None:
-        """Page `index` now sits in front-tier slot `slot` (-1: it left the front tier)."""
-        if index >= self.count:
-            return
-        up = int(slot >= 0)
-        self.in_front += up - self._up[index]
-        self._up[index] = up
-        self.table[index : index + 1].fill_(slot)
+    def moved(self, indices: list[int], slots: list[int]) -> None:
+        """Pages `indices` now sit in front-tier `slots` (-1: it left the front tier)."""
+        pairs = [(i, s) for i, s in zip(indices, slots, strict=True) if i < self.count]
+        for index, slot in pairs:
+            up = int(slot >= 0)
+            self.in_front += up - self._up[index]
+            self._up[index] = up
+        write_slots(self.table, [i for i, _ in pairs], [s for _, s in pairs])
 
     def touched_count(self) -> int:
         """Pages of this layer that some session has read (one host read)."""

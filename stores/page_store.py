@@ -101,8 +101,12 @@ class PageStore:
                 self._drop_volatile(page.id)
             if self._durable is not None:
                 self._durable.put_many(pages)
+            by_level: dict[int, list[Page]] = {}
             for page in pages:
-                self._place(page, self._front_for(page))
+                by_level.setdefault(self._front_for(page), []).append(page)
+            for level, placed in by_level.items():
+                if not self.tiers[level].persistent:
+                    self._demote(level, self.tiers[level].put_many(placed))
 
     def delete(self, page_id: str) -> None:
         """Remove a page from every tier (durably first)."""

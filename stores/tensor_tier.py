@@ -25,7 +25,7 @@ from memlayer.stores.tier import PromotionStep, Tier
 from memlayer.types import Page
 
 Signature = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
-SlotListener = Callable[[str, int], None]  # (page id, its slot now; -1 once it left the tier)
+SlotListener = Callable[[list[str], list[int]], None]  # page ids, their slots now (-1: left)
 
 
 def signature(payload: dict[str, torch.Tensor]) -> Signature:
@@ -134,10 +134,59 @@ class TensorTier(Tier):
             for name, tensor in payload.items():
                 slab.fields[name][slot].copy_(tensor, non_blocking=non_blocking(self.device))
             self._slots[page.id] = (sig, slot)
-            self._moved(page.id, slot)
+            self._moved([page.id], [slot])
         self._headers[page.id] = dataclasses.replace(page, payload=b"")
         self.policy.touch(page.id)
         return evicted
+
+    def put_many(self, pages: Sequence[Page]) -> list[Page]:
+        """Store pages; new tensor pages of one signature (a layer's sealed pages) are
+        written while free room lasts with one stacked copy per payload name and run of
+        consecutive slots, and their slots reported in one call. The rest go one by one."""
+        sig = self._batch_signature(pages)
+        if sig is None:
+            return super().put_many(pages)
+        placed: list[int] = []
+        for _ in pages:
+            slot = self._allocate(sig)
+            if slot is None:  # full: the rest evict, one page at a time
+                break
+            placed.append(slot)
+        if not placed:
+            return super().put_many(pages)
+        batch = pages[: len(placed)]
+        payloads = [page.payload for page in batch if isinstance(page.payload, dict)]
+        slab = self._slabs[sig]
+        for first, count in _slot_runs(placed):
+            for name, field_ in slab.fields.items():
+                rows = field_[placed[first] : placed[first] + count]
+                sources = [payload[name] for payload in payloads[first : first + count]]
+                if all(t.device == self.device for t in sources):
+                    torch.stack(sources, out=rows)
+                else:
+                    for row, tensor in zip(rows, sources, strict=True):
+                        row.copy_(tensor, non_blocking=non_blocking(self.device))
+        for page, slot in zip(batch, placed, strict=True):
+            self._slots[page.id] = (sig, slot)
+            self._headers[page.id] = dataclasses.replace(page, payload=b"")
+            self.policy.touch(page.id)
+        self._moved([page.id for page in batch], placed)
+        return super().put_many(pages[len(placed) :])
+
+    def _batch_signature(self, pages: Sequence[Page]) -> Signature | None:
+        """The signature shared by `pages` when they can be written as one batch: tensor
+        payloads, valid, of one signature, each within budget, none held here or repeated."""
+        if not pages or len({page.id for page in pages}) != len(pages):
+            return None
+        sigs = set()
+        for page in pages:
+            check_payload(page)
+            if not isinstance(page.payload, dict) or page.id in self:
+                return None
+            if self.budget is not None and page.nbytes > self.budget:
+                return None  # put raises the capacity error
+            sigs.add(signature(page.payload))
+        return sigs.pop() if len(sigs) == 1 else None
 
     def get(self, page_id: str) -> Page:
         if page_id not in self:
@@ -155,7 +204,7 @@ class TensorTier(Tier):
         if self._blobs.pop(page_id, None) is not None:
             return
         sig, slot = self._slots.pop(page_id)
-        self._moved(page_id, -1)
+        self._moved([page_id], [-1])
         self._free(sig, slot)
 
     def close(self) -> None:
@@ -233,7 +282,7 @@ class TensorTier(Tier):
         self._slots[page_id] = (sig, slot)
         self._headers[page_id] = header
         self.policy.touch(page_id)
-        self._moved(page_id, slot)
+        self._moved([page_id], [slot])
         return PromotionStep([page_id], slot_bytes(sig), evicted)
 
     @contextmanager
@@ -288,15 +337,15 @@ class TensorTier(Tier):
             self._slots[page_id] = (sig, slot)
             self._headers[page_id] = source._headers[page_id]
             self.policy.touch(page_id)
-            self._moved(page_id, slot)
+        self._moved(ids, slots)
         return evicted
 
     # -- slots: for callers that keep a page table on the device ---------------------------
 
     def watch(self, listener: SlotListener) -> None:
-        """Call `listener(page_id, slot)` whenever a page takes a slot here, and with slot -1
-        when it leaves (evicted, demoted or deleted). Listeners run under the store's lock
-        and must not call back into the tier."""
+        """Call `listener(page_ids, slots)` whenever pages take slots here (a batch written
+        together comes as one call), and with slot -1 when one leaves (evicted, demoted or
+        deleted). Listeners run under the store's lock and must not call back into the tier."""
         self._listeners.append(listener)
 
     def slab(self, sig: Signature) -> Slab | None:
@@ -305,9 +354,9 @@ class TensorTier(Tier):
         tensor with the same slots, so read it again after pages arrive."""
         return self._slabs.get(sig)
 
-    def _moved(self, page_id: str, slot: int) -> None:
+    def _moved(self, page_ids: list[str], slots: list[int]) -> None:
         for listener in self._listeners:
-            listener(page_id, slot)
+            listener(page_ids, slots)
 
     # -- batch reads ----------------------------------------------------------------------
 
@@ -444,4 +493,15 @@ def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
                 runs[-1] = (dst_start, src_start, length + 1)
                 continue
         runs.append((dst_row, src_row, 1))
+    return runs
+
+
+def _slot_runs(slots: list[int]) -> list[tuple[int, int]]:
+    """(first position, length) of each stretch of `slots` that steps by one."""
+    runs: list[tuple[int, int]] = []
+    for i, slot in enumerate(slots):
+        if runs and slot == slots[i - 1] + 1:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
     return runs

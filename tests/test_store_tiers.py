@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from memlayer.errors import (
@@ -19,6 +19,7 @@ from memlayer.errors import (
     NotFoundError,
     StorageError,
 )
+from memlayer.kvretrieval.shared_pages import write_slots
 from memlayer.stores import DiskTier, PageStore, SQLTier, StoreConfig, TensorTier, Tier
 from memlayer.stores.disk_tier import HEADER_BYTES, MAGIC, OLD_MAGIC
 from memlayer.stores.tensor_tier import _runs, copy_rows
@@ -242,6 +243,59 @@ def test_gather_is_one_stacked_read_of_the_front_tier(tmp_path: Path) -> None:
     assert slab.fields["k"].shape[0] >= 40 and slots.shape == (40,)
     stacked = tier.gather([p.id for p in pages[::-1]], "v")
     assert torch.equal(stacked, torch.stack([p.payload["v"] for p in pages[::-1]]))
+
+
+@pytest.mark.parametrize("budget_pages", [None, 5])
+def test_put_many_writes_a_batch_and_reports_its_slots_once(budget_pages: int | None) -> None:
+    """A layer's sealed pages go in as one batch: every page reads back exactly, the slots
+    come to the listener in one call for the pages that fitted, and with a budget smaller
+    than the batch the rest evict the oldest, one at a time, as `put` would."""
+    size = kv_page("x").nbytes
+    tier = TensorTier("ram", "cpu", None if budget_pages is None else budget_pages * size)
+    calls: list[tuple[list[str], list[int]]] = []
+    tier.watch(lambda ids, slots: calls.append((list(ids), list(slots))))
+    tier.put(kv_page("old", seed=99))
+    pages = [kv_page(f"p{i}", seed=i) for i in range(8)]
+    evicted = tier.put_many(pages)
+    kept = pages if budget_pages is None else pages[-budget_pages:]
+    old = ["old"] if budget_pages is None else []
+    assert sorted(tier.ids()) == sorted(old + [p.id for p in kept])
+    for page in kept:
+        assert_same(tier.get(page.id), page)
+    assert tier.budget is None or tier.nbytes <= tier.budget
+    batch_ids, batch_slots = calls[1]
+    fitted = 8 if budget_pages is None else budget_pages - 1  # "old" holds one slot
+    assert batch_ids == [p.id for p in pages[:fitted]] and len(set(batch_slots)) == fitted
+    if budget_pages is not None:
+        assert [p.id for p in evicted] == ["old", "p0", "p1", "p2"]
+        assert_same(evicted[1], pages[0])  # evicted pages carry their payloads down
+
+
+def test_put_many_falls_back_for_mixed_or_repeated_pages() -> None:
+    """Pages of two signatures, or one id twice, are stored one by one (the last write
+    of an id wins), exactly as `put` would store them."""
+    tier = TensorTier("ram", "cpu", None)
+    mixed = [kv_page("a", seed=1), kv_page("b", seed=2, tokens=4), kv_page("a", seed=3)]
+    assert tier.put_many(mixed) == []
+    assert sorted(tier.ids()) == ["a", "b"]
+    assert_same(tier.get("a"), mixed[2])
+    assert_same(tier.get("b"), mixed[1])
+    with pytest.raises(InvalidInputError):
+        tier.put_many([Page(id="", payload={"k": torch.zeros(2)})])
+
+
+@settings(max_examples=60, deadline=None)
+@example(moves=[(2, 5), (3, 6), (4, 7), (9, -1), (10, -1), (11, 0), (12, 1), (0, 3)])
+@given(moves=st.lists(st.tuples(st.integers(0, 15), st.integers(-1, 20)), min_size=1, max_size=16))
+def test_write_slots_equals_indexed_assignment(moves: list[tuple[int, int]]) -> None:
+    """Runs of consecutive pages and slots, scattered moves and departures (-1) all land
+    where table[index] = slot puts them."""
+    moves = list(dict(moves).items())  # a page moves once per batch
+    table, expected = torch.full((16,), -7), torch.full((16,), -7)
+    write_slots(table, [i for i, _ in moves], [s for _, s in moves])
+    for index, slot in moves:
+        expected[index] = slot
+    assert torch.equal(table, expected)
 
 
 @settings(max_examples=60, deadline=None)
