@@ -90,11 +90,15 @@ def _paged_partial_kernel(
     q = q.to(DOT_TYPE)
     first = split * pages_per_split
     last = tl.minimum(first + pages_per_split, count)
+    # keys past what the block's latest query sees are never read (a causal window's upper
+    # triangle: about half of a prefill chunk's window)
+    t_last = tl.max(tl.where(row_ok, t, 0), 0)
+    end = tl.minimum(last * PAGE, tl.minimum(key_limit, causal_start + t_last + 1))
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     n = tl.arange(0, BLOCK_N)
-    for start in range(first * PAGE, last * PAGE, BLOCK_N):
+    for start in range(first * PAGE, end, BLOCK_N):
         tok = start + n
         slot = tok // PAGE
         page = tl.load(idx_ptr + b * si_b + g * si_h + slot * si_n, mask=slot < last, other=-1)

@@ -175,6 +175,9 @@ INTERPRET_WINDOWS = [
     WindowCase(torch.float32, 64, 3, 1, 131),
     WindowCase(torch.float16, 128, 4, 20, 150),
     WindowCase(torch.bfloat16, 64, 1, 3, 64, sinks=True),
+    # four row blocks; the first's latest query sees exactly key 128, the first of a block,
+    # and the blocks past it are skipped
+    WindowCase(torch.float32, 64, 1, 200, 201),
 ]
 INTERPRET_CASES: list[PagedCase | ScoreCase | WindowCase] = [
     *INTERPRET_PAGED,
