@@ -65,7 +65,8 @@ def commands(
     }
     every["video"] = [
         *(py, str(HERE / "video_stream.py"), "--part", "vlm", "--shape", "0.5b"),
-        *("--minutes", "10" if quick else "60", "--json", str(out / f"video-0.5b-{stamp}.json")),
+        *(("--minutes", "10", "--every-minutes", "2") if quick else ("--minutes", "60")),
+        *("--json", str(out / f"video-0.5b-{stamp}.json")),
     ]
     every["faiss"] = [py, str(HERE / "faiss_gpu.py"), "--out", str(out / f"faiss-gpu-{stamp}.json")]
     every["host"] = [

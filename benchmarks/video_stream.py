@@ -37,7 +37,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -139,7 +139,8 @@ def live_frames(seconds: int, size: int) -> Iterator[tuple[float, np.ndarray]]:
         yield float(second), image
 
 
-def vlm_part(args: argparse.Namespace) -> dict[str, Any]:
+def vlm_part(args: argparse.Namespace, save: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """memlayer's row, saved at once (a run cut short keeps it), then dense attention's."""
     model, tokenizer = random_vlm(args.shape, args.device)
     size = SHAPES[args.shape]["image_size"]
     seconds = args.minutes * 60
@@ -185,6 +186,7 @@ def vlm_part(args: argparse.Namespace) -> dict[str, Any]:
         "first_token_s": statistics.median(a.first_token_s for a in answers),
         "timeline": timeline,
     }
+    save({"shape": args.shape, "rows": [memlayer], "dense": "not finished"})
     dense = dense_baseline(model, tokenizer, session, seconds, size, args)
     return {"shape": args.shape, "rows": [memlayer, dense]}
 
@@ -487,23 +489,28 @@ def main() -> None:
     parser.add_argument("--dense-questions", type=int, default=20)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    result = vlm_part(args) if args.part == "vlm" else text_part(args)
-    out = {
-        "benchmark": f"video_stream/{args.part}",
-        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        },
-        **result,
-    }
     stamp = datetime.date.today().isoformat()
     path = args.json or RESULTS / f"video_stream_{args.part}_{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+
+    def save(result: dict[str, Any]) -> dict[str, Any]:
+        out = {
+            "benchmark": f"video_stream/{args.part}",
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            },
+            **result,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
+        return out
+
+    result = vlm_part(args, save) if args.part == "vlm" else text_part(args)
+    out = save(result)
     print(json.dumps({k: v for k, v in out.items() if k not in ("rows", "dense")}, indent=1)[:4000])
     if args.part == "text":
         print(
