@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from event_log import Event, event_log
 
 from memlayer import VideoSession
+from memlayer.frame_retrievers import TextFrameRetriever
 from memlayer.kvretrieval.frame_encoders import ImageFrames
 from memlayer.kvretrieval.model import cache_argument
 from memlayer.video_input import clock
@@ -402,9 +403,10 @@ def text_part(args: argparse.Namespace) -> dict[str, Any]:
         fps=None,
         frame_tokens=32,
         chunk_frames=8,
-        n_local=512,
+        n_local=args.local_frames * 32,
         retrieve=args.retrieve,
         sink_frames=args.sink_frames,
+        retriever=TextFrameRetriever(terms=args.terms) if args.by == "retriever" else None,
     )
     dense = dense_text(args, session.model, session.tokenizer) if args.dense_frames else None
     started = time.perf_counter()
@@ -415,7 +417,10 @@ def text_part(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for event in events:
         answer = session.ask(
-            cue(args.format, event), max_new_tokens=args.answer_tokens, retrieve=args.retrieve
+            cue(args.format, event),
+            max_new_tokens=args.answer_tokens,
+            retrieve=args.retrieve,
+            by=args.by,
         )
         most = max(f.layers for f in answer.frames)
         row = {
@@ -449,6 +454,9 @@ def text_part(args: argparse.Namespace) -> dict[str, Any]:
         "asks": FORMATS[args.format].asks,
         "answer_tokens": args.answer_tokens,
         "sink_frames": session.sink_frames,
+        "local_frames": args.local_frames,
+        "by": args.by,
+        "retriever": session.retriever.name if session.retriever is not None else None,
         "dense": dense,
         "frames": args.frames,
         "tokens": args.frames * 32,
@@ -477,6 +485,15 @@ def main() -> None:
     parser.add_argument("--chunk-frames", type=int, default=8)
     parser.add_argument("--local-frames", type=int, default=16)
     parser.add_argument("--retrieve", type=int, default=16)
+    parser.add_argument(
+        "--by",
+        choices=["model", "retriever"],
+        default="model",
+        help="text part: frames chosen by the model's queries or by a TextFrameRetriever",
+    )
+    parser.add_argument(
+        "--terms", type=float, default=0.5, help="the text retriever's keyword-term weight"
+    )
     parser.add_argument("--ram-budget", default="16MiB")
     parser.add_argument("--gpu-budget", default="2GiB")
     parser.add_argument("--frames", type=int, default=2000)

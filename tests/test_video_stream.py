@@ -215,6 +215,33 @@ def test_text_frames_with_a_text_retriever(tmp_path: Path) -> None:
     assert error.value.field == "frame"
 
 
+def test_keyword_terms_find_the_frame_a_time_names() -> None:
+    """Frames that differ only in their time and code: a semantic embedder that cannot tell
+    them apart ranks them all alike; with keyword terms the time in the question ranks its
+    frame first. Vectors stay unit length whatever the weights."""
+    frames = [
+        f"[0:{m:02d}:{s:02d}] The code at 0:{m:02d}:{s:02d} is K-{m}{s}."
+        for m, s in [(m, s) for m in range(5) for s in range(0, 60, 7)]
+    ]
+    blind = TextFrameRetriever(lambda texts: np.ones((len(texts), 8)))
+    hybrid = TextFrameRetriever(lambda texts: np.ones((len(texts), 8)), terms=0.5)
+    question = "The code at 0:03:21 is"
+    target = frames.index("[0:03:21] The code at 0:03:21 is K-321.")
+    scores = blind.embed_frames(frames) @ blind.embed_query(question)
+    assert np.allclose(scores, scores[0])  # no ranking at all
+    vectors = hybrid.embed_frames(frames)
+    assert vectors.shape == (len(frames), 8 + 4096) and hybrid.dim == 8 + 4096
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    assert int(np.argmax(vectors @ hybrid.embed_query(question))) == target
+    alone = TextFrameRetriever(terms=1)
+    assert alone.dim == 4096 and alone.name == "text:hash-4096"
+    assert int(np.argmax(alone.embed_frames(frames) @ alone.embed_query(question))) == target
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(InvalidInputError) as error:
+            TextFrameRetriever("hash", terms=bad)  # type: ignore[arg-type]
+        assert error.value.field == "terms"
+
+
 # -- bounded memory ---------------------------------------------------------------------------
 
 
