@@ -122,6 +122,7 @@ def run_memlayer(
         topk=args.topk,
         block_size=args.block_size,
         n_init=args.n_init,
+        chunk_size=args.chunk_size,
         ram_budget=args.ram_budget,
     )
     session.feed(context)
@@ -188,6 +189,9 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--n-init", type=int, default=64)
+    parser.add_argument(
+        "--chunk-size", type=int, default=512, help="tokens per prefill chunk (InfLLM's unit)"
+    )
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument(
         "--ram-budget",
