@@ -127,10 +127,11 @@ class MiniLMEmbedder(SentenceTransformerEmbedder):
 
 @EMBEDDERS.register("hash")
 class HashEmbedder:
-    """Deterministic bag-of-words hashing embedder: no model, for fast tests and examples.
+    """Deterministic bag-of-words hashing embedder: no model, for fast tests and examples,
+    and the keyword half of `TextFrameRetriever(terms=...)`.
 
     Texts sharing words (keyword terms: folded words, CJK bigrams) get similar vectors, so
-    search results are meaningful enough to test.
+    search results are meaningful enough to test, and exact terms (a time, a code) match.
     """
 
     def __init__(self, dim: int = 64):
