@@ -14,6 +14,8 @@ Prefill is tokens/s over the synchronised wall time; decode is ms per generated 
 over the tokens; dense also gives its median); memory is torch's peak allocation.
 
     python benchmarks/e2e_gpu.py --shape smollm2 --contexts 8k 32k 128k --out results.json
+    python benchmarks/e2e_gpu.py --shape llama3-8b --contexts 512k --methods infllm \
+        --chunk-size 2048 --gpu-budget 8GiB     # the issue's 512K row: pages past 8 GiB in RAM
     python benchmarks/e2e_gpu.py --tiny        # a 2-layer model on the CPU: smoke-tests the script
 """
 
@@ -127,11 +129,24 @@ def run_dense(
 
 
 def run_memlayer(
-    model: Any, context: list[int], new_tokens: int, selector: str
+    model: Any,
+    context: list[int],
+    new_tokens: int,
+    selector: str,
+    chunk_size: int = 512,
+    gpu_budget: str | None = None,
 ) -> dict[str, float]:
     from memlayer import KVSession
 
-    session = KVSession(model, None, chat=False, progress=False, selector=selector)
+    session = KVSession(
+        model,
+        None,
+        chat=False,
+        progress=False,
+        selector=selector,
+        chunk_size=chunk_size,
+        gpu_budget=gpu_budget,
+    )
     _, prefill_s = timed(lambda: session.feed(context))
     session.continue_ids([1], new_tokens)
     stats = session.stats()
@@ -189,6 +204,12 @@ def main() -> None:
         "--methods", nargs="+", default=["dense", "dense-no-cudnn", "infllm", "quest"]
     )
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--chunk-size", type=int, default=512, help="KVSession's prefill chunk (its default: 512)"
+    )
+    parser.add_argument(
+        "--gpu-budget", help="bound KVSession's GPU tier (e.g. 8GiB): the rest in pinned RAM"
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny shape, 2K, 4 tokens; CPU ok")
     parser.add_argument("--profile", type=Path, help="also write a profile of one chunk here")
     parser.add_argument("--out", type=Path, help="JSON file for the rows")
@@ -213,7 +234,10 @@ def main() -> None:
             if method in ("dense", "dense-no-cudnn"):
                 row = run_dense(model, context, args.new_tokens, cudnn=method == "dense")
             else:
-                row = run_memlayer(model, context, args.new_tokens, method)
+                row = run_memlayer(
+                    model, context, args.new_tokens, method, args.chunk_size, args.gpu_budget
+                )
+                row |= {"chunk_size": args.chunk_size, "gpu_budget": args.gpu_budget}
             row = {"context": name, "method": method, **row}
             row["peak_gib"] = peak_gib()
             rows.append(row)

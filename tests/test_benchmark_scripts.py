@@ -43,11 +43,12 @@ def test_make_gpu_without_cuda_says_so_and_exits_0(tmp_path: Path) -> None:
 
 def test_e2e_tiny_measures_dense_and_both_selectors(tmp_path: Path) -> None:
     out = tmp_path / "e2e.json"
-    done = _run("e2e_gpu.py", "--tiny", "--out", str(out))
+    done = _run("e2e_gpu.py", "--tiny", "--chunk-size", "1024", "--out", str(out))
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [row["method"] for row in rows] == ["dense", "dense-no-cudnn", "infllm", "quest"]
     assert all(_positive(row["prefill_tok_s"]) and _positive(row["decode_ms"]) for row in rows)
+    assert [row.get("chunk_size") for row in rows] == [None, None, 1024, 1024]
 
 
 def test_faiss_gpu_tiny_measures_the_cpu_index_beside_the_gpu_column(tmp_path: Path) -> None:
