@@ -254,14 +254,22 @@ class PageStore:
         self._demote(level, tier.put(page))
 
     def _demote(self, level: int, victims: Sequence[Page]) -> None:
-        """Move pages evicted from `level` to the next tier that takes them, unless durable."""
+        """Move pages evicted from `level` to the next tier that takes them, unless durable:
+        each tier's share as one batch (what that evicts moves on down the same way)."""
+        below: dict[int, list[Page]] = {}
         for victim in victims:
-            below = next(
+            target = next(
                 (i for i in range(level + 1, len(self.tiers)) if self.tiers[i].accepts(victim)),
                 None,
             )
-            if below is not None and not self.tiers[below].persistent:
-                self._move(victim, self.tiers[level], below)
+            if target is not None and not self.tiers[target].persistent:
+                below.setdefault(target, []).append(victim)
+        for target, pages in below.items():
+            started = time.perf_counter()
+            tier = self.tiers[target]
+            self._demote(target, tier.put_many([page for page in pages if page.id not in tier]))
+            nbytes = sum(page.nbytes for page in pages)
+            self._count(self.tiers[level], tier, len(pages), nbytes, started)
 
     def _move(self, page: Page, source: Tier, level: int) -> None:
         started = time.perf_counter()

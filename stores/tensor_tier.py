@@ -141,37 +141,75 @@ class TensorTier(Tier):
 
     def put_many(self, pages: Sequence[Page]) -> list[Page]:
         """Store pages; new tensor pages of one signature (a layer's sealed pages) are
-        written while free room lasts with one stacked copy per payload name and run of
-        consecutive slots, and their slots reported in one call. The rest go one by one."""
+        written as a batch: free slots first, then the slots of as many of the coldest pages
+        of that signature as the rest need, evicted together (read with one gather per
+        payload name); one stacked copy per payload name and run of consecutive slots, and
+        their slots reported in one call. Pages that fit neither way go one by one."""
         sig = self._batch_signature(pages)
         if sig is None:
             return super().put_many(pages)
-        placed: list[int] = []
-        for _ in pages:
-            slot = self._allocate(sig)
-            if slot is None:  # full: the rest evict, one page at a time
+        slots = self._take_slots(sig, len(pages))
+        evicted = self._evict_batch(sig, len(pages) - len(slots))
+        slots += self._take_slots(sig, len(pages) - len(slots))
+        if slots:
+            self._write(sig, pages[: len(slots)], slots)
+        return evicted + super().put_many(pages[len(slots) :])
+
+    def _take_slots(self, sig: Signature, count: int) -> list[int]:
+        """Up to `count` free slots for pages of `sig` (growing its slab within budget)."""
+        slots: list[int] = []
+        while len(slots) < count and (slot := self._allocate(sig)) is not None:
+            slots.append(slot)
+        return slots
+
+    def _evict_batch(self, sig: Signature, count: int) -> list[Page]:
+        """Evict up to `count` of the coldest pages, while they are tensor pages of `sig`,
+        and return them: their payloads read with one gather per name, slots freed, and the
+        moves reported in one call."""
+        ids: list[str] = []
+        while len(ids) < count:
+            victim = self.policy.victim()
+            held = self._slots.get(victim) if victim is not None else None
+            if victim is None or held is None or held[0] != sig:
                 break
-            placed.append(slot)
-        if not placed:
-            return super().put_many(pages)
-        batch = pages[: len(placed)]
-        payloads = [page.payload for page in batch if isinstance(page.payload, dict)]
+            self.policy.remove(victim)
+            ids.append(victim)
+        if not ids:
+            return []
+        fields = self._slabs[sig].fields
+        index = torch.tensor([self._slots[pid][1] for pid in ids], device=self.device)
+        gathered = {name: field.index_select(0, index) for name, field in fields.items()}
+        pages = []
+        for row, page_id in enumerate(ids):
+            header = self._headers.pop(page_id)
+            payload = {name: tensor[row] for name, tensor in gathered.items()}
+            pages.append(dataclasses.replace(header, payload=payload))
+            self._free(sig, self._slots.pop(page_id)[1])
+        self._moved(ids, [-1] * len(ids))
+        return pages
+
+    def _write(self, sig: Signature, pages: Sequence[Page], slots: list[int]) -> None:
+        """Copy new pages into their slots (one stacked copy per payload name and run of
+        consecutive slots) and record them."""
+        payloads = [page.payload for page in pages if isinstance(page.payload, dict)]
         slab = self._slabs[sig]
-        for first, count in _slot_runs(placed):
+        for first, count in _slot_runs(slots):
             for name, field_ in slab.fields.items():
-                rows = field_[placed[first] : placed[first] + count]
+                rows = field_[slots[first] : slots[first] + count]
                 sources = [payload[name] for payload in payloads[first : first + count]]
-                if all(t.device == self.device for t in sources):
+                devices = {t.device for t in sources}
+                if devices == {self.device}:
                     torch.stack(sources, out=rows)
+                elif len(devices) == 1:  # stacked where they are, then one copy across
+                    rows.copy_(torch.stack(sources), non_blocking=non_blocking(self.device))
                 else:
                     for row, tensor in zip(rows, sources, strict=True):
                         row.copy_(tensor, non_blocking=non_blocking(self.device))
-        for page, slot in zip(batch, placed, strict=True):
+        for page, slot in zip(pages, slots, strict=True):
             self._slots[page.id] = (sig, slot)
             self._headers[page.id] = dataclasses.replace(page, payload=b"")
             self.policy.touch(page.id)
-        self._moved([page.id for page in batch], placed)
-        return super().put_many(pages[len(placed) :])
+        self._moved([page.id for page in pages], slots)
 
     def _batch_signature(self, pages: Sequence[Page]) -> Signature | None:
         """The signature shared by `pages` when they can be written as one batch: tensor

@@ -248,8 +248,9 @@ def test_gather_is_one_stacked_read_of_the_front_tier(tmp_path: Path) -> None:
 @pytest.mark.parametrize("budget_pages", [None, 5])
 def test_put_many_writes_a_batch_and_reports_its_slots_once(budget_pages: int | None) -> None:
     """A layer's sealed pages go in as one batch: every page reads back exactly, the slots
-    come to the listener in one call for the pages that fitted, and with a budget smaller
-    than the batch the rest evict the oldest, one at a time, as `put` would."""
+    come to the listener in one call for the pages that fitted (free slots, then the slots
+    of older pages evicted together), and with a budget smaller than the batch the rest
+    evict the oldest, one at a time, as `put` would."""
     size = kv_page("x").nbytes
     tier = TensorTier("ram", "cpu", None if budget_pages is None else budget_pages * size)
     calls: list[tuple[list[str], list[int]]] = []
@@ -263,12 +264,35 @@ def test_put_many_writes_a_batch_and_reports_its_slots_once(budget_pages: int | 
     for page in kept:
         assert_same(tier.get(page.id), page)
     assert tier.budget is None or tier.nbytes <= tier.budget
-    batch_ids, batch_slots = calls[1]
-    fitted = 8 if budget_pages is None else budget_pages - 1  # "old" holds one slot
+    batch_ids, batch_slots = next(call for call in calls if len(call[0]) > 1)
+    fitted = 8 if budget_pages is None else budget_pages  # "old" evicted to make room
     assert batch_ids == [p.id for p in pages[:fitted]] and len(set(batch_slots)) == fitted
     if budget_pages is not None:
         assert [p.id for p in evicted] == ["old", "p0", "p1", "p2"]
         assert_same(evicted[1], pages[0])  # evicted pages carry their payloads down
+
+
+def test_a_bounded_front_tier_evicts_and_demotes_in_batches() -> None:
+    """Sealing batch after batch into a full front tier: each batch evicts the coldest
+    pages together (one listener call), they move down as one batch, every page reads back
+    exactly from wherever it went, and the moves are counted."""
+    size = kv_page("x").nbytes
+    front, ram = TensorTier("gpu", "cpu", 6 * size), TensorTier("ram", "cpu", None)
+    store = PageStore([front, ram])
+    moves: list[tuple[list[str], list[int]]] = []
+    front.watch(lambda ids, slots: moves.append((list(ids), list(slots))))
+    pages = [kv_page(f"p{i}", seed=i) for i in range(20)]
+    for start in range(0, 20, 4):
+        store.put_many(pages[start : start + 4])
+    assert sorted(front.ids()) == sorted(p.id for p in pages[14:])
+    assert sorted(ram.ids()) == sorted(p.id for p in pages[:14])
+    assert front.nbytes <= 6 * size
+    departures = [ids for ids, slots in moves if set(slots) == {-1}]
+    ids = [p.id for p in pages]  # the second batch fits two, evicts two; the others four
+    assert departures == [ids[0:2], ids[2:6], ids[6:10], ids[10:14]]
+    assert store.stats()["moved"]["gpu->ram"]["pages"] == 14
+    for page in pages:
+        assert_same(ram.get(page.id) if page.id in ram else front.get(page.id), page)
 
 
 def test_put_many_falls_back_for_mixed_or_repeated_pages() -> None:
