@@ -151,6 +151,7 @@ class TensorTier(Tier):
         slots = self._take_slots(sig, len(pages))
         evicted = self._evict_batch(sig, len(pages) - len(slots))
         slots += self._take_slots(sig, len(pages) - len(slots))
+        slots.sort()  # freed slots come back in any order: ascending, they copy in runs
         if slots:
             self._write(sig, pages[: len(slots)], slots)
         return evicted + super().put_many(pages[len(slots) :])

@@ -267,6 +267,7 @@ def test_put_many_writes_a_batch_and_reports_its_slots_once(budget_pages: int | 
     batch_ids, batch_slots = next(call for call in calls if len(call[0]) > 1)
     fitted = 8 if budget_pages is None else budget_pages  # "old" evicted to make room
     assert batch_ids == [p.id for p in pages[:fitted]] and len(set(batch_slots)) == fitted
+    assert batch_slots == sorted(batch_slots)  # ascending, so consecutive ones copy as one run
     if budget_pages is not None:
         assert [p.id for p in evicted] == ["old", "p0", "p1", "p2"]
         assert_same(evicted[1], pages[0])  # evicted pages carry their payloads down
