@@ -126,15 +126,11 @@ class TensorTier(Tier):
                 evicted.append(self._pop_victim())
             self._blobs[page.id] = bytes(page.payload)
         else:
-            payload = dict(page.payload)
-            sig = signature(payload)
+            sig = signature(dict(page.payload))
             while (slot := self._allocate(sig)) is None:
                 evicted.append(self._pop_victim())
-            slab = self._slabs[sig]
-            for name, tensor in payload.items():
-                slab.fields[name][slot].copy_(tensor, non_blocking=non_blocking(self.device))
-            self._slots[page.id] = (sig, slot)
-            self._moved([page.id], [slot])
+            self._write(sig, [page], [slot])
+            return evicted
         self._headers[page.id] = dataclasses.replace(page, payload=b"")
         self.policy.touch(page.id)
         return evicted
@@ -191,7 +187,8 @@ class TensorTier(Tier):
 
     def _write(self, sig: Signature, pages: Sequence[Page], slots: list[int]) -> None:
         """Copy new pages into their slots (one stacked copy per payload name and run of
-        consecutive slots) and record them."""
+        consecutive slots; a lone page, one copy) and record them: the one place a tensor
+        page enters this tier by `put` or `put_many`."""
         payloads = [page.payload for page in pages if isinstance(page.payload, dict)]
         slab = self._slabs[sig]
         for first, count in _slot_runs(slots):
@@ -199,13 +196,13 @@ class TensorTier(Tier):
                 rows = field_[slots[first] : slots[first] + count]
                 sources = [payload[name] for payload in payloads[first : first + count]]
                 devices = {t.device for t in sources}
-                if devices == {self.device}:
-                    torch.stack(sources, out=rows)
-                elif len(devices) == 1:  # stacked where they are, then one copy across
-                    rows.copy_(torch.stack(sources), non_blocking=non_blocking(self.device))
-                else:
+                if count == 1 or len(devices) > 1:
                     for row, tensor in zip(rows, sources, strict=True):
                         row.copy_(tensor, non_blocking=non_blocking(self.device))
+                elif devices == {self.device}:
+                    torch.stack(sources, out=rows)
+                else:  # stacked where they are, then one copy across
+                    rows.copy_(torch.stack(sources), non_blocking=non_blocking(self.device))
         for page, slot in zip(pages, slots, strict=True):
             self._slots[page.id] = (sig, slot)
             self._headers[page.id] = dataclasses.replace(page, payload=b"")
