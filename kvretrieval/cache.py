@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache
 from memlayer.errors import InvalidInputError
 from memlayer.kvretrieval.config import KVConfig
 from memlayer.kvretrieval.layer_memory import Checkpoint, HeadGeometry, LayerMemory
-from memlayer.kvretrieval.rope import Rotary
+from memlayer.kvretrieval.rope import Rotary, TokenLayout
 from memlayer.kvretrieval.sealed_pages import open_kv_store
 from memlayer.kvretrieval.selectors import PageSelector
 from memlayer.kvretrieval.shared_pages import SlotRouter
@@ -142,6 +142,18 @@ class PagedKVCache(Cache):
         finally:
             for memory, topk_before in zip(self.memories, previous, strict=True):
                 memory.topk = topk_before
+
+    @contextmanager
+    def laid_out(self, layout: TokenLayout | None) -> Iterator[None]:
+        """Within the block every layer turns the chunk's queries and keys by `layout` as
+        they arrive (image tokens under multimodal RoPE); None changes nothing."""
+        for memory in self.memories:
+            memory.layout = layout
+        try:
+            yield
+        finally:
+            for memory in self.memories:
+                memory.layout = None
 
     @contextmanager
     def recording(self) -> Iterator[list[list[torch.Tensor]]]:

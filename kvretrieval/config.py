@@ -72,6 +72,8 @@ class VideoConfig(BaseModel):
     like sinks and win every question's selection). A question takes `retrieve` frames per
     layer, in runs of `run` contiguous frames. `frame_tokens` is the size of a text frame (a
     VLM's image frames have the size its vision side gives), written as `text_format` says.
+    `frame_size` is the side in pixels image frames are resized to for a vision side that
+    takes any size (Qwen2-VL, Qwen2.5-VL: a multiple of 28, default 392: 196 tokens a frame).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -84,6 +86,7 @@ class VideoConfig(BaseModel):
     encode_topk: int = Field(0, ge=0)
     sink_frames: int = Field(4, ge=0)
     frame_tokens: int = Field(32, ge=1)
+    frame_size: int | None = Field(None, ge=1)
     text_format: str = "[{time}] {text}"  # how a text frame is written: {time} is H:MM:SS
     positions: PositionMode = "infllm"
     gpu_budget: ByteSize | None = None

@@ -22,7 +22,7 @@ from transformers.cache_utils import CacheLayerMixin
 from memlayer.errors import InvalidInputError, UnsupportedModelError
 from memlayer.kernels import sparse_attention
 from memlayer.kvretrieval.config import KVConfig
-from memlayer.kvretrieval.rope import Rotary
+from memlayer.kvretrieval.rope import Rotary, TokenLayout
 from memlayer.kvretrieval.sealed_pages import SealedPages
 from memlayer.kvretrieval.selectors import PageSelector
 from memlayer.kvretrieval.shared_pages import ContextLayer
@@ -159,6 +159,9 @@ class LayerMemory(CacheLayerMixin):
         # the memory frame, and the attention scale they were used with
         self.recorded: list[torch.Tensor] | None = None
         self.recorded_scale = 1.0
+        # while a chunk of image tokens is read (multimodal RoPE): their turn from the 1-D
+        # positions the memory gives them to their (time, row, column) ones (`laid_out`)
+        self.layout: TokenLayout | None = None
 
     @property
     def window_start(self) -> int:
@@ -200,13 +203,17 @@ class LayerMemory(CacheLayerMixin):
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Add a chunk's unrotated keys/values [Hkv, T, D] at the end of the local window."""
-        self.window.append(self.rotary.unscale(keys), values)
+        self.window.append(self._turned(self.rotary.unscale(keys)), values)
+
+    def _turned(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., T, D] turned by the chunk's token layout, if it has one."""
+        return x if self.layout is None else self.layout.apply(x)
 
     def attend(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention output [1, Hq, T, D] of the newest T queries (already appended keys),
         then sealing of what left the window."""
         started = time.perf_counter()
-        q_raw = self.rotary.unscale(queries)
+        q_raw = self._turned(self.rotary.unscale(queries))
         if self.recorded is not None:
             self.recorded.append(self._placed_queries(q_raw)[1])
             self.recorded_scale = scale

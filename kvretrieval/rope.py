@@ -3,10 +3,17 @@
 The model is run with every position id set to 0, so queries and keys reach the attention
 hook unrotated; memlayer rotates them with the model's own rotary module at the positions
 its placement mode chooses (within the trained window, or exact absolute positions).
+
+Multimodal RoPE (Qwen2-VL, Qwen2.5-VL) gives a token three positions (time, row, column),
+each rotating its own section of the head dimension. A token whose three positions are
+equal is rotated as by 1-D RoPE, and rotations add, so memlayer's 1-D placement stays as
+it is: an image token additionally gets a fixed `TokenLayout` turn on arrival, the offset
+of its three positions from the 1-D position memlayer gives it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,13 +22,28 @@ from memlayer.errors import UnsupportedModelError
 
 
 def find_rotary(model: Any) -> Any:
-    """The model's rotary embedding module (the one that turns position ids into cos/sin)."""
-    for module in model.modules():
+    """The model's rotary embedding module (the one that turns position ids into cos/sin) on
+    its language side: a vision tower may have a rotary module of its own (Qwen2-VL's)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for module in (decoder if decoder is not None else model).modules():
         if hasattr(module, "inv_freq") and hasattr(module, "attention_scaling"):
             return module
     raise UnsupportedModelError(
         f"{type(model).__name__} has no rotary embedding module memlayer can drive"
     )
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """A fixed rotation per token of a chunk (cos and signed sin [T, D]): the turn that moves
+    a token from its 1-D position to its multimodal one, applied to its query and key."""
+
+    cos: torch.Tensor
+    signed_sin: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., T, D] turned token by token."""
+        return Rotary._apply(x, self.cos.to(x.dtype), self.signed_sin.to(x.dtype))
 
 
 class Rotary:
@@ -37,6 +59,27 @@ class Rotary:
         cos0, _ = self._compute(torch.zeros(1, dtype=torch.long, device=device))
         self.scale = cos0[0]  # what rotation at position 0 multiplies by (1 unless scaled RoPE)
         self._plain = bool((self.scale == 1).all())  # read once: no host sync per call
+
+    @property
+    def multimodal(self) -> bool:
+        """Whether the model's RoPE gives a token three positions (time, row, column)."""
+        return hasattr(self._module, "mrope_section")
+
+    def layout(self, offsets: torch.Tensor) -> TokenLayout:
+        """The turn by multimodal positions `offsets` [3, T] (time, row, column) per token.
+
+        A token memlayer places at 1-D position p then sits at p + offsets[:, t] in each of
+        the three; `offsets` may be negative (the turn is a rotation by their angles)."""
+        if not self.multimodal:
+            raise UnsupportedModelError("the model's rotary embedding has one position a token")
+        probe = torch.empty(1, device=self._device, dtype=torch.float32)
+        with torch.no_grad():
+            cos, sin = self._module(probe, offsets.to(self._device).view(3, 1, -1))
+        cos, sin = cos[0].float(), sin[0].float()
+        if not self._plain:
+            cos, sin = cos / self.scale, sin / self.scale
+        half = sin.shape[-1] // 2
+        return TokenLayout(cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1))
 
     def _compute(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probe = torch.empty(1, device=self._device, dtype=torch.float32)

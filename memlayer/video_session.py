@@ -25,7 +25,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from memlayer.errors import InvalidInputError, ModelMismatchError, NotFoundError
+from memlayer.errors import (
+    InvalidInputError,
+    ModelMismatchError,
+    NotFoundError,
+    UnsupportedModelError,
+)
 from memlayer.frame_retrievers import FrameRetriever
 from memlayer.optional import require
 from memlayer.video_input import Frame, clock, read_video, sample
@@ -108,13 +113,7 @@ class VideoSession:
 
         from memlayer.kvretrieval.cache import PagedKVCache
         from memlayer.kvretrieval.config import KVConfig, VideoConfig
-        from memlayer.kvretrieval.frame_encoders import (
-            SIGLIP_MEAN,
-            SIGLIP_STD,
-            ImageFrames,
-            TextFrames,
-            vision_side,
-        )
+        from memlayer.kvretrieval.frame_encoders import GridImageFrames, TextFrames, image_frames
         from memlayer.kvretrieval.layer_memory import HeadGeometry
         from memlayer.kvretrieval.model import AttentionRoute, fingerprint, load_smollm2
         from memlayer.kvretrieval.rope import Rotary, find_rotary
@@ -136,11 +135,13 @@ class VideoSession:
         self._device = param.device
         geometry = HeadGeometry.of(model.config)
         self._layers = geometry.layers
-        self._image_norm = (list(image_mean or SIGLIP_MEAN), list(image_std or SIGLIP_STD))
-        self._images = (
-            ImageFrames(model, mean=self._image_norm[0], std=self._image_norm[1])
-            if vision_side(model) is not None and hasattr(model.config, "vision_config")
-            else None
+        self._images = image_frames(
+            model, mean=image_mean, std=image_std, size=self.config.frame_size
+        )
+        self._image_norm = (
+            (self._images.mean, self._images.std)
+            if self._images is not None
+            else (image_mean, image_std)
         )
         tokens = self._images.tokens if self._images is not None else self.config.frame_tokens
         self.frame_tokens = tokens
@@ -166,6 +167,16 @@ class VideoSession:
             offload_path=self.config.offload_path,
         )
         rotary = Rotary(find_rotary(model), geometry.head_dim, param.device, param.dtype)
+        self._rotary = rotary
+        # multimodal RoPE: a frame's token t, placed at 1-D position start + t, is turned to
+        # (start, start + row, start + column), the frame's own grid (`TokenLayout`)
+        self._frame_offsets = None
+        if isinstance(self._images, GridImageFrames):
+            if not rotary.multimodal:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__}: a grid vision side needs multimodal RoPE"
+                )
+            self._frame_offsets = self._images.positions - torch.arange(tokens)
         self.cache = PagedKVCache(
             geometry,
             self.kv_config,
@@ -317,12 +328,25 @@ class VideoSession:
             for time_s, frame in batch
         ]
         embeds = self._embed_frames(frames)
-        if not self._opened and self._prefix_ids:
-            embeds = torch.cat([self._embed_ids(self._prefix_ids), embeds])
+        prefix = self._prefix_ids if not self._opened else []
+        if prefix:
+            embeds = torch.cat([self._embed_ids(prefix), embeds])
+        layout = None
+        if self._frame_offsets is not None and not isinstance(frames[0], str):
+            offsets = torch.cat(
+                [torch.zeros(3, len(prefix), dtype=torch.long)]
+                + [self._frame_offsets] * len(frames),
+                dim=1,
+            )
+            layout = self._rotary.layout(offsets)
         vectors = self.retriever.embed_frames(frames) if self.retriever is not None else None
         first = len(self.timestamps)
         self.timestamps.extend(times)  # before the forward: sealed pages are labelled from it
-        with torch.no_grad(), self.cache.selecting(self.config.encode_topk):
+        with (
+            torch.no_grad(),
+            self.cache.selecting(self.config.encode_topk),
+            self.cache.laid_out(layout),
+        ):
             routed_forward(
                 self.model, self._route, self.cache, layers=self._layers, inputs_embeds=embeds[None]
             )

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from video_models import byte_tokenizer, tiny_llava, write_video
+from video_models import byte_tokenizer, tiny_llava, tiny_qwen_vl, write_video
 
 from memlayer import VideoSession
 from memlayer.kvretrieval.frames import FrameContextCache
@@ -140,3 +140,89 @@ def test_frame_embeddings_are_the_models_video_features(tmp_path: Path) -> None:
     # the video's one newline embedding (appended here by newer transformers) is not a frame's
     expected = expected.pooler_output[0, : got.shape[0] * got.shape[1]]
     torch.testing.assert_close(got.flatten(0, 1), expected)
+
+
+def grid_positions(prefix: int, frames: int, tokens: int, columns: int, tail: int) -> torch.Tensor:
+    """Multimodal positions [3, 1, T] of prefix text, `frames` image frames and `tail` text:
+    each token has a 1-D position of its own; an image token t of a frame starting at p sits
+    at (p, p + row, p + column) of its frame's grid, text tokens at (i, i, i)."""
+    total = prefix + frames * tokens + tail
+    positions = torch.arange(total).repeat(3, 1)
+    for frame in range(frames):
+        start = prefix + frame * tokens
+        t = torch.arange(tokens)
+        positions[0, start : start + tokens] = start
+        positions[1, start : start + tokens] = start + t // columns
+        positions[2, start : start + tokens] = start + t % columns
+    return positions[:, None]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_vl_all_frames_retrieved_equals_full_context(tmp_path: Path, family: str) -> None:
+    """Qwen2-VL / Qwen2.5-VL: the same equality, with the reference's own multimodal RoPE at
+    each frame's grid positions (memlayer turns image tokens there from its 1-D placement)."""
+    from transformers import AttentionInterface
+
+    model, reference = tiny_qwen_vl(family), tiny_qwen_vl(family)
+    video = write_video(tmp_path / "shapes.mp4", seconds=5.0, rate=10, planted=2.0)
+    session = VideoSession(
+        model,
+        byte_tokenizer(),
+        system="Watch the shapes.",
+        progress=False,
+        fps=2,
+        chunk_frames=3,
+        n_local=8,
+        positions="exact",
+        frame_size=56,
+        sink_frames=1,
+    )
+    assert session.feed(video) == 10
+    frame = session.frame_tokens
+    assert frame == 4
+    question = session._encode("\nWhat moved?")
+    answer_cache = FrameContextCache(session.cache.memories, retrieve=1000)
+    with torch.no_grad():
+        logits = routed_forward(
+            model,
+            session._route,
+            answer_cache,
+            layers=2,
+            inputs_embeds=session._embed_ids(question)[None],
+            logits_to_keep=0,
+        )[0]
+    frames = [image for _, image in read_video(video, fps=2, size=56)]
+    with torch.no_grad():
+        pixels, grid = session._images.patches(frames)
+        features = reference.model.get_image_features(pixels, grid).pooler_output
+        prefix = session._embed_ids(session._prefix_ids)
+        embeds = torch.cat([prefix, *features, session._embed_ids(question)])
+    n_prefix = len(session._prefix_ids)
+    chunk_ends = [n_prefix + frame * min(n, 10) for n in (3, 6, 9, 10)]
+    MASK[:] = [rekv_mask(session.kv_config.n_init, frame, 8, chunk_ends, embeds.shape[0])]
+    AttentionInterface.register("video_reference", masked_attention)
+    reference.set_attn_implementation("video_reference")
+    positions = grid_positions(n_prefix, 10, frame, 2, len(question))
+    with torch.no_grad():
+        expected = reference(inputs_embeds=embeds[None], position_ids=positions).logits
+    torch.testing.assert_close(logits, expected[0, -len(question) :], rtol=1e-5, atol=1e-5)
+
+
+def test_qwen_vl_frames_are_the_model_processors_patches() -> None:
+    """A frame reaches Qwen2-VL's vision side as its own image processor would give it."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    session = VideoSession(tiny_qwen_vl(), byte_tokenizer(), progress=False, frame_size=56)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for _ in range(3)]
+    pixels, grid = session._images.patches(frames)
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56)
+    expected = processor(images=frames, return_tensors="pt")
+    torch.testing.assert_close(grid, expected["image_grid_thw"])
+    torch.testing.assert_close(pixels, expected["pixel_values"])
+    got = session._images.embed(frames)
+    with torch.no_grad():
+        features = session.model.model.get_image_features(pixels, grid).pooler_output
+    torch.testing.assert_close(got, torch.stack(list(features)))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from video_models import byte_tokenizer, tiny_clip, tiny_llava, write_video
+from video_models import byte_tokenizer, tiny_clip, tiny_llava, tiny_vlm, write_video
 
 from memlayer import InvalidInputError, ModelMismatchError, VideoSession
 from memlayer.frame_retrievers import ClipFrameRetriever
@@ -17,12 +17,12 @@ from memlayer.frame_retrievers import ClipFrameRetriever
 ANSWER = """
 import json, sys
 sys.path.insert(0, {tests!r})
-from video_models import byte_tokenizer, tiny_llava
+from video_models import byte_tokenizer, tiny_vlm
 from memlayer import VideoSession
 from memlayer.frame_retrievers import ClipFrameRetriever
 
 retriever = ClipFrameRetriever({clip!r}) if {clip!r} else None
-session = VideoSession.load({path!r}, tiny_llava(), byte_tokenizer(), url={url!r},
+session = VideoSession.load({path!r}, tiny_vlm({family!r}), byte_tokenizer(), url={url!r},
                             retriever=retriever, progress=False)
 answers = []
 for by in ("model", "retriever") if retriever else ("model",):
@@ -32,8 +32,12 @@ print(json.dumps({{"answers": answers, "frames": len(session.timestamps), "pages
 """
 
 
-def answer_in_another_process(path: Path, url: str | None, clip: str | None) -> dict:
-    code = ANSWER.format(tests=str(Path(__file__).parent), path=str(path), url=url, clip=clip)
+def answer_in_another_process(
+    path: Path, url: str | None, clip: str | None, family: str = "llava"
+) -> dict:
+    code = ANSWER.format(
+        tests=str(Path(__file__).parent), path=str(path), url=url, clip=clip, family=family
+    )
     run = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False
     )
@@ -42,13 +46,15 @@ def answer_in_another_process(path: Path, url: str | None, clip: str | None) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tier", ["disk", "sql"])
-def test_saved_in_one_process_answered_in_another(tmp_path: Path, tier: str) -> None:
+@pytest.mark.parametrize(
+    ("tier", "family"), [("disk", "llava"), ("sql", "llava"), ("disk", "qwen2_vl")]
+)
+def test_saved_in_one_process_answered_in_another(tmp_path: Path, tier: str, family: str) -> None:
     video = write_video(tmp_path / "shapes.mp4", seconds=6.0, rate=10, planted=3.0)
-    clip = str(tiny_clip(tmp_path / "clip")) if tier == "disk" else None
+    clip = str(tiny_clip(tmp_path / "clip")) if (tier, family) == ("disk", "llava") else None
     retriever = ClipFrameRetriever(clip) if clip else None
     session = VideoSession(
-        tiny_llava(),
+        tiny_vlm(family),
         byte_tokenizer(),
         system="Watch.",
         retriever=retriever,
@@ -58,6 +64,7 @@ def test_saved_in_one_process_answered_in_another(tmp_path: Path, tier: str) -> 
         n_local=8,
         sink_frames=2,  # the first two frames saved and reloaded with the sinks
         ram_budget=16 * 1024,  # most pages already on the offload tier when saved
+        frame_size=None if family == "llava" else 56,
     )
     session.feed(video)
     url = f"sqlite:///{tmp_path / 'pages.db'}" if tier == "sql" else None
@@ -68,7 +75,7 @@ def test_saved_in_one_process_answered_in_another(tmp_path: Path, tier: str) -> 
         expected.append(
             [list(answer.tokens), [[f.index, f.timestamp, f.layers] for f in answer.frames]]
         )
-    got = answer_in_another_process(tmp_path / "saved", url, clip)
+    got = answer_in_another_process(tmp_path / "saved", url, clip, family)
     assert got == {"answers": expected, "frames": 12, "pages": 8}
     if tier == "disk":
         assert not any(tmp_path.glob("*.db"))

@@ -12,7 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from video_models import byte_tokenizer, tiny_clip, tiny_llava, tiny_text_lm, write_video
+from video_models import (
+    byte_tokenizer,
+    tiny_clip,
+    tiny_llava,
+    tiny_qwen_vl,
+    tiny_text_lm,
+    write_video,
+)
 
 from memlayer import InvalidInputError, VideoSession
 from memlayer.frame_retrievers import ClipFrameRetriever, TextFrameRetriever
@@ -346,3 +353,39 @@ def test_bad_input_is_refused_naming_the_field(video: Path) -> None:
     with pytest.raises(InvalidInputError) as error:
         s.feed([(1.0, np.zeros((56, 56, 3), np.uint8))])  # before the last frame's time
     assert error.value.field == "timestamp"
+
+
+def test_frame_size_is_checked_against_the_vision_side() -> None:
+    for model, size, rule in (
+        (tiny_llava(), 112, "image_size (56)"),
+        (tiny_qwen_vl(), 60, "multiple of 28"),
+        (tiny_text_lm(), 56, "reads text frames"),
+    ):
+        with pytest.raises(InvalidInputError) as error:
+            VideoSession(model, byte_tokenizer(), progress=False, frame_size=size)
+        assert error.value.field == "frame_size"
+        assert rule in str(error.value)
+    assert VideoSession(tiny_qwen_vl(), byte_tokenizer(), progress=False).frame_tokens == 196
+
+
+def test_a_qwen2_vl_folder_loads_with_its_processor_normalisation(tmp_path: Path) -> None:
+    """The real-checkpoint path: `from_pretrained` on a Qwen2-VL folder reads its image
+    normalisation from the folder's preprocessor config and answers about a video."""
+    import json
+
+    folder = tmp_path / "qwen2-vl"
+    tiny_qwen_vl().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    mean, std = [0.4, 0.45, 0.5], [0.2, 0.25, 0.3]
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": mean, "image_std": std})
+    )
+    session = VideoSession.from_pretrained(folder, frame_size=56, progress=False, fps=2)
+    assert session._images is not None
+    assert (session._images.mean, session._images.std, session.frame_tokens) == (mean, std, 4)
+    video = write_video(tmp_path / "shapes.mp4", seconds=3.0, rate=10, planted=1.0)
+    assert session.feed(video) == 6
+    assert type(session.model).__name__ == "Qwen2VLForConditionalGeneration"
+    answer = session.ask("What moved?", max_new_tokens=3, retrieve=2)
+    assert answer.window[1] == 6
+    assert {frame.index for frame in answer.frames} <= set(range(6))

@@ -1,9 +1,9 @@
 """Tiny random models of real transformers classes for the video tests, and a synthetic video.
 
 No weights of a vision-language model can be installed here, so the tests build LLaVA-OneVision
-(SigLIP vision tower, Qwen2 language side) and CLIP from tiny random configs; the code path
-is the one a real checkpoint takes. The tokenizer is byte-level (one token per byte), built
-in code, so nothing is downloaded.
+(SigLIP vision tower, Qwen2 language side), Qwen2-VL, Qwen2.5-VL (multimodal RoPE) and CLIP
+from tiny random configs; the code path is the one a real checkpoint takes. The tokenizer is
+byte-level (one token per byte), built in code, so nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -79,6 +79,50 @@ def tiny_llava(seed: int = 0, image_size: int = 56) -> Any:
     )
     config._attn_implementation = "sdpa"
     return tf.LlavaOnevisionForConditionalGeneration(config).eval()
+
+
+def tiny_qwen_vl(family: str = "qwen2_vl", seed: int = 0) -> Any:
+    """A tiny random Qwen2-VL or Qwen2.5-VL (float32, eval): 14-px patches merged 2 x 2, so a
+    56-px frame is 2 x 2 = 4 tokens; multimodal RoPE sections (time, row, column) of 2, 3, 3
+    of the 8 rotary frequencies; the language side `TEXT`, as LLaVA-OneVision's."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    text = dict(
+        TEXT,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=None,
+        eos_token_id=256,
+    )
+    text.pop("head_dim")  # the Qwen-VL text configs derive it: 64 / 4 = 16
+    vision: dict[str, Any] = dict(
+        depth=2, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2
+    )
+    if family == "qwen2_vl":
+        vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+        config: Any = tf.Qwen2VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=VOCAB - 2,
+            video_token_id=VOCAB - 1,
+        )
+        model: Any = tf.Qwen2VLForConditionalGeneration(config)
+    else:
+        vision.update(hidden_size=32, intermediate_size=48, out_hidden_size=64, window_size=28)
+        config = tf.Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=VOCAB - 2,
+            video_token_id=VOCAB - 1,
+        )
+        model = tf.Qwen2_5_VLForConditionalGeneration(config)
+    config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+def tiny_vlm(family: str) -> Any:
+    """`tiny_llava()` for "llava", else `tiny_qwen_vl(family)` (56-px frames: 4 tokens each)."""
+    return tiny_llava() if family == "llava" else tiny_qwen_vl(family)
 
 
 def tiny_clip(folder: Path, seed: int = 0) -> Path:
