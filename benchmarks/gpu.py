@@ -8,8 +8,9 @@ rest): `tests` (pytest -m gpu), `kernels` (benchmarks/kernels.py), `store`
 shape at 512K through InfLLM in 2,048-token chunks, the GPU tier bounded to 8 GiB and the
 rest in pinned RAM: the issue's 512K targets), `video`
 (video_stream.py: a 1-hour stream at 1 frame/s through a LLaVA-OneVision-0.5B shape, memlayer
-vs dense attention), `faiss` (faiss_gpu.py: the vector index's search at 1M vectors on the CPU
-and on the GPU, side by side; needs faiss-gpu in place of faiss-cpu). The tests run on
+vs dense attention), `video-qwen` (the same through a Qwen2-VL-2B shape), `faiss`
+(faiss_gpu.py: the vector index's search at 1M vectors on the CPU and on the GPU, side by
+side; needs faiss-gpu in place of faiss-cpu). The tests run on
 pytest-xdist's workers when it is installed (Triton compiles each case on the host).
 JSON goes to --out-dir; a dated Markdown summary (the GPU's name, each step's outcome, the
 e2e rows) is written beside it and appended to RESULTS.md. Without CUDA it says so and
@@ -36,7 +37,18 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-STEPS = ["tests", "kernels", "store", "e2e", "host", "e2e-8b", "e2e-512k", "video", "faiss"]
+STEPS = [
+    "tests",
+    "kernels",
+    "store",
+    "e2e",
+    "host",
+    "e2e-8b",
+    "e2e-512k",
+    "video",
+    "video-qwen",
+    "faiss",
+]
 
 
 def commands(
@@ -70,10 +82,14 @@ def commands(
             *("--out", str(out / f"e2e-llama3-8b-512k-{stamp}.json")),
         ],
     }
+    minutes = ("--minutes", "10", "--every-minutes", "2") if quick else ("--minutes", "60")
     every["video"] = [
-        *(py, str(HERE / "video_stream.py"), "--part", "vlm", "--shape", "0.5b"),
-        *(("--minutes", "10", "--every-minutes", "2") if quick else ("--minutes", "60")),
+        *(py, str(HERE / "video_stream.py"), "--part", "vlm", "--shape", "0.5b", *minutes),
         *("--json", str(out / f"video-0.5b-{stamp}.json")),
+    ]
+    every["video-qwen"] = [
+        *(py, str(HERE / "video_stream.py"), "--part", "vlm", "--family", "qwen2-vl"),
+        *("--shape", "2b", *minutes, "--json", str(out / f"video-qwen2-vl-2b-{stamp}.json")),
     ]
     every["faiss"] = [py, str(HERE / "faiss_gpu.py"), "--out", str(out / f"faiss-gpu-{stamp}.json")]
     every["host"] = [

@@ -3,12 +3,14 @@ a stream of timestamped text frames.
 
 `--part vlm`: a synthetic stream at 1 frame/s (moving squares, generated live, never held
 whole) through a random-weight LLaVA-OneVision of the `--shape` given (`tiny`: the CPU
-shape; `0.5b`: llava-onevision-qwen2-0.5b's shape, for a GPU). The session encodes chunk by
-chunk with sliding-window attention, pages bounded in the front tier, the rest offloaded to
-disk; the baseline is the same model with its own attention and a dense KV cache of the
-whole video (until it runs out of memory). Reports encoding frames/s, memory over time (the
-process's RSS, the page store's tiers, the dense KV cache; on CUDA the GPU's allocated
-bytes) and the time to the first answer token for questions asked at the end.
+shape; `0.5b`: llava-onevision-qwen2-0.5b's shape, for a GPU), or with `--family qwen2-vl`
+a random-weight Qwen2-VL (`tiny`; `2b`: Qwen2-VL-2B-Instruct's shape at 392-px frames).
+The session encodes chunk by chunk with sliding-window attention, pages bounded in the
+front tier, the rest offloaded to disk; the baseline is the same model with its own
+attention and a dense KV cache of the whole video (until it runs out of memory). Reports
+encoding frames/s, memory over time (the process's RSS, the page store's tiers, the dense
+KV cache; on CUDA the GPU's allocated bytes) and the time to the first answer token for
+questions asked at the end.
 
 `--part text`: SmolLM2-135M-Instruct reads an event log of `--frames` text frames (one
 frame of 32 tokens every 2 s; planted events, see event_log.py) and answers, for each
@@ -50,7 +52,7 @@ from event_log import Event, event_log
 
 from memlayer import VideoSession
 from memlayer.frame_retrievers import TextFrameRetriever
-from memlayer.kvretrieval.frame_encoders import ImageFrames
+from memlayer.kvretrieval.frame_encoders import image_frames
 from memlayer.kvretrieval.model import cache_argument
 from memlayer.video_input import clock
 
@@ -87,6 +89,38 @@ SHAPES: dict[str, dict[str, Any]] = {
         ),
     },
 }
+# Qwen2-VL: frames of `image_size` px, 14-px patches merged 2 x 2 (tiny: 112 px -> 16 tokens)
+QWEN_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "vision": dict(depth=2, embed_dim=64, hidden_size=256, num_heads=2, mlp_ratio=2),
+        "image_size": 112,
+        "text": dict(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+        ),
+    },
+    # Qwen2-VL-2B-Instruct: a 675M ViT, Qwen2-1.5B's language side; 392 px: 196 tokens a frame
+    "2b": {
+        "vision": dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
+        "image_size": 392,
+        "text": dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [16, 24, 24],
+            },
+        ),
+    },
+}
 QUESTION = "Describe what the blue square did at the start of the video."
 
 
@@ -103,15 +137,40 @@ def gpu_mb() -> float | None:
     return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
-def random_vlm(shape: str, device: str) -> tuple[Any, Any]:
-    """A random-weight LLaVA-OneVision of `shape` and a byte-level tokenizer."""
+def shape_spec(family: str, shape: str) -> dict[str, Any]:
+    """The shape's sizes for the model family (SystemExit naming the shapes it has)."""
+    shapes = QWEN_SHAPES if family == "qwen2-vl" else SHAPES
+    if shape not in shapes:
+        raise SystemExit(f"--shape for --family {family}: one of {sorted(shapes)}")
+    return shapes[shape]
+
+
+def random_vlm(shape: str, device: str, family: str = "llava") -> tuple[Any, Any]:
+    """A random-weight LLaVA-OneVision (or Qwen2-VL) of `shape` and a byte-level tokenizer."""
     import transformers as tf
 
     sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
     from video_models import VOCAB, byte_tokenizer
 
-    spec = SHAPES[shape]
+    spec = shape_spec(family, shape)
     torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if family == "qwen2-vl":
+        qwen = tf.Qwen2VLConfig(
+            text_config=dict(
+                vocab_size=VOCAB,
+                max_position_embeddings=32768,
+                bos_token_id=None,
+                eos_token_id=256,  # the byte tokenizer's <eos>
+                **spec["text"],
+            ),
+            vision_config=dict(**spec["vision"], patch_size=14, spatial_merge_size=2),
+            image_token_id=VOCAB - 2,
+            video_token_id=VOCAB - 1,
+        )
+        qwen._attn_implementation = "sdpa"
+        vlm: Any = tf.Qwen2VLForConditionalGeneration(qwen)
+        return vlm.to(device=device, dtype=dtype).eval(), byte_tokenizer()
     vision = tf.SiglipVisionConfig(**spec["vision"], image_size=spec["image_size"], patch_size=14)
     text = tf.Qwen2Config(
         vocab_size=VOCAB, max_position_embeddings=32768, use_sliding_window=False, **spec["text"]
@@ -125,7 +184,6 @@ def random_vlm(shape: str, device: str) -> tuple[Any, Any]:
         vision_feature_select_strategy="full",
     )
     config._attn_implementation = "sdpa"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model: Any = tf.LlavaOnevisionForConditionalGeneration(config)
     return model.to(device=device, dtype=dtype).eval(), byte_tokenizer()
 
@@ -142,10 +200,13 @@ def live_frames(seconds: int, size: int) -> Iterator[tuple[float, np.ndarray]]:
 
 def vlm_part(args: argparse.Namespace, save: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
     """memlayer's row, saved at once (a run cut short keeps it), then dense attention's."""
-    model, tokenizer = random_vlm(args.shape, args.device)
-    size = SHAPES[args.shape]["image_size"]
+    model, tokenizer = random_vlm(args.shape, args.device, args.family)
+    size = shape_spec(args.family, args.shape)["image_size"]
     seconds = args.minutes * 60
-    tokens = ImageFrames(model).tokens
+    frame_size = size if args.family == "qwen2-vl" else None
+    frames = image_frames(model, size=frame_size)
+    assert frames is not None
+    tokens = frames.tokens
     session = VideoSession(
         model,
         tokenizer,
@@ -158,6 +219,7 @@ def vlm_part(args: argparse.Namespace, save: Callable[[dict[str, Any]], Any]) ->
         retrieve=args.retrieve,
         gpu_budget=args.gpu_budget if args.device == "cuda" else None,
         ram_budget=args.ram_budget,
+        frame_size=frame_size,
     )
     timeline: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -187,16 +249,18 @@ def vlm_part(args: argparse.Namespace, save: Callable[[dict[str, Any]], Any]) ->
         "first_token_s": statistics.median(a.first_token_s for a in answers),
         "timeline": timeline,
     }
-    save({"shape": args.shape, "rows": [memlayer], "dense": "not finished"})
+    shape = {"family": args.family, "shape": args.shape}
+    save({**shape, "rows": [memlayer], "dense": "not finished"})
     dense = dense_baseline(model, tokenizer, session, seconds, size, args)
-    return {"shape": args.shape, "rows": [memlayer, dense]}
+    return {**shape, "rows": [memlayer, dense]}
 
 
 def dense_baseline(
     model: Any, tokenizer: Any, session: VideoSession, seconds: int, size: int, args: Any
 ) -> dict[str, Any]:
     """The same frames through the model's own attention with a dense KV cache of everything,
-    chunk by chunk at true positions; the question attends to the whole video."""
+    chunk by chunk at true positions (1-D for Qwen2-VL too: the cost is the same); the
+    question attends to the whole video."""
     from transformers import DynamicCache
 
     from memlayer.video_input import sample
@@ -478,7 +542,8 @@ def text_part(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=["vlm", "text"], required=True)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--family", choices=["llava", "qwen2-vl"], default="llava")
+    parser.add_argument("--shape", choices=sorted({*SHAPES, *QWEN_SHAPES}), default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--minutes", type=int, default=60)
     parser.add_argument("--every-minutes", type=int, default=10)
@@ -507,7 +572,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     stamp = datetime.date.today().isoformat()
-    path = args.json or RESULTS / f"video_stream_{args.part}_{stamp}.json"
+    family = f"_{args.family}" if args.part == "vlm" and args.family != "llava" else ""
+    path = args.json or RESULTS / f"video_stream_{args.part}{family}_{stamp}.json"
 
     def save(result: dict[str, Any]) -> dict[str, Any]:
         out = {

@@ -6,6 +6,7 @@ stream goes on and at the end, then saves the session and answers again from the
 
     python examples/video_qa.py                     # a tiny random LLaVA-OneVision
     python examples/video_qa.py --model ./llava-onevision-qwen2-0.5b-ov-hf
+    python examples/video_qa.py --model ./Qwen2-VL-2B-Instruct   # or Qwen2.5-VL
 
 No vision-language weights ship with memlayer, so without --model the model has random
 weights: its answer text is noise, but every step (decoding, frames to pages, retrieval,
@@ -79,11 +80,15 @@ def tiny_random_llava() -> tuple[Any, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="a local LLaVA-OneVision folder (default: tiny random)")
+    parser.add_argument(
+        "--model",
+        help="a local LLaVA-OneVision, Qwen2-VL or Qwen2.5-VL folder (default: tiny random)",
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="memlayer-video-"))
     video = write_video(folder / "squares.mp4")
-    # window: the last 16 frames (LLaVA-OneVision-0.5B: 196 tokens a frame; the tiny one: 16)
+    # window: the last 16 frames (196 tokens a frame for LLaVA-OneVision-0.5B and for Qwen2-VL
+    # at its default frame_size of 392 px; the tiny model: 16)
     options: dict[str, Any] = dict(fps=1.0, chunk_frames=8, n_local=16 * 196, retrieve=8)
     if args.model:
         session = VideoSession.from_pretrained(args.model, **options)

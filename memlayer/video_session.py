@@ -205,8 +205,9 @@ class VideoSession:
     def from_pretrained(
         cls, path: str | Path, *, dtype: str = "auto", device: str | None = None, **options: Any
     ) -> VideoSession:
-        """A session on the model in a local folder: a LLaVA-OneVision checkpoint (e.g.
-        llava-onevision-qwen2-0.5b-ov-hf) for image frames, or any causal LM for text frames.
+        """A session on the model in a local folder: a LLaVA-OneVision (e.g.
+        llava-onevision-qwen2-0.5b-ov-hf), Qwen2-VL or Qwen2.5-VL checkpoint (e.g.
+        Qwen2-VL-2B-Instruct) for image frames, or any causal LM for text frames.
         Normalisation comes from the folder's (video) preprocessor config. Never downloads."""
         require("transformers", "kv")
         from transformers import (

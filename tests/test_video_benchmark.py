@@ -10,18 +10,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
-def test_video_stream_vlm_part_measures_memlayer_and_dense(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
+def test_video_stream_vlm_part_measures_memlayer_and_dense(tmp_path: Path, family: str) -> None:
     out = tmp_path / "video.json"
     command = [sys.executable, str(BENCHMARKS / "video_stream.py"), "--part", "vlm"]
+    command += ["--family", family]
     command += ["--minutes", "1", "--every-minutes", "1", "--ram-budget", "1MiB"]
     done = subprocess.run(
         [*command, "--json", str(out)], capture_output=True, text=True, timeout=600, check=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(out.read_text())
+    assert record["family"] == family
     memlayer, dense = record["rows"]
     assert memlayer["frames"] == dense["frames"] == 60
     assert memlayer["encode_frames_per_s"] > 0 and dense["encode_frames_per_s"] > 0
