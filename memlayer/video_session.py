@@ -89,6 +89,9 @@ class VideoAnswer:
 class VideoSession:
     """Stream frames into a model's paged KV memory; ask questions answered from retrieved frames.
 
+    The model is a LLaVA-OneVision, Qwen2-VL or Qwen2.5-VL (image frames) or any causal LM
+    (text frames); see `from_pretrained`.
+
     >>> session = VideoSession.from_pretrained("./llava-onevision-qwen2-0.5b-ov-hf")
     >>> session.feed("match.mp4")                  # decoded at 1 frame/s, chunk by chunk
     >>> print(session.ask("When was the goal scored?", retrieve=16))
