@@ -32,8 +32,8 @@ UNFILTERED = (
     f"SELECT {COLUMNS}, embedding <=> %s AS distance FROM records WHERE tenant_id = '' "
     "ORDER BY distance LIMIT %s"
 )
-FILTERED = (
-    f"SELECT {COLUMNS}, embedding <=> %s AS distance FROM records WHERE tenant_id = '' "
+FILTERED = (  # exact: ordered by distance + 0, which HNSW cannot serve (as memlayer does)
+    f"SELECT {COLUMNS}, (embedding <=> %s) + 0 AS distance FROM records WHERE tenant_id = '' "
     "AND metadata @> %s::jsonb ORDER BY distance LIMIT %s"
 )
 
@@ -41,7 +41,6 @@ FILTERED = (
 def raw_search(conn: Any, query: np.ndarray, ef: int, filtered: bool) -> list[str]:
     """The SQL alone: settings and one statement in one transaction, then commit."""
     if filtered:
-        conn.execute("SELECT set_config('enable_indexscan', 'off', true)")
         shard = json.dumps({"shard": bench.SHARD})
         rows = conn.execute(FILTERED, (query, shard, bench.K)).fetchall()
     else:

@@ -28,6 +28,7 @@ from memlayer.embedders import Embedder, embed_checked, resolve_embedder
 from memlayer.errors import ClosedError, InvalidInputError, NotFoundError
 from memlayer.group_commit import GroupCommit
 from memlayer.retrievers.keywords import index_text
+from memlayer.retrievers.pg_vector import check_filter_keys
 from memlayer.retrievers.search import MODES, Retriever, SearchMode, SearchPlan
 from memlayer.retrievers.vector_index import IndexConfig, check_device_available
 from memlayer.stores import filters as filter_rules
@@ -82,6 +83,8 @@ class Memory:
         self.embedder = resolve_embedder(embedder if embedder is not None else settings.embedder)
         # the records database, which other components (the HTTP service) may share
         self.url = database_url(folder, url)
+        if index_config is not None and self.url.startswith("postgresql"):
+            check_filter_keys(index_config, self.embedder.dim)  # before a database is created
         self._records = RecordStore(
             self.url,
             embedder_name=self.embedder.name,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import struct
 import tempfile
 import zlib
@@ -36,6 +37,7 @@ _MAGIC = b"MLVIDX02"
 # VM with one core busy; RESULTS.md). FAISS multiplies by BLAS from 20 queries up.
 SERIAL_BELOW = 20
 _HEADER = struct.Struct("<8sqQI")  # magic, applied_seq, payload length, crc32
+_FILTER_KEY = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
 @dataclass
@@ -66,9 +68,21 @@ class IndexConfig:
     # maintenance_work_mem for building the HNSW index (None: the server's setting); a graph
     # that outgrows it is built far slower
     pg_build_memory_mb: int | None = 1024
+    # metadata keys (dotted paths) whose equality filters PostgreSQL ranks from a covering
+    # index of their own: the matching records' vectors are read from the index, not from
+    # rows scattered over the table (1M records, a 1% filter: 6 against 14 ms in SQL)
+    pg_filter_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         faiss_device.check_device(self.device)
+        self.pg_filter_keys = tuple(self.pg_filter_keys)
+        for key in self.pg_filter_keys:
+            if not isinstance(key, str) or not _FILTER_KEY.fullmatch(key):
+                raise InvalidInputError(
+                    "pg_filter_keys",
+                    "each must be a metadata key path of [A-Za-z0-9_] words joined by dots",
+                    key,
+                )
 
 
 class VectorIndex:

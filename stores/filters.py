@@ -64,8 +64,12 @@ def matches(filters: Filter | None, metadata: Mapping[str, Any]) -> bool:
     return True
 
 
-def to_sql(filters: Filter | None, column: Any, dialect: str) -> Any:
-    """A SQLAlchemy boolean expression equal to `matches` on the JSON `column`."""
+def to_sql(
+    filters: Filter | None, column: Any, dialect: str, indexed: frozenset[str] = frozenset()
+) -> Any:
+    """A SQLAlchemy boolean expression equal to `matches` on the JSON `column`. On
+    PostgreSQL an equality on an `indexed` path is written as the covering filter index's
+    expression (`column #> '{path}' = value`), so the index can answer it."""
     from sqlalchemy import and_, or_, true
 
     if not filters:
@@ -73,12 +77,18 @@ def to_sql(filters: Filter | None, column: Any, dialect: str) -> Any:
     parts = []
     for key, value in filters.items():
         if key == "$and":
-            parts.append(and_(*(to_sql(sub, column, dialect) for sub in value)))
+            parts.append(and_(*(to_sql(sub, column, dialect, indexed) for sub in value)))
         elif key == "$or":
-            parts.append(or_(*(to_sql(sub, column, dialect) for sub in value)))
+            parts.append(or_(*(to_sql(sub, column, dialect, indexed) for sub in value)))
         else:
-            parts.append(_field_sql(_json_field(column, key, dialect), value))
+            parts.append(_field_sql(_json_field(column, key, dialect, key in indexed), value))
     return and_(*parts)
+
+
+def path_expression(path: str) -> str:
+    """PostgreSQL SQL of the JSON at `path` of the metadata column, as a filter index and
+    the filters on its path both write it (`path` is a validated `pg_filter_keys` entry)."""
+    return "metadata #> '{" + ",".join(path.split(".")) + "}'::text[]"
 
 
 def _validate_path(key: str, where: str) -> None:
@@ -197,7 +207,7 @@ class _JsonField:
         self.equals = equals
 
 
-def _json_field(column: Any, path: str, dialect: str) -> _JsonField:
+def _json_field(column: Any, path: str, dialect: str, indexed: bool = False) -> _JsonField:
     from sqlalchemy import Numeric, case, cast, func
 
     parts = path.split(".")
@@ -228,8 +238,14 @@ def _json_field(column: Any, path: str, dialect: str) -> _JsonField:
         number = case((raw_kind == "number", cast(text, Numeric)), else_=None)
 
         def equals(operand: Any) -> Any:
+            from sqlalchemy import and_, literal_column
             from sqlalchemy.dialects.postgresql import JSONB
 
+            value = cast(literal(json.dumps(operand), Text), JSONB)
+            if indexed:  # jsonb equality: as exact as containment for a scalar operand,
+                # false (not NULL) where the path is missing, so a negation holds there
+                node = literal_column(path_expression(path), JSONB)
+                return and_(node.is_not(None), node == value)
             nested: Any = operand
             for part in reversed(parts):
                 nested = {part: nested}

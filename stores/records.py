@@ -71,6 +71,9 @@ class Changes:
     gone: np.ndarray
 
 
+_TOO_LARGE_FOR_INDEX = "54000"  # PostgreSQL's program_limit_exceeded: a btree entry too big
+
+
 class RecordStore:
     """The records table: upsert, read, delete, scope/filter selection, BM25 and the change log."""
 
@@ -96,6 +99,9 @@ class RecordStore:
         self._writer = writer(self.engine)
         self.dialect = self.engine.dialect.name
         self.dim = dim
+        # PostgreSQL: metadata paths with a covering filter index (`PgVectorSearch`), whose
+        # equality filters are written as the index's expression
+        self.indexed_paths: frozenset[str] = frozenset()
         self.records, self.changes, self.settings, self.schema = _tables(self.dialect, dim)
         try:
             with self._writer.begin() as conn:
@@ -401,7 +407,7 @@ class RecordStore:
         """`filters` as a SQL condition on the metadata, to build once and pass as `where`."""
         from memlayer.stores.filters import to_sql
 
-        return to_sql(filters, self.records.c.metadata, self.dialect)
+        return to_sql(filters, self.records.c.metadata, self.dialect, self.indexed_paths)
 
     def condition(
         self,
@@ -657,6 +663,13 @@ class _Transaction:
                 f"the records database refused the write: {_reason(error)}"
             ) from error
         if isinstance(exc[1], OperationalError):  # rolled back above
+            if getattr(exc[1].orig, "sqlstate", None) == _TOO_LARGE_FOR_INDEX:
+                raise InvalidInputError(
+                    "metadata",
+                    "a record's metadata, scope ids and vector must fit an entry of a covering "
+                    "filter index (pg_filter_keys; 2,704 bytes): shorten them or index fewer "
+                    "keys",
+                ) from exc[1]
             raise StorageError(
                 f"the records database refused the write: {_reason(exc[1])}"
             ) from exc[1]

@@ -3,6 +3,7 @@ search goes, the HNSW index built with the configured parameters, no state in th
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
 import time
@@ -184,8 +185,8 @@ def test_a_search_is_one_statement_on_one_connection_with_an_estimate_only_when_
 ) -> None:
     """Ranking and reading the hits' records are one statement, on one connection: a whole
     tenant alone in a table the planner knows to be large goes through HNSW without the
-    planner's estimate; a filter asks for it first (it picks exact or HNSW); nothing else
-    is sent, and the hits are those of the exact search."""
+    planner's estimate; a filter asks for it first (it picks exact or HNSW; the exact way
+    needs no settings); nothing else is sent, and the hits are those of the exact search."""
     _analyzed(url)
     config = IndexConfig(pg_exact_below=100)  # 1,500 records: "large"; 15 rare ones: few
     rare = np.flatnonzero(np.arange(COUNT) % 100 == 0)
@@ -201,7 +202,7 @@ def test_a_search_is_one_statement_on_one_connection_with_an_estimate_only_when_
             sent.clear()
             checkouts.clear()
             hits = memory.search_by_vector(query, k=10, filters=filters)
-            assert (sent, len(checkouts)) == (["explain", "settings", "rank"], 1), filters
+            assert (sent, len(checkouts)) == (["explain", "rank"], 1), filters
             assert [h.id for h in hits] == exact(query, 10, np.asarray(allowed))
         sent.clear()
         hits = memory.search_by_vector(query, k=10, filters={"half": True})  # HNSW
@@ -209,7 +210,7 @@ def test_a_search_is_one_statement_on_one_connection_with_an_estimate_only_when_
         assert len(hits) == 10 and all(h.metadata["half"] for h in hits)
         sent.clear()
         memory.search("item 7", k=3, mode="vector", user_id="nobody")  # a scope: estimated
-        assert sent == ["explain", "settings", "rank"]
+        assert sent == ["explain", "rank"]  # (nobody: few, exact)
 
 
 def test_a_whole_tenant_search_beside_other_tenants_asks_for_the_estimate(url: str) -> None:
@@ -399,3 +400,108 @@ def test_embeddings_stay_in_the_row_not_in_toast(postgres_url: str) -> None:
         ).scalar()
     engine.dispose()
     assert out_of_row == 0
+
+
+def _vacuumed(url: str) -> None:
+    """VACUUM ANALYZE the records (the visibility map an index-only scan relies on)."""
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE records")
+    engine.dispose()
+
+
+def test_a_filter_key_index_ranks_a_filter_from_the_index_alone(url: str) -> None:
+    """With `pg_filter_keys`, an equality filter on such a key is ranked exactly by an
+    index-only scan of its covering index (no row of the table read), and the hits are the
+    true top-k."""
+    from sqlalchemy import event
+
+    config = IndexConfig(pg_filter_keys=("rare", "i"), pg_exact_below=100)
+    rare = np.flatnonzero(np.arange(COUNT) % 100 == 0)
+    with Memory(url=url, embedder=lookup, index_config=config) as memory:
+        _vacuumed(url)
+        engine = memory._records.engine
+        ranked: list[tuple[str, Any]] = []
+
+        def executing(_c: Any, _cur: Any, statement: str, parameters: Any, *_: Any) -> None:
+            if "ORDER BY" in statement:
+                ranked.append((statement, parameters))
+
+        event.listen(engine, "before_cursor_execute", executing)
+        for seed, (filters, allowed) in enumerate(
+            (({"rare": True}, rare), ({"i": {"$in": [3, 5, 700]}}, [3, 5, 700]))
+        ):
+            query = _vectors(500 + seed, 1)[0]
+            hits = memory.search_by_vector(query, k=10, filters=filters)
+            assert [h.id for h in hits] == exact(query, 10, np.asarray(allowed))
+        event.remove(engine, "before_cursor_execute", executing)
+        for statement, parameters in ranked:
+            with engine.begin() as conn:
+                for setting in ("enable_seqscan", "enable_bitmapscan"):
+                    conn.exec_driver_sql(f"SET LOCAL {setting} = off")
+                plan = "\n".join(
+                    row[0] for row in conn.exec_driver_sql(f"EXPLAIN {statement}", parameters)
+                )
+            assert "Index Only Scan using records_filter_" in plan, plan
+            assert "hnsw" not in plan, plan
+
+
+def test_filters_on_indexed_keys_match_what_they_match_unindexed(postgres_url: str) -> None:
+    """jsonb equality on an indexed key selects the records containment selects, whatever
+    the stored value's type (a number, its text, a boolean, an array, nested, missing)."""
+    values: list[Any] = [7, "7", 7.0, True, [7], {"b": 7}, None, "x"]
+    items = [
+        {"text": f"v{i}", "id": f"v{i}", "metadata": {"k": v, "a": {"b": v}}}
+        for i, v in enumerate(values)
+    ] + [{"text": "none", "id": "none", "metadata": {}}]
+    cases: list[dict[str, Any]] = [
+        {"k": 7},
+        {"k": "7"},
+        {"k": True},
+        {"k": {"$in": [7, "x"]}},
+        {"k": {"$ne": 7}},
+        {"k": {"$nin": ["7", True]}},
+        {"a.b": 7},
+        {"$or": [{"k": "x"}, {"a.b": True}]},
+    ]
+    found: dict[bool, list[list[str]]] = {}
+    for indexed in (False, True):
+        keys = ("k", "a.b") if indexed else ()
+        config = IndexConfig(pg_filter_keys=keys)
+        with Memory(url=postgres_url, embedder=lookup, index_config=config) as memory:
+            if not indexed:
+                memory.add_many(items)
+            query = STORED[0]
+            found[indexed] = [
+                sorted(h.id for h in memory.search_by_vector(query, k=20, filters=f)) for f in cases
+            ]
+    assert found[True] == found[False]
+    assert found[True][0] == ["v0", "v2"]  # 7 and 7.0 are one number to jsonb
+
+
+def test_filter_keys_are_checked(postgres_url: str) -> None:
+    """A key that is not a dotted path of words, vectors too wide for an index entry, and
+    a record too large for one are refused, naming the field; nothing is stored."""
+    from memlayer import InvalidInputError
+
+    for key in ("shard'; DROP TABLE records; --", "a..b", ""):
+        with pytest.raises(InvalidInputError) as error:
+            IndexConfig(pg_filter_keys=(key,))
+        assert error.value.field == "pg_filter_keys"
+    wide = lambda texts: np.ones((len(texts), 768), np.float32)  # noqa: E731
+    with pytest.raises(InvalidInputError) as error:
+        Memory(url=postgres_url, embedder=wide, index_config=IndexConfig(pg_filter_keys=("k",)))
+    assert error.value.field == "pg_filter_keys"
+    config = IndexConfig(pg_filter_keys=("k",))
+    with Memory(url=postgres_url, embedder=lookup, index_config=config) as memory:
+        with pytest.raises(InvalidInputError) as error:
+            note = secrets.token_urlsafe(4000)  # random: no compression brings it under
+            memory.add("big", id="big", metadata={"k": 1, "note": note})
+        assert error.value.field == "metadata"
+        assert memory.count() == 0
+        memory.add("small", id="small", metadata={"k": 1})
+        assert [h.id for h in memory.search_by_vector(STORED[0], k=3, filters={"k": 1})] == [
+            "small"
+        ]
