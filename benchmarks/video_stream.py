@@ -57,6 +57,14 @@ from memlayer.kvretrieval.model import cache_argument
 from memlayer.video_input import clock
 
 RESULTS = Path(__file__).parent / "results"
+# the tiny language side both families share: 4 layers x 256, 8 heads, 2 KV heads
+TINY_TEXT: dict[str, Any] = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+)
 SHAPES: dict[str, dict[str, Any]] = {
     # CPU: 112-px frames -> 8x8 patches -> 16 tokens per frame after 2x2 pooling
     "tiny": {
@@ -64,14 +72,7 @@ SHAPES: dict[str, dict[str, Any]] = {
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2
         ),
         "image_size": 112,
-        "text": dict(
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            head_dim=32,
-        ),
+        "text": dict(TINY_TEXT, head_dim=32),
     },
     # llava-onevision-qwen2-0.5b-ov: SigLIP-400M at 384 px (196 tokens per frame), Qwen2-0.5B
     "0.5b": {
@@ -95,11 +96,7 @@ QWEN_SHAPES: dict[str, dict[str, Any]] = {
         "vision": dict(depth=2, embed_dim=64, hidden_size=256, num_heads=2, mlp_ratio=2),
         "image_size": 112,
         "text": dict(
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=2,
+            TINY_TEXT,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
         ),
     },

@@ -12,6 +12,7 @@ positions) is exactly that, so the logits must agree to float32 rounding.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +24,15 @@ from memlayer.kvretrieval.frames import FrameContextCache
 from memlayer.kvretrieval.model import routed_forward
 from memlayer.video_input import read_video
 
+# 10 frames streamed at 2 fps in chunks of 3, a window of 2 frames, exact positions
+STREAM: dict[str, Any] = dict(
+    system="Watch the shapes.",
+    progress=False,
+    fps=2,
+    chunk_frames=3,
+    n_local=8,
+    positions="exact",
+)
 MASK: list[torch.Tensor] = []  # the reference attention's mask for the current forward
 
 
@@ -62,6 +72,24 @@ def rekv_mask(n_init: int, frame: int, n_local: int, chunks: list[int], total: i
     return visible
 
 
+def answer_with_every_frame(
+    session: VideoSession, question: list[int]
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """The session's logits [T, vocab] for `question` read over every frame (retrieve far
+    more than there are), and the frames each layer chose."""
+    answer_cache = FrameContextCache(session.cache.memories, retrieve=1000)
+    with torch.no_grad():
+        logits = routed_forward(
+            session.model,
+            session._route,
+            answer_cache,
+            layers=2,
+            inputs_embeds=session._embed_ids(question)[None],
+            logits_to_keep=0,
+        )[0]
+    return logits, answer_cache.chosen()
+
+
 @pytest.mark.parametrize(("selector", "sink_frames"), [("rekv", 0), ("quest", 0), ("rekv", 2)])
 def test_all_frames_retrieved_equals_full_context(
     tmp_path: Path, selector: str, sink_frames: int
@@ -72,18 +100,7 @@ def test_all_frames_retrieved_equals_full_context(
     model = tiny_llava()
     reference = tiny_llava()  # the same seed: the same weights, its own config
     video = write_video(tmp_path / "shapes.mp4", seconds=5.0, rate=10, planted=2.0)
-    session = VideoSession(
-        model,
-        tokenizer,
-        system="Watch the shapes.",
-        progress=False,
-        fps=2,
-        chunk_frames=3,
-        n_local=8,
-        positions="exact",
-        selector=selector,
-        sink_frames=sink_frames,
-    )
+    session = VideoSession(model, tokenizer, **STREAM, selector=selector, sink_frames=sink_frames)
     assert session.feed(video) == 10
     n_init, frame = session.kv_config.n_init, session.frame_tokens
     assert n_init == len(session._prefix_ids) + sink_frames * frame
@@ -91,17 +108,8 @@ def test_all_frames_retrieved_equals_full_context(
     assert session.pages == 10 - 8 // frame - sink_frames
 
     question = session._encode("\nWhat moved?")
-    answer_cache = FrameContextCache(session.cache.memories, retrieve=1000)
-    with torch.no_grad():
-        logits = routed_forward(
-            model,
-            session._route,
-            answer_cache,
-            layers=2,
-            inputs_embeds=session._embed_ids(question)[None],
-            logits_to_keep=0,
-        )[0]
-    assert answer_cache.chosen() == [list(range(10 - 2 - sink_frames))] * 2
+    logits, chosen = answer_with_every_frame(session, question)
+    assert chosen == [list(range(10 - 2 - sink_frames))] * 2
 
     frames = [image for _, image in read_video(video, fps=2, size=56)]
     pixels = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255
@@ -165,32 +173,12 @@ def test_qwen_vl_all_frames_retrieved_equals_full_context(tmp_path: Path, family
 
     model, reference = tiny_qwen_vl(family), tiny_qwen_vl(family)
     video = write_video(tmp_path / "shapes.mp4", seconds=5.0, rate=10, planted=2.0)
-    session = VideoSession(
-        model,
-        byte_tokenizer(),
-        system="Watch the shapes.",
-        progress=False,
-        fps=2,
-        chunk_frames=3,
-        n_local=8,
-        positions="exact",
-        frame_size=56,
-        sink_frames=1,
-    )
+    session = VideoSession(model, byte_tokenizer(), **STREAM, frame_size=56, sink_frames=1)
     assert session.feed(video) == 10
     frame = session.frame_tokens
     assert frame == 4
     question = session._encode("\nWhat moved?")
-    answer_cache = FrameContextCache(session.cache.memories, retrieve=1000)
-    with torch.no_grad():
-        logits = routed_forward(
-            model,
-            session._route,
-            answer_cache,
-            layers=2,
-            inputs_embeds=session._embed_ids(question)[None],
-            logits_to_keep=0,
-        )[0]
+    logits, _ = answer_with_every_frame(session, question)
     frames = [image for _, image in read_video(video, fps=2, size=56)]
     with torch.no_grad():
         pixels, grid = session._images.patches(frames)
