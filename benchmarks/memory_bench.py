@@ -1253,6 +1253,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", nargs="+", default=["10k"], choices=list(SIZES))
     parser.add_argument("--uniform", action="store_true", help="uniform instead of clustered")
     parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    parser.add_argument(
+        "--backend",
+        choices=["postgres"],
+        help="postgres: the same as --systems memlayer-postgres (the issue's spelling)",
+    )
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--target", type=float, default=0.95, help="recall@10 to match")
     parser.add_argument("--fsync-probe", action="store_true", help="count fsyncs per add")
@@ -1268,7 +1273,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--render", type=Path, help="print the tables of a results file")
     parser.add_argument("--probe-child", nargs=3, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.backend == "postgres":
+        args.systems = ["memlayer-postgres"]
+    return args
 
 
 def main() -> None:

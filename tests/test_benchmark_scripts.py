@@ -256,8 +256,10 @@ def test_memory_bench_small_run_measures_every_memlayer_backend(tmp_path: Path) 
     for result in results:
         assert result["curve"] and all(0.0 <= p["recall"] <= 1.0 for p in result["curve"])
         assert all(_positive(p["p50_ms"]) for p in result["curve"])
-    postgres = {p["setting"] for p in results[2]["curve"]}
+    postgres = {p["setting"]: p for p in results[2]["curve"]}
     assert any("filter 1%" in s for s in postgres) and any("8 clients" in s for s in postgres)
+    keyed = [p for s, p in postgres.items() if "filter index" in s]
+    assert len(keyed) == 2 and all(p["recall"] == 1.0 for p in keyed)  # exact: every match
 
 
 def test_gpu_host_tiny_profiles_dense_and_memlayer_steps(tmp_path: Path) -> None:
