@@ -38,6 +38,18 @@ _MAX_EF_SEARCH = 1000  # the largest hnsw.ef_search pgvector accepts
 # a btree entry holds at most 2,704 bytes: a covering index's vector must leave room for
 # the tenant, the key's value, the scope and the metadata
 _MAX_COVERED_DIM = 512
+_FILTER_LOCK = 0x6D6C6669  # session advisory lock held while filter indexes are built ('mlfi')
+
+
+def _filter_index_sql(name: str, key: str, *, concurrently: bool) -> str:
+    """CREATE INDEX of a covering filter index: the tenant and the key's value, with the
+    rowid, the scope, the metadata and the vector included (all a filtered ranking reads)."""
+    covered = ", ".join(["rowid", *SCOPE_FIELDS[1:], "metadata", "embedding"])
+    how = "CONCURRENTLY " if concurrently else ""
+    return (
+        f"CREATE INDEX {how}IF NOT EXISTS {name} ON records "
+        f"(tenant_id, ({path_expression(key)})) INCLUDE ({covered})"
+    )
 
 
 def check_filter_keys(config: IndexConfig, dim: int) -> None:
@@ -66,11 +78,12 @@ class PgVectorSearch:
         check_filter_keys(config, records.dim)
         records.indexed_paths = frozenset(config.pg_filter_keys)
         with records.schema_change() as conn:
-            self._build_index(conn)
+            self._build_index(conn, filters=False)
             version = conn.exec_driver_sql(
                 "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
             ).scalar()
         self.iterative = _version(version) >= (0, 8)
+        self._ensure_filter_indexes()
 
     def search(
         self, vector: np.ndarray, k: int, condition: Any, scope: Scope, whole_tenant: bool
@@ -142,15 +155,16 @@ class PgVectorSearch:
             yield
         finally:
             with self._records.schema_change() as conn:
-                self._build_index(conn)
+                self._build_index(conn, filters=True)
             with self._records.write() as conn:  # the planner's row estimates, for filters too
                 conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
                 conn.exec_driver_sql("ANALYZE records")
 
-    def _build_index(self, conn: Any) -> None:
-        """Create the HNSW index unless it exists, with the build memory configured and no
-        statement timeout (a build over many rows takes minutes; a timeout meant for
-        queries would cancel it every time)."""
+    def _build_index(self, conn: Any, *, filters: bool) -> None:
+        """Create the HNSW index (and with `filters` the filter indexes) unless it exists,
+        in the caller's transaction, with the build memory configured and no statement
+        timeout (a build over many rows takes minutes; a timeout meant for queries would
+        cancel it every time)."""
         conn.exec_driver_sql("SET LOCAL statement_timeout = 0")
         memory_mb = self._config.pg_build_memory_mb
         if memory_mb is not None:
@@ -160,12 +174,39 @@ class PgVectorSearch:
             f"(embedding vector_cosine_ops) WITH (m = {int(self._config.hnsw_m)}, "
             f"ef_construction = {int(self._config.hnsw_ef_construction)})"
         )
-        covered = ", ".join(["rowid", *SCOPE_FIELDS[1:], "metadata", "embedding"])
-        for name, key in self._filter_indexes().items():
-            conn.exec_driver_sql(
-                f"CREATE INDEX IF NOT EXISTS {name} ON records "
-                f"(tenant_id, ({path_expression(key)})) INCLUDE ({covered})"
-            )
+        if filters:
+            for name, key in self._filter_indexes().items():
+                conn.exec_driver_sql(_filter_index_sql(name, key, concurrently=False))
+
+    def _ensure_filter_indexes(self) -> None:
+        """Build the filter indexes that are missing, or were left invalid by a build that
+        failed, without blocking writers (`CREATE INDEX CONCURRENTLY`, outside a
+        transaction). A session lock makes workers opening together build each once: the
+        others wait for it, and only then is an invalid index a leftover to drop."""
+        names = self._filter_indexes()
+        if not names:
+            return
+        valid_sql = (
+            "SELECT c.relname, i.indisvalid FROM pg_index i "
+            "JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = ANY(%(names)s)"
+        )
+        with self._records.engine.connect() as conn:
+            auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+            valid = dict(auto.exec_driver_sql(valid_sql, {"names": list(names)}).all())
+            if len(valid) == len(names) and all(valid.values()):
+                return
+            auto.exec_driver_sql("SELECT pg_advisory_lock(%(key)s)", {"key": _FILTER_LOCK})
+            try:
+                auto.exec_driver_sql("SET statement_timeout = 0")
+                valid = dict(auto.exec_driver_sql(valid_sql, {"names": list(names)}).all())
+                for name, key in names.items():
+                    if valid.get(name) is False:
+                        auto.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+                    if not valid.get(name):
+                        auto.exec_driver_sql(_filter_index_sql(name, key, concurrently=True))
+            finally:
+                auto.exec_driver_sql("RESET statement_timeout")
+                auto.exec_driver_sql("SELECT pg_advisory_unlock(%(key)s)", {"key": _FILTER_LOCK})
 
     def _filter_indexes(self) -> dict[str, str]:
         """The covering filter indexes by name, each with its metadata key path."""

@@ -505,3 +505,30 @@ def test_filter_keys_are_checked(postgres_url: str) -> None:
         assert [h.id for h in memory.search_by_vector(STORED[0], k=3, filters={"k": 1})] == [
             "small"
         ]
+
+
+def test_a_filter_index_left_invalid_by_a_failed_build_is_built_again(postgres_url: str) -> None:
+    """Filter indexes are built concurrently (writers go on); one a failed build left
+    invalid, which the planner would never use, is dropped and built again at the next
+    open."""
+    from sqlalchemy import create_engine
+
+    validity = (
+        "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE c.relname LIKE 'records_filter_k_%%'"
+    )
+    config = IndexConfig(pg_filter_keys=("k",))
+    engine = create_engine(postgres_url)
+    with Memory(url=postgres_url, embedder=lookup, index_config=config) as memory:
+        memory.add("item 1", id="a", metadata={"k": 1})
+    with engine.begin() as conn:
+        assert conn.exec_driver_sql(validity).scalars().all() == [True]
+        conn.exec_driver_sql(
+            "UPDATE pg_index SET indisvalid = false WHERE indexrelid = "
+            "(SELECT oid FROM pg_class WHERE relname LIKE 'records_filter_k_%%')"
+        )
+    with Memory(url=postgres_url, embedder=lookup, index_config=config) as memory:
+        assert [h.id for h in memory.search_by_vector(STORED[1], k=3, filters={"k": 1})] == ["a"]
+    with engine.begin() as conn:
+        assert conn.exec_driver_sql(validity).scalars().all() == [True]
+    engine.dispose()
