@@ -88,6 +88,13 @@ class Settings(BaseSettings):
     db_statement_timeout_s: float | None = Field(default=30.0, gt=0)  # ..._STATEMENT_TIMEOUT_S
     db_retry_s: float = Field(default=30.0, ge=0)  # MEMLAYER_DB_RETRY_S
     db_migrate: bool = True  # MEMLAYER_DB_MIGRATE
+    # MEMLAYER_PG_FILTER_KEYS: metadata keys given filter indexes on PostgreSQL, comma-separated
+    # (`IndexConfig.pg_filter_keys` of a Memory opened without an index_config, as `serve`'s)
+    pg_filter_keys: str = ""
+
+    def filter_keys(self) -> tuple[str, ...]:
+        """`pg_filter_keys` as a tuple of the keys named, blanks dropped."""
+        return tuple(key.strip() for key in self.pg_filter_keys.split(",") if key.strip())
 
     def database(self) -> DatabaseOptions:
         """The database options these settings name."""

@@ -66,9 +66,11 @@ class Memory:
         limits: Limits | None = None,
         database: DatabaseOptions | None = None,
     ):
+        settings = Settings()
+        if index_config is None and settings.filter_keys():
+            index_config = IndexConfig(pg_filter_keys=settings.filter_keys())
         if index_config is not None:
             check_device_available(index_config)  # before a database is created
-        settings = Settings()
         if path is None and url is None:
             url = settings.url
         folder = memory_folder(path, url, settings)

@@ -532,3 +532,25 @@ def test_a_filter_index_left_invalid_by_a_failed_build_is_built_again(postgres_u
     with engine.begin() as conn:
         assert conn.exec_driver_sql(validity).scalars().all() == [True]
     engine.dispose()
+
+
+def test_filter_keys_come_from_the_environment_for_a_default_memory(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`MEMLAYER_PG_FILTER_KEYS` gives a Memory opened without an index_config (as each
+    `memlayer serve` worker opens one) its filter indexes."""
+    from sqlalchemy import create_engine
+
+    monkeypatch.setenv("MEMLAYER_PG_FILTER_KEYS", "lang, project.id")
+    with Memory(url=postgres_url, embedder=lookup) as memory:
+        assert memory._records.indexed_paths == {"lang", "project.id"}
+    engine = create_engine(postgres_url)
+    with engine.begin() as conn:
+        names = conn.exec_driver_sql(
+            "SELECT indexname FROM pg_indexes WHERE indexname LIKE 'records_filter_%%'"
+        ).scalars()
+        assert sorted(name.rsplit("_", 1)[0] for name in names) == [
+            "records_filter_lang",
+            "records_filter_project_id",
+        ]
+    engine.dispose()
