@@ -144,10 +144,9 @@ class PgVectorSearch:
     def bulk_load(self) -> Iterator[None]:
         """Drop the HNSW index (and the filter indexes) for the load and build them once
         after, from all the rows (a build is several times faster than maintaining the
-        graph row by row), then refresh
-        the table's statistics, without which the planner would take the grown table for
-        an empty one. Meanwhile every worker's searches rank exactly (correct, slower);
-        writers wait for the build."""
+        graph row by row), then refresh the table's statistics, without which the planner
+        would take the grown table for an empty one. Meanwhile every worker's searches rank
+        exactly (correct, slower); writers wait for the build."""
         with self._records.write() as conn:
             for name in (_INDEX, *self._filter_indexes()):
                 conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")

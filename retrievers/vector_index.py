@@ -75,6 +75,12 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         faiss_device.check_device(self.device)
+        if isinstance(self.pg_filter_keys, str):
+            raise InvalidInputError(
+                "pg_filter_keys",
+                "must be a sequence of key paths, not one string",
+                self.pg_filter_keys,
+            )
         self.pg_filter_keys = tuple(self.pg_filter_keys)
         for key in self.pg_filter_keys:
             if not isinstance(key, str) or not _FILTER_KEY.fullmatch(key):

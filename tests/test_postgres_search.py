@@ -486,9 +486,9 @@ def test_filter_keys_are_checked(postgres_url: str) -> None:
     a record too large for one are refused, naming the field; nothing is stored."""
     from memlayer import InvalidInputError
 
-    for key in ("shard'; DROP TABLE records; --", "a..b", ""):
+    for keys in (("shard'; DROP TABLE records; --",), ("a..b",), ("",), "shard"):
         with pytest.raises(InvalidInputError) as error:
-            IndexConfig(pg_filter_keys=(key,))
+            IndexConfig(pg_filter_keys=keys)  # type: ignore[arg-type]
         assert error.value.field == "pg_filter_keys"
     wide = lambda texts: np.ones((len(texts), 768), np.float32)  # noqa: E731
     with pytest.raises(InvalidInputError) as error:
