@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -557,10 +558,15 @@ class Memory:
         return decoded
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def memory_folder(path: str | Path | None, url: str | None, settings: Settings) -> Path | None:
     """The folder for the database (unless a URL is given) and the vector index, created."""
     if path is None and url is not None:
         return None
+    if isinstance(path, str) and _URL.match(path):
+        raise InvalidInputError("path", "is a database URL; pass it as Memory(url=...)", path)
     folder = Path(path) if path is not None else settings.data_dir
     if folder.exists() and not folder.is_dir():
         raise InvalidInputError("path", "must be a folder, not a file", str(folder))

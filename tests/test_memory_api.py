@@ -254,6 +254,13 @@ def test_path_that_is_a_file_is_rejected(tmp_path: Path) -> None:
         Memory(path=target, embedder="hash")
 
 
+def test_database_url_as_path_is_rejected_before_any_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidInputError, match=r"path: is a database URL; pass it as Memory\(url"):
+        Memory("postgresql+psycopg://user@localhost/db", embedder="hash")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_closed_memory_refuses_calls(open_memory: Callable[..., Memory]) -> None:
     mem = open_memory(embedder="hash")
     mem.close()
