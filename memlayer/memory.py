@@ -147,11 +147,20 @@ class Memory:
         rows = self._validated_items(items, None)
         self._check_open()
         bar = tqdm(total=len(rows), desc="bulk add", unit=" records", disable=not progress)
-        with bar, self._retriever.bulk_load():
+        with bar, self.bulk_loading():
             for start in range(0, len(rows), batch_size):
                 self._store(rows[start : start + batch_size], owner)
                 bar.update(min(batch_size, len(rows) - start))
         return [rid for _, _, rid in rows]
+
+    @contextmanager
+    def bulk_loading(self) -> Iterator[None]:
+        """Around a large load of many scopes (`add_many` per user, say), as `bulk_add` is
+        around one: on PostgreSQL the HNSW and filter indexes are dropped for the load and
+        built once after it (searches rank exactly meanwhile); on SQLite nothing changes."""
+        self._check_open()
+        with self._retriever.bulk_load():
+            yield
 
     def _validated_items(
         self, items: Iterable[str | Mapping[str, Any]], cap: int | None

@@ -330,6 +330,20 @@ def test_a_bulk_load_builds_the_hnsw_index_once_after_and_searches_like_adds(
         assert memory.get("item 7").metadata == {"i": 7}
 
 
+def test_a_bulk_load_of_many_users_builds_the_index_once_after(postgres_url: str) -> None:
+    """`bulk_loading()` around one `add_many` per user: no HNSW index during the load, one
+    after it, and each user's records found in that user's scope only."""
+    with Memory(url=postgres_url, embedder=lookup) as memory:
+        with memory.bulk_loading():
+            for user in range(4):
+                memory.add_many(TEXTS[user * 100 : (user + 1) * 100], user_id=f"u{user}")
+                assert "records_embedding_hnsw" not in _indexes(postgres_url)
+        assert "records_embedding_hnsw" in _indexes(postgres_url)
+        hits = memory.search_by_vector(BY_TEXT[TEXTS[250]], k=3, user_id="u2")
+        assert hits[0].text == TEXTS[250]
+        assert all(TEXTS.index(h.text) // 100 == 2 for h in hits)
+
+
 def test_a_bulk_load_with_a_bad_item_stores_nothing_and_keeps_the_index(postgres_url: str) -> None:
     items: list[Any] = [{"text": t} for t in TEXTS[:500]] + [{"text": ""}]
     with Memory(url=postgres_url, embedder=lookup) as memory:
