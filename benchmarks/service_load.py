@@ -1,10 +1,12 @@
 """Load on `memlayer serve` over loopback: latency and throughput of a chat-memory mix, and
 acknowledged writes lost when the server is SIGKILLed and restarted mid-load (must be 0).
 
-Each configuration (database x workers x clients) starts a fresh `memlayer serve`, preloads
-`--stored` memories into tenant A (in users of 50 memories each) and a few into tenant B,
-then runs `clients` concurrent async-httpx clients of tenant A for `--duration` seconds or
-`--requests` requests, whichever comes first. Each request is, at random: append one chat
+Each database gets one store: a `memlayer serve` preloads `--stored` memories into tenant A
+(in users of 50 memories each; `--preload bulk` writes them straight into the database in
+one bulk load, for 1M) and a few into tenant B; each worker count then serves that store
+anew, takes `--warmup` untimed requests, and at each level runs `clients` concurrent
+async-httpx clients of tenant A for `--duration` seconds or `--requests` requests, whichever
+comes first. Each request is, at random: append one chat
 turn (50%), search a user's memories (hybrid, k=5; 30%) or pack a context (ranked, 200
 tokens; 20%). Every hit is checked to be tenant A's: cross-tenant results are counted.
 The kill phase runs 8 clients, SIGKILLs the server (its whole process group) mid-load,
@@ -140,6 +142,26 @@ def _preload(url: str, key: dict[str, str], stored: int, seed: int) -> float:
             items = [{"text": _sentence(rng)} for _ in range(min(50, stored - offset))]
             body = {"items": items, "user_id": f"u{offset // 50}"}
             http.post("/v1/memories/bulk", json=body, headers=headers).raise_for_status()
+    return time.perf_counter() - started
+
+
+def _bulk_preload(
+    db: str, backend: str, tenant: str, stored: int, seed: int, embedder: str
+) -> float:
+    """The same memories as `_preload`, written straight into the database by a `Memory` of
+    this process inside `bulk_loading()` (on PostgreSQL the HNSW index is built once, after),
+    for stores too large to load through the API in reasonable time."""
+    from memlayer import Memory
+
+    rng = random.Random(seed)
+    started = time.perf_counter()
+    location = {"url": db} if backend == "postgres" else {"path": db}
+    with Memory(**location, embedder=embedder) as memory, memory.bulk_loading():
+        for offset in range(0, stored, 50):
+            items = [_sentence(rng) for _ in range(min(50, stored - offset))]
+            memory.add_many(items, tenant_id=tenant, user_id=f"u{offset // 50}")
+            if offset and offset % 100_000 == 0:
+                print(f"  {offset:,} stored, {time.perf_counter() - started:.0f} s", flush=True)
     return time.perf_counter() - started
 
 
@@ -341,29 +363,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kills: list[dict[str, Any]] = []
     users = max(1, args.stored // 50)
     with tempfile.TemporaryDirectory() as scratch:
-        for backend in args.backends:
-            for workers in args.workers:
-                pg = None
-                if backend == "postgres":
-                    pg, db = _postgres(Path(scratch) / f"pg-{workers}")
-                else:
-                    db = str(Path(scratch) / f"sqlite-{workers}")
-                server = Server(db, workers, args.embedder, Path(scratch) / "serve.log")
-                server.start()
-                try:
-                    key = _tenant(server.url)
-                    other = _tenant(server.url)
-                    _preload(server.url, other, 200, seed=99)  # tenant B: must never show up
-                    preload_s = _preload(server.url, key, args.stored, seed=1)
-                    print(
-                        f"{backend} x{workers}: preloaded {args.stored} in {preload_s:.0f} s",
-                        flush=True,
+        for backend in args.backends:  # one store per backend, preloaded once
+            pg = None
+            if backend == "postgres":
+                pg, db = _postgres(Path(scratch) / "pg")
+            else:
+                db = str(Path(scratch) / "sqlite")
+            server = Server(db, args.workers[0], args.embedder, Path(scratch) / "serve.log")
+            server.start()
+            try:
+                key = _tenant(server.url)
+                other = _tenant(server.url)
+                _preload(server.url, other, 200, seed=99)  # tenant B: must never show up
+                if args.preload == "bulk":
+                    preload_s = _bulk_preload(
+                        db, backend, key["tenant"], args.stored, 1, args.embedder
                     )
+                else:
+                    preload_s = _preload(server.url, key, args.stored, seed=1)
+                print(f"{backend}: preloaded {args.stored} in {preload_s:.0f} s", flush=True)
+                for workers in args.workers:
                     for compute in args.compute_threads:
-                        if compute != server.compute_threads:  # same store, restarted
-                            server.stop()
-                            server.compute_threads = compute
+                        if (workers, compute) != (server.workers, server.compute_threads):
+                            server.stop()  # the same store, served anew
+                            server.workers, server.compute_threads = workers, compute
                             server.start()
+                        asyncio.run(_load(server.url, key, users, 8, 60, args.warmup, seed=0))
+                        base = {
+                            "backend": backend,
+                            "workers": workers,
+                            "compute_threads": compute,
+                            "stored": args.stored,
+                            "preload": args.preload,
+                            "preload_s": round(preload_s, 1),
+                        }
                         for clients in args.clients:
                             result = asyncio.run(
                                 _load(
@@ -376,17 +409,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     seed=clients,
                                 )
                             )
-                            row = {
-                                "backend": backend,
-                                "workers": workers,
-                                "compute_threads": compute,
-                                "clients": clients,
-                                "stored": args.stored,
-                                "preload_s": round(preload_s, 1),
-                                **result,
-                            }
-                            rows.append(row)
-                            print(_row(row), flush=True)
+                            rows.append({**base, "clients": clients, **result})
+                            print(_row(rows[-1]), flush=True)
                         for rate in args.rates:
                             result = asyncio.run(
                                 _open_load(
@@ -399,28 +423,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     seed=int(rate),
                                 )
                             )
-                            row = {
-                                "backend": backend,
-                                "workers": workers,
-                                "compute_threads": compute,
-                                "clients": args.open_clients,
-                                "stored": args.stored,
-                                "preload_s": round(preload_s, 1),
-                                **result,
-                            }
-                            open_rows.append(row)
-                            print(_open_row(row), flush=True)
+                            open_rows.append({**base, "clients": args.open_clients, **result})
+                            print(_open_row(open_rows[-1]), flush=True)
                     if args.kill and workers == args.workers[0]:
                         kill = asyncio.run(_kill_phase(server, key, users))
                         kills.append({"backend": backend, "workers": workers, **kill})
                         print(kills[-1], flush=True)
-                except Exception:
-                    print(server.log.read_text()[-4000:], file=sys.stderr)  # the server's side
-                    raise
-                finally:
-                    server.stop()
-                    if pg is not None:
-                        pg.cleanup()
+            except Exception:
+                print(server.log.read_text()[-4000:], file=sys.stderr)  # the server's side
+                raise
+            finally:
+                server.stop()
+                if pg is not None:
+                    pg.cleanup()
     return {"rows": rows, "open_rows": open_rows, "kills": kills}
 
 
@@ -478,6 +493,20 @@ def main() -> None:
         type=int,
         default=[1],
         help="MEMLAYER_SERVER_COMPUTE_THREADS levels, each on the same preloaded store",
+    )
+    parser.add_argument(
+        "--preload",
+        choices=["api", "bulk"],
+        default="api",
+        help="through the API (bulk requests of 50), or straight into the database in one "
+        "bulk load (for 1M: the HNSW index built once)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=200,
+        help="untimed requests (8 clients) after each server start, so the first level "
+        "does not read the database from disk",
     )
     parser.add_argument("--no-kill", dest="kill", action="store_false")
     parser.add_argument("--out", type=Path, help="JSON path (default: results/, dated)")
