@@ -186,6 +186,7 @@ class Tally:
         self.tenant = tenant
         self.acknowledged = acknowledged
         self.latencies: dict[str, list[float]] = {"append": [], "search": [], "context": []}
+        self.latencies["healthz"] = []
         self.errors: dict[str, int] = {}
         self.cross = 0
 
@@ -210,6 +211,8 @@ class Tally:
             self.errors[key] = self.errors.get(key, 0) + 1
             return True
         self.latencies[op].append(elapsed)
+        if op == "healthz":
+            return True
         payload = answer.json()
         if op == "append" and self.acknowledged is not None:
             self.acknowledged.extend(payload["ids"])
@@ -239,9 +242,12 @@ async def _load(
     requests: int,
     acknowledged: list[str] | None = None,
     seed: int = 0,
+    floor: bool = False,
 ) -> dict[str, Any]:
     """Closed loop: `clients` clients, each sending its next request as soon as the last
-    one is answered (latency = clients / throughput once the server is saturated)."""
+    one is answered (latency = clients / throughput once the server is saturated). With
+    `floor`, every request is `GET /healthz` (no key, no database): what HTTP, the server
+    framework and this generator cost on their own."""
     tally = Tally(key["tenant"], acknowledged)
     sent = 0
     deadline = time.monotonic() + duration
@@ -254,7 +260,8 @@ async def _load(
         async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
             while time.monotonic() < deadline and sent < requests:
                 sent += 1
-                if not await tally.send(http, _request(rng, users), headers, time.perf_counter()):
+                request = ("healthz", "GET", "/healthz", None) if floor else _request(rng, users)
+                if not await tally.send(http, request, headers, time.perf_counter()):
                     await asyncio.sleep(0.05)
 
     started = time.perf_counter()
@@ -361,6 +368,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     open_rows: list[dict[str, Any]] = []
     kills: list[dict[str, Any]] = []
+    floors: list[dict[str, Any]] = []
     users = max(1, args.stored // 50)
     with tempfile.TemporaryDirectory() as scratch:
         for backend in args.backends:  # one store per backend, preloaded once
@@ -397,6 +405,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "preload": args.preload,
                             "preload_s": round(preload_s, 1),
                         }
+                        for clients in args.clients if args.floor else ():
+                            result = asyncio.run(
+                                _load(
+                                    server.url,
+                                    key,
+                                    users,
+                                    clients,
+                                    args.duration,
+                                    10**9,
+                                    floor=True,
+                                )
+                            )
+                            floors.append({**base, "clients": clients, **result})
+                            print(_floor_row(floors[-1]), flush=True)
                         for clients in args.clients:
                             result = asyncio.run(
                                 _load(
@@ -436,7 +458,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 server.stop()
                 if pg is not None:
                     pg.cleanup()
-    return {"rows": rows, "open_rows": open_rows, "kills": kills}
+    return {"rows": rows, "open_rows": open_rows, "kills": kills, "floor_rows": floors}
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
@@ -466,6 +488,14 @@ def _open_row(row: dict[str, Any]) -> str:
     head = [f"{row['backend']} (open)", _workers(row), str(row["clients"])]
     rate = f"{row['offered_rps']:g} → {row['throughput_rps']:.0f}"
     return "| " + " | ".join([*head, rate, *_cells(row)]) + " |"
+
+
+def _floor_row(row: dict[str, Any]) -> str:
+    """A floor level (`GET /healthz`): its throughput and latency in the append column."""
+    p = row["latency_ms"]["healthz"]
+    head = [f"{row['backend']} (floor: /healthz)", _workers(row), str(row["clients"])]
+    cells = [f"{row['throughput_rps']:.0f}", f"{p.get('p50')} / {p.get('p95')} / {p.get('p99')}"]
+    return "| " + " | ".join([*head, *cells, "", "", "", "", f"{row['loadavg_1m']:.1f}"]) + " |"
 
 
 def main() -> None:
@@ -507,6 +537,11 @@ def main() -> None:
         default=200,
         help="untimed requests (8 clients) after each server start, so the first level "
         "does not read the database from disk",
+    )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run each closed-loop level against GET /healthz: the HTTP floor",
     )
     parser.add_argument("--no-kill", dest="kill", action="store_false")
     parser.add_argument("--out", type=Path, help="JSON path (default: results/, dated)")

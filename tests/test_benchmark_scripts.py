@@ -139,7 +139,7 @@ def test_service_load_small_run_measures_closed_and_open_loop(tmp_path: Path) ->
         "service_load.py",
         *("--backends", "sqlite", "--workers", "1", "--clients", "2", "--rates", "20"),
         *("--stored", "100", "--duration", "1", "--no-kill", "--compute-threads", "2", "1"),
-        *("--preload", "bulk", "--warmup", "10", "--out", str(out)),
+        *("--preload", "bulk", "--warmup", "10", "--floor", "--out", str(out)),
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
@@ -149,6 +149,8 @@ def test_service_load_small_run_measures_closed_and_open_loop(tmp_path: Path) ->
     assert [row["offered_rps"] for row in report["open_rows"]] == [20, 20]
     assert [row["compute_threads"] for row in report["rows"]] == [2, 1]
     assert {row["preload"] for row in report["rows"]} == {"bulk"}
+    assert [row["clients"] for row in report["floor_rows"]] == [2, 2]
+    assert all(_positive(row["latency_ms"]["healthz"]["p95"]) for row in report["floor_rows"])
 
 
 def test_group_commit_small_run_compares_alone_and_grouped(tmp_path: Path) -> None:
