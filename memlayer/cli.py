@@ -241,6 +241,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers,
+        http="memlayer.integrations.server.nodelay:NoDelayH11Protocol",
         timeout_graceful_shutdown=10,
     )
     return 0
