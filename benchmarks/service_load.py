@@ -405,34 +405,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "preload": args.preload,
                             "preload_s": round(preload_s, 1),
                         }
-                        for clients in args.clients if args.floor else ():
-                            result = asyncio.run(
-                                _load(
-                                    server.url,
-                                    key,
-                                    users,
-                                    clients,
-                                    args.duration,
-                                    10**9,
-                                    floor=True,
+                        for floor in (True, False) if args.floor else (False,):
+                            for clients in args.clients:
+                                result = asyncio.run(
+                                    _load(
+                                        server.url,
+                                        key,
+                                        users,
+                                        clients,
+                                        args.duration,
+                                        args.requests,
+                                        seed=clients,
+                                        floor=floor,
+                                    )
                                 )
-                            )
-                            floors.append({**base, "clients": clients, **result})
-                            print(_floor_row(floors[-1]), flush=True)
-                        for clients in args.clients:
-                            result = asyncio.run(
-                                _load(
-                                    server.url,
-                                    key,
-                                    users,
-                                    clients,
-                                    args.duration,
-                                    args.requests,
-                                    seed=clients,
-                                )
-                            )
-                            rows.append({**base, "clients": clients, **result})
-                            print(_row(rows[-1]), flush=True)
+                                row = {**base, "clients": clients, **result}
+                                (floors if floor else rows).append(row)
+                                print(_floor_row(row) if floor else _row(row), flush=True)
                         for rate in args.rates:
                             result = asyncio.run(
                                 _open_load(
