@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from memlayer.errors import InvalidInputError
@@ -52,6 +53,20 @@ class AsyncMemory:
     async def bulk_add(self, items: Any, **kwargs: Any) -> list[str]:
         """See `Memory.bulk_add`."""
         return await self._run(self._memory.bulk_add, list(items), **kwargs)
+
+    @asynccontextmanager
+    async def bulk_loading(self) -> AsyncIterator[None]:
+        """See `Memory.bulk_loading` (entered and left in a worker thread: on PostgreSQL
+        the index is dropped and rebuilt off the event loop)."""
+        manager = self._memory.bulk_loading()
+        await self._run(manager.__enter__)
+        try:
+            yield
+        except BaseException as exc:
+            if not await self._run(manager.__exit__, type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            await self._run(manager.__exit__, None, None, None)
 
     async def ingest(self, stream: Any, **kwargs: Any) -> int:
         """See `Memory.ingest`."""

@@ -3,6 +3,7 @@ search goes, the HNSW index built with the configured parameters, no state in th
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from memlayer import Memory
+from memlayer import AsyncMemory, Memory
 from memlayer.retrievers.pg_vector import PgVectorSearch
 from memlayer.retrievers.vector_index import IndexConfig
 
@@ -250,7 +251,7 @@ def test_the_hnsw_index_has_the_configured_parameters(postgres_url: str) -> None
 
 SEARCH_IN_ANOTHER_PROCESS = """
 import sys
-from memlayer import Memory
+from memlayer import AsyncMemory, Memory
 with Memory(url=sys.argv[1], embedder="hash") as memory:
     print("|".join(h.text for h in memory.search("harbour lights", k=2, mode="hybrid")))
     memory.add("written by the other worker", id="theirs")
@@ -342,6 +343,21 @@ def test_a_bulk_load_of_many_users_builds_the_index_once_after(postgres_url: str
         hits = memory.search_by_vector(BY_TEXT[TEXTS[250]], k=3, user_id="u2")
         assert hits[0].text == TEXTS[250]
         assert all(TEXTS.index(h.text) // 100 == 2 for h in hits)
+
+
+def test_an_async_bulk_load_builds_the_index_once_after(postgres_url: str) -> None:
+    async def load(memory: AsyncMemory) -> list[bool]:
+        during = []
+        async with memory.bulk_loading():
+            for user in range(2):
+                await memory.add_many(TEXTS[user * 50 : (user + 1) * 50], user_id=f"u{user}")
+                during.append("records_embedding_hnsw" in _indexes(postgres_url))
+        return during
+
+    with Memory(url=postgres_url, embedder=lookup) as memory:
+        assert asyncio.run(load(AsyncMemory.wrap(memory))) == [False, False]
+        assert "records_embedding_hnsw" in _indexes(postgres_url)
+        assert memory.count(user_id="u1") == 50
 
 
 def test_a_bulk_load_with_a_bad_item_stores_nothing_and_keeps_the_index(postgres_url: str) -> None:
