@@ -6,11 +6,11 @@ Each database gets one store: a `memlayer serve` preloads `--stored` memories in
 one bulk load, for 1M) and a few into tenant B; each worker count then serves that store
 anew, takes `--warmup` untimed requests, and at each level runs `clients` concurrent
 async-httpx clients of tenant A for `--duration` seconds or `--requests` requests, whichever
-comes first. Each request is, at random: append one chat
-turn (50%), search a user's memories (hybrid, k=5; 30%) or pack a context (ranked, 200
-tokens; 20%). Every hit is checked to be tenant A's: cross-tenant results are counted.
-The kill phase runs 8 clients, SIGKILLs the server (its whole process group) mid-load,
-restarts it and keeps going, then looks up every acknowledged append.
+comes first. Each request is, at random: append one chat turn (50%), search a user's
+memories (hybrid, k=5; 30%) or pack a context (ranked, 200 tokens; 20%). Every hit is
+checked to be tenant A's: cross-tenant results are counted. The kill phase runs 8 clients,
+SIGKILLs the server (its whole process group) mid-load, restarts it and keeps going, then
+looks up every acknowledged append.
 
 Embedder: `hash` by default (model-free), so the numbers measure the service and the
 database, not MiniLM. Writes JSON under benchmarks/results/ and prints a markdown table.
@@ -185,8 +185,9 @@ class Tally:
     def __init__(self, tenant: str, acknowledged: list[str] | None) -> None:
         self.tenant = tenant
         self.acknowledged = acknowledged
-        self.latencies: dict[str, list[float]] = {"append": [], "search": [], "context": []}
-        self.latencies["healthz"] = []
+        self.latencies: dict[str, list[float]] = {
+            op: [] for op in ("append", "search", "context", "healthz")
+        }
         self.errors: dict[str, int] = {}
         self.cross = 0
 
@@ -364,11 +365,47 @@ def _postgres(folder: Path) -> tuple[Any, str]:
     return server, f"{head.rsplit('/', 1)[0]}/service_load" + (f"?{query}" if query else "")
 
 
+def _levels(
+    server: Server, key: dict[str, str], users: int, args: argparse.Namespace, base: dict[str, Any]
+) -> dict[str, list[dict[str, Any]]]:
+    """Every level on one running server: the floor and the closed loop at each client count,
+    then the open loop at each rate; rows printed as they come."""
+    done: dict[str, list[dict[str, Any]]] = {"floor_rows": [], "rows": [], "open_rows": []}
+    for floor in (True, False) if args.floor else (False,):
+        for clients in args.clients:
+            result = asyncio.run(
+                _load(
+                    server.url,
+                    key,
+                    users,
+                    clients,
+                    args.duration,
+                    args.requests,
+                    seed=clients,
+                    floor=floor,
+                )
+            )
+            row = {**base, "clients": clients, **result}
+            done["floor_rows" if floor else "rows"].append(row)
+            print(_floor_row(row) if floor else _row(row), flush=True)
+    for rate in args.rates:
+        result = asyncio.run(
+            _open_load(
+                server.url, key, users, args.open_clients, rate, args.duration, seed=int(rate)
+            )
+        )
+        done["open_rows"].append({**base, "clients": args.open_clients, **result})
+        print(_open_row(done["open_rows"][-1]), flush=True)
+    return done
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    rows: list[dict[str, Any]] = []
-    open_rows: list[dict[str, Any]] = []
-    kills: list[dict[str, Any]] = []
-    floors: list[dict[str, Any]] = []
+    results: dict[str, list[dict[str, Any]]] = {
+        "rows": [],
+        "open_rows": [],
+        "kills": [],
+        "floor_rows": [],
+    }
     users = max(1, args.stored // 50)
     with tempfile.TemporaryDirectory() as scratch:
         for backend in args.backends:  # one store per backend, preloaded once
@@ -405,41 +442,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "preload": args.preload,
                             "preload_s": round(preload_s, 1),
                         }
-                        for floor in (True, False) if args.floor else (False,):
-                            for clients in args.clients:
-                                result = asyncio.run(
-                                    _load(
-                                        server.url,
-                                        key,
-                                        users,
-                                        clients,
-                                        args.duration,
-                                        args.requests,
-                                        seed=clients,
-                                        floor=floor,
-                                    )
-                                )
-                                row = {**base, "clients": clients, **result}
-                                (floors if floor else rows).append(row)
-                                print(_floor_row(row) if floor else _row(row), flush=True)
-                        for rate in args.rates:
-                            result = asyncio.run(
-                                _open_load(
-                                    server.url,
-                                    key,
-                                    users,
-                                    args.open_clients,
-                                    rate,
-                                    args.duration,
-                                    seed=int(rate),
-                                )
-                            )
-                            open_rows.append({**base, "clients": args.open_clients, **result})
-                            print(_open_row(open_rows[-1]), flush=True)
+                        for name, found in _levels(server, key, users, args, base).items():
+                            results[name] += found
                     if args.kill and workers == args.workers[0]:
                         kill = asyncio.run(_kill_phase(server, key, users))
-                        kills.append({"backend": backend, "workers": workers, **kill})
-                        print(kills[-1], flush=True)
+                        results["kills"].append({"backend": backend, "workers": workers, **kill})
+                        print(results["kills"][-1], flush=True)
             except Exception:
                 print(server.log.read_text()[-4000:], file=sys.stderr)  # the server's side
                 raise
@@ -447,7 +455,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 server.stop()
                 if pg is not None:
                     pg.cleanup()
-    return {"rows": rows, "open_rows": open_rows, "kills": kills, "floor_rows": floors}
+    return results
 
 
 def _cells(row: dict[str, Any]) -> list[str]:
