@@ -1,6 +1,7 @@
 """Kernel dispatch: Triton for CUDA tensors when triton imports, the torch reference otherwise;
 a layer's step over a CPU chunk of many queries (a prefill) through PyTorch's CPU flash
-attention (`cpu_flash.py`).
+attention (`cpu_flash.py`), and over a few queries (a decode token) in one fused C call
+(`cpu_decode.py`, compiled on first use; the reference where no C compiler works).
 
 MEMLAYER_KERNELS=reference forces the reference. The Triton module (and triton itself) is
 imported on the first CUDA call only, so importing memlayer.kernels never touches either.
@@ -14,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-from memlayer.kernels import cpu_flash, reference
+from memlayer.kernels import cpu_decode, cpu_flash, reference
 from memlayer.kernels.reference import SummaryKind
 
 
@@ -89,8 +90,11 @@ def sparse_attention(
 ) -> torch.Tensor:
     """One layer's window + sinks + pages attention; see reference.sparse_attention."""
     backend = _backend(q_local)
-    if backend is reference and not _forced_reference() and cpu_flash.handles(q_local):
-        backend = cpu_flash
+    if backend is reference and not _forced_reference():
+        if cpu_flash.handles(q_local):
+            backend = cpu_flash
+        elif cpu_decode.handles(q_local, window_k, k_pool):
+            backend = cpu_decode
     out: torch.Tensor = backend.sparse_attention(
         q_local,
         window_k,

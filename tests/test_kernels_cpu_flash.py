@@ -1,7 +1,8 @@
 """A CPU chunk of many queries runs a layer's step through PyTorch's CPU flash attention by
 parts (`kernels/cpu_flash.py`): the same attention as the reference's one softmax, for every
-mix of window, sinks, pages, padded and partly filled pages; decode steps stay on the
-reference, and MEMLAYER_KERNELS=reference forces it."""
+mix of window, sinks, pages, padded and partly filled pages; a decode step of a batch of two
+stays on the reference (one of batch 1 goes to `cpu_decode`), and MEMLAYER_KERNELS=reference
+forces it."""
 
 from __future__ import annotations
 

@@ -1,0 +1,233 @@
+/* One layer's sparse attention step for a few queries (a decode token) on the CPU, fused.
+ *
+ * The queries of one KV head's group attend to the sink tokens, the listed pages (read in
+ * place from the front tier's slab through their slots) and the local window (causal), in
+ * one online softmax: no gathered copy, no logits tensor. The keys are cut into pieces of at
+ * most BLOCK keys; each (KV head, range of pieces) is one work item, so every thread gets
+ * about the same number of keys, and a head's items merge exactly on their log-sum-exp.
+ *
+ * float32 only; head_dim a multiple of 16 (GCC/Clang vector extensions: AVX-512, AVX2 or
+ * SSE, whatever the compiler targets). memlayer/kernels/cpu_decode.py compiles and calls it.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+#define BLOCK 64    /* keys per piece: one page of the default size */
+#define MAX_ROWS 64 /* query rows (group heads x tokens) of one KV head */
+#define MAX_LANES 16 /* head_dim / 16 */
+
+/* e^x for x <= 0 (0 below -87): n = round(x / ln 2), e^x = 2^n e^r, |r| <= ln 2 / 2, e^r by
+ * its degree-6 Taylor polynomial (relative error about 1e-7, float32's own). */
+static inline float exp_nonpositive(float x) {
+    float y = x < -87.f ? -87.f : x;
+    float n = rintf(y * 1.44269504f);
+    float r = y - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return x < -87.f ? 0.f : p * two_n;
+}
+
+static inline float lane_sum(v16 a) {
+    v8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+           __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+/* A run of n <= BLOCK keys and values [n, dim], contiguous. Causal pieces (the window's)
+ * show key j to the query of token t only when j <= base + t. */
+typedef struct {
+    const float *k, *v;
+    int n;
+    int causal;
+    int base;
+    int memory; /* 1: read by the queries placed for memory (sinks, pages) */
+} piece_t;
+
+/* The running softmax of one work item: max m, sum l and output acc [rows, dim] per row. */
+typedef struct {
+    float *m, *l, *acc;
+} state_t;
+
+static inline __attribute__((always_inline)) void attend_piece(
+    const int dim, const float *q, int rows, int tokens, piece_t p, state_t st) {
+    const int lanes = dim / 16;
+    float s[MAX_ROWS][BLOCK] __attribute__((aligned(64)));
+    for (int r = 0; r < rows; r++) {
+        v16 qv[MAX_LANES];
+        for (int w = 0; w < lanes; w++) memcpy(&qv[w], q + r * dim + 16 * w, 64);
+        for (int j = 0; j < p.n; j++) {
+            const float *kj = p.k + (int64_t)j * dim;
+            v16 a = {0};
+            for (int w = 0; w < lanes; w++) {
+                v16 kv;
+                memcpy(&kv, kj + 16 * w, 64);
+                a += qv[w] * kv;
+            }
+            s[r][j] = lane_sum(a);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        int visible = p.n;
+        if (p.causal) {
+            int last = p.base + r % tokens + 1;
+            visible = last < 0 ? 0 : (last < p.n ? last : p.n);
+        }
+        if (visible == 0) { /* a piece wholly after this token: it adds nothing */
+            memset(s[r], 0, sizeof(float) * p.n);
+            continue;
+        }
+        float top = st.m[r];
+        for (int j = 0; j < visible; j++) top = s[r][j] > top ? s[r][j] : top;
+        float rescale = exp_nonpositive(st.m[r] - top);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int j = 0; j < p.n; j++) {
+            float e = j < visible ? exp_nonpositive(s[r][j] - top) : 0.f;
+            s[r][j] = e;
+            sum += e;
+        }
+        st.l[r] = st.l[r] * rescale + sum;
+        st.m[r] = top;
+        if (rescale != 1.f)
+            for (int d = 0; d < dim; d++) st.acc[r * dim + d] *= rescale;
+    }
+    for (int r = 0; r < rows; r++) {
+        v16 av[MAX_LANES];
+        for (int w = 0; w < lanes; w++) memcpy(&av[w], st.acc + r * dim + 16 * w, 64);
+        for (int j = 0; j < p.n; j++) {
+            const float *vj = p.v + (int64_t)j * dim;
+            float e = s[r][j];
+            for (int w = 0; w < lanes; w++) {
+                v16 vv;
+                memcpy(&vv, vj + 16 * w, 64);
+                av[w] += e * vv;
+            }
+        }
+        for (int w = 0; w < lanes; w++) memcpy(st.acc + r * dim + 16 * w, &av[w], 64);
+    }
+}
+
+/* The common head sizes with dim a constant (loops unrolled, lanes in registers). */
+static void attend(int dim, const float *q, int rows, int tokens, piece_t p, state_t st) {
+    if (dim == 64)
+        attend_piece(64, q, rows, tokens, p, st);
+    else if (dim == 128)
+        attend_piece(128, q, rows, tokens, p, st);
+    else
+        attend_piece(dim, q, rows, tokens, p, st);
+}
+
+/* Pieces of one KV head g, in key order: sinks, pages, window. Returns how many. */
+static int head_pieces(
+    piece_t *out, int g, const float *win_k, const float *win_v, int64_t win_head_stride,
+    int win_len, const float *sink_k, const float *sink_v, int64_t sink_head_stride,
+    int sinks, const float *pool_k, const float *pool_v, const int64_t *slots,
+    const int64_t *lengths, int pages, int page, int kv_heads, int tokens, int dim) {
+    int count = 0;
+    for (int j = 0; j < sinks; j += BLOCK) {
+        int64_t at = g * sink_head_stride + (int64_t)j * dim;
+        out[count++] = (piece_t){sink_k + at, sink_v + at, sinks - j < BLOCK ? sinks - j : BLOCK, 0, 0, 1};
+    }
+    for (int i = 0; i < pages; i++) {
+        int64_t slot = slots[(int64_t)g * pages + i];
+        if (slot < 0) continue;
+        int held = lengths ? (int)lengths[(int64_t)g * pages + i] : page;
+        for (int j = 0; j < held; j += BLOCK) {
+            int64_t at = ((slot * kv_heads + g) * (int64_t)page + j) * dim;
+            out[count++] = (piece_t){pool_k + at, pool_v + at, held - j < BLOCK ? held - j : BLOCK, 0, 0, 1};
+        }
+    }
+    for (int j = 0; j < win_len; j += BLOCK) {
+        int64_t at = g * win_head_stride + (int64_t)j * dim;
+        int n = win_len - j < BLOCK ? win_len - j : BLOCK;
+        out[count++] = (piece_t){win_k + at, win_v + at, n, 1, win_len - tokens - j, 0};
+    }
+    return count;
+}
+
+/* Returns 0, or -1 when out of memory (nothing written). Shapes: queries [heads, tokens,
+ * dim]; window and sinks [kv_heads, *, dim] rows contiguous, heads `*_head_stride` floats
+ * apart; pools [slots, kv_heads, page, dim]; slots and lengths [kv_heads, pages] (slot -1:
+ * none; lengths NULL: every page full); out [heads, tokens, dim]. */
+int memlayer_sparse_decode_f32(
+    const float *q_local, const float *q_memory, const float *win_k, const float *win_v,
+    int64_t win_head_stride, int win_len, const float *sink_k, const float *sink_v,
+    int64_t sink_head_stride, int sinks, const float *pool_k, const float *pool_v,
+    const int64_t *slots, const int64_t *lengths, int pages, int page, int heads,
+    int kv_heads, int tokens, int dim, float scale, int threads, float *out) {
+    const int group = heads / kv_heads, rows = group * tokens;
+    const int splits = threads > 1 ? (2 * threads + kv_heads - 1) / kv_heads : 1;
+    const int64_t most = (sinks + BLOCK - 1) / BLOCK + (int64_t)pages * ((page + BLOCK - 1) / BLOCK) +
+                         (win_len + BLOCK - 1) / BLOCK;
+    const int64_t state_size = (int64_t)rows * (dim + 2);
+    piece_t *pieces = malloc(sizeof(piece_t) * most * kv_heads);
+    int *counts = malloc(sizeof(int) * kv_heads);
+    float *states = malloc(sizeof(float) * state_size * kv_heads * splits);
+    float *placed = malloc(sizeof(float) * 2 * (int64_t)heads * tokens * dim);
+    if (!pieces || !counts || !states || !placed) {
+        free(pieces), free(counts), free(states), free(placed);
+        return -1;
+    }
+    const int64_t query_size = (int64_t)heads * tokens * dim;
+    for (int64_t i = 0; i < query_size; i++) {
+        placed[i] = q_local[i] * scale;
+        placed[query_size + i] = q_memory[i] * scale;
+    }
+    for (int g = 0; g < kv_heads; g++)
+        counts[g] = head_pieces(pieces + most * g, g, win_k, win_v, win_head_stride, win_len,
+                                sink_k, sink_v, sink_head_stride, sinks, pool_k, pool_v, slots,
+                                lengths, pages, page, kv_heads, tokens, dim);
+    const int items = kv_heads * splits;
+#pragma omp parallel for schedule(static) num_threads(threads > items ? items : threads)
+    for (int item = 0; item < items; item++) {
+        int g = item / splits, part = item % splits;
+        float *m = states + state_size * item;
+        state_t st = {m, m + rows, m + 2 * rows};
+        for (int r = 0; r < rows; r++) st.m[r] = -INFINITY, st.l[r] = 0.f;
+        memset(st.acc, 0, sizeof(float) * rows * dim);
+        int first = (int)((int64_t)counts[g] * part / splits);
+        int last = (int)((int64_t)counts[g] * (part + 1) / splits);
+        int64_t q_at = (int64_t)g * rows * dim;
+        for (int i = first; i < last; i++) {
+            piece_t p = pieces[most * g + i];
+            attend(dim, placed + (p.memory ? query_size : 0) + q_at, rows, tokens, p, st);
+        }
+    }
+    for (int g = 0; g < kv_heads; g++) {
+        for (int r = 0; r < rows; r++) {
+            float top = -INFINITY, total = 0.f;
+            for (int part = 0; part < splits; part++) {
+                float m = states[state_size * (g * splits + part) + r];
+                top = m > top ? m : top;
+            }
+            float *o = out + ((int64_t)g * rows + r) * dim;
+            memset(o, 0, sizeof(float) * dim);
+            for (int part = 0; part < splits; part++) {
+                float *m = states + state_size * (g * splits + part);
+                if (m[r] == -INFINITY) continue;
+                float weight = exp_nonpositive(m[r] - top);
+                total += weight * m[rows + r];
+                const float *acc = m + 2 * rows + (int64_t)r * dim;
+                for (int d = 0; d < dim; d++) o[d] += weight * acc[d];
+            }
+            for (int d = 0; d < dim; d++) o[d] /= total;
+        }
+    }
+    free(pieces), free(counts), free(states), free(placed);
+    return 0;
+}

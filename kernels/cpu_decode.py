@@ -1,0 +1,231 @@
+"""A layer's step for a few queries (a decode token) on the CPU, in one fused C call.
+
+At one token the reference's dozen torch operations (a gathered copy of the pages, the
+logits of every part, a concatenation, a softmax, four matmuls) cost more in fixed overhead
+than in arithmetic. `cpu_decode.c` reads the window, the sinks and the pages in place (the
+pages through their slots in the front tier's slab) with an online softmax, split over
+(KV head, range of keys) on torch's threads. It is compiled on first use with the system's
+C compiler for this CPU and cached (`MEMLAYER_KERNEL_CACHE`, else ~/.cache/memlayer); where
+no compiler works, `handles` says no and dispatch keeps the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_decode.c")
+MAX_ROWS = 64  # query heads per KV head x tokens (MAX_ROWS in the C source)
+_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+_log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: MEMLAYER_KERNEL_CACHE, else the user's cache."""
+    chosen = os.environ.get("MEMLAYER_KERNEL_CACHE")
+    if chosen:
+        return Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "memlayer" / "kernels"
+
+
+def _cpu_id() -> str:
+    """This CPU's model and instruction set flags (a library built with -march=native runs
+    only where they match)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine() + platform.processor()
+    wanted = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(wanted)))
+
+
+def _compile(compiler: str, target: Path) -> bool:
+    """Build the library at `target`, with OpenMP where the compiler has it (else one
+    thread); False when neither build works."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for openmp in (("-fopenmp",), ()):
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            command = [compiler, *_FLAGS, *openmp, str(SOURCE), "-o", str(built), "-lm"]
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                _log.info("memlayer: %s failed: %s", command[0], exc)
+                return False
+            if done.returncode == 0:
+                os.replace(built, target)  # atomic: a concurrent process sees all or nothing
+                return True
+            _log.info("memlayer: %s failed: %s", " ".join(command), done.stderr.strip())
+    return False
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel (built once per source, compiler and CPU), or None where it cannot
+    be built: no C compiler, or a read-only cache."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        _log.warning("memlayer: no C compiler found; CPU decode steps use the torch reference")
+        return None
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(_FLAGS).encode()):
+        digest.update(part)
+    digest.update(_cpu_id().encode())
+    target = cache_dir() / f"cpu_decode-{digest.hexdigest()[:16]}.so"
+    try:
+        if not target.exists() and not _compile(compiler, target):
+            _log.warning("memlayer: cpu_decode.c did not build; CPU decode uses the reference")
+            return None
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:
+        _log.warning("memlayer: the CPU decode kernel is not usable (%s); using the reference", exc)
+        return None
+    fn = lib.memlayer_sparse_decode_f32
+    pointer, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    fn.argtypes = [
+        *(pointer,) * 4, i64, i32,  # q_local, q_memory, window k/v, head stride, length
+        *(pointer,) * 2, i64, i32,  # sink k/v, head stride, count
+        *(pointer,) * 4, i32, i32,  # pool k/v, slots, lengths, pages, page size
+        i32, i32, i32, i32, ctypes.c_float, i32, pointer,  # heads .. threads, out
+    ]  # fmt: skip
+    fn.restype = i32
+    return lib
+
+
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    """[B, H, n, D] with each head's rows packed (heads may be any stride apart)."""
+    return t.stride(-1) == 1 and (t.shape[2] <= 1 or t.stride(2) == t.shape[3])
+
+
+def _packed(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [1, H, n, D] as the kernel reads them: rows packed, heads the same
+    stride apart in both (views of a layer's buffers already are; anything else is copied)."""
+    if _rows_contiguous(keys) and keys.stride() == values.stride():
+        return keys, values
+    return keys.contiguous(), values.contiguous()
+
+
+def handles(q_local: torch.Tensor, window_k: torch.Tensor, k_pool: torch.Tensor) -> bool:
+    """True for a CPU float32 step of batch 1 whose rows fit the kernel, when it is built."""
+    batch, heads, tokens, dim = q_local.shape
+    return (
+        q_local.device.type == "cpu"
+        and q_local.dtype == window_k.dtype == k_pool.dtype == torch.float32
+        and batch == 1
+        and dim % 16 == 0
+        and dim <= 256
+        and heads // window_k.shape[1] * tokens <= MAX_ROWS
+        and available()
+    )
+
+
+_BUILT: dict[str, bool] = {}  # "ok": whether library() built, once it has been asked
+
+
+def available() -> bool:
+    """Whether the kernel is built; after the first answer a plain lookup, which a compiled
+    graph reads as a constant instead of tracing the build."""
+    if "ok" not in _BUILT:
+        _BUILT["ok"] = library() is not None
+    return _BUILT["ok"]
+
+
+def sparse_attention(
+    q_local: torch.Tensor,
+    window_k: torch.Tensor,
+    window_v: torch.Tensor,
+    q_memory: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    page_idx: torch.Tensor,
+    *,
+    scale: float,
+    padded: bool = True,
+    page_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`reference.sparse_attention` in one call (same arguments; slots of -1 are skipped
+    whatever `padded` says). Eager steps call the kernel directly (the operator's dispatch
+    costs about 16 µs a call, half a millisecond a token over 30 layers); a compiled graph
+    holds it as the operator `memlayer::sparse_decode`."""
+    call = _sparse_decode if torch.compiler.is_compiling() else _decode
+    out: torch.Tensor = call(
+        q_local, window_k, window_v, q_memory, sink_k, sink_v, k_pool, v_pool, page_idx,
+        page_lengths, scale
+    )  # fmt: skip
+    return out
+
+
+def _decode(
+    q_local: torch.Tensor,
+    window_k: torch.Tensor,
+    window_v: torch.Tensor,
+    q_memory: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    page_idx: torch.Tensor,
+    page_lengths: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """The C call."""
+    lib = library()
+    assert lib is not None
+    _, heads, tokens, dim = q_local.shape
+    q_local = q_local.contiguous()
+    q_memory = q_memory.contiguous()
+    window_k, window_v = _packed(window_k, window_v)
+    sink_k, sink_v = _packed(sink_k, sink_v)
+    k_pool, v_pool = k_pool.contiguous(), v_pool.contiguous()
+    slots = page_idx.contiguous()
+    lengths = None if page_lengths is None else page_lengths.to(torch.long).contiguous()
+    out = torch.empty_like(q_local)
+    failed = lib.memlayer_sparse_decode_f32(
+        q_local.data_ptr(),
+        q_memory.data_ptr(),
+        window_k.data_ptr(),
+        window_v.data_ptr(),
+        window_k.stride(1),
+        window_k.shape[2],
+        sink_k.data_ptr(),
+        sink_v.data_ptr(),
+        sink_k.stride(1),
+        sink_k.shape[2],
+        k_pool.data_ptr(),
+        v_pool.data_ptr(),
+        slots.data_ptr(),
+        None if lengths is None else lengths.data_ptr(),
+        slots.shape[2],
+        k_pool.shape[2],
+        heads,
+        window_k.shape[1],
+        tokens,
+        dim,
+        scale,
+        torch.get_num_threads(),
+        out.data_ptr(),
+    )
+    if failed:
+        raise MemoryError("cpu_decode: out of memory for the step's scratch")
+    return out
+
+
+_sparse_decode = torch.library.custom_op("memlayer::sparse_decode", mutates_args=())(_decode)
+
+
+@_sparse_decode.register_fake
+def _(q_local: torch.Tensor, *args: object) -> torch.Tensor:
+    return torch.empty_like(q_local, memory_format=torch.contiguous_format)

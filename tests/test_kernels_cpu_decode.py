@@ -1,0 +1,153 @@
+"""A CPU decode step (a few queries, batch 1, float32) runs a layer's attention in one fused
+C call (`kernels/cpu_decode.py`): the same attention as the reference's one softmax, for every
+mix of window, sinks, pages, padded and partly filled pages, head sizes and thread counts,
+with the window and sinks read in place from views into larger buffers."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any
+
+import pytest
+import torch
+
+from memlayer.kernels import cpu_decode, dispatch, reference
+
+pytestmark = pytest.mark.skipif(
+    cpu_decode.library() is None and not os.environ.get("CI"),
+    reason="no C compiler: the kernel cannot be built here (CI installs one and runs these)",
+)
+
+CASES = list(
+    itertools.product(
+        (1, 3, 17),  # tokens
+        (0, 70),  # sink tokens (70: more than one piece of 64 keys)
+        (0, 5),  # pages listed
+        ("full", "padded", "lengths"),
+        (150, 130),  # window keys: with 130, the last piece (2 keys) is after early tokens
+    )
+)
+
+
+def _inputs(
+    tokens: int,
+    sinks: int,
+    pages: int,
+    mode: str,
+    *,
+    group: int = 3,
+    dim: int = 64,
+    page: int = 80,
+    window: int = 150,
+    seed: int = 0,
+) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+    """Step inputs: 2 KV heads with `group` query heads each, a window of `window` keys and
+    `sinks` sink tokens as views into buffers twice as long (as a layer keeps them), `pages`
+    of `page` tokens listed per head from a pool of 12."""
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads = 2
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    def buffered(count: int) -> torch.Tensor:  # [1, Hkv, count, D], a view at an offset
+        return rand(kv_heads, 2 * count + 7, dim)[:, 5 : 5 + count][None]
+
+    page_idx = torch.randperm(12, generator=gen)[: pages * kv_heads].view(1, kv_heads, pages)
+    options: dict[str, Any] = {"scale": dim**-0.5, "padded": mode == "padded"}
+    if mode == "padded" and pages:
+        page_idx[0, 1] = -1  # a head with no page at all
+        page_idx[0, 0, 2] = -1
+    if mode == "lengths" and pages:
+        lengths = torch.randint(0, page + 1, (1, kv_heads, pages), generator=gen)
+        lengths[0, 1, 0] = 0  # a page that holds nothing
+        lengths[0, 0, 1] = page
+        options["page_lengths"] = lengths
+    tensors = (
+        rand(1, kv_heads * group, tokens, dim),
+        buffered(window),
+        buffered(window),
+        rand(1, kv_heads * group, tokens, dim),
+        buffered(sinks),
+        buffered(sinks),
+        rand(12, kv_heads, page, dim),
+        rand(12, kv_heads, page, dim),
+        page_idx,
+    )
+    return tensors, options
+
+
+def _check(tensors: tuple[torch.Tensor, ...], options: dict[str, Any]) -> None:
+    expected = reference.sparse_attention(*tensors, **options)
+    got = cpu_decode.sparse_attention(*tensors, **options)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("tokens", "sinks", "pages", "mode", "window"), CASES)
+def test_fused_step_equals_the_reference(
+    tokens: int, sinks: int, pages: int, mode: str, window: int
+) -> None:
+    _check(*_inputs(tokens, sinks, pages, mode, window=window, seed=tokens + sinks + pages))
+
+
+@pytest.mark.parametrize("dim", [16, 48, 128])
+def test_every_head_size_a_multiple_of_16(dim: int) -> None:
+    _check(*_inputs(2, 3, 4, "lengths", dim=dim, seed=dim))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_any_thread_count_gives_the_same_attention(threads: int) -> None:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check(*_inputs(1, 70, 5, "padded", group=1, page=64, window=400, seed=threads))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_queries_placed_once_for_both_window_and_memory() -> None:
+    (q, *rest), options = _inputs(1, 3, 4, "full", seed=9)
+    tensors = (q, rest[0], rest[1], q, *rest[3:])  # exact positions: q_memory is q_local
+    _check(tuple(tensors), options)
+
+
+def test_a_batch_one_float32_step_goes_to_the_kernel_others_to_the_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    for name, module in (("fused", cpu_decode), ("reference", reference)):
+        real = module.sparse_attention
+        monkeypatch.setattr(
+            module,
+            "sparse_attention",
+            lambda *a, _name=name, _real=real, **k: calls.append(_name) or _real(*a, **k),
+        )
+    tensors, options = _inputs(1, 3, 4, "full")
+    dispatch.sparse_attention(*tensors, **options)
+    wide = tuple(t.double() if t.is_floating_point() else t for t in tensors)
+    dispatch.sparse_attention(*wide, **options)  # float64: a dtype the kernel does not take
+    many, _ = _inputs(1, 3, 4, "full", group=cpu_decode.MAX_ROWS + 1)
+    dispatch.sparse_attention(*many, **options)  # more query rows than the kernel keeps
+    monkeypatch.setenv("MEMLAYER_KERNELS", "reference")
+    dispatch.sparse_attention(*tensors, **options)
+    assert calls == ["fused", "reference", "reference", "reference"]
+
+
+def test_without_a_compiler_dispatch_keeps_the_reference(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MEMLAYER_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_decode, "_BUILT", {})
+    cpu_decode.library.cache_clear()
+    try:
+        assert cpu_decode.library() is None
+        tensors, options = _inputs(1, 3, 4, "full")
+        assert not cpu_decode.handles(tensors[0], tensors[1], tensors[6])
+        torch.testing.assert_close(
+            dispatch.sparse_attention(*tensors, **options),
+            reference.sparse_attention(*tensors, **options),
+        )
+    finally:
+        cpu_decode.library.cache_clear()
