@@ -2,8 +2,9 @@
 
 The torch reference (`reference.py`) runs on every device; on CUDA tensors the attention
 kernels (window, paged, a layer's whole step) and score_pages run Triton (`triton_paged.py`,
-via `dispatch.py`) behind the same names, unless MEMLAYER_KERNELS=reference. merge_attention
-and select_pages are a few torch operations that run on the tensors' own device. Imports
+via `dispatch.py`) behind the same names, unless MEMLAYER_KERNELS=reference. merge_attention,
+score_pages_summed and select_pages are a few torch operations that run on the tensors' own
+device. Imports
 only torch; triton loads on first CUDA use.
 """
 
@@ -13,13 +14,14 @@ from memlayer.kernels.dispatch import (
     score_pages,
     sparse_attention,
 )
-from memlayer.kernels.reference import merge_attention, select_pages
+from memlayer.kernels.reference import merge_attention, score_pages_summed, select_pages
 
 __all__ = [
     "causal_window_attention",
     "merge_attention",
     "paged_attention",
     "score_pages",
+    "score_pages_summed",
     "select_pages",
     "sparse_attention",
 ]

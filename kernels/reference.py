@@ -210,6 +210,24 @@ def score_pages(q: torch.Tensor, summary: torch.Tensor, *, kind: SummaryKind) ->
     raise ValueError(f"kind must be 'repr', 'bounds' or 'centroid', got {kind!r}")
 
 
+def score_pages_summed(q: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+    """`score_pages(kind="repr")` summed over the KV heads: [B, 1, P] float32, the score of
+    selectors whose every head takes the same pages (InfLLM, ReKV).
+
+    Σ over KV heads of the group's mean query · the page's mean summary row is one dot
+    product of two [Hkv·D] vectors, so the summaries are read once, as stored ([P, Hkv·D]
+    rows), in a single matrix–vector product.
+    """
+    batch, heads, length, dim = q.shape
+    pages, kv_heads = summary.shape[0], summary.shape[1]
+    query = q.float().reshape(batch, kv_heads, heads // kv_heads * length, dim).sum(dim=2)
+    if length > 1:  # the group's heads summed of each head's mean query, as in score_pages
+        query = query / length
+    rows = summary[:, :, 0] if summary.shape[2] == 1 else summary.float().mean(dim=2)
+    flat = rows.float().reshape(pages, kv_heads * dim)
+    return torch.matmul(flat, query.reshape(batch, kv_heads * dim).T).T.unsqueeze(1)
+
+
 def select_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k page indices per (batch, KV head), ascending, padded with -1: [B, Hkv, k] int64."""
     batch, kv_heads, pages = scores.shape

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 
 from memlayer.errors import InvalidInputError
-from memlayer.kernels import score_pages, select_pages
+from memlayer.kernels import score_pages, score_pages_summed, select_pages
 from memlayer.registry import Registry
 
 
@@ -91,8 +91,12 @@ class PageSelector:
     ) -> torch.Tensor:
         """Pages [1, Hkv, topk] a step attends to (ascending, -1 for none) for queries
         [1, Hq, T, D] placed in the memory frame, attention scaled by `scale`: by default
-        the top-k of `score`. Tensor operations only: a resident step reads nothing back."""
-        return select_pages(self.score(queries, summaries), topk)
+        the top-k of `score` (of its first head's row when every head shares the selection).
+        Tensor operations only: a resident step reads nothing back."""
+        scores = self.score(queries, summaries)
+        if self.shares_selection:
+            return select_pages(scores[:, :1], topk).expand(-1, scores.shape[1], -1)
+        return select_pages(scores, topk)
 
     def layout(
         self, keys: torch.Tensor, positions: torch.Tensor, page_size: int
@@ -168,8 +172,8 @@ class InfLLMSelector(PageSelector):
         return chosen.float().mean(dim=2, keepdim=True).to(keys.dtype)
 
     def score(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-        per_head = score_pages(queries, summaries, kind="repr")
-        return per_head.sum(dim=1, keepdim=True).expand_as(per_head)
+        summed = score_pages_summed(queries, summaries)
+        return summed.expand(-1, summaries.shape[1], -1)
 
     def adopt_summaries(self, summaries: torch.Tensor) -> torch.Tensor:
         """memlayer 0.2 kept the `repr_topk` keys themselves: their mean scores the same."""
@@ -216,8 +220,8 @@ class ReKVSelector(PageSelector):
         return keys.float().mean(dim=2, keepdim=True).to(keys.dtype)
 
     def score(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-        per_head = score_pages(queries, summaries, kind="repr")
-        return per_head.sum(dim=1, keepdim=True).expand_as(per_head)
+        summed = score_pages_summed(queries, summaries)
+        return summed.expand(-1, summaries.shape[1], -1)
 
 
 def resolve_selector(

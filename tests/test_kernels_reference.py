@@ -21,6 +21,7 @@ from memlayer.kernels import (
     merge_attention,
     paged_attention,
     score_pages,
+    score_pages_summed,
     select_pages,
     sparse_attention,
 )
@@ -228,6 +229,20 @@ def test_scoring_and_selection_pick_the_aligned_page(gen: torch.Generator) -> No
     chosen = select_pages(score_pages(q, keys, kind="repr"), 3)
     assert chosen.shape == (1, 2, 3) and (chosen == 7).any(dim=-1).all()
     assert (chosen.diff(dim=-1) > 0).all()
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_summed_score_is_the_per_head_score_summed_over_kv_heads(
+    gen: torch.Generator, rows: int
+) -> None:
+    """InfLLM's and ReKV's one matrix-vector product equals score_pages' heads summed, for a
+    batch of two, several tokens and one or several summary rows."""
+    q = torch.randn(2, 6, 3, 16, generator=gen)
+    summary = torch.randn(9, 3, rows, 16, generator=gen)
+    summed = score_pages_summed(q, summary)
+    per_head = score_pages(q, summary, kind="repr").sum(dim=1, keepdim=True)
+    assert summed.shape == (2, 1, 9)
+    torch.testing.assert_close(summed, per_head, rtol=1e-5, atol=1e-5)
 
 
 def test_quest_bound_is_an_upper_bound(gen: torch.Generator) -> None:

@@ -1,0 +1,151 @@
+"""Decode speed against the model floor, interleaved: floor, dense and each selector take turns.
+
+`passkey.py` times 8 answer tokens per sample, each method minutes apart from the others; on
+a noisy VM that moves a ratio by more than the 10% the decode target leaves. Here, for each
+length, one passkey context is fed to a session per selector (and to dense attention where
+it fits the model's 8K window), the floor's cache holds the context's first 512 tokens, and
+then every method runs `--tokens` one-token forwards in turn (the same token ids for
+every method: the context's own, from its start), for `--rounds` rounds. Reports
+the median ms per token of each method's rounds and its speed as a fraction of the floor's
+(floor ms / method ms), side by side from the same minutes. Writes a JSON file under
+benchmarks/results/ (or `--json`).
+
+    python benchmarks/decode_ratio.py --lengths 2k 8k 32k --rounds 7 --tokens 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from memlayer import KVSession
+from memlayer.kvretrieval.model import cache_argument, load_smollm2
+from memlayer.kvretrieval.passkey import samples
+
+LENGTHS = {"2k": 2000, "4k": 4000, "8k": 8000, "16k": 16000, "32k": 32000, "64k": 64000}
+WINDOW = 8192  # SmolLM2's trained context: dense runs only below it
+FLOOR_TOKENS = 512
+RESULTS = Path(__file__).parent / "results"
+
+
+class Dense:
+    """One-token forwards with transformers' own attention over a DynamicCache."""
+
+    def __init__(self, model: Any, ids: list[int]):
+        self.model = model
+        self.cache = {cache_argument(model): DynamicCache(config=model.config)}
+        model(torch.tensor([ids]), use_cache=True, logits_to_keep=1, **self.cache)
+        self.next = iter(itertools.cycle(ids))
+
+    def step(self) -> None:
+        self.model(torch.tensor([[next(self.next)]]), use_cache=True, **self.cache)
+
+
+class Memory:
+    """One-token forwards through a KVSession (`feed` of one id: the forward `ask` decodes
+    with)."""
+
+    def __init__(self, model: Any, tokenizer: Any, ids: list[int], selector: str):
+        self.session = KVSession(model, tokenizer, chat=False, progress=False, selector=selector)
+        self.session.feed(ids)
+        self.next = iter(itertools.cycle(ids))
+
+    def step(self) -> None:
+        self.session.feed([next(self.next)])
+
+
+def timed_rounds(methods: dict[str, Callable[[], None]], rounds: int, tokens: int) -> dict:
+    """ms per token of each method's rounds, the methods taking turns in every round."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(rounds):
+        for name, step in methods.items():
+            step()  # one untimed token: the turn's first forward pays for the switch
+            started = time.perf_counter()
+            for _ in range(tokens):
+                step()
+            times[name].append((time.perf_counter() - started) / tokens * 1e3)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--lengths", nargs="+", choices=list(LENGTHS), default=["2k", "8k"])
+    parser.add_argument("--selectors", nargs="+", default=["infllm", "quest"])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=12, help="decode tokens per turn")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_smollm2()
+    rows = []
+    print("| length | method | median ms/token | min | × floor (speed) |\n|---|---|---|---|---|")
+    with torch.no_grad():
+        for length in args.lengths:
+            context = samples(LENGTHS[length], 1, seed=0)[0].context
+            ids = list(tokenizer(context, add_special_tokens=False)["input_ids"])
+            runners: dict[str, Any] = {"floor": Dense(model, ids[:FLOOR_TOKENS])}
+            if len(ids) < WINDOW:
+                runners["dense"] = Dense(model, ids)
+            for selector in args.selectors:
+                runners[selector] = Memory(model, tokenizer, ids, selector)
+            steps = {name: runner.step for name, runner in runners.items()}
+            times = timed_rounds(steps, args.rounds, args.tokens)
+            floor = statistics.median(times["floor"])
+            for name, values in times.items():
+                median = statistics.median(values)
+                row = {
+                    "length": length,
+                    "tokens": len(ids),
+                    "method": name,
+                    "median_ms": median,
+                    "min_ms": min(values),
+                    "ratio_to_floor": floor / median,
+                    "rounds_ms": values,
+                }
+                rows.append(row)
+                print(
+                    f"| {length} | {name} | {median:.1f} | {min(values):.1f} | "
+                    f"{floor / median:.2f} |",
+                    flush=True,
+                )
+            for runner in runners.values():
+                if isinstance(runner, Memory):
+                    runner.session.close()
+    now = datetime.datetime.now().astimezone()
+    path = args.json or RESULTS / f"decode-ratio-{now:%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "command": shlex.join(["python", "benchmarks/decode_ratio.py", *sys.argv[1:]]),
+        "date": now.isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "load_average": os.getloadavg(),
+            "torch": torch.__version__,
+        },
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "rows": rows,
+    }
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
