@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from decode_step import tiny_model  # the sibling script's tiny model (run from benchmarks/)
 from transformers import DynamicCache
 
 from memlayer import KVSession
@@ -68,6 +69,15 @@ class Memory:
         self.session.feed([next(self.next)])
 
 
+def context_ids(tokenizer: Any, length: int) -> list[int]:
+    """A passkey context's ids (random ids for the tiny model, which has no tokenizer)."""
+    if tokenizer is None:
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(0, 49152, (length,), generator=generator).tolist()
+    context = samples(length, 1, seed=0)[0].context
+    return list(tokenizer(context, add_special_tokens=False)["input_ids"])
+
+
 def timed_rounds(methods: dict[str, Callable[[], None]], rounds: int, tokens: int) -> dict:
     """ms per token of each method's rounds, the methods taking turns in every round."""
     times: dict[str, list[float]] = {name: [] for name in methods}
@@ -90,16 +100,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=12, help="decode tokens per turn")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="random 2-layer model, no SmolLM2")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_smollm2()
+    model, tokenizer = (tiny_model(), None) if args.tiny else load_smollm2()
     rows = []
     print("| length | method | median ms/token | min | × floor (speed) |\n|---|---|---|---|---|")
     with torch.no_grad():
         for length in args.lengths:
-            context = samples(LENGTHS[length], 1, seed=0)[0].context
-            ids = list(tokenizer(context, add_special_tokens=False)["input_ids"])
+            ids = context_ids(tokenizer, LENGTHS[length])
             runners: dict[str, Any] = {"floor": Dense(model, ids[:FLOOR_TOKENS])}
             if len(ids) < WINDOW:
                 runners["dense"] = Dense(model, ids)

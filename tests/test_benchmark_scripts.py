@@ -225,6 +225,20 @@ def test_decode_step_tiny_times_every_part_beside_dense_references(tmp_path: Pat
     assert rows["sdpa same keys"]["keys"] == rows["sparse"]["keys"] > 512
 
 
+def test_decode_ratio_tiny_interleaves_floor_dense_and_both_selectors(tmp_path: Path) -> None:
+    out = tmp_path / "ratio.json"
+    done = _run(
+        "decode_ratio.py",
+        *("--tiny", "--lengths", "2k", "--rounds", "2", "--tokens", "2", "--json", str(out)),
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["method"] for row in rows] == ["floor", "dense", "infllm", "quest"]
+    for row in rows:
+        assert len(row["rounds_ms"]) == 2 and row["median_ms"] > 0
+    assert rows[0]["ratio_to_floor"] == 1.0
+
+
 def test_faiss_threads_small_run_compares_both_with_and_without_a_neighbour(
     tmp_path: Path,
 ) -> None:
