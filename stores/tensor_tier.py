@@ -20,6 +20,7 @@ import torch
 
 from memlayer.errors import CapacityError, InvalidInputError, NotFoundError
 from memlayer.stores.codec import check_payload
+from memlayer.stores.huge_pages import advise_huge_pages
 from memlayer.stores.policy import POLICIES
 from memlayer.stores.tier import PromotionStep, Tier
 from memlayer.types import Page
@@ -476,6 +477,8 @@ class TensorTier(Tier):
             )
             for name, dtype, shape in sig
         }
+        for tensor in fields.values():  # before its first write: backed by 2 MB pages
+            advise_huge_pages(tensor)
         if slab is None:
             slab = self._slabs[sig] = Slab(fields, size)
         else:

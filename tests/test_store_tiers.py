@@ -546,3 +546,32 @@ def test_transient_pages_outlive_compaction(tmp_path: Path) -> None:
 
 def test_header_bytes_constant_matches_layout() -> None:
     assert HEADER_BYTES == 4 + 1 + 2 + 8 + 8 + 8
+
+
+def _thp_eligible(address: int) -> bool | None:
+    """THPeligible of the mapping that holds `address` (None: no such line)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().split("\n"):
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            inside = low <= address < high
+        elif inside and fields[:1] == ["THPeligible:"]:
+            return fields[1] == "1"
+    return None
+
+
+@pytest.mark.skipif(
+    not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
+    reason="Linux with transparent huge pages on",
+)
+def test_a_large_cpu_slab_is_backed_by_huge_pages() -> None:
+    """A KV step reads pages scattered over the slab: 2 MB pages spare it the TLB misses."""
+    tier = TensorTier("ram", "cpu", None)
+    payload = {"k": make_tensor(1, (1024, 1024), torch.float32)}  # a 4 MB slot
+    tier.put(Page(id="big", payload=payload, scope=Scope(tenant_id="t1")))
+    slab = next(iter(tier._slabs.values())).fields["k"]
+    inside = -(-slab.data_ptr() // (2 << 20)) * (2 << 20) + 4096  # in a whole 2 MB page
+    assert _thp_eligible(inside) is True
+    assert torch.equal(tier.get("big").payload["k"], payload["k"])
