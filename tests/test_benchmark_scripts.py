@@ -236,7 +236,7 @@ def test_decode_ratio_tiny_interleaves_floor_dense_and_both_selectors(tmp_path: 
     assert [row["method"] for row in rows] == ["floor", "dense", "infllm", "quest"]
     for row in rows:
         assert len(row["rounds_ms"]) == 2 and row["median_ms"] > 0
-    assert rows[0]["ratio_to_floor"] == 1.0
+    assert rows[0]["ratio_to_floor"] == rows[0]["ratio_per_round"] == 1.0
 
 
 def test_faiss_threads_small_run_compares_both_with_and_without_a_neighbour(
