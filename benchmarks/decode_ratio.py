@@ -17,21 +17,15 @@ minutes. Writes a JSON file under benchmarks/results/ (or `--json`).
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from decode_step import tiny_model  # the sibling script's tiny model (run from benchmarks/)
+from decode_step import tiny_model, write_record  # the sibling script's (run from benchmarks/)
 from transformers import DynamicCache
 
 from memlayer import KVSession
@@ -41,7 +35,6 @@ from memlayer.kvretrieval.passkey import samples
 LENGTHS = {"2k": 2000, "4k": 4000, "8k": 8000, "16k": 16000, "32k": 32000, "64k": 64000}
 WINDOW = 8192  # SmolLM2's trained context: dense runs only below it
 FLOOR_TOKENS = 512
-RESULTS = Path(__file__).parent / "results"
 
 
 class Dense:
@@ -145,23 +138,7 @@ def main() -> None:
             for runner in runners.values():
                 if isinstance(runner, Memory):
                     runner.session.close()
-    now = datetime.datetime.now().astimezone()
-    path = args.json or RESULTS / f"decode-ratio-{now:%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "command": shlex.join(["python", "benchmarks/decode_ratio.py", *sys.argv[1:]]),
-        "date": now.isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg(),
-            "torch": torch.__version__,
-        },
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "rows": rows,
-    }
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_record("decode-ratio", args, rows)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,30 @@ def measure(session: KVSession, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def write_record(name: str, args: argparse.Namespace, rows: list[dict[str, Any]]) -> Path:
+    """Write the run (command, date, machine, settings, rows) to `args.json`, else to
+    results/{name}-{date}.json; print and return where."""
+    now = datetime.datetime.now().astimezone()
+    path = args.json or RESULTS / f"{name}-{now:%Y%m%d-%H%M%S}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    script = Path(sys.argv[0]).name
+    record = {
+        "command": shlex.join(["python", f"benchmarks/{script}", *sys.argv[1:]]),
+        "date": now.isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "load_average": os.getloadavg(),
+            "torch": torch.__version__,
+        },
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "rows": rows,
+    }
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -171,23 +195,7 @@ def main() -> None:
             f"| {row['what']} | {row['keys']} | {row['median_us']:.0f} | "
             f"{row['min_us']:.0f} | {ratio:.2f} |"
         )
-    now = datetime.datetime.now().astimezone()
-    path = args.json or RESULTS / f"decode-step-{now:%Y%m%d-%H%M%S}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "command": shlex.join(["python", "benchmarks/decode_step.py", *sys.argv[1:]]),
-        "date": now.isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg(),
-            "torch": torch.__version__,
-        },
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "rows": rows,
-    }
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_record("decode-step", args, rows)
 
 
 if __name__ == "__main__":
