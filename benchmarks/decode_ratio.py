@@ -5,7 +5,8 @@ a noisy VM that moves a ratio by more than the 10% the decode target leaves. Her
 length, one passkey context is fed to a session per selector (and to dense attention where
 it fits the model's 8K window), the floor's cache holds the context's first 512 tokens, and
 then every method runs `--tokens` one-token forwards in turn (the same token ids for
-every method: the context's own, from its start), for `--rounds` rounds. Reports
+every method: the context's own, from its start), for `--rounds` rounds. `--page-dtypes
+model bfloat16` adds a session per selector with its pages kept in bfloat16. Reports
 the median ms per token of each method's rounds, its speed as a fraction of the floor's
 (floor ms / method ms), and the median over rounds of that fraction taken within each round
 (back-to-back turns: slow drifts of the machine cancel), side by side from the same
@@ -54,8 +55,12 @@ class Memory:
     """One-token forwards through a KVSession (`feed` of one id: the forward `ask` decodes
     with)."""
 
-    def __init__(self, model: Any, tokenizer: Any, ids: list[int], selector: str):
-        self.session = KVSession(model, tokenizer, chat=False, progress=False, selector=selector)
+    def __init__(
+        self, model: Any, tokenizer: Any, ids: list[int], selector: str, page_dtype: str
+    ):
+        self.session = KVSession(
+            model, tokenizer, chat=False, progress=False, selector=selector, page_dtype=page_dtype
+        )
         self.session.feed(ids)
         self.next = iter(itertools.cycle(ids))
 
@@ -91,6 +96,13 @@ def main() -> None:
     )
     parser.add_argument("--lengths", nargs="+", choices=list(LENGTHS), default=["2k", "8k"])
     parser.add_argument("--selectors", nargs="+", default=["infllm", "quest"])
+    parser.add_argument(
+        "--page-dtypes",
+        nargs="+",
+        choices=["model", "bfloat16"],
+        default=["model"],
+        help="one session per selector and page dtype (KVConfig.page_dtype)",
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=12, help="decode tokens per turn")
     parser.add_argument("--threads", type=int, default=2)
@@ -110,8 +122,9 @@ def main() -> None:
             runners: dict[str, Any] = {"floor": Dense(model, ids[:FLOOR_TOKENS])}
             if len(ids) < WINDOW:
                 runners["dense"] = Dense(model, ids)
-            for selector in args.selectors:
-                runners[selector] = Memory(model, tokenizer, ids, selector)
+            for selector, page_dtype in itertools.product(args.selectors, args.page_dtypes):
+                name = selector if page_dtype == "model" else f"{selector} {page_dtype}"
+                runners[name] = Memory(model, tokenizer, ids, selector, page_dtype)
             steps = {name: runner.step for name, runner in runners.items()}
             times = timed_rounds(steps, args.rounds, args.tokens)
             floor = statistics.median(times["floor"])

@@ -124,6 +124,7 @@ def run_memlayer(
         n_init=args.n_init,
         chunk_size=args.chunk_size,
         ram_budget=args.ram_budget,
+        page_dtype=args.page_dtype,
     )
     session.feed(context)
     fed = session.stats()  # before the question, prefill is the context alone
@@ -197,6 +198,12 @@ def main() -> None:
         "--ram-budget",
         default=None,
         help="bound the in-RAM pages (e.g. 64MiB); the rest go to a temporary disk tier",
+    )
+    parser.add_argument(
+        "--page-dtype",
+        choices=["model", "bfloat16"],
+        default="model",
+        help="the dtype memlayer keeps sealed pages in (KVConfig.page_dtype)",
     )
     parser.add_argument(
         "--json", type=Path, help="where to write the run (default: benchmarks/results/)"

@@ -6,8 +6,10 @@
  * most BLOCK keys; each (KV head, range of pieces) is one work item, so every thread gets
  * about the same number of keys, and a head's items merge exactly on their log-sum-exp.
  *
- * float32 only; head_dim a multiple of 16 (GCC/Clang vector extensions: AVX-512, AVX2 or
- * SSE, whatever the compiler targets). memlayer/kernels/cpu_decode.py compiles and calls it.
+ * float32, with the pages in float32 or bfloat16 (widened to float32 as they are read: the
+ * arithmetic is float32 either way); head_dim a multiple of 16 (GCC/Clang vector extensions:
+ * AVX-512, AVX2 or SSE, whatever the compiler targets). memlayer/kernels/cpu_decode.py
+ * compiles and calls it.
  */
 #include <math.h>
 #include <stdint.h>
@@ -17,6 +19,8 @@
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
+typedef uint16_t h16 __attribute__((vector_size(32), aligned(2)));
+typedef int32_t i16x __attribute__((vector_size(64)));
 
 #define BLOCK 64    /* keys per piece: one page of the default size */
 #define MAX_ROWS 64 /* query rows (group heads x tokens) of one KV head */
@@ -41,6 +45,21 @@ static inline float exp_nonpositive(float x) {
     return x < -87.f ? 0.f : p * two_n;
 }
 
+/* 16 consecutive values at `at` (element index) of a float32 or bfloat16 array, as float32:
+ * a bfloat16 is the top half of the float32 it stands for. */
+static inline __attribute__((always_inline)) v16 load16(const void *base, int64_t at, int bf16) {
+    v16 out;
+    if (bf16) {
+        h16 half;
+        memcpy(&half, (const uint16_t *)base + at, 32);
+        i16x wide = __builtin_convertvector(half, i16x) << 16;
+        memcpy(&out, &wide, 64);
+    } else {
+        memcpy(&out, (const float *)base + at, 64);
+    }
+    return out;
+}
+
 static inline float lane_sum(v16 a) {
     v8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
            __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -48,10 +67,13 @@ static inline float lane_sum(v16 a) {
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
-/* A run of n <= BLOCK keys and values [n, dim], contiguous. Causal pieces (the window's)
- * show key j to the query of token t only when j <= base + t. */
+/* A run of n <= BLOCK keys and values [n, dim], contiguous, from element `at` of k and v
+ * (bfloat16 when `bf16`, else float32). Causal pieces (the window's) show key j to the
+ * query of token t only when j <= base + t. */
 typedef struct {
-    const float *k, *v;
+    const void *k, *v;
+    int64_t at;
+    int bf16;
     int n;
     int causal;
     int base;
@@ -64,20 +86,16 @@ typedef struct {
 } state_t;
 
 static inline __attribute__((always_inline)) void attend_piece(
-    const int dim, const float *q, int rows, int tokens, piece_t p, state_t st) {
+    const int dim, const int bf16, const float *q, int rows, int tokens, piece_t p, state_t st) {
     const int lanes = dim / 16;
     float s[MAX_ROWS][BLOCK] __attribute__((aligned(64)));
     for (int r = 0; r < rows; r++) {
         v16 qv[MAX_LANES];
         for (int w = 0; w < lanes; w++) memcpy(&qv[w], q + r * dim + 16 * w, 64);
         for (int j = 0; j < p.n; j++) {
-            const float *kj = p.k + (int64_t)j * dim;
+            const int64_t kj = p.at + (int64_t)j * dim;
             v16 a = {0};
-            for (int w = 0; w < lanes; w++) {
-                v16 kv;
-                memcpy(&kv, kj + 16 * w, 64);
-                a += qv[w] * kv;
-            }
+            for (int w = 0; w < lanes; w++) a += qv[w] * load16(p.k, kj + 16 * w, bf16);
             s[r][j] = lane_sum(a);
         }
     }
@@ -110,38 +128,42 @@ static inline __attribute__((always_inline)) void attend_piece(
         v16 av[MAX_LANES];
         for (int w = 0; w < lanes; w++) memcpy(&av[w], st.acc + r * dim + 16 * w, 64);
         for (int j = 0; j < p.n; j++) {
-            const float *vj = p.v + (int64_t)j * dim;
+            const int64_t vj = p.at + (int64_t)j * dim;
             float e = s[r][j];
-            for (int w = 0; w < lanes; w++) {
-                v16 vv;
-                memcpy(&vv, vj + 16 * w, 64);
-                av[w] += e * vv;
-            }
+            for (int w = 0; w < lanes; w++) av[w] += e * load16(p.v, vj + 16 * w, bf16);
         }
         for (int w = 0; w < lanes; w++) memcpy(st.acc + r * dim + 16 * w, &av[w], 64);
     }
 }
 
-/* The common head sizes with dim a constant (loops unrolled, lanes in registers). */
+/* The common head sizes with dim a constant (loops unrolled, lanes in registers), for each
+ * element type. */
 static void attend(int dim, const float *q, int rows, int tokens, piece_t p, state_t st) {
-    if (dim == 64)
-        attend_piece(64, q, rows, tokens, p, st);
+    if (p.bf16) {
+        if (dim == 64)
+            attend_piece(64, 1, q, rows, tokens, p, st);
+        else if (dim == 128)
+            attend_piece(128, 1, q, rows, tokens, p, st);
+        else
+            attend_piece(dim, 1, q, rows, tokens, p, st);
+    } else if (dim == 64)
+        attend_piece(64, 0, q, rows, tokens, p, st);
     else if (dim == 128)
-        attend_piece(128, q, rows, tokens, p, st);
+        attend_piece(128, 0, q, rows, tokens, p, st);
     else
-        attend_piece(dim, q, rows, tokens, p, st);
+        attend_piece(dim, 0, q, rows, tokens, p, st);
 }
 
 /* Pieces of one KV head g, in key order: sinks, pages, window. Returns how many. */
 static int head_pieces(
     piece_t *out, int g, const float *win_k, const float *win_v, int64_t win_head_stride,
     int win_len, const float *sink_k, const float *sink_v, int64_t sink_head_stride,
-    int sinks, const float *pool_k, const float *pool_v, const int64_t *slots,
+    int sinks, const void *pool_k, const void *pool_v, int pool_bf16, const int64_t *slots,
     const int64_t *lengths, int pages, int page, int kv_heads, int tokens, int dim) {
     int count = 0;
     for (int j = 0; j < sinks; j += BLOCK) {
         int64_t at = g * sink_head_stride + (int64_t)j * dim;
-        out[count++] = (piece_t){sink_k + at, sink_v + at, sinks - j < BLOCK ? sinks - j : BLOCK, 0, 0, 1};
+        out[count++] = (piece_t){sink_k, sink_v, at, 0, sinks - j < BLOCK ? sinks - j : BLOCK, 0, 0, 1};
     }
     for (int i = 0; i < pages; i++) {
         int64_t slot = slots[(int64_t)g * pages + i];
@@ -149,25 +171,26 @@ static int head_pieces(
         int held = lengths ? (int)lengths[(int64_t)g * pages + i] : page;
         for (int j = 0; j < held; j += BLOCK) {
             int64_t at = ((slot * kv_heads + g) * (int64_t)page + j) * dim;
-            out[count++] = (piece_t){pool_k + at, pool_v + at, held - j < BLOCK ? held - j : BLOCK, 0, 0, 1};
+            out[count++] = (piece_t){pool_k, pool_v, at, pool_bf16, held - j < BLOCK ? held - j : BLOCK, 0, 0, 1};
         }
     }
     for (int j = 0; j < win_len; j += BLOCK) {
         int64_t at = g * win_head_stride + (int64_t)j * dim;
         int n = win_len - j < BLOCK ? win_len - j : BLOCK;
-        out[count++] = (piece_t){win_k + at, win_v + at, n, 1, win_len - tokens - j, 0};
+        out[count++] = (piece_t){win_k, win_v, at, 0, n, 1, win_len - tokens - j, 0};
     }
     return count;
 }
 
 /* Returns 0, or -1 when out of memory (nothing written). Shapes: queries [heads, tokens,
  * dim]; window and sinks [kv_heads, *, dim] rows contiguous, heads `*_head_stride` floats
- * apart; pools [slots, kv_heads, page, dim]; slots and lengths [kv_heads, pages] (slot -1:
- * none; lengths NULL: every page full); out [heads, tokens, dim]. */
+ * apart; pools [slots, kv_heads, page, dim], bfloat16 when `pool_bf16`; slots and lengths
+ * [kv_heads, pages] (slot -1: none; lengths NULL: every page full); out [heads, tokens,
+ * dim]. */
 int memlayer_sparse_decode_f32(
     const float *q_local, const float *q_memory, const float *win_k, const float *win_v,
     int64_t win_head_stride, int win_len, const float *sink_k, const float *sink_v,
-    int64_t sink_head_stride, int sinks, const float *pool_k, const float *pool_v,
+    int64_t sink_head_stride, int sinks, const void *pool_k, const void *pool_v, int pool_bf16,
     const int64_t *slots, const int64_t *lengths, int pages, int page, int heads,
     int kv_heads, int tokens, int dim, float scale, int threads, float *out) {
     const int group = heads / kv_heads, rows = group * tokens;
@@ -190,7 +213,7 @@ int memlayer_sparse_decode_f32(
     }
     for (int g = 0; g < kv_heads; g++)
         counts[g] = head_pieces(pieces + most * g, g, win_k, win_v, win_head_stride, win_len,
-                                sink_k, sink_v, sink_head_stride, sinks, pool_k, pool_v, slots,
+                                sink_k, sink_v, sink_head_stride, sinks, pool_k, pool_v, pool_bf16, slots,
                                 lengths, pages, page, kv_heads, tokens, dim);
     const int items = kv_heads * splits;
 #pragma omp parallel for schedule(static) num_threads(threads > items ? items : threads)

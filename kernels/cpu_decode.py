@@ -3,10 +3,11 @@
 At one token the reference's dozen torch operations (a gathered copy of the pages, the
 logits of every part, a concatenation, a softmax, four matmuls) cost more in fixed overhead
 than in arithmetic. `cpu_decode.c` reads the window, the sinks and the pages in place (the
-pages through their slots in the front tier's slab) with an online softmax, split over
-(KV head, range of keys) on torch's threads. It is compiled on first use with the system's
-C compiler for this CPU and cached (`MEMLAYER_KERNEL_CACHE`, else ~/.cache/memlayer); where
-no compiler works, `handles` says no and dispatch keeps the reference.
+pages through their slots in the front tier's slab, in float32 or bfloat16) with an online
+softmax, split over (KV head, range of keys) on torch's threads. It is compiled on first
+use with the system's C compiler for this CPU and cached (`MEMLAYER_KERNEL_CACHE`, else
+~/.cache/memlayer); where no compiler works, `handles` says no and dispatch keeps the
+reference.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def library() -> ctypes.CDLL | None:
     fn.argtypes = [
         *(pointer,) * 4, i64, i32,  # q_local, q_memory, window k/v, head stride, length
         *(pointer,) * 2, i64, i32,  # sink k/v, head stride, count
-        *(pointer,) * 4, i32, i32,  # pool k/v, slots, lengths, pages, page size
+        pointer, pointer, i32,  # pool k/v, bfloat16 or not
+        pointer, pointer, i32, i32,  # slots, lengths, pages, page size
         i32, i32, i32, i32, ctypes.c_float, i32, pointer,  # heads .. threads, out
     ]  # fmt: skip
     fn.restype = i32
@@ -117,11 +119,13 @@ def _packed(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def handles(q_local: torch.Tensor, window_k: torch.Tensor, k_pool: torch.Tensor) -> bool:
-    """True for a CPU float32 step of batch 1 whose rows fit the kernel, when it is built."""
+    """True for a CPU float32 step of batch 1 (pages float32 or bfloat16) whose rows fit the
+    kernel, when it is built."""
     batch, heads, tokens, dim = q_local.shape
     return (
         q_local.device.type == "cpu"
-        and q_local.dtype == window_k.dtype == k_pool.dtype == torch.float32
+        and q_local.dtype == window_k.dtype == torch.float32
+        and k_pool.dtype in (torch.float32, torch.bfloat16)
         and batch == 1
         and dim % 16 == 0
         and dim <= 256
@@ -206,6 +210,7 @@ def _decode(
         sink_k.shape[2],
         k_pool.data_ptr(),
         v_pool.data_ptr(),
+        int(k_pool.dtype == torch.bfloat16),
         slots.data_ptr(),
         None if lengths is None else lengths.data_ptr(),
         slots.shape[2],

@@ -110,6 +110,7 @@ def _pages(
     shape = (batch, kv_heads, count * page, dim)
     page_k = k_pool.reshape(pool * kv_heads, page, dim).index_select(0, rows).view(shape)
     page_v = v_pool.reshape(pool * kv_heads, page, dim).index_select(0, rows).view(shape)
+    page_k, page_v = page_k.to(qm.dtype), page_v.to(qm.dtype)  # pages kept narrower
     if page_lengths is None and not padded:
         return _FLASH(qm, page_k, page_v, scale=scale)
     present = filled(page_idx, page, page_lengths).reshape(batch, kv_heads, 1, count * page)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, TypeVar
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from memlayer.config import ByteSize
 from memlayer.errors import InvalidInputError
 
 PositionMode = Literal["infllm", "exact"]
+PageDtype = Literal["model", "bfloat16"]
 Config = TypeVar("Config", bound=BaseModel)
 
 
@@ -26,6 +28,11 @@ class KVConfig(BaseModel):
     Defaults follow InfLLM's published settings (128 sink tokens, 4K local window, 128-token
     blocks, 4 representative keys) scaled to a small model on a CPU: the attention span
     init + topk·block + local stays at 2K tokens.
+
+    `page_dtype` is the dtype sealed pages are kept in: the model's (default), or bfloat16
+    under a float32 model, which halves the bytes a step reads and the pages' memory (keys
+    and values rounded to 8 bits of mantissa; sinks, window and summaries stay in the
+    model's dtype, and attention still computes in float32).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -41,6 +48,7 @@ class KVConfig(BaseModel):
     ram_budget: ByteSize | None = None
     offload_path: Path | None = None
     prefetch: bool = True  # with a bounded front tier: each layer's picks go up for the next
+    page_dtype: PageDtype = "model"
 
     @field_validator("n_local", "block_size", "topk", "chunk_size")
     @classmethod
@@ -53,6 +61,10 @@ class KVConfig(BaseModel):
     def span(self) -> int:
         """Tokens one query attends to at most (besides the chunk itself)."""
         return self.n_init + self.topk * self.block_size + self.n_local + self.block_size
+
+    def pages_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype sealed pages are kept in under a model of `model_dtype`."""
+        return model_dtype if self.page_dtype == "model" else getattr(torch, self.page_dtype)
 
     @classmethod
     def build(cls, **values: object) -> KVConfig:

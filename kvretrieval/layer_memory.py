@@ -138,6 +138,7 @@ class LayerMemory(CacheLayerMixin):
             dtype,
             device,
             base=context.pages if context is not None else None,
+            page_dtype=config.pages_dtype(dtype),
         )
         if context is not None:
             self.window.reset(context.window_k, context.window_v, context.window_start)

@@ -71,7 +71,8 @@ def open_kv_store(
 
 
 class SealedPages:
-    """Sealed pages of one layer; page `i` is stored as `{prefix}/{i}` with tensors k and v.
+    """Sealed pages of one layer; page `i` is stored as `{prefix}/{i}` with tensors k and v
+    in `page_dtype` (the model's `dtype` unless given: `KVConfig.page_dtype`).
 
     `table` (on the layer's device) maps page index -> slot in the front tier's slab, -1
     for a page not there; the front tier reports every move (`SlotRouter`), so a step reads
@@ -97,6 +98,7 @@ class SealedPages:
         device: torch.device,
         *,
         base: ContextPages | None = None,
+        page_dtype: torch.dtype | None = None,
     ):
         self.store = store
         self.prefix = prefix
@@ -104,7 +106,8 @@ class SealedPages:
         if not isinstance(self.front, TensorTier):
             raise InvalidInputError("tiers", "the KV page store's front tier must hold tensors")
         shape = tuple(page_shape)
-        self.signature: Signature = (("k", dtype, shape), ("v", dtype, shape))
+        self.page_dtype = page_dtype or dtype  # keys and values; summaries stay in `dtype`
+        self.signature: Signature = (("k", self.page_dtype, shape), ("v", self.page_dtype, shape))
         self.page_size = shape[1]
         self.base = base
         self.first = base.count if base is not None else 0  # index of the first own page
@@ -189,6 +192,7 @@ class SealedPages:
             self.lengths[first:needed] = lengths
             self.partial = self.partial or bool((lengths < self.page_size).any())
         self.starts.extend(starts)
+        keys, values = keys.to(self.page_dtype), values.to(self.page_dtype)
         self.store.put_many(
             [
                 Page(
@@ -236,8 +240,9 @@ class SealedPages:
         for first in range(0, self.count, 64):
             ids = [self.page_id(i) for i in range(first, min(first + 64, self.count))]
             for page in self.store.get(ids):
-                keys.append(page.payload["k"].to(self.summaries.device))
-                values.append(page.payload["v"].to(self.summaries.device))
+                like = self.summaries  # the model's dtype and device
+                keys.append(page.payload["k"].to(like.device, like.dtype))
+                values.append(page.payload["v"].to(like.device, like.dtype))
         return torch.stack(keys), torch.stack(values)
 
     def replace(

@@ -230,10 +230,13 @@ def test_decode_ratio_tiny_interleaves_floor_dense_and_both_selectors(tmp_path: 
     done = _run(
         "decode_ratio.py",
         *("--tiny", "--lengths", "2k", "--rounds", "2", "--tokens", "2", "--json", str(out)),
+        *("--page-dtypes", "model", "bfloat16"),
     )
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [row["method"] for row in rows] == ["floor", "dense", "infllm", "quest"]
+    assert [row["method"] for row in rows] == [
+        *("floor", "dense", "infllm", "infllm bfloat16", "quest", "quest bfloat16")
+    ]
     for row in rows:
         assert len(row["rounds_ms"]) == 2 and row["median_ms"] > 0
     assert rows[0]["ratio_to_floor"] == rows[0]["ratio_per_round"] == 1.0

@@ -1,7 +1,8 @@
-"""A CPU decode step (a few queries, batch 1, float32) runs a layer's attention in one fused
-C call (`kernels/cpu_decode.py`): the same attention as the reference's one softmax, for every
-mix of window, sinks, pages, padded and partly filled pages, head sizes and thread counts,
-with the window and sinks read in place from views into larger buffers."""
+"""A CPU decode step (a few queries, batch 1, float32; pages in float32 or bfloat16) runs a
+layer's attention in one fused C call (`kernels/cpu_decode.py`): the same attention as the
+reference's one softmax, for every mix of window, sinks, pages, padded and partly filled
+pages, head sizes and thread counts, with the window and sinks read in place from views into
+larger buffers."""
 
 from __future__ import annotations
 
@@ -104,6 +105,18 @@ def test_any_thread_count_gives_the_same_attention(threads: int) -> None:
         _check(*_inputs(1, 70, 5, "padded", group=1, page=64, window=400, seed=threads))
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize(
+    ("mode", "dim"), itertools.product(("full", "padded", "lengths"), (64, 48, 128))
+)
+def test_bfloat16_pages_are_read_as_the_float32_they_stand_for(mode: str, dim: int) -> None:
+    """Pages kept in bfloat16 under a float32 model (`KVConfig.page_dtype`): the kernel
+    widens them as it reads, so it equals the reference on the same bfloat16 pages."""
+    tensors, options = _inputs(3, 70, 5, mode, dim=dim, seed=dim + len(mode))
+    narrow = (*tensors[:6], tensors[6].bfloat16(), tensors[7].bfloat16(), tensors[8])
+    assert cpu_decode.handles(narrow[0], narrow[1], narrow[6])
+    _check(narrow, options)
 
 
 def test_queries_placed_once_for_both_window_and_memory() -> None:
