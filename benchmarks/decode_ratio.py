@@ -55,9 +55,7 @@ class Memory:
     """One-token forwards through a KVSession (`feed` of one id: the forward `ask` decodes
     with)."""
 
-    def __init__(
-        self, model: Any, tokenizer: Any, ids: list[int], selector: str, page_dtype: str
-    ):
+    def __init__(self, model: Any, tokenizer: Any, ids: list[int], selector: str, page_dtype: str):
         self.session = KVSession(
             model, tokenizer, chat=False, progress=False, selector=selector, page_dtype=page_dtype
         )
