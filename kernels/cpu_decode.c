@@ -85,18 +85,44 @@ typedef struct {
     float *m, *l, *acc;
 } state_t;
 
+/* Ask for share `part` of `parts` of piece p's key and value bytes to come into the cache
+ * (NULL: none). A work item does this for the piece two ahead while it computes one: pages
+ * sit apart in the slab, so the hardware's stride prefetcher cannot guess them, and a
+ * decode step otherwise waits on memory more than it computes. */
+static inline void prefetch_share(const piece_t *p, int dim, int part, int parts) {
+    if (!p) return;
+    const int size = p->bf16 ? 2 : 4;
+    const int64_t bytes = (int64_t)p->n * dim * size;
+    const char *k = (const char *)p->k + p->at * size, *v = (const char *)p->v + p->at * size;
+    for (int64_t b = bytes * part / parts; b < bytes * (part + 1) / parts; b += 64) {
+        __builtin_prefetch(k + b, 0, 1);
+        __builtin_prefetch(v + b, 0, 1);
+    }
+}
+
 static inline __attribute__((always_inline)) void attend_piece(
-    const int dim, const int bf16, const float *q, int rows, int tokens, piece_t p, state_t st) {
+    const int dim, const int bf16, const float *q, int rows, int tokens, piece_t p,
+    const piece_t *next, state_t st) {
     const int lanes = dim / 16;
     float s[MAX_ROWS][BLOCK] __attribute__((aligned(64)));
-    for (int r = 0; r < rows; r++) {
-        v16 qv[MAX_LANES];
-        for (int w = 0; w < lanes; w++) memcpy(&qv[w], q + r * dim + 16 * w, 64);
+    /* up to `block` query rows share each key and value read (their sums stay in registers) */
+    const int block = dim <= 64 ? 4 : (dim <= 128 ? 2 : 1);
+    for (int r0 = 0; r0 < rows; r0 += block) {
+        const int held = rows - r0 < block ? rows - r0 : block;
+        v16 qv[4][MAX_LANES];
+        for (int b = 0; b < held; b++)
+            for (int w = 0; w < lanes; w++) memcpy(&qv[b][w], q + (r0 + b) * dim + 16 * w, 64);
         for (int j = 0; j < p.n; j++) {
+            if (r0 == 0 && j % 8 == 0) prefetch_share(next, dim, j / 8, (p.n + 7) / 8);
             const int64_t kj = p.at + (int64_t)j * dim;
-            v16 a = {0};
-            for (int w = 0; w < lanes; w++) a += qv[w] * load16(p.k, kj + 16 * w, bf16);
-            s[r][j] = lane_sum(a);
+            v16 kv[MAX_LANES];
+            for (int w = 0; w < lanes; w++) kv[w] = load16(p.k, kj + 16 * w, bf16);
+            for (int b = 0; b < block; b++) {
+                if (b >= held) break;
+                v16 a = {0};
+                for (int w = 0; w < lanes; w++) a += qv[b][w] * kv[w];
+                s[r0 + b][j] = lane_sum(a);
+            }
         }
     }
     for (int r = 0; r < rows; r++) {
@@ -124,34 +150,43 @@ static inline __attribute__((always_inline)) void attend_piece(
         if (rescale != 1.f)
             for (int d = 0; d < dim; d++) st.acc[r * dim + d] *= rescale;
     }
-    for (int r = 0; r < rows; r++) {
-        v16 av[MAX_LANES];
-        for (int w = 0; w < lanes; w++) memcpy(&av[w], st.acc + r * dim + 16 * w, 64);
+    for (int r0 = 0; r0 < rows; r0 += block) {
+        const int held = rows - r0 < block ? rows - r0 : block;
+        v16 av[4][MAX_LANES];
+        for (int b = 0; b < held; b++)
+            for (int w = 0; w < lanes; w++) memcpy(&av[b][w], st.acc + (r0 + b) * dim + 16 * w, 64);
         for (int j = 0; j < p.n; j++) {
             const int64_t vj = p.at + (int64_t)j * dim;
-            float e = s[r][j];
-            for (int w = 0; w < lanes; w++) av[w] += e * load16(p.v, vj + 16 * w, bf16);
+            v16 vv[MAX_LANES];
+            for (int w = 0; w < lanes; w++) vv[w] = load16(p.v, vj + 16 * w, bf16);
+            for (int b = 0; b < block; b++) {
+                if (b >= held) break;
+                const float e = s[r0 + b][j];
+                for (int w = 0; w < lanes; w++) av[b][w] += e * vv[w];
+            }
         }
-        for (int w = 0; w < lanes; w++) memcpy(st.acc + r * dim + 16 * w, &av[w], 64);
+        for (int b = 0; b < held; b++)
+            for (int w = 0; w < lanes; w++) memcpy(st.acc + (r0 + b) * dim + 16 * w, &av[b][w], 64);
     }
 }
 
 /* The common head sizes with dim a constant (loops unrolled, lanes in registers), for each
  * element type. */
-static void attend(int dim, const float *q, int rows, int tokens, piece_t p, state_t st) {
+static void attend(int dim, const float *q, int rows, int tokens, piece_t p, const piece_t *next,
+                   state_t st) {
     if (p.bf16) {
         if (dim == 64)
-            attend_piece(64, 1, q, rows, tokens, p, st);
+            attend_piece(64, 1, q, rows, tokens, p, next, st);
         else if (dim == 128)
-            attend_piece(128, 1, q, rows, tokens, p, st);
+            attend_piece(128, 1, q, rows, tokens, p, next, st);
         else
-            attend_piece(dim, 1, q, rows, tokens, p, st);
+            attend_piece(dim, 1, q, rows, tokens, p, next, st);
     } else if (dim == 64)
-        attend_piece(64, 0, q, rows, tokens, p, st);
+        attend_piece(64, 0, q, rows, tokens, p, next, st);
     else if (dim == 128)
-        attend_piece(128, 0, q, rows, tokens, p, st);
+        attend_piece(128, 0, q, rows, tokens, p, next, st);
     else
-        attend_piece(dim, 0, q, rows, tokens, p, st);
+        attend_piece(dim, 0, q, rows, tokens, p, next, st);
 }
 
 /* Pieces of one KV head g, in key order: sinks, pages, window. Returns how many. */
@@ -226,9 +261,12 @@ int memlayer_sparse_decode_f32(
         int first = (int)((int64_t)counts[g] * part / splits);
         int last = (int)((int64_t)counts[g] * (part + 1) / splits);
         int64_t q_at = (int64_t)g * rows * dim;
+        for (int i = first; i < last && i < first + 2; i++)
+            prefetch_share(pieces + most * g + i, dim, 0, 1);
         for (int i = first; i < last; i++) {
-            piece_t p = pieces[most * g + i];
-            attend(dim, placed + (p.memory ? query_size : 0) + q_at, rows, tokens, p, st);
+            const piece_t *p = pieces + most * g + i;
+            attend(dim, placed + (p->memory ? query_size : 0) + q_at, rows, tokens, *p,
+                   i + 2 < last ? p + 2 : NULL, st);
         }
     }
     for (int g = 0; g < kv_heads; g++) {

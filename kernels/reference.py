@@ -218,14 +218,14 @@ def score_pages_summed(q: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
     product of two [Hkv·D] vectors, so the summaries are read once, as stored ([P, Hkv·D]
     rows), in a single matrix–vector product.
     """
-    batch, heads, length, dim = q.shape
+    batch, _, length, dim = q.shape
     pages, kv_heads = summary.shape[0], summary.shape[1]
-    query = q.float().reshape(batch, kv_heads, heads // kv_heads * length, dim).sum(dim=2)
+    query = q.reshape(batch, kv_heads, -1, dim).sum(2, dtype=torch.float32)  # [B, Hkv, D]
     if length > 1:  # the group's heads summed of each head's mean query, as in score_pages
         query = query / length
-    rows = summary[:, :, 0] if summary.shape[2] == 1 else summary.float().mean(dim=2)
-    flat = rows.float().reshape(pages, kv_heads * dim)
-    return torch.matmul(flat, query.reshape(batch, kv_heads * dim).T).T.unsqueeze(1)
+    rows = summary if summary.shape[2] == 1 else summary.float().mean(dim=2)
+    flat = rows.reshape(pages, kv_heads * dim).float()  # a view of float32 summaries
+    return torch.matmul(query.reshape(batch, kv_heads * dim), flat.T).unsqueeze(1)
 
 
 def select_pages(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -92,7 +92,7 @@ def test_fused_step_equals_the_reference(
     _check(*_inputs(tokens, sinks, pages, mode, window=window, seed=tokens + sinks + pages))
 
 
-@pytest.mark.parametrize("dim", [16, 48, 128])
+@pytest.mark.parametrize("dim", [16, 48, 128, 256])
 def test_every_head_size_a_multiple_of_16(dim: int) -> None:
     _check(*_inputs(2, 3, 4, "lengths", dim=dim, seed=dim))
 
