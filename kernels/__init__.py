@@ -2,16 +2,17 @@
 
 The torch reference (`reference.py`) runs on every device; on CUDA tensors the attention
 kernels (window, paged, a layer's whole step) and score_pages run Triton (`triton_paged.py`,
-via `dispatch.py`) behind the same names, unless MEMLAYER_KERNELS=reference. merge_attention,
-score_pages_summed and select_pages are a few torch operations that run on the tensors' own
-device. Imports
-only torch; triton loads on first CUDA use.
+via `dispatch.py`) behind the same names, unless MEMLAYER_KERNELS=reference; on the CPU a
+decode step's attention and its shared selection run compiled C (`cpu_decode.py`).
+merge_attention, score_pages_summed and select_pages are a few torch operations that run on
+the tensors' own device. Imports only torch; triton loads on first CUDA use.
 """
 
 from memlayer.kernels.dispatch import (
     causal_window_attention,
     paged_attention,
     score_pages,
+    select_pages_summed,
     sparse_attention,
 )
 from memlayer.kernels.reference import merge_attention, score_pages_summed, select_pages
@@ -23,5 +24,6 @@ __all__ = [
     "score_pages",
     "score_pages_summed",
     "select_pages",
+    "select_pages_summed",
     "sparse_attention",
 ]

@@ -292,3 +292,75 @@ int memlayer_sparse_decode_f32(
     free(pieces), free(counts), free(states), free(placed);
     return 0;
 }
+
+/* A min-heap of (score, page) on the score, the lower page winning ties (kept first). */
+static inline int heap_less(const float *score, const int64_t *page, int a, int b) {
+    return score[a] < score[b] || (score[a] == score[b] && page[a] > page[b]);
+}
+
+static void heap_sift_down(float *score, int64_t *page, int size, int at) {
+    for (;;) {
+        int low = at, left = 2 * at + 1, right = left + 1;
+        if (left < size && heap_less(score, page, left, low)) low = left;
+        if (right < size && heap_less(score, page, right, low)) low = right;
+        if (low == at) return;
+        float s = score[at];
+        int64_t p = page[at];
+        score[at] = score[low], page[at] = page[low];
+        score[low] = s, page[low] = p;
+        at = low;
+    }
+}
+
+static int ascending(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* The k pages [k] (ascending, -1 after the last when fewer than k exist) of the highest
+ * score Σ over KV heads of the group's queries summed · the page's summary row: InfLLM's
+ * and ReKV's selection, shared by every head (the reference's mean over tokens divides
+ * every score alike, so the ranking is the same). Shapes: queries [heads,
+ * tokens, dim]; summaries [pages, kv_heads, dim]. Returns 0, or -1 when out of memory. */
+int memlayer_select_summed_f32(const float *q, int heads, int tokens, int kv_heads, int dim,
+                               const float *summaries, int pages, int k, int64_t *out) {
+    const int group = heads / kv_heads, width = kv_heads * dim, take = pages < k ? pages : k;
+    if (take == pages) { /* every page */
+        for (int i = 0; i < k; i++) out[i] = i < pages ? i : -1;
+        return 0;
+    }
+    float *query = calloc(width, sizeof(float));
+    float *score = malloc(sizeof(float) * pages);
+    float *best = malloc(sizeof(float) * take);
+    if (!query || !score || !best) {
+        free(query), free(score), free(best);
+        return -1;
+    }
+    for (int g = 0; g < kv_heads; g++)
+        for (int row = 0; row < group * tokens; row++)
+            for (int d = 0; d < dim; d++)
+                query[g * dim + d] += q[((int64_t)g * group * tokens + row) * dim + d];
+#pragma omp parallel for schedule(static) if (pages >= 4096)
+    for (int p = 0; p < pages; p++) {
+        const float *row = summaries + (int64_t)p * width;
+        v16 a = {0};
+        for (int i = 0; i < width; i += 16) {
+            v16 x, y;
+            memcpy(&x, row + i, 64);
+            memcpy(&y, query + i, 64);
+            a += x * y;
+        }
+        score[p] = lane_sum(a);
+    }
+    for (int i = 0; i < take; i++) best[i] = score[i], out[i] = i;
+    for (int i = take / 2 - 1; i >= 0; i--) heap_sift_down(best, out, take, i);
+    for (int p = take; p < pages; p++)
+        if (score[p] > best[0]) { /* a later page wins only by a strictly higher score */
+            best[0] = score[p], out[0] = p;
+            heap_sift_down(best, out, take, 0);
+        }
+    qsort(out, take, sizeof(int64_t), ascending);
+    for (int i = take; i < k; i++) out[i] = -1;
+    free(query), free(score), free(best);
+    return 0;
+}

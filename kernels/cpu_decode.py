@@ -102,6 +102,9 @@ def library() -> ctypes.CDLL | None:
         i32, i32, i32, i32, ctypes.c_float, i32, pointer,  # heads .. threads, out
     ]  # fmt: skip
     fn.restype = i32
+    select = lib.memlayer_select_summed_f32
+    select.argtypes = [pointer, i32, i32, i32, i32, pointer, i32, i32, pointer]
+    select.restype = i32
     return lib
 
 
@@ -234,3 +237,49 @@ _sparse_decode = torch.library.custom_op("memlayer::sparse_decode", mutates_args
 @_sparse_decode.register_fake
 def _(q_local: torch.Tensor, *args: object) -> torch.Tensor:
     return torch.empty_like(q_local, memory_format=torch.contiguous_format)
+
+
+def handles_selection(q: torch.Tensor, summary: torch.Tensor) -> bool:
+    """True for a CPU float32 selection of batch 1 over one summary row per page and KV
+    head ([P, Hkv, 1, D], rows packed), when the kernel is built."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == summary.dtype == torch.float32
+        and q.shape[0] == 1
+        and summary.shape[2] == 1
+        and q.shape[-1] % 16 == 0
+        and summary.is_contiguous()
+        and available()
+    )
+
+
+def select_pages_summed(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
+    """`reference.select_pages_summed` in one C call (same arguments; of pages scoring the
+    same, the lower index wins)."""
+    call = _select_summed if torch.compiler.is_compiling() else _select
+    out: torch.Tensor = call(q, summary, k)
+    return out
+
+
+def _select(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
+    """The C call."""
+    lib = library()
+    assert lib is not None
+    _, heads, tokens, dim = q.shape
+    q = q.contiguous()
+    out = torch.empty(1, 1, k, dtype=torch.long)
+    failed = lib.memlayer_select_summed_f32(
+        q.data_ptr(), heads, tokens, summary.shape[1], dim, summary.data_ptr(),
+        summary.shape[0], k, out.data_ptr(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("cpu_decode: out of memory for the selection's scratch")
+    return out
+
+
+_select_summed = torch.library.custom_op("memlayer::select_summed", mutates_args=())(_select)
+
+
+@_select_summed.register_fake
+def _(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
+    return q.new_empty((1, 1, k), dtype=torch.long)

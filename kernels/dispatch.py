@@ -73,6 +73,15 @@ def score_pages(q: torch.Tensor, summary: torch.Tensor, *, kind: SummaryKind) ->
     return scores
 
 
+def select_pages_summed(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
+    """Pages [B, 1, k] every KV head shares; see reference.select_pages_summed. A CPU decode
+    step's selection is one C call (`cpu_decode.py`): a dozen small torch operations cost
+    more than the product itself."""
+    if not _forced_reference() and cpu_decode.handles_selection(q, summary):
+        return cpu_decode.select_pages_summed(q, summary, k)
+    return reference.select_pages_summed(q, summary, k)
+
+
 def sparse_attention(
     q_local: torch.Tensor,
     window_k: torch.Tensor,

@@ -228,6 +228,12 @@ def score_pages_summed(q: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
     return torch.matmul(query.reshape(batch, kv_heads * dim), flat.T).unsqueeze(1)
 
 
+def select_pages_summed(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
+    """The k pages [B, 1, k] of the highest `score_pages_summed`, ascending, padded with -1:
+    the selection every KV head shares (InfLLM, ReKV)."""
+    return select_pages(score_pages_summed(q, summary), k)
+
+
 def select_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k page indices per (batch, KV head), ascending, padded with -1: [B, Hkv, k] int64."""
     batch, kv_heads, pages = scores.shape

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 
 from memlayer.errors import InvalidInputError
-from memlayer.kernels import score_pages, score_pages_summed, select_pages
+from memlayer.kernels import score_pages, score_pages_summed, select_pages, select_pages_summed
 from memlayer.registry import Registry
 
 
@@ -138,9 +138,32 @@ class PageSelector:
 SELECTORS: Registry[PageSelector] = Registry("selector")
 
 
+class SummedScoreSelector(PageSelector):
+    """A page summarized by one row per KV head, scored by the group's query · that row
+    summed over the KV heads: one selection shared by every head (InfLLM, ReKV)."""
+
+    shares_selection: ClassVar[bool] = True
+
+    @property
+    def summary_rows(self) -> int:
+        return 1
+
+    def score(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+        summed = score_pages_summed(queries, summaries)
+        return summed.expand(-1, summaries.shape[1], -1)
+
+    def select(
+        self, queries: torch.Tensor, summaries: torch.Tensor, topk: int, *, scale: float
+    ) -> torch.Tensor:
+        """The top-k of `score` in one kernel call (a decode step's selection on the CPU is
+        one C call)."""
+        chosen = select_pages_summed(queries, summaries, topk)
+        return chosen.expand(-1, summaries.shape[1], -1)
+
+
 @SELECTORS.register("infllm")
 @dataclass
-class InfLLMSelector(PageSelector):
+class InfLLMSelector(SummedScoreSelector):
     """InfLLM: a page is represented by the `repr_topk` keys the local window attended to most.
 
     Score = mean chunk query · mean representative key, summed over heads, so every head
@@ -150,17 +173,12 @@ class InfLLMSelector(PageSelector):
 
     repr_topk: int = 4
     name: ClassVar[str] = "infllm"
-    shares_selection: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if isinstance(self.repr_topk, bool) or not isinstance(self.repr_topk, int):
             raise InvalidInputError("repr_topk", "must be a positive integer", self.repr_topk)
         if self.repr_topk < 1:
             raise InvalidInputError("repr_topk", "must be a positive integer", self.repr_topk)
-
-    @property
-    def summary_rows(self) -> int:
-        return 1
 
     def summarize(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         kv_heads, dim = keys.shape[1], keys.shape[-1]
@@ -170,10 +188,6 @@ class InfLLMSelector(PageSelector):
         top = attended.topk(take, dim=-1).indices  # [N, Hkv, R]
         chosen = torch.gather(keys, 2, top.unsqueeze(-1).expand(-1, -1, -1, dim))
         return chosen.float().mean(dim=2, keepdim=True).to(keys.dtype)
-
-    def score(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-        summed = score_pages_summed(queries, summaries)
-        return summed.expand(-1, summaries.shape[1], -1)
 
     def adopt_summaries(self, summaries: torch.Tensor) -> torch.Tensor:
         """memlayer 0.2 kept the `repr_topk` keys themselves: their mean scores the same."""
@@ -202,7 +216,7 @@ class QuestSelector(PageSelector):
 
 @SELECTORS.register("rekv")
 @dataclass
-class ReKVSelector(PageSelector):
+class ReKVSelector(SummedScoreSelector):
     """ReKV: a page (one video frame's tokens) is represented by its mean key.
 
     Score = Σ over KV heads of the group's mean query · the page's mean key, so every head of
@@ -210,18 +224,9 @@ class ReKVSelector(PageSelector):
     """
 
     name: ClassVar[str] = "rekv"
-    shares_selection: ClassVar[bool] = True
-
-    @property
-    def summary_rows(self) -> int:
-        return 1
 
     def summarize(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         return keys.float().mean(dim=2, keepdim=True).to(keys.dtype)
-
-    def score(self, queries: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
-        summed = score_pages_summed(queries, summaries)
-        return summed.expand(-1, summaries.shape[1], -1)
 
 
 def resolve_selector(

@@ -164,3 +164,61 @@ def test_without_a_compiler_dispatch_keeps_the_reference(
         )
     finally:
         cpu_decode.library.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("pages", "k", "tokens", "heads", "dim"),
+    [
+        (40, 16, 1, (9, 3), 64),
+        (300, 16, 1, (9, 3), 64),
+        (300, 8, 3, (4, 2), 128),
+        (5000, 32, 1, (8, 2), 64),
+    ],
+)
+def test_shared_selection_equals_the_reference(
+    pages: int, k: int, tokens: int, heads: tuple[int, int], dim: int
+) -> None:
+    """InfLLM's and ReKV's selection in one C call picks the same pages, in the same order
+    (5,000 pages: the scores are computed on several threads)."""
+    gen = torch.Generator().manual_seed(pages + k)
+    q = torch.randn(1, heads[0], tokens, dim, generator=gen)
+    summary = torch.randn(pages, heads[1], 1, dim, generator=gen)
+    assert cpu_decode.handles_selection(q, summary)
+    got = cpu_decode.select_pages_summed(q, summary, k)
+    assert torch.equal(got, reference.select_pages_summed(q, summary, k))
+
+
+def test_shared_selection_of_fewer_pages_than_k_takes_them_all_and_pads() -> None:
+    q, summary = torch.randn(1, 9, 1, 64), torch.randn(5, 3, 1, 64)
+    got = cpu_decode.select_pages_summed(q, summary, 8)
+    assert got.tolist() == [[[0, 1, 2, 3, 4, -1, -1, -1]]]
+    assert torch.equal(got, reference.select_pages_summed(q, summary, 8))
+
+
+def test_pages_scoring_the_same_keep_the_lower_index() -> None:
+    q = torch.randn(1, 9, 1, 64, generator=torch.Generator().manual_seed(4))
+    row = q.view(3, 3, 64).sum(dim=1).view(1, 3, 1, 64)  # scores Σ|q|² > 0
+    summary = row.expand(10, -1, -1, -1).contiguous()  # ten pages scoring the same
+    assert cpu_decode.select_pages_summed(q, summary, 3).tolist() == [[[0, 1, 2]]]
+    summary[7] *= 2  # one page scores higher than the rest
+    assert cpu_decode.select_pages_summed(q, summary, 3).tolist() == [[[0, 1, 7]]]
+
+
+def test_a_float32_selection_goes_to_the_kernel_others_to_the_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    for name, module in (("fused", cpu_decode), ("reference", reference)):
+        real = module.select_pages_summed
+        monkeypatch.setattr(
+            module,
+            "select_pages_summed",
+            lambda *a, _name=name, _real=real: calls.append(_name) or _real(*a),
+        )
+    q, summary = torch.randn(1, 9, 1, 64), torch.randn(20, 3, 1, 64)
+    dispatch.select_pages_summed(q, summary, 4)
+    dispatch.select_pages_summed(q.bfloat16(), summary.bfloat16(), 4)  # not float32
+    dispatch.select_pages_summed(q, torch.randn(20, 3, 2, 64), 4)  # two rows a page
+    monkeypatch.setenv("MEMLAYER_KERNELS", "reference")
+    dispatch.select_pages_summed(q, summary, 4)
+    assert calls == ["fused", "reference", "reference", "reference"]
