@@ -125,17 +125,23 @@ def test_queries_placed_once_for_both_window_and_memory() -> None:
     _check(tuple(tensors), options)
 
 
+def _record_calls(monkeypatch: pytest.MonkeyPatch, function: str) -> list[str]:
+    """The names ("fused", "reference") of the modules whose `function` runs, in order."""
+    calls: list[str] = []
+    for name, module in (("fused", cpu_decode), ("reference", reference)):
+        real = getattr(module, function)
+        monkeypatch.setattr(
+            module,
+            function,
+            lambda *a, _name=name, _real=real, **k: calls.append(_name) or _real(*a, **k),
+        )
+    return calls
+
+
 def test_a_batch_one_float32_step_goes_to_the_kernel_others_to_the_reference(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    calls: list[str] = []
-    for name, module in (("fused", cpu_decode), ("reference", reference)):
-        real = module.sparse_attention
-        monkeypatch.setattr(
-            module,
-            "sparse_attention",
-            lambda *a, _name=name, _real=real, **k: calls.append(_name) or _real(*a, **k),
-        )
+    calls = _record_calls(monkeypatch, "sparse_attention")
     tensors, options = _inputs(1, 3, 4, "full")
     dispatch.sparse_attention(*tensors, **options)
     wide = tuple(t.double() if t.is_floating_point() else t for t in tensors)
@@ -207,14 +213,7 @@ def test_pages_scoring_the_same_keep_the_lower_index() -> None:
 def test_a_float32_selection_goes_to_the_kernel_others_to_the_reference(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    calls: list[str] = []
-    for name, module in (("fused", cpu_decode), ("reference", reference)):
-        real = module.select_pages_summed
-        monkeypatch.setattr(
-            module,
-            "select_pages_summed",
-            lambda *a, _name=name, _real=real: calls.append(_name) or _real(*a),
-        )
+    calls = _record_calls(monkeypatch, "select_pages_summed")
     q, summary = torch.randn(1, 9, 1, 64), torch.randn(20, 3, 1, 64)
     dispatch.select_pages_summed(q, summary, 4)
     dispatch.select_pages_summed(q.bfloat16(), summary.bfloat16(), 4)  # not float32
