@@ -166,7 +166,9 @@ def _merge_splits_kernel(
 
 
 def _dot_config(dtype: torch.dtype) -> dict[str, object]:
-    """Operand type and precision of tl.dot: the pool's dtype, float32 exact if the pool is.
+    """Operand type and precision of tl.dot for operands of `dtype`: exact float32 for
+    float32, else the 16-bit type. Attention passes the wider of the queries' and the pool's
+    dtype, so bfloat16 pages under a float32 model dot in float32.
 
     Under TRITON_INTERPRET=1 operands go to float32: the interpreter's dot (numpy) has no
     bfloat16 and returns garbage for it.
@@ -353,7 +355,7 @@ def _attention(
         BLOCK_N=_BLOCK_N,
         BLOCK_D=block_d,
         HAS_LENGTHS=page_lengths is not None,
-        **_dot_config(k_pool.dtype),
+        **_dot_config(torch.promote_types(q.dtype, k_pool.dtype)),
     )
     if n_splits > 1:
         _merge_splits_kernel[(rows_total,)](

@@ -65,7 +65,7 @@ class PagedKVCache(Cache):
         self._offload_folder = None
         if context is None:
             page_bytes = 2 * geometry.kv_heads * config.block_size * geometry.head_dim
-            page_bytes *= config.pages_dtype(dtype).itemsize
+            page_bytes *= config.page_dtype_for(dtype).itemsize
             step_pages = config.topk * (1 if selector.shares_selection else geometry.kv_heads)
             if selector.selects_per_question:  # the pinned pages and up to topk sealed since
                 step_pages *= 2

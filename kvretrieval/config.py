@@ -62,7 +62,7 @@ class KVConfig(BaseModel):
         """Tokens one query attends to at most (besides the chunk itself)."""
         return self.n_init + self.topk * self.block_size + self.n_local + self.block_size
 
-    def pages_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+    def page_dtype_for(self, model_dtype: torch.dtype) -> torch.dtype:
         """The dtype sealed pages are kept in under a model of `model_dtype`."""
         return model_dtype if self.page_dtype == "model" else getattr(torch, self.page_dtype)
 

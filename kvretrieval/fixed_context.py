@@ -72,7 +72,7 @@ class FixedContext:
             f"layer{i}/{j}" for i, layer in enumerate(saved) for j in range(len(layer["starts"]))
         ]
         page_bytes = 2 * geometry.kv_heads * config.block_size * geometry.head_dim
-        page_bytes *= config.pages_dtype(dtype).itemsize
+        page_bytes *= config.page_dtype_for(dtype).itemsize
         step_pages = config.topk * (1 if selector.shares_selection else geometry.kv_heads)
         below = ReadOnlyTier(source(ids), ids, page_bytes=page_bytes)
         store, owned = open_kv_store(config, device, page_bytes, step_pages, below=below)

@@ -138,7 +138,7 @@ class LayerMemory(CacheLayerMixin):
             dtype,
             device,
             base=context.pages if context is not None else None,
-            page_dtype=config.pages_dtype(dtype),
+            page_dtype=config.page_dtype_for(dtype),
         )
         if context is not None:
             self.window.reset(context.window_k, context.window_v, context.window_start)
