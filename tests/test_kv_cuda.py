@@ -121,3 +121,48 @@ def test_resident_layer_steps_never_synchronize_with_the_host(selector: str) -> 
         torch.cuda.set_sync_debug_mode("default")
     assert memory.pages.count > pages
     assert all(bool(out.isfinite().all()) for out in outputs)
+
+
+@pytest.mark.parametrize("chunk_size", [8, 64])  # the decode-shaped and the prefill paths
+def test_bfloat16_pages_under_a_float32_cuda_model_are_dense_within_bfloat16(
+    chunk_size: int,
+) -> None:
+    """Triton dots bfloat16 pages against float32 queries in float32: within bfloat16's
+    rounding of the keys and values, not of the queries too."""
+    dense = tiny("llama").cuda()
+    ids = _ids(150, seed=3)
+    with torch.no_grad():
+        expected = dense(torch.tensor([ids], device="cuda")).logits[0]
+    config = {**EXACT, "chunk_size": chunk_size}
+    session = KVSession(twin(dense), None, progress=False, page_dtype="bfloat16", **config)
+    logits = session._forward(ids, all_logits=True)
+    pages = session.cache.memories[0].pages
+    slab = pages.front.slab(pages.signature)
+    assert slab is not None and slab.fields["k"].dtype == torch.bfloat16 and logits.is_cuda
+    error = (logits - expected).abs().max().item()
+    assert 0 < error < 2**-7 * expected.abs().max().item()
+
+
+def test_bfloat16_pages_step_without_host_synchronisation() -> None:
+    model = tiny("llama").cuda()
+    session = KVSession(model, None, progress=False, page_dtype="bfloat16", **SMALL)
+    session.feed(_ids(60, seed=5))
+    memory = session.cache.memories[0]
+    generator = torch.Generator("cuda").manual_seed(0)
+    inputs = [
+        [
+            torch.randn(*shape, generator=generator, device="cuda")
+            for shape in ((2, length, 16), (2, length, 16), (1, 4, length, 16))
+        ]
+        for length in [8] * 2 + [1] * 8
+    ]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outputs = []
+        for keys, values, queries in inputs:
+            memory.append(keys, values)
+            outputs.append(memory.attend(queries, 0.25))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(out.dtype == torch.float32 and bool(out.isfinite().all()) for out in outputs)
