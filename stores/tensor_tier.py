@@ -21,6 +21,7 @@ import torch
 from memlayer.errors import CapacityError, InvalidInputError, NotFoundError
 from memlayer.stores.codec import check_payload
 from memlayer.stores.huge_pages import advise_huge_pages
+from memlayer.stores.pinned import pinned_empty
 from memlayer.stores.policy import POLICIES
 from memlayer.stores.tier import PromotionStep, Tier
 from memlayer.types import Page
@@ -455,6 +456,15 @@ class TensorTier(Tier):
         else:
             slab.free.append(slot)
 
+    def _empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A slab field not yet written: page-locked for a host tier in front of a GPU,
+        else on the tier's device, asked for 2 MB pages before its first write."""
+        if self.pin and self.device.type == "cpu":
+            return pinned_empty(shape, dtype)
+        tensor = torch.empty(shape, dtype=dtype, device=self.device)
+        advise_huge_pages(tensor)
+        return tensor
+
     def _allocate(self, sig: Signature) -> int | None:
         """A free slot for a page of `sig`, growing its slab within budget; None when full."""
         slab = self._slabs.get(sig)
@@ -468,17 +478,7 @@ class TensorTier(Tier):
         grown = capacity + min(max(capacity, 1), headroom)
         if grown <= capacity:
             return None
-        fields = {
-            name: torch.empty(
-                (grown, *shape),
-                dtype=dtype,
-                device=self.device,
-                pin_memory=self.pin and self.device.type == "cpu",
-            )
-            for name, dtype, shape in sig
-        }
-        for tensor in fields.values():  # before its first write: backed by 2 MB pages
-            advise_huge_pages(tensor)
+        fields = {name: self._empty((grown, *shape), dtype) for name, dtype, shape in sig}
         if slab is None:
             slab = self._slabs[sig] = Slab(fields, size)
         else:

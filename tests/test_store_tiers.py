@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from memlayer.errors import (
 from memlayer.kvretrieval.shared_pages import write_slots
 from memlayer.stores import DiskTier, PageStore, SQLTier, StoreConfig, TensorTier, Tier
 from memlayer.stores.disk_tier import HEADER_BYTES, MAGIC, OLD_MAGIC
+from memlayer.stores.pinned import registered_bytes
 from memlayer.stores.tensor_tier import _runs, copy_rows
 from memlayer.types import Page, Scope
 
@@ -243,6 +245,31 @@ def test_gather_is_one_stacked_read_of_the_front_tier(tmp_path: Path) -> None:
     assert slab.fields["k"].shape[0] >= 40 and slots.shape == (40,)
     stacked = tier.gather([p.id for p in pages[::-1]], "v")
     assert torch.equal(stacked, torch.stack([p.payload["v"] for p in pages[::-1]]))
+
+
+@pytest.mark.gpu
+def test_a_pinned_host_slab_grows_without_keeping_its_old_sizes_locked() -> None:
+    """A RAM tier behind a GPU page-locks its slab. As the slab doubles, each earlier size is
+    unlocked when freed (PyTorch's caching host allocator would keep them all), every page
+    reads back, and a copy to the GPU is asynchronous and exact."""
+    before = registered_bytes()
+    tier = TensorTier("ram", "cpu", None, pin=True)
+    pages = [kv_page(f"p{i}", seed=i) for i in range(40)]  # the slab doubles six times
+    for page in pages:
+        tier.put(page)
+    slab, _ = tier.locate([p.id for p in pages])
+    assert all(tensor.is_pinned() for tensor in slab.fields.values())
+    held = sum(tensor.untyped_storage().nbytes() for tensor in slab.fields.values())
+    assert registered_bytes() - before == held
+    for page in pages:
+        assert_same(tier.get(page.id), page)
+    keys = slab.fields["k"]
+    on_gpu = keys.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.cpu(), keys)
+    del tier, slab, keys
+    gc.collect()
+    assert registered_bytes() == before
 
 
 @pytest.mark.parametrize("budget_pages", [None, 5])
