@@ -12,6 +12,7 @@ from memlayer.kernels.dispatch import (
     causal_window_attention,
     paged_attention,
     score_pages,
+    select_pages_bounds,
     select_pages_summed,
     sparse_attention,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "score_pages",
     "score_pages_summed",
     "select_pages",
+    "select_pages_bounds",
     "select_pages_summed",
     "sparse_attention",
 ]

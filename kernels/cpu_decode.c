@@ -317,6 +317,22 @@ static int ascending(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+/* The k pages of the highest scores among `pages` (ascending, -1 after the last when fewer
+ * than k exist) into out[k]; best[k] is scratch. Pages that score the same keep the lower
+ * index. */
+static void top_pages(const float *score, int pages, int k, float *best, int64_t *out) {
+    const int take = pages < k ? pages : k;
+    for (int i = 0; i < take; i++) best[i] = score[i], out[i] = i;
+    for (int i = take / 2 - 1; i >= 0; i--) heap_sift_down(best, out, take, i);
+    for (int p = take; p < pages; p++)
+        if (score[p] > best[0]) { /* a later page wins only by a strictly higher score */
+            best[0] = score[p], out[0] = p;
+            heap_sift_down(best, out, take, 0);
+        }
+    qsort(out, take, sizeof(int64_t), ascending);
+    for (int i = take; i < k; i++) out[i] = -1;
+}
+
 /* The k pages [k] (ascending, -1 after the last when fewer than k exist) of the highest
  * score Σ over KV heads of the group's queries summed · the page's summary row: InfLLM's
  * and ReKV's selection, shared by every head (the reference's mean over tokens divides
@@ -352,15 +368,52 @@ int memlayer_select_summed_f32(const float *q, int heads, int tokens, int kv_hea
         }
         score[p] = lane_sum(a);
     }
-    for (int i = 0; i < take; i++) best[i] = score[i], out[i] = i;
-    for (int i = take / 2 - 1; i >= 0; i--) heap_sift_down(best, out, take, i);
-    for (int p = take; p < pages; p++)
-        if (score[p] > best[0]) { /* a later page wins only by a strictly higher score */
-            best[0] = score[p], out[0] = p;
-            heap_sift_down(best, out, take, 0);
-        }
-    qsort(out, take, sizeof(int64_t), ascending);
-    for (int i = take; i < k; i++) out[i] = -1;
+    top_pages(score, pages, k, best, out);
     free(query), free(score), free(best);
+    return 0;
+}
+
+/* Quest's selection, per KV head: the k pages [kv_heads, k] of the highest upper bound of
+ * q·k over the group's query rows, max over rows of Σ_d max(q_d·min_d, q_d·max_d), written
+ * as q⁺·max + q⁻·min as the reference computes it. Shapes: queries [heads, tokens, dim];
+ * summaries [pages, kv_heads, 2 (min, max), dim]. Returns 0, or -1 when out of memory. */
+int memlayer_select_bounds_f32(const float *q, int heads, int tokens, int kv_heads, int dim,
+                               const float *summaries, int pages, int k, int64_t *out) {
+    const int rows = heads / kv_heads * tokens;
+    const int64_t n = (int64_t)heads * tokens * dim;
+    float *positive = malloc(sizeof(float) * n), *negative = malloc(sizeof(float) * n);
+    float *score = malloc(sizeof(float) * ((int64_t)kv_heads * pages + 1));
+    float *best = malloc(sizeof(float) * (k > 0 ? k : 1));
+    if (!positive || !negative || !score || !best) {
+        free(positive), free(negative), free(score), free(best);
+        return -1;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        positive[i] = q[i] > 0 ? q[i] : 0; /* read with the max */
+        negative[i] = q[i] < 0 ? q[i] : 0; /* read with the min */
+    }
+#pragma omp parallel for schedule(static) if ((int64_t)pages * rows >= 1024)
+    for (int p = 0; p < pages; p++)
+        for (int h = 0; h < kv_heads; h++) {
+            const float *low = summaries + ((int64_t)p * kv_heads + h) * 2 * dim;
+            const float *high = low + dim;
+            float top = -INFINITY;
+            for (int r = 0; r < rows; r++) {
+                const int64_t at = ((int64_t)h * rows + r) * dim;
+                v16 a = {0};
+                for (int d = 0; d < dim; d += 16) {
+                    v16 mx, mn, qp, qn;
+                    memcpy(&mx, high + d, 64), memcpy(&mn, low + d, 64);
+                    memcpy(&qp, positive + at + d, 64), memcpy(&qn, negative + at + d, 64);
+                    a += qp * mx + qn * mn;
+                }
+                float s = lane_sum(a);
+                top = s > top ? s : top;
+            }
+            score[(int64_t)h * pages + p] = top;
+        }
+    for (int h = 0; h < kv_heads; h++)
+        top_pages(score + (int64_t)h * pages, pages, k, best, out + (int64_t)h * k);
+    free(positive), free(negative), free(score), free(best);
     return 0;
 }

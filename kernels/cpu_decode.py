@@ -102,9 +102,9 @@ def library() -> ctypes.CDLL | None:
         i32, i32, i32, i32, ctypes.c_float, i32, pointer,  # heads .. threads, out
     ]  # fmt: skip
     fn.restype = i32
-    select = lib.memlayer_select_summed_f32
-    select.argtypes = [pointer, i32, i32, i32, i32, pointer, i32, i32, pointer]
-    select.restype = i32
+    for select in (lib.memlayer_select_summed_f32, lib.memlayer_select_bounds_f32):
+        select.argtypes = [pointer, i32, i32, i32, i32, pointer, i32, i32, pointer]
+        select.restype = i32
     return lib
 
 
@@ -239,14 +239,27 @@ def _(q_local: torch.Tensor, *args: object) -> torch.Tensor:
     return torch.empty_like(q_local, memory_format=torch.contiguous_format)
 
 
+BOUNDS_MAX_TOKENS = 8  # queries a step; a longer chunk's bounds are two matmuls in torch
+
+
 def handles_selection(q: torch.Tensor, summary: torch.Tensor) -> bool:
     """True for a CPU float32 selection of batch 1 over one summary row per page and KV
     head ([P, Hkv, 1, D], rows packed), when the kernel is built."""
+    return _selectable(q, summary, rows=1)
+
+
+def handles_bounds(q: torch.Tensor, summary: torch.Tensor) -> bool:
+    """True for a CPU float32 Quest selection of batch 1 and at most BOUNDS_MAX_TOKENS
+    queries over (min, max) rows ([P, Hkv, 2, D], packed), when the kernel is built."""
+    return q.shape[2] <= BOUNDS_MAX_TOKENS and _selectable(q, summary, rows=2)
+
+
+def _selectable(q: torch.Tensor, summary: torch.Tensor, rows: int) -> bool:
     return (
         q.device.type == "cpu"
         and q.dtype == summary.dtype == torch.float32
         and q.shape[0] == 1
-        and summary.shape[2] == 1
+        and summary.shape[2] == rows
         and q.shape[-1] % 16 == 0
         and summary.is_contiguous()
         and available()
@@ -256,20 +269,30 @@ def handles_selection(q: torch.Tensor, summary: torch.Tensor) -> bool:
 def select_pages_summed(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
     """`reference.select_pages_summed` in one C call (same arguments; of pages scoring the
     same, the lower index wins)."""
-    call = _select_summed if torch.compiler.is_compiling() else _select
+    call = _select_summed if torch.compiler.is_compiling() else _summed
     out: torch.Tensor = call(q, summary, k)
     return out
 
 
-def _select(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
-    """The C call."""
+def select_pages_bounds(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
+    """`reference.select_pages_bounds` in one C call (same arguments; of pages scoring the
+    same, the lower index wins)."""
+    call = _select_bounds if torch.compiler.is_compiling() else _bounds
+    out: torch.Tensor = call(q, summary, k)
+    return out
+
+
+def _selection(
+    kernel: str, q: torch.Tensor, summary: torch.Tensor, k: int, heads: int
+) -> torch.Tensor:
+    """Pages [1, heads, k] from the C selection `kernel` (same arguments for both)."""
     lib = library()
     assert lib is not None
-    _, heads, tokens, dim = q.shape
+    _, query_heads, tokens, dim = q.shape
     q = q.contiguous()
-    out = torch.empty(1, 1, k, dtype=torch.long)
-    failed = lib.memlayer_select_summed_f32(
-        q.data_ptr(), heads, tokens, summary.shape[1], dim, summary.data_ptr(),
+    out = torch.empty(1, heads, k, dtype=torch.long)
+    failed = getattr(lib, kernel)(
+        q.data_ptr(), query_heads, tokens, summary.shape[1], dim, summary.data_ptr(),
         summary.shape[0], k, out.data_ptr(),
     )  # fmt: skip
     if failed:
@@ -277,9 +300,25 @@ def _select(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-_select_summed = torch.library.custom_op("memlayer::select_summed", mutates_args=())(_select)
+def _summed(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
+    """The summed-score C call: one selection for every KV head."""
+    return _selection("memlayer_select_summed_f32", q, summary, k, heads=1)
+
+
+def _bounds(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
+    """Quest's C call: a selection per KV head."""
+    return _selection("memlayer_select_bounds_f32", q, summary, k, heads=summary.shape[1])
+
+
+_select_summed = torch.library.custom_op("memlayer::select_summed", mutates_args=())(_summed)
+_select_bounds = torch.library.custom_op("memlayer::select_bounds", mutates_args=())(_bounds)
 
 
 @_select_summed.register_fake
 def _(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
     return q.new_empty((1, 1, k), dtype=torch.long)
+
+
+@_select_bounds.register_fake
+def _(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
+    return q.new_empty((1, summary.shape[1], k), dtype=torch.long)

@@ -82,6 +82,14 @@ def select_pages_summed(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch
     return reference.select_pages_summed(q, summary, k)
 
 
+def select_pages_bounds(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
+    """Quest's pages [B, Hkv, k]; see reference.select_pages_bounds. A CPU decode step's
+    is one C call (`cpu_decode.py`), as `select_pages_summed`'s is."""
+    if not _forced_reference() and cpu_decode.handles_bounds(q, summary):
+        return cpu_decode.select_pages_bounds(q, summary, k)
+    return reference.select_pages(score_pages(q, summary, kind="bounds"), k)
+
+
 def sparse_attention(
     q_local: torch.Tensor,
     window_k: torch.Tensor,

@@ -234,6 +234,12 @@ def select_pages_summed(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch
     return select_pages(score_pages_summed(q, summary), k)
 
 
+def select_pages_bounds(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
+    """The k pages [B, Hkv, k] of the highest `score_pages(kind="bounds")` per KV head,
+    ascending, padded with -1: Quest's selection."""
+    return select_pages(score_pages(q, summary, kind="bounds"), k)
+
+
 def select_pages(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k page indices per (batch, KV head), ascending, padded with -1: [B, Hkv, k] int64."""
     batch, kv_heads, pages = scores.shape

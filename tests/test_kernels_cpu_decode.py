@@ -221,3 +221,74 @@ def test_a_float32_selection_goes_to_the_kernel_others_to_the_reference(
     monkeypatch.setenv("MEMLAYER_KERNELS", "reference")
     dispatch.select_pages_summed(q, summary, 4)
     assert calls == ["fused", "reference", "reference", "reference"]
+
+
+def _bounds(pages: int, kv_heads: int, dim: int, gen: torch.Generator) -> torch.Tensor:
+    """Quest summaries [P, Hkv, 2, D]: each channel's min, then its max."""
+    return torch.randn(pages, kv_heads, 2, dim, generator=gen).sort(dim=2).values.contiguous()
+
+
+@pytest.mark.parametrize(
+    ("pages", "k", "tokens", "heads", "dim"),
+    [
+        (40, 16, 1, (9, 3), 64),
+        (300, 16, 1, (9, 3), 64),
+        (300, 8, 3, (4, 2), 128),
+        (120, 4, 1, (2, 2), 16),
+        (5000, 32, 1, (8, 2), 64),
+    ],
+)
+def test_quest_selection_equals_the_reference(
+    pages: int, k: int, tokens: int, heads: tuple[int, int], dim: int
+) -> None:
+    """Quest's bounds and per-head top-k in one C call pick the reference's pages, in its
+    order, for every KV head (300 and 5,000 pages: the scores are computed on threads)."""
+    gen = torch.Generator().manual_seed(pages + k + dim)
+    q = torch.randn(1, heads[0], tokens, dim, generator=gen)
+    summary = _bounds(pages, heads[1], dim, gen)
+    assert cpu_decode.handles_bounds(q, summary)
+    got = cpu_decode.select_pages_bounds(q, summary, k)
+    assert got.shape == (1, heads[1], k)
+    assert torch.equal(got, reference.select_pages_bounds(q, summary, k))
+
+
+def test_quest_selection_is_per_head_and_pads_past_the_pages() -> None:
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 9, 1, 64, generator=gen)
+    summary = _bounds(6, 3, 64, gen) * 0.01
+    summary[4, 1, 1] = q[0, 3:6, 0].clamp(min=0).amax(dim=0) * 10  # head 1's max bound high
+    got = cpu_decode.select_pages_bounds(q, summary, 8)
+    assert torch.equal(got, reference.select_pages_bounds(q, summary, 8))
+    assert got[0, :, 6:].eq(-1).all() and got[0, :, :6].sort().values.eq(torch.arange(6)).all()
+    got = cpu_decode.select_pages_bounds(q, summary, 1)
+    assert got[0, 1].tolist() == [4] and torch.equal(
+        got, reference.select_pages_bounds(q, summary, 1)
+    )
+
+
+def test_quest_pages_scoring_the_same_keep_the_lower_index() -> None:
+    q = torch.randn(1, 9, 1, 64, generator=torch.Generator().manual_seed(5))
+    summary = _bounds(1, 3, 64, torch.Generator().manual_seed(6)).expand(10, -1, -1, -1)
+    summary = summary.contiguous()  # ten pages with the same bounds
+    assert cpu_decode.select_pages_bounds(q, summary, 3).tolist() == [[[0, 1, 2]] * 3]
+    summary[7, :, 1] += 1  # a higher max in every channel: page 7 bounds higher for all heads
+    assert cpu_decode.select_pages_bounds(q, summary, 3).tolist() == [[[0, 1, 7]] * 3]
+
+
+def test_a_float32_quest_decode_selection_goes_to_the_kernel_others_to_torch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _record_calls(monkeypatch, "select_pages_bounds")
+    gen = torch.Generator().manual_seed(3)
+    q, summary = torch.randn(1, 9, 1, 64, generator=gen), _bounds(20, 3, 64, gen)
+    chunk = torch.randn(1, 9, cpu_decode.BOUNDS_MAX_TOKENS + 1, 64, generator=gen)
+    cases = [
+        (q, summary),
+        (q.bfloat16(), summary.bfloat16()),  # not float32
+        (chunk, summary),  # a prefill chunk: two matmuls in torch
+    ]
+    for query, bounds in cases:
+        dispatch.select_pages_bounds(query, bounds, 4)
+    monkeypatch.setenv("MEMLAYER_KERNELS", "reference")
+    dispatch.select_pages_bounds(q, summary, 4)
+    assert calls == ["fused"]  # torch's path scores through `dispatch.score_pages`
