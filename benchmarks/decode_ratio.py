@@ -12,7 +12,13 @@ the median ms per token of each method's rounds, its speed as a fraction of the 
 (back-to-back turns: slow drifts of the machine cancel), side by side from the same
 minutes. Writes a JSON file under benchmarks/results/ (or `--json`).
 
+`--prefill-rounds N` then times prefill the same way: in each of N rounds every method reads
+one 512-token chunk in turn (the floor a fresh 512-token context, dense a chunk on top of the
+context, cut back after; each session the context's next chunk, so its depth grows by 512
+a round), and the table gives tok/s as a fraction of the floor's.
+
     python benchmarks/decode_ratio.py --lengths 2k 8k 32k --rounds 7 --tokens 12
+    python benchmarks/decode_ratio.py --lengths 32k 64k --rounds 0 --prefill-rounds 5
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from memlayer.kvretrieval.passkey import samples
 LENGTHS = {"2k": 2000, "4k": 4000, "8k": 8000, "16k": 16000, "32k": 32000, "64k": 64000}
 WINDOW = 8192  # SmolLM2's trained context: dense runs only below it
 FLOOR_TOKENS = 512
+CHUNK = 512  # tokens a prefill turn reads: KVConfig's default chunk, the floor's context
 
 
 class Dense:
@@ -49,6 +56,21 @@ class Dense:
 
     def step(self) -> None:
         self.model(torch.tensor([[next(self.next)]]), use_cache=True, **self.cache)
+
+    def chunk(self) -> None:
+        """A 512-token chunk read on top of the cache, which is then cut back."""
+        ids = [next(self.next) for _ in range(CHUNK)]
+        self.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1, **self.cache)
+        next(iter(self.cache.values())).crop(-CHUNK)
+
+
+class Floor(Dense):
+    """The model floor: a 512-token context; its prefill reads a fresh one each time."""
+
+    def chunk(self) -> None:
+        cache = {cache_argument(self.model): DynamicCache(config=self.model.config)}
+        ids = [next(self.next) for _ in range(CHUNK)]
+        self.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1, **cache)
 
 
 class Memory:
@@ -64,6 +86,9 @@ class Memory:
 
     def step(self) -> None:
         self.session.feed([next(self.next)])
+
+    def chunk(self) -> None:
+        self.session.feed([next(self.next) for _ in range(CHUNK)])
 
 
 def context_ids(tokenizer: Any, length: int) -> list[int]:
@@ -88,6 +113,41 @@ def timed_rounds(methods: dict[str, Callable[[], None]], rounds: int, tokens: in
     return times
 
 
+def timed_chunks(methods: dict[str, Callable[[], None]], rounds: int) -> dict:
+    """ms per token of each method's 512-token chunks, one chunk per method a round."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(rounds):
+        for name, chunk in methods.items():
+            started = time.perf_counter()
+            chunk()
+            times[name].append((time.perf_counter() - started) / CHUNK * 1e3)
+    return times
+
+
+def ratio_rows(length: str, tokens: int, phase: str, times: dict) -> list[dict[str, Any]]:
+    """Each method's median ms per token and its speed as a fraction of the floor's."""
+    floor = statistics.median(times["floor"])
+    rows = []
+    for name, values in times.items():
+        median = statistics.median(values)
+        rows.append(
+            {
+                "length": length,
+                "tokens": tokens,
+                "phase": phase,
+                "method": name,
+                "median_ms": median,
+                "min_ms": min(values),
+                "ratio_to_floor": floor / median,
+                "ratio_per_round": statistics.median(
+                    f / v for f, v in zip(times["floor"], values, strict=True)
+                ),
+                "rounds_ms": values,
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -101,8 +161,11 @@ def main() -> None:
         default=["model"],
         help="one session per selector and page dtype (KVConfig.page_dtype)",
     )
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=7, help="decode rounds (0: none)")
     parser.add_argument("--tokens", type=int, default=12, help="decode tokens per turn")
+    parser.add_argument(
+        "--prefill-rounds", type=int, default=0, help="rounds of one 512-token chunk per method"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="random 2-layer model, no SmolLM2")
     parser.add_argument("--json", type=Path)
@@ -111,41 +174,34 @@ def main() -> None:
     model, tokenizer = (tiny_model(), None) if args.tiny else load_smollm2()
     rows = []
     print(
-        "| length | method | median ms/token | min | × floor (speed) | × floor, per round |\n"
-        "|---|---|---|---|---|---|"
+        "| length | phase | method | median ms/token | min | × floor (speed) "
+        "| × floor, per round |\n|---|---|---|---|---|---|---|"
     )
     with torch.no_grad():
         for length in args.lengths:
             ids = context_ids(tokenizer, LENGTHS[length])
-            runners: dict[str, Any] = {"floor": Dense(model, ids[:FLOOR_TOKENS])}
+            runners: dict[str, Any] = {"floor": Floor(model, ids[:FLOOR_TOKENS])}
             if len(ids) < WINDOW:
                 runners["dense"] = Dense(model, ids)
             for selector, page_dtype in itertools.product(args.selectors, args.page_dtypes):
                 name = selector if page_dtype == "model" else f"{selector} {page_dtype}"
                 runners[name] = Memory(model, tokenizer, ids, selector, page_dtype)
-            steps = {name: runner.step for name, runner in runners.items()}
-            times = timed_rounds(steps, args.rounds, args.tokens)
-            floor = statistics.median(times["floor"])
-            for name, values in times.items():
-                median = statistics.median(values)
-                row = {
-                    "length": length,
-                    "tokens": len(ids),
-                    "method": name,
-                    "median_ms": median,
-                    "min_ms": min(values),
-                    "ratio_to_floor": floor / median,
-                    "ratio_per_round": statistics.median(
-                        f / v for f, v in zip(times["floor"], values, strict=True)
-                    ),
-                    "rounds_ms": values,
-                }
-                rows.append(row)
-                print(
-                    f"| {length} | {name} | {median:.1f} | {min(values):.1f} | "
-                    f"{floor / median:.2f} | {row['ratio_per_round']:.2f} |",
-                    flush=True,
-                )
+            phases = []
+            if args.rounds:
+                steps = {name: runner.step for name, runner in runners.items()}
+                phases.append(("decode", timed_rounds(steps, args.rounds, args.tokens)))
+            if args.prefill_rounds:
+                chunks = {name: runner.chunk for name, runner in runners.items()}
+                phases.append(("prefill", timed_chunks(chunks, args.prefill_rounds)))
+            for phase, times in phases:
+                for row in ratio_rows(length, len(ids), phase, times):
+                    rows.append(row)
+                    print(
+                        f"| {length} | {phase} | {row['method']} | {row['median_ms']:.1f} | "
+                        f"{row['min_ms']:.1f} | {row['ratio_to_floor']:.2f} | "
+                        f"{row['ratio_per_round']:.2f} |",
+                        flush=True,
+                    )
             for runner in runners.values():
                 if isinstance(runner, Memory):
                     runner.session.close()

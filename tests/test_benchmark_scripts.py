@@ -230,16 +230,19 @@ def test_decode_ratio_tiny_interleaves_floor_dense_and_both_selectors(tmp_path: 
     done = _run(
         "decode_ratio.py",
         *("--tiny", "--lengths", "2k", "--rounds", "2", "--tokens", "2", "--json", str(out)),
-        *("--page-dtypes", "model", "bfloat16"),
+        *("--page-dtypes", "model", "bfloat16", "--prefill-rounds", "3"),
     )
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [row["method"] for row in rows] == [
-        *("floor", "dense", "infllm", "infllm bfloat16", "quest", "quest bfloat16")
+    methods = ["floor", "dense", "infllm", "infllm bfloat16", "quest", "quest bfloat16"]
+    assert [(row["phase"], row["method"]) for row in rows] == [
+        (phase, method) for phase in ("decode", "prefill") for method in methods
     ]
     for row in rows:
-        assert len(row["rounds_ms"]) == 2 and row["median_ms"] > 0
-    assert rows[0]["ratio_to_floor"] == rows[0]["ratio_per_round"] == 1.0
+        assert len(row["rounds_ms"]) == (2 if row["phase"] == "decode" else 3)
+        assert row["median_ms"] > 0
+    for floor in (rows[0], rows[len(methods)]):
+        assert floor["ratio_to_floor"] == floor["ratio_per_round"] == 1.0
 
 
 def test_faiss_threads_small_run_compares_both_with_and_without_a_neighbour(
