@@ -375,7 +375,7 @@ int memlayer_select_summed_f32(const float *q, int heads, int tokens, int kv_hea
 
 /* Quest's selection, per KV head: the k pages [kv_heads, k] of the highest upper bound of
  * q·k over the group's query rows, max over rows of Σ_d max(q_d·min_d, q_d·max_d), written
- * as q⁺·max + q⁻·min as the reference computes it. Shapes: queries [heads, tokens, dim];
+ * as q⁻·min + q⁺·max as the reference computes it. Shapes: queries [heads, tokens, dim];
  * summaries [pages, kv_heads, 2 (min, max), dim]. Returns 0, or -1 when out of memory. */
 int memlayer_select_bounds_f32(const float *q, int heads, int tokens, int kv_heads, int dim,
                                const float *summaries, int pages, int k, int64_t *out) {

@@ -198,12 +198,19 @@ def score_pages(q: torch.Tensor, summary: torch.Tensor, *, kind: SummaryKind) ->
         return torch.bmm(query.transpose(0, 1), keys.permute(1, 2, 0)).transpose(0, 1)
     sf = summary.float()
     if kind == "bounds":
-        # Σ_d max(q_d·min_d, q_d·max_d) = q⁺·max + q⁻·min: two matmuls, no [.., P, D] tensor,
-        # batched per KV head over every (batch, query head, token) row
+        # Σ_d max(q_d·min_d, q_d·max_d) = [q⁻, q⁺]·[min, max]: per KV head one matmul of
+        # every (batch, query head, token) row against the pages' (min, max) rows as stored
+        # ([P, 2D], read transposed in place: a 2D-long product, no [.., P, D] tensor)
         rows = qf.transpose(0, 1).reshape(kv_heads, batch * group * length, dim)
-        upper = torch.bmm(rows.clamp(min=0), sf[:, :, 1].permute(1, 2, 0))
-        upper = torch.baddbmm(upper, rows.clamp(max=0), sf[:, :, 0].permute(1, 2, 0))
-        return upper.view(kv_heads, batch, group * length, -1).amax(dim=2).transpose(0, 1)
+        signed = torch.cat([rows.clamp(max=0), rows.clamp(min=0)], dim=-1)
+        bounds = sf.reshape(sf.shape[0], kv_heads, 2 * dim)
+        return torch.stack(
+            [
+                (signed[h] @ bounds[:, h].T).view(batch, group * length, -1).amax(dim=1)
+                for h in range(kv_heads)
+            ],
+            dim=1,
+        )
     if kind == "centroid":
         query = qf.mean(dim=(2, 3))  # [B, Hkv, D]
         return torch.einsum("bgd,pgrd->bgpr", query, sf).amax(dim=-1)
