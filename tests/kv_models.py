@@ -49,3 +49,29 @@ def tiny(family: str, seed: int = 0) -> Any:
 def twin(model: Any) -> Any:
     """An independent copy (own config), so attaching memlayer to one leaves the other dense."""
     return copy.deepcopy(model)
+
+
+def steps_without_host_sync(
+    memory: Any, lengths: list[int], dtype: torch.dtype = torch.float32, device: str = "cuda"
+) -> list[torch.Tensor]:
+    """The outputs of one layer's memory (2 KV heads, 4 query heads, head size 16) appending
+    and attending random chunks of `lengths` tokens, run with CUDA's sync checker set to
+    fail on any synchronisation with the host."""
+    generator = torch.Generator(device).manual_seed(0)
+    inputs = [
+        [
+            torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+            for shape in ((2, length, 16), (2, length, 16), (1, 4, length, 16))
+        ]
+        for length in lengths
+    ]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outputs = []
+        for keys, values, queries in inputs:
+            memory.append(keys, values)
+            outputs.append(memory.attend(queries, 0.25))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return outputs

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from kv_models import tiny, twin
+from kv_models import steps_without_host_sync, tiny, twin
 from test_kv_resident_step import no_host_reads
 
 from memlayer import (
@@ -408,23 +408,7 @@ def test_on_cuda_a_preloaded_context_answers_as_a_plain_session_and_never_synchr
 
     context.preload()
     memory = session.cache.memories[0]
-    generator = torch.Generator("cuda").manual_seed(0)
-    inputs = [
-        [
-            torch.randn(*shape, generator=generator, device="cuda")
-            for shape in ((2, length, 16), (2, length, 16), (1, 4, length, 16))
-        ]
-        for length in [8] * 3 + [1] * 12
-    ]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        outputs = []
-        for keys, values, queries in inputs:
-            memory.append(keys, values)
-            outputs.append(memory.attend(queries, 0.25))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    outputs = steps_without_host_sync(memory, [8] * 3 + [1] * 12)
     assert memory.pages.count > memory.pages.first  # the session sealed pages of its own
     assert all(bool(out.isfinite().all()) for out in outputs)
 

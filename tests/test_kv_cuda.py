@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kv_models import tiny, twin
+from kv_models import steps_without_host_sync, tiny, twin
 
 from memlayer import KVSession
 
@@ -101,24 +101,8 @@ def test_resident_layer_steps_never_synchronize_with_the_host(selector: str) -> 
     session.feed(_ids(60, seed=5))
     memory = session.cache.memories[0]
     pages = memory.pages.count
-    generator = torch.Generator("cuda").manual_seed(0)
     steps = [8] * 3 + [1] * 12  # three chunks, then decode steps (a seal every 4)
-    inputs = [
-        [
-            torch.randn(*shape, generator=generator, device="cuda", dtype=torch.bfloat16)
-            for shape in ((2, length, 16), (2, length, 16), (1, 4, length, 16))
-        ]
-        for length in steps
-    ]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        outputs = []
-        for keys, values, queries in inputs:
-            memory.append(keys, values)
-            outputs.append(memory.attend(queries, 0.25))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    outputs = steps_without_host_sync(memory, steps, torch.bfloat16)
     assert memory.pages.count > pages
     assert all(bool(out.isfinite().all()) for out in outputs)
 
@@ -148,21 +132,5 @@ def test_bfloat16_pages_step_without_host_synchronisation() -> None:
     session = KVSession(model, None, progress=False, page_dtype="bfloat16", **SMALL)
     session.feed(_ids(60, seed=5))
     memory = session.cache.memories[0]
-    generator = torch.Generator("cuda").manual_seed(0)
-    inputs = [
-        [
-            torch.randn(*shape, generator=generator, device="cuda")
-            for shape in ((2, length, 16), (2, length, 16), (1, 4, length, 16))
-        ]
-        for length in [8] * 2 + [1] * 8
-    ]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        outputs = []
-        for keys, values, queries in inputs:
-            memory.append(keys, values)
-            outputs.append(memory.attend(queries, 0.25))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    outputs = steps_without_host_sync(memory, [8] * 2 + [1] * 8)
     assert all(out.dtype == torch.float32 and bool(out.isfinite().all()) for out in outputs)
