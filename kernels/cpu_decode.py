@@ -239,7 +239,7 @@ def _(q_local: torch.Tensor, *args: object) -> torch.Tensor:
     return torch.empty_like(q_local, memory_format=torch.contiguous_format)
 
 
-BOUNDS_MAX_TOKENS = 8  # queries a step; a longer chunk's bounds are two matmuls in torch
+BOUNDS_MAX_TOKENS = 8  # queries a step; a longer chunk's bounds are a matmul per KV head in torch
 
 
 def handles_selection(q: torch.Tensor, summary: torch.Tensor) -> bool:

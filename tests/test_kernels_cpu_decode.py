@@ -285,7 +285,7 @@ def test_a_float32_quest_decode_selection_goes_to_the_kernel_others_to_torch(
     cases = [
         (q, summary),
         (q.bfloat16(), summary.bfloat16()),  # not float32
-        (chunk, summary),  # a prefill chunk: two matmuls in torch
+        (chunk, summary),  # a prefill chunk: a matmul per KV head in torch
     ]
     for query, bounds in cases:
         dispatch.select_pages_bounds(query, bounds, 4)
