@@ -3,7 +3,8 @@
 The torch reference (`reference.py`) runs on every device; on CUDA tensors the attention
 kernels (window, paged, a layer's whole step) and score_pages run Triton (`triton_paged.py`,
 via `dispatch.py`) behind the same names, unless MEMLAYER_KERNELS=reference; on the CPU a
-decode step's attention and its shared selection run compiled C (`cpu_decode.py`).
+decode step's attention and its page selection (InfLLM's and ReKV's shared one, Quest's
+per KV head) run compiled C (`cpu_decode.py`).
 merge_attention, score_pages_summed and select_pages are a few torch operations that run on
 the tensors' own device. Imports only torch; triton loads on first CUDA use.
 """
