@@ -6,7 +6,9 @@ length, one passkey context is fed to a session per selector (and to dense atten
 it fits the model's 8K window), the floor's cache holds the context's first 512 tokens, and
 then every method runs `--tokens` one-token forwards in turn (the same token ids for
 every method: the context's own, from its start), for `--rounds` rounds. `--page-dtypes
-model bfloat16` adds a session per selector with its pages kept in bfloat16. Reports
+model bfloat16` adds a session per selector with its pages kept in bfloat16, and
+`--attention-dtypes model bfloat16` one whose prefill attention takes bfloat16 products
+(KVConfig.attention_dtype). Reports
 the median ms per token of each method's rounds, its speed as a fraction of the floor's
 (floor ms / method ms), and the median over rounds of that fraction taken within each round
 (back-to-back turns: slow drifts of the machine cancel), side by side from the same
@@ -19,6 +21,8 @@ a round), and the table gives tok/s as a fraction of the floor's.
 
     python benchmarks/decode_ratio.py --lengths 2k 8k 32k --rounds 7 --tokens 12
     python benchmarks/decode_ratio.py --lengths 32k 64k --rounds 0 --prefill-rounds 5
+    python benchmarks/decode_ratio.py --rounds 0 --prefill-rounds 7 \
+        --attention-dtypes model bfloat16
 """
 
 from __future__ import annotations
@@ -77,9 +81,9 @@ class Memory:
     """One-token forwards through a KVSession (`feed` of one id: the forward `ask` decodes
     with)."""
 
-    def __init__(self, model: Any, tokenizer: Any, ids: list[int], selector: str, page_dtype: str):
+    def __init__(self, model: Any, tokenizer: Any, ids: list[int], selector: str, **config: str):
         self.session = KVSession(
-            model, tokenizer, chat=False, progress=False, selector=selector, page_dtype=page_dtype
+            model, tokenizer, chat=False, progress=False, selector=selector, **config
         )
         self.session.feed(ids)
         self.next = iter(itertools.cycle(ids))
@@ -161,6 +165,13 @@ def main() -> None:
         default=["model"],
         help="one session per selector and page dtype (KVConfig.page_dtype)",
     )
+    parser.add_argument(
+        "--attention-dtypes",
+        nargs="+",
+        choices=["model", "bfloat16"],
+        default=["model"],
+        help="one session per selector and attention dtype (KVConfig.attention_dtype)",
+    )
     parser.add_argument("--rounds", type=int, default=7, help="decode rounds (0: none)")
     parser.add_argument("--tokens", type=int, default=12, help="decode tokens per turn")
     parser.add_argument(
@@ -183,9 +194,18 @@ def main() -> None:
             runners: dict[str, Any] = {"floor": Floor(model, ids[:FLOOR_TOKENS])}
             if len(ids) < WINDOW:
                 runners["dense"] = Dense(model, ids)
-            for selector, page_dtype in itertools.product(args.selectors, args.page_dtypes):
-                name = selector if page_dtype == "model" else f"{selector} {page_dtype}"
-                runners[name] = Memory(model, tokenizer, ids, selector, page_dtype)
+            for selector, page_dtype, attention_dtype in itertools.product(
+                args.selectors, args.page_dtypes, args.attention_dtypes
+            ):
+                name = " ".join(
+                    [selector]
+                    + ([page_dtype] if page_dtype != "model" else [])
+                    + (["bf16 products"] if attention_dtype != "model" else [])
+                )
+                runners[name] = Memory(
+                    model, tokenizer, ids, selector,
+                    page_dtype=page_dtype, attention_dtype=attention_dtype,
+                )  # fmt: skip
             phases = []
             if args.rounds:
                 steps = {name: runner.step for name, runner in runners.items()}

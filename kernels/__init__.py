@@ -4,11 +4,13 @@ The torch reference (`reference.py`) runs on every device; on CUDA tensors the a
 kernels (window, paged, a layer's whole step) and score_pages run Triton (`triton_paged.py`,
 via `dispatch.py`) behind the same names, unless MEMLAYER_KERNELS=reference; on the CPU a
 decode step's attention and its page selection (InfLLM's and ReKV's shared one, Quest's
-per KV head) run compiled C (`cpu_decode.py`).
+per KV head) run compiled C (`cpu_decode.py`), and a prefill chunk's attention can take its
+products in bfloat16 where the CPU has AVX512-BF16 (`cpu_bf16.py`).
 merge_attention, score_pages_summed and select_pages are a few torch operations that run on
 the tensors' own device. Imports only torch; triton loads on first CUDA use.
 """
 
+from memlayer.kernels.cpu_bf16 import available as bf16_products_available
 from memlayer.kernels.dispatch import (
     causal_window_attention,
     paged_attention,
@@ -20,6 +22,7 @@ from memlayer.kernels.dispatch import (
 from memlayer.kernels.reference import merge_attention, score_pages_summed, select_pages
 
 __all__ = [
+    "bf16_products_available",
     "causal_window_attention",
     "merge_attention",
     "paged_attention",

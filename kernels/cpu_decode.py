@@ -5,8 +5,7 @@ logits of every part, a concatenation, a softmax, four matmuls) cost more in fix
 than in arithmetic. `cpu_decode.c` reads the window, the sinks and the pages in place (the
 pages through their slots in the front tier's slab, in float32 or bfloat16) with an online
 softmax, split over (KV head, range of keys) on torch's threads. It is compiled on first
-use with the system's C compiler for this CPU and cached (`MEMLAYER_KERNEL_CACHE`, else
-~/.cache/memlayer); where no compiler works, `handles` says no and dispatch keeps the
+use (`native.build`); where no compiler works, `handles` says no and dispatch keeps the
 reference.
 """
 
@@ -14,83 +13,21 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from memlayer.kernels import native
+
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 MAX_ROWS = 64  # query heads per KV head x tokens (MAX_ROWS in the C source)
-_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
-_log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    """Where compiled kernels are kept: MEMLAYER_KERNEL_CACHE, else the user's cache."""
-    chosen = os.environ.get("MEMLAYER_KERNEL_CACHE")
-    if chosen:
-        return Path(chosen)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "memlayer" / "kernels"
-
-
-def _cpu_id() -> str:
-    """This CPU's model and instruction set flags (a library built with -march=native runs
-    only where they match)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine() + platform.processor()
-    wanted = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(wanted)))
-
-
-def _compile(compiler: str, target: Path) -> bool:
-    """Build the library at `target`, with OpenMP where the compiler has it (else one
-    thread); False when neither build works."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for openmp in (("-fopenmp",), ()):
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            command = [compiler, *_FLAGS, *openmp, str(SOURCE), "-o", str(built), "-lm"]
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                _log.info("memlayer: %s failed: %s", command[0], exc)
-                return False
-            if done.returncode == 0:
-                os.replace(built, target)  # atomic: a concurrent process sees all or nothing
-                return True
-            _log.info("memlayer: %s failed: %s", " ".join(command), done.stderr.strip())
-    return False
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel (built once per source, compiler and CPU), or None where it cannot
-    be built: no C compiler, or a read-only cache."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        _log.warning("memlayer: no C compiler found; CPU decode steps use the torch reference")
-        return None
-    digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(_FLAGS).encode()):
-        digest.update(part)
-    digest.update(_cpu_id().encode())
-    target = cache_dir() / f"cpu_decode-{digest.hexdigest()[:16]}.so"
-    try:
-        if not target.exists() and not _compile(compiler, target):
-            _log.warning("memlayer: cpu_decode.c did not build; CPU decode uses the reference")
-            return None
-        lib = ctypes.CDLL(str(target))
-    except OSError as exc:
-        _log.warning("memlayer: the CPU decode kernel is not usable (%s); using the reference", exc)
+    """The compiled kernel (`native.build`), or None where it cannot be built."""
+    lib = native.build(SOURCE)
+    if lib is None:
         return None
     fn = lib.memlayer_sparse_decode_f32
     pointer, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64

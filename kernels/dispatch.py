@@ -104,13 +104,20 @@ def sparse_attention(
     scale: float,
     padded: bool = True,
     page_lengths: torch.Tensor | None = None,
+    bf16_products: bool = False,
 ) -> torch.Tensor:
-    """One layer's window + sinks + pages attention; see reference.sparse_attention."""
+    """One layer's window + sinks + pages attention; see reference.sparse_attention.
+    `bf16_products`: a CPU prefill chunk computes its products in bfloat16 with float32
+    accumulation where the CPU has AVX512-BF16 (`cpu_bf16.py`); float32 elsewhere."""
     backend = _backend(q_local)
     if backend is reference and not _forced_reference():
         if cpu_flash.handles(q_local):
-            backend = cpu_flash
-        elif cpu_decode.handles(q_local, window_k, k_pool):
+            return cpu_flash.sparse_attention(
+                q_local, window_k, window_v, q_memory, sink_k, sink_v, k_pool, v_pool,
+                page_idx, scale=scale, padded=padded, page_lengths=page_lengths,
+                bf16_products=bf16_products,
+            )  # fmt: skip
+        if cpu_decode.handles(q_local, window_k, k_pool):
             backend = cpu_decode
     out: torch.Tensor = backend.sparse_attention(
         q_local,

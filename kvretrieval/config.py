@@ -13,6 +13,7 @@ from memlayer.errors import InvalidInputError
 
 PositionMode = Literal["infllm", "exact"]
 PageDtype = Literal["model", "bfloat16"]
+AttentionDtype = Literal["model", "bfloat16"]
 Config = TypeVar("Config", bound=BaseModel)
 
 
@@ -33,6 +34,12 @@ class KVConfig(BaseModel):
     under a float32 model, which halves the bytes a step reads and the pages' memory (keys
     and values rounded to 8 bits of mantissa; sinks, window and summaries stay in the
     model's dtype, and attention still computes in float32).
+
+    `attention_dtype="bfloat16"` makes a CPU prefill chunk's attention take its products in
+    bfloat16 with float32 accumulation (queries, keys, values and probabilities rounded to
+    bfloat16; logits, softmax and output float32), about twice as fast, where the CPU has
+    AVX512-BF16 (`memlayer.kernels.bf16_products_available()`); elsewhere, and for decode
+    steps, attention stays in the model's dtype.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -49,6 +56,7 @@ class KVConfig(BaseModel):
     offload_path: Path | None = None
     prefetch: bool = True  # with a bounded front tier: each layer's picks go up for the next
     page_dtype: PageDtype = "model"
+    attention_dtype: AttentionDtype = "model"
 
     @field_validator("n_local", "block_size", "topk", "chunk_size")
     @classmethod

@@ -262,6 +262,7 @@ class LayerMemory(CacheLayerMixin):
             scale=scale,
             padded=padded,
             page_lengths=lengths,
+            bf16_products=self.config.attention_dtype == "bfloat16",
         )
 
     def _placed_queries(self, q_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

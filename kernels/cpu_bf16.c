@@ -1,0 +1,232 @@
+/* Attention of many queries (a prefill chunk) with bfloat16 products on the CPU.
+ *
+ * Each KV head's query rows attend to that head's keys in one online softmax, as a flash
+ * attention does: the logits of a row block against a block of KB keys, their running
+ * maximum and sum, then the block's values. Both products (query . key and probability .
+ * value) take bfloat16 pairs and accumulate in float32 with AVX512-BF16's dot instruction,
+ * twice the float32 multiply-add rate; the softmax, the running state and the output are
+ * float32. Queries, keys and values are rounded to bfloat16 once (keys and values packed in
+ * the pair layout the instruction reads), probabilities as each block is weighed.
+ *
+ * A row r is the query of token r % tokens (rows are a group's heads one after another);
+ * with causal >= 0 it sees key n only when n <= causal + r % tokens. Where the compiler does
+ * not target AVX512-BF16, memlayer_bf16_available() is 0 and nothing else is compiled.
+ * memlayer/kernels/cpu_bf16.py compiles and calls it.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+
+#define KB 64    /* keys per block: 4 registers of 16 lanes */
+#define MR 4     /* query rows per register block */
+#define ROWS 32  /* query rows per work item */
+#define MAX_DIM 256
+
+int memlayer_bf16_available(void) { return 1; }
+
+/* float32 -> bfloat16, rounded to nearest even (the inputs are finite). */
+static inline uint16_t to_bf16(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    bits += 0x7FFFu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float read_value(const void *base, int64_t at, int bf16) {
+    if (!bf16) return ((const float *)base)[at];
+    uint32_t bits = (uint32_t)((const uint16_t *)base)[at] << 16;
+    float x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+/* e^x lane-wise for x <= 0 (0 below -87): 2^n e^r, |r| <= ln 2 / 2, e^r by its degree-6
+ * Taylor polynomial. */
+static inline __m512 exp512_nonpositive(__m512 x) {
+    __m512 y = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), y);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    __m512 e = _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ), e);
+}
+
+/* The block of `count` keys from element `at` in pair layout: kp[(d/2) * KB * 2 + n * 2 +
+ * d % 2] = k[n][d], and its values as vp[(n/2) * dim * 2 + d * 2 + n % 2] = v[n][d]; rows
+ * past `count` are zero. */
+static void pack_block(const void *k, const void *v, int bf16, int64_t at, int count, int dim,
+                       uint16_t *kp, uint16_t *vp) {
+    memset(kp, 0, (size_t)KB * dim * sizeof *kp);
+    memset(vp, 0, (size_t)KB * dim * sizeof *vp);
+    for (int n = 0; n < count; n++) {
+        int64_t row = at + (int64_t)n * dim;
+        for (int d = 0; d < dim; d++) {
+            kp[(d / 2) * KB * 2 + n * 2 + d % 2] = to_bf16(read_value(k, row + d, bf16));
+            vp[(n / 2) * dim * 2 + d * 2 + n % 2] = to_bf16(read_value(v, row + d, bf16));
+        }
+    }
+}
+
+static inline int32_t pair_at(const uint16_t *row, int pair) {
+    int32_t bits;
+    memcpy(&bits, row + 2 * pair, sizeof bits);
+    return bits;
+}
+
+/* Rows [r0, r0 + m) (m <= MR) of one head against its packed blocks. */
+static void attend_rows(const float *q, int r0, int m, int tokens, int64_t causal, int keys,
+                        int dim, float scale, const uint16_t *kp, const uint16_t *vp,
+                        float *out, float *lse) {
+    uint16_t qb[MR][MAX_DIM] __attribute__((aligned(64)));
+    uint16_t pb[MR][KB] __attribute__((aligned(64)));
+    float acc[MR][MAX_DIM] __attribute__((aligned(64)));
+    float run_max[MR], run_sum[MR];
+    int64_t last[MR]; /* the last key each row sees */
+    int64_t reach = -1;
+    for (int i = 0; i < MR; i++) {
+        int live = i < m;
+        const float *row = q + (int64_t)(r0 + (live ? i : 0)) * dim;
+        for (int d = 0; d < dim; d++) qb[i][d] = live ? to_bf16(row[d]) : 0;
+        memset(acc[i], 0, (size_t)dim * sizeof(float));
+        run_max[i] = -INFINITY;
+        run_sum[i] = 0.f;
+        last[i] = keys - 1;
+        if (causal >= 0 && causal + (r0 + i) % tokens < last[i]) last[i] = causal + (r0 + i) % tokens;
+        if (!live) last[i] = -1;
+        if (last[i] > reach) reach = last[i];
+    }
+    int blocks = (int)((reach + KB) / KB);
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int b = 0; b < blocks; b++) {
+        const uint16_t *kb = kp + (int64_t)b * KB * dim;
+        const uint16_t *vb = vp + (int64_t)b * KB * dim;
+        __m512 s[MR][4];
+        for (int i = 0; i < MR; i++)
+            for (int j = 0; j < 4; j++) s[i][j] = _mm512_setzero_ps();
+        for (int p = 0; p < dim / 2; p++) {
+            __m512bh kk[4];
+            for (int j = 0; j < 4; j++)
+                kk[j] = (__m512bh)_mm512_load_si512((const void *)(kb + (p * KB + 16 * j) * 2));
+            for (int i = 0; i < MR; i++) {
+                __m512bh qq = (__m512bh)_mm512_set1_epi32(pair_at(qb[i], p));
+                for (int j = 0; j < 4; j++) s[i][j] = _mm512_dpbf16_ps(s[i][j], qq, kk[j]);
+            }
+        }
+        for (int i = 0; i < MR; i++) {
+            __m512 best = _mm512_set1_ps(-INFINITY);
+            for (int j = 0; j < 4; j++) {
+                __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32(b * KB + 16 * j));
+                __mmask16 seen = _mm512_cmple_epi32_mask(key, _mm512_set1_epi32((int)last[i]));
+                s[i][j] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), seen, s[i][j],
+                                             _mm512_set1_ps(scale));
+                best = _mm512_max_ps(best, s[i][j]);
+            }
+            float top = _mm512_reduce_max_ps(best);
+            float grown = top > run_max[i] ? top : run_max[i];
+            if (grown == -INFINITY) { /* nothing seen yet: the block weighs nothing */
+                memset(pb[i], 0, sizeof pb[i]);
+                continue;
+            }
+            float shrink = run_max[i] == -INFINITY ? 0.f : expf(run_max[i] - grown);
+            __m512 total = _mm512_setzero_ps();
+            __m512 peak = _mm512_set1_ps(grown);
+            for (int j = 0; j < 4; j++) {
+                __m512 e = exp512_nonpositive(_mm512_sub_ps(s[i][j], peak));
+                total = _mm512_add_ps(total, e);
+                _mm256_store_si256((__m256i *)(pb[i] + 16 * j), (__m256i)_mm512_cvtneps_pbh(e));
+            }
+            run_sum[i] = run_sum[i] * shrink + _mm512_reduce_add_ps(total);
+            run_max[i] = grown;
+            if (shrink != 1.f) {
+                __m512 f = _mm512_set1_ps(shrink);
+                for (int d = 0; d < dim; d += 16)
+                    _mm512_store_ps(acc[i] + d, _mm512_mul_ps(_mm512_load_ps(acc[i] + d), f));
+            }
+        }
+        for (int d0 = 0; d0 < dim; d0 += 64) {
+            __m512 o[MR][4];
+            for (int i = 0; i < MR; i++)
+                for (int j = 0; j < 4; j++) o[i][j] = _mm512_load_ps(acc[i] + d0 + 16 * j);
+            for (int p = 0; p < KB / 2; p++) {
+                __m512bh vv[4];
+                for (int j = 0; j < 4; j++)
+                    vv[j] = (__m512bh)_mm512_load_si512(
+                        (const void *)(vb + ((int64_t)p * dim + d0 + 16 * j) * 2));
+                for (int i = 0; i < MR; i++) {
+                    __m512bh pp = (__m512bh)_mm512_set1_epi32(pair_at(pb[i], p));
+                    for (int j = 0; j < 4; j++) o[i][j] = _mm512_dpbf16_ps(o[i][j], pp, vv[j]);
+                }
+            }
+            for (int i = 0; i < MR; i++)
+                for (int j = 0; j < 4; j++) _mm512_store_ps(acc[i] + d0 + 16 * j, o[i][j]);
+        }
+    }
+    for (int i = 0; i < m; i++) {
+        float *row = out + (int64_t)(r0 + i) * dim;
+        float inv = run_sum[i] > 0.f ? 1.f / run_sum[i] : 0.f;
+        for (int d = 0; d < dim; d++) row[d] = acc[i][d] * inv;
+        lse[r0 + i] = run_sum[i] > 0.f ? run_max[i] + logf(run_sum[i]) : -INFINITY;
+    }
+}
+
+/* Shapes: q [kv_heads, rows, dim] float32; k, v [kv_heads, keys, dim] float32 or bfloat16,
+ * heads kv_stride elements apart, rows packed; out [kv_heads, rows, dim] and lse
+ * [kv_heads, rows] float32. dim a multiple of 64, at most MAX_DIM. 0 on success. */
+int memlayer_attend_bf16(const float *q, int rows, int tokens, int64_t causal, const void *k,
+                         const void *v, int bf16, int64_t kv_stride, int keys, int kv_heads,
+                         int dim, float scale, int threads, float *out, float *lse) {
+    if (dim % 64 || dim > MAX_DIM || tokens < 1 || rows < 1) return 1;
+    int blocks = keys > 0 ? (keys + KB - 1) / KB : 0;
+    size_t block_elems = (size_t)KB * dim;
+    size_t bytes = (size_t)kv_heads * (blocks ? blocks : 1) * block_elems * sizeof(uint16_t);
+    uint16_t *kp = aligned_alloc(64, bytes), *vp = aligned_alloc(64, bytes);
+    if (!kp || !vp) {
+        free(kp);
+        free(vp);
+        return 2;
+    }
+    int packs = kv_heads * blocks;
+#pragma omp parallel for schedule(static) num_threads(threads) if (packs > 1)
+    for (int item = 0; item < packs; item++) {
+        int h = item / blocks, b = item % blocks;
+        int count = keys - b * KB < KB ? keys - b * KB : KB;
+        size_t at = (size_t)item * block_elems;
+        pack_block(k, v, bf16, h * kv_stride + (int64_t)b * KB * dim, count, dim, kp + at, vp + at);
+    }
+    int per_head = (rows + ROWS - 1) / ROWS;
+    int items = kv_heads * per_head;
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+    for (int item = 0; item < items; item++) {
+        int h = item / per_head, first = (item % per_head) * ROWS;
+        int end = first + ROWS < rows ? first + ROWS : rows;
+        const float *qh = q + (int64_t)h * rows * dim;
+        float *oh = out + (int64_t)h * rows * dim;
+        size_t at = (size_t)h * blocks * block_elems;
+        for (int r = first; r < end; r += MR) {
+            int m = end - r < MR ? end - r : MR;
+            attend_rows(qh, r, m, tokens, causal, keys, dim, scale, kp + at, vp + at, oh,
+                        lse + (int64_t)h * rows);
+        }
+    }
+    free(kp);
+    free(vp);
+    return 0;
+}
+
+#else
+
+int memlayer_bf16_available(void) { return 0; }
+
+#endif

@@ -1,0 +1,90 @@
+"""Attention of a prefill chunk's grouped queries with bfloat16 products, on CPUs that have
+AVX512-BF16 (`KVConfig(attention_dtype="bfloat16")`).
+
+The products of a float32 flash attention are most of a CPU prefill's attention time; the
+dot instruction of AVX512-BF16 takes bfloat16 pairs and accumulates in float32 at twice the
+float32 rate. `cpu_bf16.c` rounds queries, keys, values and the softmax's probabilities to
+bfloat16 and keeps everything else in float32 (the logits, the running softmax, the output):
+the numerics of a bfloat16 flash attention on a GPU. A causal part skips the key blocks no
+row of a block sees. Compiled on first use (`native.build`); where the CPU or the compiler
+lacks AVX512-BF16, `available` is False and the float32 path runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from memlayer.kernels import native
+
+SOURCE = Path(__file__).with_name("cpu_bf16.c")
+MAX_DIM = 256  # MAX_DIM in the C source; head_dim must also be a multiple of 64
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it cannot be built or the CPU lacks AVX512-BF16."""
+    lib = native.build(SOURCE)
+    if lib is None or not lib.memlayer_bf16_available():
+        return None
+    fn = lib.memlayer_attend_bf16
+    pointer, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    fn.argtypes = [
+        pointer, i32, i32, i64,  # q, rows, tokens, causal
+        pointer, pointer, i32, i64, i32, i32, i32,  # k, v, bfloat16, head stride, keys, heads, dim
+        ctypes.c_float, i32, pointer, pointer,  # scale, threads, out, lse
+    ]  # fmt: skip
+    fn.restype = i32
+    return lib
+
+
+def available() -> bool:
+    """Whether bfloat16 products can run here."""
+    return library() is not None
+
+
+def handles(q: torch.Tensor) -> bool:
+    """True for float32 CPU queries [1, H, T, D] whose head_dim the kernel takes, when built."""
+    dim = q.shape[-1]
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and q.shape[0] == 1
+        and dim % 64 == 0
+        and dim <= MAX_DIM
+        and available()
+    )
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    tokens: int,
+    scale: float,
+    causal: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [1, Hkv, R, D] float32, log-sum-exp [1, Hkv, R]) of grouped queries q
+    [1, Hkv, R, D] (row r is token r % `tokens`) over keys and values [1, Hkv, N, D] (float32
+    or bfloat16); with `causal`, row r sees key n only where n <= causal + r % tokens. A row
+    that sees no key gets 0 and a log-sum-exp of -inf."""
+    lib = library()
+    assert lib is not None
+    _, kv_heads, rows, dim = q.shape
+    q = q.contiguous()
+    if k.stride(-1) != 1 or k.stride(-2) != dim or k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(1, kv_heads, rows, dtype=torch.float32)
+    code = lib.memlayer_attend_bf16(
+        q.data_ptr(), rows, tokens, -1 if causal is None else causal,
+        k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), k.stride(1), k.shape[2],
+        kv_heads, dim, scale, torch.get_num_threads(), out.data_ptr(), lse.data_ptr(),
+    )  # fmt: skip
+    if code:
+        raise MemoryError(f"memlayer_attend_bf16 failed (code {code})")
+    return out, lse

@@ -1,0 +1,162 @@
+"""A prefill chunk's attention with bfloat16 products (`KVConfig.attention_dtype`,
+`kernels/cpu_bf16.py`): the softmax attention of the bfloat16-rounded queries, keys and
+values, to the rounding of the probabilities, for causal and plain parts, ragged shapes,
+bfloat16 pools and strided heads; a session that asks for it stays within bfloat16's
+rounding of dense, and one on a CPU without AVX512-BF16 computes float32 as before."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import transformers as tf
+from kv_models import COMMON, twin
+
+from memlayer import InvalidInputError, KVSession
+from memlayer.kernels import cpu_bf16, cpu_flash, reference
+
+needs_bf16 = pytest.mark.skipif(
+    not cpu_bf16.available(), reason="this CPU (or its compiler) has no AVX512-BF16"
+)
+
+
+def _rounded_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int, causal: int | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 softmax attention of the bfloat16-rounded inputs, [1, H, R, D] and [1, H, R]."""
+    q, k, v = (t.bfloat16().double() for t in (q, k, v))
+    logits = q @ k.transpose(-1, -2) * scale
+    if causal is not None:
+        token = torch.arange(q.shape[2]) % tokens
+        hidden = torch.arange(k.shape[2])[None] > (causal + token)[:, None]
+        logits = logits.masked_fill(hidden, float("-inf"))
+    return torch.softmax(logits, -1) @ v, torch.logsumexp(logits, -1)
+
+
+@needs_bf16
+@pytest.mark.parametrize(
+    ("kv_heads", "group", "tokens", "keys", "causal", "dim"),
+    [
+        (3, 3, 512, 1024, None, 64),  # a chunk over SmolLM2's 16 pages
+        (3, 3, 512, 1024, 512, 64),  # the window: 512 keys before the chunk, then its own
+        (2, 2, 37, 70, 33, 128),  # ragged rows and blocks, a wider head
+        (2, 4, 5, 3, None, 64),  # fewer keys than a block
+        (1, 1, 9, 200, 0, 64),  # the first rows see one key
+    ],
+)
+def test_bfloat16_products_are_attention_of_the_rounded_inputs(
+    kv_heads: int, group: int, tokens: int, keys: int, causal: int | None, dim: int
+) -> None:
+    gen = torch.Generator().manual_seed(keys + tokens)
+    q = torch.randn(1, kv_heads, group * tokens, dim, generator=gen)
+    k = 2 * torch.randn(1, kv_heads, keys, dim, generator=gen)
+    v = torch.randn(1, kv_heads, keys, dim, generator=gen)
+    out, lse = cpu_bf16.attend(q, k, v, tokens=tokens, scale=dim**-0.5, causal=causal)
+    want_out, want_lse = _rounded_attention(q, k, v, tokens, causal, dim**-0.5)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=1e-4)  # float32 logits
+    # probabilities rounded to bfloat16 (8-bit mantissa) weigh the values
+    torch.testing.assert_close(out.double(), want_out, rtol=0, atol=2**-8 * v.abs().max().item())
+
+
+@needs_bf16
+def test_bfloat16_pools_and_strided_heads_read_as_they_are() -> None:
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 3 * 40, 64, generator=gen)
+    buffer = torch.randn(2, 2, 300, 64, generator=gen).bfloat16()  # heads 300 rows apart
+    k, v = buffer[0, :, 10:110][None], buffer[1, :, 10:110][None]
+    out, lse = cpu_bf16.attend(q, k, v, tokens=40, scale=0.125)
+    want_out, want_lse = _rounded_attention(q, k, v, 40, None, 0.125)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.double(), want_out, rtol=0, atol=2**-8 * 4)
+
+
+@needs_bf16
+def test_no_keys_give_zero_and_a_log_sum_exp_of_minus_infinity() -> None:
+    q = torch.randn(1, 2, 8, 64)
+    out, lse = cpu_bf16.attend(q, q[:, :, :0], q[:, :, :0], tokens=8, scale=0.125)
+    assert torch.equal(out, torch.zeros_like(q))
+    assert torch.equal(lse, torch.full((1, 2, 8), float("-inf")))
+
+
+def _step(mode: str, pool_dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], dict[str, Any]]:
+    """A prefill step's inputs: 3 KV heads of 3 query heads, a 64-token chunk at the end of a
+    200-key window, 20 sinks, 4 of 10 pages of 64 tokens per head (`mode`: all full, one
+    padded with -1, or held in part)."""
+    gen = torch.Generator().manual_seed(7)
+    tokens, dim = 64, 64
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    q_local, q_memory = rand(1, 9, tokens, dim), rand(1, 9, tokens, dim)
+    window_k, window_v, sink_k, sink_v = (rand(1, 3, n, dim) for n in (200, 200, 20, 20))
+    k_pool, v_pool = (rand(10, 3, 64, dim).to(pool_dtype) for _ in range(2))
+    page_idx = torch.stack([torch.randperm(10, generator=gen)[:4].sort().values for _ in range(3)])
+    options: dict[str, Any] = {"scale": dim**-0.5, "padded": mode == "padded"}
+    if mode == "padded":
+        page_idx[1, -1] = -1
+    if mode == "lengths":
+        options["page_lengths"] = torch.randint(1, 65, (1, 3, 4), generator=gen)
+    tensors = (q_local, window_k, window_v, q_memory, sink_k, sink_v, k_pool, v_pool)
+    return (*tensors, page_idx[None]), options
+
+
+@needs_bf16
+@pytest.mark.parametrize("mode", ["full", "padded", "lengths"])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_a_prefill_step_with_bfloat16_products_is_the_step_within_their_rounding(
+    mode: str, pool_dtype: torch.dtype
+) -> None:
+    tensors, options = _step(mode, pool_dtype)
+    want = reference.sparse_attention(*tensors, **options)
+    plain = cpu_flash.sparse_attention(*tensors, **options)
+    fast = cpu_flash.sparse_attention(*tensors, **options, bf16_products=True)
+    torch.testing.assert_close(plain, want, rtol=1e-5, atol=1e-5)
+    error = (fast - want).abs().max().item()
+    assert 1e-4 < error < 2**-7  # rounded to bfloat16 (float32 is 1e-6 off), no further
+
+
+def _model(seed: int = 0) -> Any:
+    """A tiny Llama with SmolLM2's head size (64), which the kernel takes."""
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(**{**COMMON, "hidden_size": 128, "head_dim": 64})
+    config._attn_implementation = "sdpa"
+    return tf.LlamaForCausalLM(config).eval()
+
+
+EXACT = dict(n_init=3, n_local=64, block_size=16, topk=1000, chunk_size=64, positions="exact")
+
+
+def _logits(model: Any, ids: torch.Tensor, **config: Any) -> torch.Tensor:
+    session = KVSession(twin(model), None, progress=False, **{**EXACT, **config})
+    logits: torch.Tensor = session._forward(ids[0].tolist(), all_logits=True)
+    assert session.stats()["pages"] > 0
+    return logits
+
+
+@needs_bf16
+def test_a_session_with_bfloat16_products_is_dense_within_bfloat16_rounding() -> None:
+    dense = _model()
+    ids = torch.randint(0, 96, (1, 300), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = dense(ids).logits[0]
+    wide = _logits(dense, ids)
+    narrow = _logits(dense, ids, attention_dtype="bfloat16")
+    torch.testing.assert_close(wide, expected, rtol=1e-5, atol=1e-5)
+    error = (narrow - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert 1e-4 * scale < error < 2**-7 * scale  # rounded (float32 is 1e-6 off), no further
+
+
+def test_without_avx512_bf16_a_session_computes_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    dense = _model()
+    ids = torch.randint(0, 96, (1, 200), generator=torch.Generator().manual_seed(4))
+    wide = _logits(dense, ids)
+    monkeypatch.setattr(cpu_bf16, "library", lambda: None)
+    assert torch.equal(_logits(dense, ids, attention_dtype="bfloat16"), wide)
+
+
+def test_an_unknown_attention_dtype_is_refused_by_name() -> None:
+    with pytest.raises(InvalidInputError, match="attention_dtype"):
+        KVSession(_model(), None, progress=False, attention_dtype="float16")
