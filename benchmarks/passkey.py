@@ -125,6 +125,7 @@ def run_memlayer(
         chunk_size=args.chunk_size,
         ram_budget=args.ram_budget,
         page_dtype=args.page_dtype,
+        attention_dtype=args.attention_dtype,
     )
     session.feed(context)
     fed = session.stats()  # before the question, prefill is the context alone
@@ -204,6 +205,12 @@ def main() -> None:
         choices=["model", "bfloat16"],
         default="model",
         help="the dtype memlayer keeps sealed pages in (KVConfig.page_dtype)",
+    )
+    parser.add_argument(
+        "--attention-dtype",
+        choices=["model", "bfloat16"],
+        default="model",
+        help="bfloat16: prefill attention with bfloat16 products (KVConfig.attention_dtype)",
     )
     parser.add_argument(
         "--json", type=Path, help="where to write the run (default: benchmarks/results/)"

@@ -18,6 +18,7 @@ from memlayer.kernels.dispatch import (
     select_pages_bounds,
     select_pages_summed,
     sparse_attention,
+    takes_bf16_products,
 )
 from memlayer.kernels.reference import merge_attention, score_pages_summed, select_pages
 
@@ -32,4 +33,5 @@ __all__ = [
     "select_pages_bounds",
     "select_pages_summed",
     "sparse_attention",
+    "takes_bf16_products",
 ]

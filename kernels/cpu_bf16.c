@@ -9,8 +9,10 @@
  * the pair layout the instruction reads), probabilities as each block is weighed.
  *
  * A row r is the query of token r % tokens (rows are a group's heads one after another);
- * with causal >= 0 it sees key n only when n <= causal + r % tokens. Where the compiler does
- * not target AVX512-BF16, memlayer_bf16_available() is 0 and nothing else is compiled.
+ * with causal >= 0 it sees key n only when n <= causal + r % tokens. The same products give
+ * Quest's page scores for a chunk: the largest upper bound [q-, q+] . [min, max] over its
+ * query rows (memlayer_bounds_bf16). Where the compiler does not target AVX512-BF16,
+ * memlayer_bf16_available() is 0 and nothing else is compiled.
  * memlayer/kernels/cpu_bf16.py compiles and calls it.
  */
 #include <math.h>
@@ -76,6 +78,17 @@ static void pack_block(const void *k, const void *v, int bf16, int64_t at, int c
             kp[(d / 2) * KB * 2 + n * 2 + d % 2] = to_bf16(read_value(k, row + d, bf16));
             vp[(n / 2) * dim * 2 + d * 2 + n % 2] = to_bf16(read_value(v, row + d, bf16));
         }
+    }
+}
+
+/* Rows [first, first + count) of m, `stride` elements apart, in key pair layout (as
+ * pack_block's keys): the pages' (min, max) rows of one KV head for the bounds. */
+static void pack_rows(const float *m, int64_t stride, int64_t first, int count, int dim,
+                      uint16_t *kp) {
+    memset(kp, 0, (size_t)KB * dim * sizeof *kp);
+    for (int n = 0; n < count; n++) {
+        const float *row = m + (first + n) * stride;
+        for (int d = 0; d < dim; d++) kp[(d / 2) * KB * 2 + n * 2 + d % 2] = to_bf16(row[d]);
     }
 }
 
@@ -222,6 +235,64 @@ int memlayer_attend_bf16(const float *q, int rows, int tokens, int64_t causal, c
     }
     free(kp);
     free(vp);
+    return 0;
+}
+
+/* Quest's scores of a chunk: out[h][p] = max over rows r of q-[h][r] . min[p][h] + q+[h][r] .
+ * max[p][h] (q- = min(q, 0), q+ = max(q, 0)). Shapes: q [kv_heads, rows, dim] float32,
+ * summary [pages, kv_heads, 2, dim] float32 (min row, max row), out [kv_heads, pages]; dim a
+ * multiple of 32, 2 * dim at most MAX_DIM. 0 on success. */
+int memlayer_bounds_bf16(const float *q, int rows, const float *summary, int pages,
+                         int kv_heads, int dim, int threads, float *out) {
+    int wide = 2 * dim; /* [q-, q+] against [min, max] */
+    if (wide % 64 || wide > MAX_DIM || rows < 1) return 1;
+    uint16_t *signed_rows = aligned_alloc(64, (size_t)kv_heads * rows * wide * sizeof(uint16_t));
+    if (!signed_rows) return 2;
+    int64_t all = (int64_t)kv_heads * rows;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < all; r++) {
+        const float *row = q + r * dim;
+        uint16_t *to = signed_rows + r * wide;
+        for (int d = 0; d < dim; d++) {
+            to[d] = to_bf16(row[d] < 0.f ? row[d] : 0.f);
+            to[dim + d] = to_bf16(row[d] > 0.f ? row[d] : 0.f);
+        }
+    }
+    int blocks = (pages + KB - 1) / KB;
+    int items = kv_heads * blocks;
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+    for (int item = 0; item < items; item++) {
+        int h = item / blocks, b = item % blocks;
+        int count = pages - b * KB < KB ? pages - b * KB : KB;
+        uint16_t kp[KB * MAX_DIM] __attribute__((aligned(64)));
+        pack_rows(summary + (int64_t)h * wide, (int64_t)kv_heads * wide, (int64_t)b * KB, count,
+                  wide, kp);
+        __m512 best[4];
+        for (int j = 0; j < 4; j++) best[j] = _mm512_set1_ps(-INFINITY);
+        const uint16_t *qh = signed_rows + (int64_t)h * rows * wide;
+        for (int r = 0; r < rows; r += MR) {
+            const uint16_t *row[MR]; /* past the last row: the block's first again (same max) */
+            for (int i = 0; i < MR; i++) row[i] = qh + (int64_t)(r + i < rows ? r + i : r) * wide;
+            __m512 s[MR][4];
+            for (int i = 0; i < MR; i++)
+                for (int j = 0; j < 4; j++) s[i][j] = _mm512_setzero_ps();
+            for (int p = 0; p < wide / 2; p++) {
+                __m512bh kk[4];
+                for (int j = 0; j < 4; j++)
+                    kk[j] = (__m512bh)_mm512_load_si512((const void *)(kp + (p * KB + 16 * j) * 2));
+                for (int i = 0; i < MR; i++) {
+                    __m512bh qq = (__m512bh)_mm512_set1_epi32(pair_at(row[i], p));
+                    for (int j = 0; j < 4; j++) s[i][j] = _mm512_dpbf16_ps(s[i][j], qq, kk[j]);
+                }
+            }
+            for (int i = 0; i < MR; i++)
+                for (int j = 0; j < 4; j++) best[j] = _mm512_max_ps(best[j], s[i][j]);
+        }
+        float lanes[KB] __attribute__((aligned(64)));
+        for (int j = 0; j < 4; j++) _mm512_store_ps(lanes + 16 * j, best[j]);
+        memcpy(out + (int64_t)h * pages + (int64_t)b * KB, lanes, (size_t)count * sizeof(float));
+    }
+    free(signed_rows);
     return 0;
 }
 

@@ -6,8 +6,9 @@ dot instruction of AVX512-BF16 takes bfloat16 pairs and accumulates in float32 a
 float32 rate. `cpu_bf16.c` rounds queries, keys, values and the softmax's probabilities to
 bfloat16 and keeps everything else in float32 (the logits, the running softmax, the output):
 the numerics of a bfloat16 flash attention on a GPU. A causal part skips the key blocks no
-row of a block sees. Compiled on first use (`native.build`); where the CPU or the compiler
-lacks AVX512-BF16, `available` is False and the float32 path runs.
+row of a block sees. Quest's page scores for a chunk (the largest upper bound over its query
+rows) take the same products (`bounds_scores`). Compiled on first use (`native.build`);
+where the CPU or the compiler lacks AVX512-BF16, `available` is False and float32 runs.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_float, i32, pointer, pointer,  # scale, threads, out, lse
     ]  # fmt: skip
     fn.restype = i32
+    bounds = lib.memlayer_bounds_bf16
+    bounds.argtypes = [pointer, i32, pointer, i32, i32, i32, i32, pointer]
+    bounds.restype = i32
     return lib
 
 
@@ -57,6 +61,40 @@ def handles(q: torch.Tensor) -> bool:
         and dim <= MAX_DIM
         and available()
     )
+
+
+def handles_bounds(q: torch.Tensor, summary: torch.Tensor) -> bool:
+    """True for CPU queries [1, Hq, T, D] and float32 (min, max) summaries [P, Hkv, 2, D]
+    whose [q⁻, q⁺] rows the kernel takes, when built."""
+    dim = q.shape[-1]
+    return (
+        q.device.type == "cpu"
+        and q.shape[0] == 1
+        and summary.dtype == torch.float32
+        and summary.shape[2] == 2
+        and (2 * dim) % 64 == 0
+        and 2 * dim <= MAX_DIM
+        and available()
+    )
+
+
+def bounds_scores(q: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+    """`reference.score_pages(kind="bounds")` [1, Hkv, P] with bfloat16 products: per KV
+    head, the largest [q⁻, q⁺]·[min, max] over the group's query rows."""
+    lib = library()
+    assert lib is not None
+    pages, kv_heads, _, dim = summary.shape
+    rows = q.float().reshape(kv_heads, -1, dim).contiguous()
+    summary = summary.contiguous()
+    out = torch.empty(1, kv_heads, pages, dtype=torch.float32)
+    if pages:
+        code = lib.memlayer_bounds_bf16(
+            rows.data_ptr(), rows.shape[1], summary.data_ptr(), pages, kv_heads, dim,
+            torch.get_num_threads(), out.data_ptr(),
+        )  # fmt: skip
+        if code:
+            raise MemoryError(f"memlayer_bounds_bf16 failed (code {code})")
+    return out
 
 
 def attend(

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-from memlayer.kernels import cpu_decode, cpu_flash, reference
+from memlayer.kernels import cpu_bf16, cpu_decode, cpu_flash, reference
 from memlayer.kernels.reference import SummaryKind
 
 
@@ -84,10 +84,21 @@ def select_pages_summed(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch
 
 def select_pages_bounds(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
     """Quest's pages [B, Hkv, k]; see reference.select_pages_bounds. A CPU decode step's
-    is one C call (`cpu_decode.py`), as `select_pages_summed`'s is."""
-    if not _forced_reference() and cpu_decode.handles_bounds(q, summary):
-        return cpu_decode.select_pages_bounds(q, summary, k)
+    is one C call (`cpu_decode.py`), as `select_pages_summed`'s is; bfloat16 queries (a
+    chunk with bfloat16 products) score with bfloat16 products (`cpu_bf16.py`)."""
+    if not _forced_reference():
+        if cpu_decode.handles_bounds(q, summary):
+            return cpu_decode.select_pages_bounds(q, summary, k)
+        if q.dtype == torch.bfloat16 and cpu_bf16.handles_bounds(q, summary):
+            return reference.select_pages(cpu_bf16.bounds_scores(q, summary), k)
     return reference.select_pages(score_pages(q, summary, kind="bounds"), k)
+
+
+def takes_bf16_products(q: torch.Tensor) -> bool:
+    """Whether a step of these queries [1, Hq, T, D] runs with bfloat16 products when asked
+    (`sparse_attention(bf16_products=True)`): a CPU chunk of many queries, on a CPU with
+    AVX512-BF16, whose head size the kernel takes."""
+    return not _forced_reference() and cpu_flash.handles(q) and cpu_bf16.handles(q)
 
 
 def sparse_attention(

@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from memlayer.errors import InvalidInputError, UnsupportedModelError
-from memlayer.kernels import sparse_attention
+from memlayer.kernels import sparse_attention, takes_bf16_products
 from memlayer.kvretrieval.config import KVConfig
 from memlayer.kvretrieval.rope import Rotary, TokenLayout
 from memlayer.kvretrieval.sealed_pages import SealedPages
@@ -235,9 +235,10 @@ class LayerMemory(CacheLayerMixin):
         operations alone when the front tier is resident (no `.item()`, no loop over pages)."""
         window, pages = self.window, self.pages
         q_local, q_memory = self._placed_queries(q_raw)
+        bf16 = self.config.attention_dtype == "bfloat16" and takes_bf16_products(q_local)
         lengths = None
         if pages.count and self.topk:
-            chosen = self.select(q_memory, scale)
+            chosen = self.select(q_memory, scale, bf16_products=bf16)
             padded = self.selector.pads_selection or chosen.shape[-1] > pages.count
             k_pool, v_pool, slots = pages.slots(chosen, padded)
             if pages.partial:
@@ -262,7 +263,7 @@ class LayerMemory(CacheLayerMixin):
             scale=scale,
             padded=padded,
             page_lengths=lengths,
-            bf16_products=self.config.attention_dtype == "bfloat16",
+            bf16_products=bf16,
         )
 
     def _placed_queries(self, q_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,15 +272,20 @@ class LayerMemory(CacheLayerMixin):
         q_local = self.window.rotate_queries(q_raw)
         return q_local, q_local if self.window.exact else self.memory_queries(q_raw)
 
-    def select(self, q_memory: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    def select(
+        self, q_memory: torch.Tensor, scale: float | None = None, *, bf16_products: bool = False
+    ) -> torch.Tensor:
         """The selector's pages [1, Hkv, topk] for queries placed in the memory frame, for
         attention scaled by `scale` (None: 1/√head_dim); or the pinned pages (one selection
-        per question) and the newest `topk` pages sealed since."""
+        per question) and the newest `topk` pages sealed since. With `bf16_products`, a
+        selector that takes bfloat16 queries gets them rounded."""
         if self.pin is not None:
             return self._pinned(*self.pin)
         summaries = self.pages.summaries[: self.pages.count]
         if scale is None:
             scale = q_memory.shape[-1] ** -0.5
+        if bf16_products and self.selector.takes_bf16_queries:
+            q_memory = q_memory.bfloat16()
         return self.selector.select(q_memory, summaries, self.topk, scale=scale)
 
     @property

@@ -55,6 +55,9 @@ class PageSelector:
     pads_selection: ClassVar[bool] = False  # True when `select` may leave -1 among its picks
     regroups: ClassVar[bool] = False  # True when `layout` lays a fixed context out anew
     calibrates: ClassVar[bool] = False  # True when `calibrate` uses sample queries
+    # True when `select` scores a chunk with bfloat16 products if its queries come in
+    # bfloat16 (a session with attention_dtype="bfloat16" then rounds them for it)
+    takes_bf16_queries: ClassVar[bool] = False
 
     @property
     def summary_rows(self) -> int:
@@ -208,6 +211,7 @@ class QuestSelector(PageSelector):
     """Quest: channel-wise min and max of a page's keys; score = upper bound of q·k, per KV head."""
 
     name: ClassVar[str] = "quest"
+    takes_bf16_queries: ClassVar[bool] = True  # its chunk scores are a matmul per KV head
 
     @property
     def summary_rows(self) -> int:

@@ -14,7 +14,7 @@ import transformers as tf
 from kv_models import COMMON, twin
 
 from memlayer import InvalidInputError, KVSession
-from memlayer.kernels import cpu_bf16, cpu_flash, reference
+from memlayer.kernels import cpu_bf16, cpu_flash, dispatch, reference
 
 needs_bf16 = pytest.mark.skipif(
     not cpu_bf16.available(), reason="this CPU (or its compiler) has no AVX512-BF16"
@@ -160,3 +160,58 @@ def test_without_avx512_bf16_a_session_computes_float32(monkeypatch: pytest.Monk
 def test_an_unknown_attention_dtype_is_refused_by_name() -> None:
     with pytest.raises(InvalidInputError, match="attention_dtype"):
         KVSession(_model(), None, progress=False, attention_dtype="float16")
+
+
+def _bounds(pages: int, tokens: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's queries [1, 9, tokens, dim] and Quest summaries [pages, 3, 2, dim]."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(pages, 3, 16, dim, generator=gen)
+    q = torch.randn(1, 9, tokens, dim, generator=gen)
+    return q, torch.stack([keys.amin(dim=2), keys.amax(dim=2)], dim=2)
+
+
+@needs_bf16
+@pytest.mark.parametrize(
+    ("pages", "tokens", "dim"),
+    [(500, 512, 64), (37, 5, 64), (70, 33, 128), (3, 40, 32), (0, 40, 64)],
+)
+def test_quest_bounds_with_bfloat16_products_are_the_bounds_of_the_rounded_inputs(
+    pages: int, tokens: int, dim: int
+) -> None:
+    q, summary = _bounds(pages, tokens, dim)
+    scores = cpu_bf16.bounds_scores(q, summary)
+    want = reference.score_pages(q.bfloat16().float(), summary.bfloat16().float(), kind="bounds")
+    assert scores.shape == want.shape == (1, 3, pages)
+    torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-5)  # float32 sums
+
+
+@needs_bf16
+def test_bfloat16_queries_select_quest_pages_as_their_rounded_bounds_rank_them() -> None:
+    q, summary = _bounds(300, 64, 64, seed=2)
+    chosen = dispatch.select_pages_bounds(q.bfloat16(), summary, 16)
+    rounded = reference.score_pages(q.bfloat16().float(), summary.bfloat16().float(), kind="bounds")
+    assert torch.equal(chosen, reference.select_pages(rounded, 16))
+
+
+@needs_bf16
+@pytest.mark.parametrize("attention_dtype", ["model", "bfloat16"])
+def test_a_quest_chunk_scores_with_bfloat16_products_only_when_asked(
+    attention_dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    scores = cpu_bf16.bounds_scores
+
+    def counted(q: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+        calls.append(q.dtype)
+        return scores(q, summary)
+
+    monkeypatch.setattr(cpu_bf16, "bounds_scores", counted)
+    session = KVSession(
+        _model(), None, progress=False, selector="quest", attention_dtype=attention_dtype,
+        n_init=3, n_local=64, block_size=16, topk=2, chunk_size=64,
+    )  # fmt: skip
+    session.feed(torch.randint(0, 96, (400,), generator=torch.Generator().manual_seed(1)).tolist())
+    if attention_dtype == "bfloat16":  # every chunk past the first pages, rounded queries
+        assert calls and set(calls) == {torch.bfloat16}
+    else:
+        assert calls == []
