@@ -5,12 +5,18 @@ of a layer has one) share a slab: one tensor per name, [slots, *shape]. A batch 
 is then read with one `index_select` per name, never a Python loop per page. Slabs grow
 by doubling while the budget allows and are released when empty; the bytes a tier
 reports are the bytes its slabs reserve, so a budget is a bound on device memory.
+
+A plain RAM slab past RESERVE_FROM reserves address space ahead (`RESERVE_FRACTION` of the
+machine's memory, within the budget). Linux backs it only where it is written, so the slab
+grows as a longer view of the same memory instead of a copy of all its pages into a new one.
+Where the reservation is refused (strict overcommit), the slab grows by copying.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +32,8 @@ from memlayer.stores.policy import POLICIES
 from memlayer.stores.tier import PromotionStep, Tier
 from memlayer.types import Page
 
+RESERVE_FRACTION = 0.25  # of physical memory: the address space a RAM slab reserves ahead
+RESERVE_FROM = 64 << 20  # bytes: smaller slabs double by copying (cheap, and no reserve each)
 Signature = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
 SlotListener = Callable[[list[str], list[int]], None]  # page ids, their slots now (-1: left)
 
@@ -50,10 +58,11 @@ def slot_bytes(sig: Signature) -> int:
 class Slab:
     """Pages of one signature: a tensor per payload name with one row (slot) per page."""
 
-    fields: dict[str, torch.Tensor]
+    fields: dict[str, torch.Tensor]  # [capacity, *shape]: views of `reserved` when reserved
     slot_bytes: int
     free: list[int] = field(default_factory=list)
     used: int = 0
+    reserved: dict[str, torch.Tensor] | None = None  # [rows >= capacity, *shape], unwritten past
 
     @property
     def capacity(self) -> int:
@@ -478,16 +487,36 @@ class TensorTier(Tier):
         grown = capacity + min(max(capacity, 1), headroom)
         if grown <= capacity:
             return None
-        fields = {name: self._empty((grown, *shape), dtype) for name, dtype, shape in sig}
+        reserved = slab.reserved if slab is not None else None
+        if reserved is None or next(iter(reserved.values())).shape[0] < grown:
+            reserved = self._reserve(sig, grown, capacity + headroom)
+            if slab is not None:
+                for name, tensor in reserved.items():
+                    tensor[:capacity].copy_(slab.fields[name])
+        fields = {name: tensor[:grown] for name, tensor in reserved.items()}
         if slab is None:
             slab = self._slabs[sig] = Slab(fields, size)
-        else:
-            for name, tensor in fields.items():
-                tensor[:capacity].copy_(slab.fields[name])
-            slab.fields = fields
+        slab.fields = fields
+        slab.reserved = reserved
         slab.free.extend(range(grown - 1, capacity, -1))
         slab.used += 1
         return capacity
+
+    def _reserve(self, sig: Signature, rows: int, most: int) -> dict[str, torch.Tensor]:
+        """Fields of at least `rows` slots: on a plain RAM tier, as many more (up to `most`)
+        as RESERVE_FRACTION of physical memory holds, address space written only as used."""
+
+        def fields(count: int) -> dict[str, torch.Tensor]:
+            return {name: self._empty((count, *shape), dtype) for name, dtype, shape in sig}
+
+        size = max(slot_bytes(sig), 1)
+        if self.device.type != "cpu" or self.pin or rows * size < RESERVE_FROM:
+            return fields(rows)
+        ahead = int(_physical_bytes() * RESERVE_FRACTION) // size
+        try:
+            return fields(max(rows, min(most, ahead)))
+        except RuntimeError:  # address space refused (strict overcommit): no reserve
+            return fields(rows)
 
 
 def copy_rows(
@@ -544,3 +573,11 @@ def _slot_runs(slots: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((i, 1))
     return runs
+
+
+def _physical_bytes() -> int:
+    """The machine's physical memory (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0

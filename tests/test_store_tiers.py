@@ -620,3 +620,47 @@ def test_a_large_cpu_slab_is_backed_by_huge_pages() -> None:
     inside = -(-slab.data_ptr() // (2 << 20)) * (2 << 20) + 4096  # in a whole 2 MB page
     assert _thp_eligible(inside) is True
     assert torch.equal(tier.get("big").payload["k"], payload["k"])
+
+
+def _big_pages(count: int, start: int = 0) -> list[Page]:
+    """Pages of 16 MB (a slab of them passes RESERVE_FROM at its fourth)."""
+    return [
+        Page(
+            id=f"big{i}",
+            payload={"k": make_tensor(i, (4096, 1024), torch.float32)},
+            scope=Scope(tenant_id="t1"),
+        )
+        for i in range(start, start + count)
+    ]
+
+
+def test_a_large_ram_slab_grows_in_place_in_its_reserved_address_space() -> None:
+    """Growing a slab past RESERVE_FROM must not copy it: the same memory, a longer view."""
+    tier = TensorTier("ram", "cpu", None, pin=False)
+    pages = _big_pages(4)
+    tier.put_many(pages)  # 4 slots: 64 MB, the reserve is taken
+    slab = next(iter(tier._slabs.values()))
+    where = slab.fields["k"].data_ptr()
+    assert slab.reserved is not None and slab.reserved["k"].shape[0] > 4
+    more = _big_pages(5, start=4)
+    tier.put_many(more)  # 9 slots: grown twice
+    assert slab.capacity >= 9 and slab.fields["k"].data_ptr() == where
+    assert tier.nbytes == slab.capacity * 16 << 20  # what is held, not what is reserved
+    for page in pages + more:
+        assert torch.equal(tier.get(page.id).payload["k"], page.payload["k"])
+
+
+def test_a_budget_bounds_the_reserve_and_a_refused_reserve_grows_by_copying(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bounded = TensorTier("ram", "cpu", 10 * (16 << 20), pin=False)
+    bounded.put_many(_big_pages(4))
+    assert next(iter(bounded._slabs.values())).reserved["k"].shape[0] == 10
+    monkeypatch.setattr("memlayer.stores.tensor_tier._physical_bytes", lambda: 1 << 62)
+    refused = TensorTier("ram", "cpu", None, pin=False)  # 2**60 bytes: no allocator gives it
+    pages = _big_pages(6)
+    refused.put_many(pages)
+    slab = next(iter(refused._slabs.values()))
+    assert slab.reserved["k"].shape[0] == slab.capacity == 8
+    for page in pages:
+        assert torch.equal(refused.get(page.id).payload["k"], page.payload["k"])
