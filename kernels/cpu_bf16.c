@@ -8,11 +8,14 @@
  * float32. Queries, keys and values are rounded to bfloat16 once (keys and values packed in
  * the pair layout the instruction reads), probabilities as each block is weighed.
  *
- * A row r is the query of token r % tokens (rows are a group's heads one after another);
- * with causal >= 0 it sees key n only when n <= causal + r % tokens. The same products give
- * Quest's page scores for a chunk: the largest upper bound [q-, q+] . [min, max] over its
- * query rows (memlayer_bounds_bf16). Where the compiler does not target AVX512-BF16,
- * memlayer_bf16_available() is 0 and nothing else is compiled.
+ * A step's parts (the window, the sinks, the pages: each its query rows and its keys) run in
+ * one softmax, so nothing is merged after. A row r is the query of token r % tokens (rows
+ * are a group's heads one after another); in a part with causal >= 0 it sees key n only
+ * when n <= causal + r % tokens.
+ *
+ * The same products give Quest's page scores for a chunk: the largest upper bound
+ * [q-, q+] . [min, max] over its query rows (memlayer_bounds_bf16). Where the compiler does
+ * not target AVX512-BF16, memlayer_bf16_available() is 0 and nothing else is compiled.
  * memlayer/kernels/cpu_bf16.py compiles and calls it.
  */
 #include <math.h>
@@ -98,29 +101,41 @@ static inline int32_t pair_at(const uint16_t *row, int pair) {
     return bits;
 }
 
-/* Rows [r0, r0 + m) (m <= MR) of one head against its packed blocks. */
-static void attend_rows(const float *q, int r0, int m, int tokens, int64_t causal, int keys,
-                        int dim, float scale, const uint16_t *kp, const uint16_t *vp,
-                        float *out, float *lse) {
-    uint16_t qb[MR][MAX_DIM] __attribute__((aligned(64)));
-    uint16_t pb[MR][KB] __attribute__((aligned(64)));
+/* One part of a step: query rows against one set of keys and values. */
+typedef struct {
+    const float *q;     /* [kv_heads, rows, dim] float32 */
+    const void *k, *v;  /* [kv_heads, keys, dim], heads kv_stride elements apart, rows packed */
+    int64_t kv_stride;
+    int64_t causal;     /* -1: every row sees every key */
+    int keys;
+    int bf16;           /* keys and values in bfloat16, else float32 */
+} part_t;
+
+/* The online softmax of a block of MR rows, carried from part to part. */
+typedef struct {
     float acc[MR][MAX_DIM] __attribute__((aligned(64)));
     float run_max[MR], run_sum[MR];
+} state_t;
+
+/* Rows [r0, r0 + m) (m <= MR) of one head (queries qh) against one part's packed blocks. */
+static void attend_part(const float *qh, int r0, int m, int tokens, const part_t *part, int dim,
+                        float scale, const uint16_t *kp, const uint16_t *vp, state_t *st) {
+    uint16_t qb[MR][MAX_DIM] __attribute__((aligned(64)));
+    uint16_t pb[MR][KB] __attribute__((aligned(64)));
     int64_t last[MR]; /* the last key each row sees */
     int64_t reach = -1;
     for (int i = 0; i < MR; i++) {
         int live = i < m;
-        const float *row = q + (int64_t)(r0 + (live ? i : 0)) * dim;
+        const float *row = qh + (int64_t)(r0 + (live ? i : 0)) * dim;
         for (int d = 0; d < dim; d++) qb[i][d] = live ? to_bf16(row[d]) : 0;
-        memset(acc[i], 0, (size_t)dim * sizeof(float));
-        run_max[i] = -INFINITY;
-        run_sum[i] = 0.f;
-        last[i] = keys - 1;
-        if (causal >= 0 && causal + (r0 + i) % tokens < last[i]) last[i] = causal + (r0 + i) % tokens;
+        last[i] = part->keys - 1;
+        int64_t seen = part->causal + (r0 + i) % tokens;
+        if (part->causal >= 0 && seen < last[i]) last[i] = seen;
         if (!live) last[i] = -1;
         if (last[i] > reach) reach = last[i];
     }
     int blocks = (int)((reach + KB) / KB);
+    float *run_max = st->run_max, *run_sum = st->run_sum;
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int b = 0; b < blocks; b++) {
         const uint16_t *kb = kp + (int64_t)b * KB * dim;
@@ -165,13 +180,13 @@ static void attend_rows(const float *q, int r0, int m, int tokens, int64_t causa
             if (shrink != 1.f) {
                 __m512 f = _mm512_set1_ps(shrink);
                 for (int d = 0; d < dim; d += 16)
-                    _mm512_store_ps(acc[i] + d, _mm512_mul_ps(_mm512_load_ps(acc[i] + d), f));
+                    _mm512_store_ps(st->acc[i] + d, _mm512_mul_ps(_mm512_load_ps(st->acc[i] + d), f));
             }
         }
         for (int d0 = 0; d0 < dim; d0 += 64) {
             __m512 o[MR][4];
             for (int i = 0; i < MR; i++)
-                for (int j = 0; j < 4; j++) o[i][j] = _mm512_load_ps(acc[i] + d0 + 16 * j);
+                for (int j = 0; j < 4; j++) o[i][j] = _mm512_load_ps(st->acc[i] + d0 + 16 * j);
             for (int p = 0; p < KB / 2; p++) {
                 __m512bh vv[4];
                 for (int j = 0; j < 4; j++)
@@ -183,54 +198,68 @@ static void attend_rows(const float *q, int r0, int m, int tokens, int64_t causa
                 }
             }
             for (int i = 0; i < MR; i++)
-                for (int j = 0; j < 4; j++) _mm512_store_ps(acc[i] + d0 + 16 * j, o[i][j]);
+                for (int j = 0; j < 4; j++) _mm512_store_ps(st->acc[i] + d0 + 16 * j, o[i][j]);
         }
-    }
-    for (int i = 0; i < m; i++) {
-        float *row = out + (int64_t)(r0 + i) * dim;
-        float inv = run_sum[i] > 0.f ? 1.f / run_sum[i] : 0.f;
-        for (int d = 0; d < dim; d++) row[d] = acc[i][d] * inv;
-        lse[r0 + i] = run_sum[i] > 0.f ? run_max[i] + logf(run_sum[i]) : -INFINITY;
     }
 }
 
-/* Shapes: q [kv_heads, rows, dim] float32; k, v [kv_heads, keys, dim] float32 or bfloat16,
- * heads kv_stride elements apart, rows packed; out [kv_heads, rows, dim] and lse
- * [kv_heads, rows] float32. dim a multiple of 64, at most MAX_DIM. 0 on success. */
-int memlayer_attend_bf16(const float *q, int rows, int tokens, int64_t causal, const void *k,
-                         const void *v, int bf16, int64_t kv_stride, int keys, int kv_heads,
+/* The parts of one step in one online softmax: out [kv_heads, rows, dim] and lse
+ * [kv_heads, rows] float32 (a row that sees no key: 0 and -inf). dim a multiple of 64, at
+ * most MAX_DIM. 0 on success. */
+int memlayer_attend_bf16(const part_t *parts, int count, int rows, int tokens, int kv_heads,
                          int dim, float scale, int threads, float *out, float *lse) {
-    if (dim % 64 || dim > MAX_DIM || tokens < 1 || rows < 1) return 1;
-    int blocks = keys > 0 ? (keys + KB - 1) / KB : 0;
+    if (dim % 64 || dim > MAX_DIM || tokens < 1 || rows < 1 || count < 1 || count > 8) return 1;
     size_t block_elems = (size_t)KB * dim;
-    size_t bytes = (size_t)kv_heads * (blocks ? blocks : 1) * block_elems * sizeof(uint16_t);
+    int blocks[8], first[8], total = 0; /* per part: key blocks, and its first in the buffers */
+    for (int i = 0; i < count; i++) {
+        blocks[i] = (parts[i].keys + KB - 1) / KB;
+        first[i] = total;
+        total += kv_heads * blocks[i];
+    }
+    size_t bytes = (size_t)(total ? total : 1) * block_elems * sizeof(uint16_t);
     uint16_t *kp = aligned_alloc(64, bytes), *vp = aligned_alloc(64, bytes);
     if (!kp || !vp) {
         free(kp);
         free(vp);
         return 2;
     }
-    int packs = kv_heads * blocks;
-#pragma omp parallel for schedule(static) num_threads(threads) if (packs > 1)
-    for (int item = 0; item < packs; item++) {
-        int h = item / blocks, b = item % blocks;
-        int count = keys - b * KB < KB ? keys - b * KB : KB;
+#pragma omp parallel for schedule(static) num_threads(threads) if (total > 1)
+    for (int item = 0; item < total; item++) {
+        int i = 0;
+        while (item >= first[i] + kv_heads * blocks[i]) i++;
+        int h = (item - first[i]) / blocks[i], b = (item - first[i]) % blocks[i];
+        const part_t *part = &parts[i];
+        int n = part->keys - b * KB < KB ? part->keys - b * KB : KB;
         size_t at = (size_t)item * block_elems;
-        pack_block(k, v, bf16, h * kv_stride + (int64_t)b * KB * dim, count, dim, kp + at, vp + at);
+        pack_block(part->k, part->v, part->bf16, h * part->kv_stride + (int64_t)b * KB * dim, n,
+                   dim, kp + at, vp + at);
     }
     int per_head = (rows + ROWS - 1) / ROWS;
     int items = kv_heads * per_head;
 #pragma omp parallel for schedule(dynamic) num_threads(threads)
     for (int item = 0; item < items; item++) {
-        int h = item / per_head, first = (item % per_head) * ROWS;
-        int end = first + ROWS < rows ? first + ROWS : rows;
-        const float *qh = q + (int64_t)h * rows * dim;
-        float *oh = out + (int64_t)h * rows * dim;
-        size_t at = (size_t)h * blocks * block_elems;
-        for (int r = first; r < end; r += MR) {
+        int h = item / per_head, start = (item % per_head) * ROWS;
+        int end = start + ROWS < rows ? start + ROWS : rows;
+        state_t st;
+        for (int r = start; r < end; r += MR) {
             int m = end - r < MR ? end - r : MR;
-            attend_rows(qh, r, m, tokens, causal, keys, dim, scale, kp + at, vp + at, oh,
-                        lse + (int64_t)h * rows);
+            for (int i = 0; i < MR; i++) {
+                memset(st.acc[i], 0, (size_t)dim * sizeof(float));
+                st.run_max[i] = -INFINITY;
+                st.run_sum[i] = 0.f;
+            }
+            for (int i = 0; i < count; i++) {
+                size_t at = ((size_t)first[i] + (size_t)h * blocks[i]) * block_elems;
+                attend_part(parts[i].q + (int64_t)h * rows * dim, r, m, tokens, &parts[i], dim,
+                            scale, kp + at, vp + at, &st);
+            }
+            for (int i = 0; i < m; i++) {
+                float *row = out + ((int64_t)h * rows + r + i) * dim;
+                float inv = st.run_sum[i] > 0.f ? 1.f / st.run_sum[i] : 0.f;
+                for (int d = 0; d < dim; d++) row[d] = st.acc[i][d] * inv;
+                lse[(int64_t)h * rows + r + i] =
+                    st.run_sum[i] > 0.f ? st.run_max[i] + logf(st.run_sum[i]) : -INFINITY;
+            }
         }
     }
     free(kp);

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,12 +33,8 @@ def library() -> ctypes.CDLL | None:
     if lib is None or not lib.memlayer_bf16_available():
         return None
     fn = lib.memlayer_attend_bf16
-    pointer, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    fn.argtypes = [
-        pointer, i32, i32, i64,  # q, rows, tokens, causal
-        pointer, pointer, i32, i64, i32, i32, i32,  # k, v, bfloat16, head stride, keys, heads, dim
-        ctypes.c_float, i32, pointer, pointer,  # scale, threads, out, lse
-    ]  # fmt: skip
+    pointer, i32 = ctypes.c_void_p, ctypes.c_int
+    fn.argtypes = [pointer, i32, i32, i32, i32, i32, ctypes.c_float, i32, pointer, pointer]
     fn.restype = i32
     bounds = lib.memlayer_bounds_bf16
     bounds.argtypes = [pointer, i32, pointer, i32, i32, i32, i32, pointer]
@@ -97,6 +94,57 @@ def bounds_scores(q: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _Part(ctypes.Structure):
+    """part_t in the C source: one set of query rows against one set of keys and values."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("kv_stride", ctypes.c_int64),
+        ("causal", ctypes.c_int64),
+        ("keys", ctypes.c_int),
+        ("bf16", ctypes.c_int),
+    ]
+
+
+Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]  # q, k, v, causal
+MAX_PARTS = 8  # the C source's bound
+
+
+def attend_parts(
+    parts: Sequence[Part], *, tokens: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [1, Hkv, R, D] float32, log-sum-exp [1, Hkv, R]) of attention over every part's
+    keys in one softmax. A part is grouped queries q [1, Hkv, R, D] (row r is token r %
+    `tokens`; the parts may place them differently), keys and values [1, Hkv, N, D] (float32
+    or bfloat16) and `causal`: None, or row r sees key n only where n <= causal + r % tokens.
+    A row that sees no key gets 0 and a log-sum-exp of -inf."""
+    lib = library()
+    assert lib is not None and 0 < len(parts) <= MAX_PARTS
+    _, kv_heads, rows, dim = parts[0][0].shape
+    held, table = [], (_Part * len(parts))()
+    for slot, (q, k, v, causal) in zip(table, parts, strict=True):
+        q = q.contiguous()
+        packed = k.stride(-1) == 1 and k.stride(-2) == dim and k.stride() == v.stride()
+        if not packed or k.dtype != v.dtype:
+            k, v = k.contiguous(), v.to(k.dtype).contiguous()
+        held += [q, k, v]
+        slot.q, slot.k, slot.v = q.data_ptr(), k.data_ptr(), v.data_ptr()
+        slot.kv_stride, slot.keys = k.stride(1), k.shape[2]
+        slot.causal = -1 if causal is None else causal
+        slot.bf16 = int(k.dtype == torch.bfloat16)
+    out = torch.empty(1, kv_heads, rows, dim, dtype=torch.float32)
+    lse = torch.empty(1, kv_heads, rows, dtype=torch.float32)
+    code = lib.memlayer_attend_bf16(
+        table, len(parts), rows, tokens, kv_heads, dim, scale, torch.get_num_threads(),
+        out.data_ptr(), lse.data_ptr(),
+    )  # fmt: skip
+    if code:
+        raise MemoryError(f"memlayer_attend_bf16 failed (code {code})")
+    return out, lse
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -106,23 +154,5 @@ def attend(
     scale: float,
     causal: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [1, Hkv, R, D] float32, log-sum-exp [1, Hkv, R]) of grouped queries q
-    [1, Hkv, R, D] (row r is token r % `tokens`) over keys and values [1, Hkv, N, D] (float32
-    or bfloat16); with `causal`, row r sees key n only where n <= causal + r % tokens. A row
-    that sees no key gets 0 and a log-sum-exp of -inf."""
-    lib = library()
-    assert lib is not None
-    _, kv_heads, rows, dim = q.shape
-    q = q.contiguous()
-    if k.stride(-1) != 1 or k.stride(-2) != dim or k.stride() != v.stride():
-        k, v = k.contiguous(), v.contiguous()
-    out = torch.empty_like(q)
-    lse = torch.empty(1, kv_heads, rows, dtype=torch.float32)
-    code = lib.memlayer_attend_bf16(
-        q.data_ptr(), rows, tokens, -1 if causal is None else causal,
-        k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), k.stride(1), k.shape[2],
-        kv_heads, dim, scale, torch.get_num_threads(), out.data_ptr(), lse.data_ptr(),
-    )  # fmt: skip
-    if code:
-        raise MemoryError(f"memlayer_attend_bf16 failed (code {code})")
-    return out, lse
+    """`attend_parts` of one part."""
+    return attend_parts([(q, k, v, causal)], tokens=tokens, scale=scale)

@@ -119,20 +119,23 @@ def _bf16_parts(
     page_lengths: torch.Tensor | None,
 ) -> torch.Tensor:
     """The grouped step's output [1, Hkv, G·T, D] for T = `length` tokens, with bfloat16
-    products: the window in one causal call, the sinks, the pages (a selection that pads,
-    or pages held in part, keep the float32 flash attention for their part: it needs a
-    mask)."""
+    products: the window (causal), the sinks and the pages in one softmax, one C call (a
+    selection that pads, or pages held in part, keep the float32 flash attention for their
+    part, which needs a mask, merged after)."""
     before = window_k.shape[2] - length
-    parts = [cpu_bf16.attend(ql, window_k, window_v, tokens=length, scale=scale, causal=before)]
+    parts: list[cpu_bf16.Part] = [(ql, window_k, window_v, before)]
     if sink_k.shape[2]:
-        parts.append(cpu_bf16.attend(qm, sink_k, sink_v, tokens=length, scale=scale))
+        parts.append((qm, sink_k, sink_v, None))
+    masked = None
     if page_idx.shape[2]:
         if page_lengths is None and not padded:
             page_k, page_v = _gathered(k_pool, v_pool, page_idx)
-            parts.append(cpu_bf16.attend(qm, page_k, page_v, tokens=length, scale=scale))
+            parts.append((qm, page_k, page_v, None))
         else:
-            parts.append(_pages(qm, k_pool, v_pool, page_idx, scale, padded, page_lengths))
-    out, _ = merge_attention([o for o, _ in parts], [lse for _, lse in parts])
+            masked = _pages(qm, k_pool, v_pool, page_idx, scale, padded, page_lengths)
+    out, lse = cpu_bf16.attend_parts(parts, tokens=length, scale=scale)
+    if masked is not None:
+        out, _ = merge_attention([out, masked[0]], [lse, masked[1]])
     return out
 
 

@@ -72,6 +72,28 @@ def test_bfloat16_pools_and_strided_heads_read_as_they_are() -> None:
 
 
 @needs_bf16
+def test_parts_with_their_own_queries_run_in_one_softmax() -> None:
+    """The window (causal, local queries) and the pages (memory queries) of one step."""
+    gen = torch.Generator().manual_seed(2)
+    tokens, dim = 40, 64
+    q_local, q_memory = (torch.randn(1, 2, 3 * tokens, dim, generator=gen) for _ in range(2))
+    window_k, window_v = (torch.randn(1, 2, 100, dim, generator=gen) for _ in range(2))
+    page_k, page_v = (torch.randn(1, 2, 130, dim, generator=gen).bfloat16() for _ in range(2))
+    parts = [(q_local, window_k, window_v, 60), (q_memory, page_k, page_v, None)]
+    out, lse = cpu_bf16.attend_parts(parts, tokens=tokens, scale=0.125)
+    rounded = [
+        t.bfloat16().double() for t in (q_local, window_k, window_v, q_memory, page_k, page_v)
+    ]
+    local = rounded[0] @ rounded[1].transpose(-1, -2) * 0.125
+    token = torch.arange(3 * tokens) % tokens
+    local = local.masked_fill(torch.arange(100)[None] > (60 + token)[:, None], float("-inf"))
+    logits = torch.cat([local, rounded[3] @ rounded[4].transpose(-1, -2) * 0.125], dim=-1)
+    want = torch.softmax(logits, -1) @ torch.cat([rounded[2], rounded[5]], dim=2)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=2**-8 * 4)
+
+
+@needs_bf16
 def test_no_keys_give_zero_and_a_log_sum_exp_of_minus_infinity() -> None:
     q = torch.randn(1, 2, 8, 64)
     out, lse = cpu_bf16.attend(q, q[:, :, :0], q[:, :, :0], tokens=8, scale=0.125)
