@@ -8,9 +8,9 @@ before the chunk (every query sees them), the chunk's own keys (causal, a square
 tokens and the pages. A one-token decode step is cheaper in the reference's one softmax, so
 `dispatch` sends only chunks of at least `FLASH_FROM` queries here.
 
-With `bf16_products` (and a CPU with AVX512-BF16, `cpu_bf16.py`), the window (its keys
-before the chunk and the chunk's own, causal, in one call), the sinks and the pages go
-through a flash attention whose products take bfloat16: about twice as fast.
+With `bf16_products` (and a CPU with AVX512-BF16, `cpu_bf16.py`), the window (causal), the
+sinks and the pages go through one C call, a flash attention whose products take bfloat16:
+about twice as fast, with nothing to merge.
 """
 
 from __future__ import annotations
