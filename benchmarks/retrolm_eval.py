@@ -70,9 +70,13 @@ class SelectionLog:
             select = memory.select
 
             def logged(
-                q: torch.Tensor, scale: float | None = None, select: Any = select, seen: Any = seen
+                q: torch.Tensor,
+                scale: float | None = None,
+                select: Any = select,
+                seen: Any = seen,
+                **options: Any,
             ) -> torch.Tensor:
-                chosen = select(q, scale)
+                chosen = select(q, scale, **options)
                 seen.update(i for i in chosen.flatten().tolist() if i >= 0)
                 return chosen
 
