@@ -101,24 +101,6 @@ static inline int32_t pair_at(const uint16_t *row, int pair) {
     return bits;
 }
 
-/* Logits s[i][j] (lanes: keys 16j..16j+15 of a block) of MR query rows, each `dim` bfloat16
- * values, against a block of keys in pair layout: the products, in float32. */
-static inline __attribute__((always_inline)) void block_logits(const uint16_t **row,
-                                                               const uint16_t *kb, int dim,
-                                                               __m512 s[MR][4]) {
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < 4; j++) s[i][j] = _mm512_setzero_ps();
-    for (int p = 0; p < dim / 2; p++) {
-        __m512bh kk[4];
-        for (int j = 0; j < 4; j++)
-            kk[j] = (__m512bh)_mm512_load_si512((const void *)(kb + (p * KB + 16 * j) * 2));
-        for (int i = 0; i < MR; i++) {
-            __m512bh qq = (__m512bh)_mm512_set1_epi32(pair_at(row[i], p));
-            for (int j = 0; j < 4; j++) s[i][j] = _mm512_dpbf16_ps(s[i][j], qq, kk[j]);
-        }
-    }
-}
-
 /* One part of a step: query rows against one set of keys and values. */
 typedef struct {
     const float *q;     /* [kv_heads, rows, dim] float32 */
@@ -152,8 +134,6 @@ static void attend_part(const float *qh, int r0, int m, int tokens, const part_t
         if (!live) last[i] = -1;
         if (last[i] > reach) reach = last[i];
     }
-    const uint16_t *rows[MR];
-    for (int i = 0; i < MR; i++) rows[i] = qb[i];
     int blocks = (int)((reach + KB) / KB);
     float *run_max = st->run_max, *run_sum = st->run_sum;
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
@@ -161,7 +141,17 @@ static void attend_part(const float *qh, int r0, int m, int tokens, const part_t
         const uint16_t *kb = kp + (int64_t)b * KB * dim;
         const uint16_t *vb = vp + (int64_t)b * KB * dim;
         __m512 s[MR][4];
-        block_logits(rows, kb, dim, s);
+        for (int i = 0; i < MR; i++)
+            for (int j = 0; j < 4; j++) s[i][j] = _mm512_setzero_ps();
+        for (int p = 0; p < dim / 2; p++) {
+            __m512bh kk[4];
+            for (int j = 0; j < 4; j++)
+                kk[j] = (__m512bh)_mm512_load_si512((const void *)(kb + (p * KB + 16 * j) * 2));
+            for (int i = 0; i < MR; i++) {
+                __m512bh qq = (__m512bh)_mm512_set1_epi32(pair_at(qb[i], p));
+                for (int j = 0; j < 4; j++) s[i][j] = _mm512_dpbf16_ps(s[i][j], qq, kk[j]);
+            }
+        }
         for (int i = 0; i < MR; i++) {
             __m512 best = _mm512_set1_ps(-INFINITY);
             for (int j = 0; j < 4; j++) {
@@ -313,7 +303,17 @@ int memlayer_bounds_bf16(const float *q, int rows, const float *summary, int pag
             const uint16_t *row[MR]; /* past the last row: the block's first again (same max) */
             for (int i = 0; i < MR; i++) row[i] = qh + (int64_t)(r + i < rows ? r + i : r) * wide;
             __m512 s[MR][4];
-            block_logits(row, kp, wide, s);
+            for (int i = 0; i < MR; i++)
+                for (int j = 0; j < 4; j++) s[i][j] = _mm512_setzero_ps();
+            for (int p = 0; p < wide / 2; p++) {
+                __m512bh kk[4];
+                for (int j = 0; j < 4; j++)
+                    kk[j] = (__m512bh)_mm512_load_si512((const void *)(kp + (p * KB + 16 * j) * 2));
+                for (int i = 0; i < MR; i++) {
+                    __m512bh qq = (__m512bh)_mm512_set1_epi32(pair_at(row[i], p));
+                    for (int j = 0; j < 4; j++) s[i][j] = _mm512_dpbf16_ps(s[i][j], qq, kk[j]);
+                }
+            }
             for (int i = 0; i < MR; i++)
                 for (int j = 0; j < 4; j++) best[j] = _mm512_max_ps(best[j], s[i][j]);
         }
