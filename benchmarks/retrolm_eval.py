@@ -70,13 +70,9 @@ class SelectionLog:
             select = memory.select
 
             def logged(
-                q: torch.Tensor,
-                scale: float | None = None,
-                select: Any = select,
-                seen: Any = seen,
-                **options: Any,
+                q: torch.Tensor, scale: float | None = None, select: Any = select, seen: Any = seen
             ) -> torch.Tensor:
-                chosen = select(q, scale, **options)
+                chosen = select(q, scale)
                 seen.update(i for i in chosen.flatten().tolist() if i >= 0)
                 return chosen
 

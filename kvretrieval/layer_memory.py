@@ -238,7 +238,9 @@ class LayerMemory(CacheLayerMixin):
         bf16 = self.config.attention_dtype == "bfloat16" and takes_bf16_products(q_local)
         lengths = None
         if pages.count and self.topk:
-            chosen = self.select(q_memory, scale, bf16_products=bf16)
+            # a selector that scores with bfloat16 products gets the queries rounded for it
+            rounded = bf16 and self.selector.takes_bf16_queries
+            chosen = self.select(q_memory.bfloat16() if rounded else q_memory, scale)
             padded = self.selector.pads_selection or chosen.shape[-1] > pages.count
             k_pool, v_pool, slots = pages.slots(chosen, padded)
             if pages.partial:
@@ -272,20 +274,15 @@ class LayerMemory(CacheLayerMixin):
         q_local = self.window.rotate_queries(q_raw)
         return q_local, q_local if self.window.exact else self.memory_queries(q_raw)
 
-    def select(
-        self, q_memory: torch.Tensor, scale: float | None = None, *, bf16_products: bool = False
-    ) -> torch.Tensor:
+    def select(self, q_memory: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """The selector's pages [1, Hkv, topk] for queries placed in the memory frame, for
         attention scaled by `scale` (None: 1/√head_dim); or the pinned pages (one selection
-        per question) and the newest `topk` pages sealed since. With `bf16_products`, a
-        selector that takes bfloat16 queries gets them rounded."""
+        per question) and the newest `topk` pages sealed since."""
         if self.pin is not None:
             return self._pinned(*self.pin)
         summaries = self.pages.summaries[: self.pages.count]
         if scale is None:
             scale = q_memory.shape[-1] ** -0.5
-        if bf16_products and self.selector.takes_bf16_queries:
-            q_memory = q_memory.bfloat16()
         return self.selector.select(q_memory, summaries, self.topk, scale=scale)
 
     @property

@@ -210,13 +210,9 @@ def record_selection(session: KVSession) -> dict[tuple[int, int], list[list[int]
     for layer, memory in enumerate(session.cache.memories):
 
         def select(
-            q_memory: torch.Tensor,
-            *args: Any,
-            layer: int = layer,
-            memory: Any = memory,
-            **options: Any,
+            q_memory: torch.Tensor, *args: Any, layer: int = layer, memory: Any = memory
         ) -> Any:
-            chosen = type(memory).select(memory, q_memory, *args, **options)
+            chosen = type(memory).select(memory, q_memory, *args)
             picks[(layer, memory.seen - q_memory.shape[2])] = chosen[0].tolist()
             return chosen
 
