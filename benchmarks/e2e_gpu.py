@@ -135,6 +135,7 @@ def run_memlayer(
     selector: str,
     chunk_size: int = 512,
     gpu_budget: str | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     from memlayer import KVSession
 
@@ -142,7 +143,7 @@ def run_memlayer(
         model,
         None,
         chat=False,
-        progress=False,
+        progress=progress,
         selector=selector,
         chunk_size=chunk_size,
         gpu_budget=gpu_budget,
@@ -211,6 +212,9 @@ def main() -> None:
         "--gpu-budget", help="bound KVSession's GPU tier (e.g. 8GiB): the rest in pinned RAM"
     )
     parser.add_argument("--tiny", action="store_true", help="tiny shape, 2K, 4 tokens; CPU ok")
+    parser.add_argument(
+        "--progress", action="store_true", help="a progress bar over each KVSession's feed"
+    )
     parser.add_argument("--profile", type=Path, help="also write a profile of one chunk here")
     parser.add_argument("--out", type=Path, help="JSON file for the rows")
     args = parser.parse_args()
@@ -235,7 +239,8 @@ def main() -> None:
                 row = run_dense(model, context, args.new_tokens, cudnn=method == "dense")
             else:
                 row = run_memlayer(
-                    model, context, args.new_tokens, method, args.chunk_size, args.gpu_budget
+                    *(model, context, args.new_tokens, method),
+                    *(args.chunk_size, args.gpu_budget, args.progress),
                 )
                 row |= {"chunk_size": args.chunk_size, "gpu_budget": args.gpu_budget}
             row = {"context": name, "method": method, **row}

@@ -78,7 +78,7 @@ def commands(
         ],
         "e2e-512k": [
             *(*e2e, "--shape", "llama3-8b", "--contexts", "512k", "--methods", "infllm"),
-            *("--chunk-size", "2048", "--gpu-budget", "8GiB", "--new-tokens", "16"),
+            *("--chunk-size", "2048", "--gpu-budget", "8GiB", "--new-tokens", "16", "--progress"),
             *("--out", str(out / f"e2e-llama3-8b-512k-{stamp}.json")),
         ],
     }
