@@ -11,7 +11,9 @@ passkey.py's job. For each context length, in one run:
   infllm,   KVSession with that selector and its default span (2K tokens): feed in chunks,
   quest     then greedy tokens through `continue_ids`.
 Prefill is tokens/s over the synchronised wall time; decode is ms per generated token (mean
-over the tokens; dense also gives its median); memory is torch's peak allocation.
+over the tokens; dense also gives its median); memory is torch's peak allocation. A
+KVSession row also records its selection hit rate (the share of selected pages already on
+the GPU) and the pages, bytes and seconds its store moved between tiers.
 
     python benchmarks/e2e_gpu.py --shape smollm2 --contexts 8k 32k 128k --out results.json
     python benchmarks/e2e_gpu.py --shape llama3-8b --contexts 512k --methods infllm \
@@ -154,6 +156,8 @@ def run_memlayer(
     return {
         "prefill_tok_s": len(context) / prefill_s,
         "decode_ms": 1000 * stats["decode_s"] / stats["decode_tokens"],
+        "selection_hit_rate": stats["selection_hit_rate"],
+        "moved": stats["moved"],
     }
 
 
