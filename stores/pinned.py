@@ -6,14 +6,22 @@ pinned: at 512K tokens of an 8B model's KV (56 GiB in RAM) that is 63 GiB more, 
 machine runs out of memory. Here a slab is plain memory registered with CUDA
 (`cudaHostRegister`), huge-page advised before its first touch, and unregistered as its
 storage is freed.
+
+A large slab reserves address space instead (`pinned_reserve`) and page-locks only the rows
+in use, more as it grows (`lock_rows`): growing is then a longer view, with no copy of the
+old rows and no second locking of them. Doubling to 64 GiB by copying locks 127 GiB and
+copies 63; this locks 64 GiB once.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import mmap
+import sys
 import threading
 import weakref
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,9 +45,34 @@ def _account(delta: int) -> None:
         _registered += delta
 
 
-def _unregister(address: int, nbytes: int) -> None:
+def _cuda_register(address: int, nbytes: int) -> int:
+    """cudaHostRegister: 0 when the range is now page-locked, else CUDA's error code."""
+    return int(torch.cuda.cudart().cudaHostRegister(address, nbytes, 0))
+
+
+def _cuda_unregister(address: int) -> None:
     torch.cuda.cudart().cudaHostUnregister(address)
-    _account(-nbytes)
+
+
+def _lock_range(address: int, nbytes: int) -> bool:
+    """Page-lock a range; False, with a warning, where CUDA cannot lock that much."""
+    status = _cuda_register(address, nbytes)
+    if status != 0:
+        log.warning(
+            "could not page-lock %d bytes of a host slab (CUDA error %d): they stay pageable, "
+            "and copies from them to the GPU wait for the host",
+            nbytes,
+            status,
+        )
+        return False
+    _account(nbytes)
+    return True
+
+
+def _unlock_ranges(ranges: list[tuple[int, int]]) -> None:
+    for address, nbytes in ranges:
+        _cuda_unregister(address)
+        _account(-nbytes)
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -50,17 +83,63 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     tensor = torch.from_numpy(buffer)[:nbytes].view(dtype).view(shape)
     advise_huge_pages(tensor)
     address = buffer.ctypes.data
-    status = torch.cuda.cudart().cudaHostRegister(address, buffer.nbytes, 0)
-    if int(status) != 0:
-        log.warning(
-            "could not page-lock a %d-byte host slab (CUDA error %d): it stays pageable, "
-            "and copies from it to the GPU wait for the host",
-            buffer.nbytes,
-            int(status),
-        )
-        return tensor
-    _account(buffer.nbytes)
-    # the storage holds `buffer` until its last view is gone; numpy clears weak references
-    # before it frees the memory, so the range is unregistered while it is still mapped
-    weakref.finalize(buffer, _unregister, address, buffer.nbytes).atexit = False
+    if _lock_range(address, buffer.nbytes):
+        # the storage holds `buffer` until its last view is gone; numpy clears weak
+        # references before it frees the memory, so the range is unregistered while mapped
+        weakref.finalize(buffer, _unlock_ranges, [(address, buffer.nbytes)]).atexit = False
     return tensor
+
+
+LOCK_STEP = 2 << 20  # bytes: a reservation is locked in whole huge pages, never twice
+# Linux's MAP_NORESERVE (x86 and Arm): address space not counted against overcommit
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
+
+
+@dataclass
+class _Reservation:
+    """A reserved mapping: its start, its length, and the ranges locked so far (in order)."""
+
+    address: int
+    nbytes: int
+    locked: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def locked_bytes(self) -> int:
+        return sum(nbytes for _, nbytes in self.locked)
+
+
+_reservations: dict[int, _Reservation] = {}  # by start address, while mapped
+
+
+def pinned_reserve(shape: tuple[int, ...], dtype: torch.dtype, locked_rows: int) -> torch.Tensor:
+    """Address space for `shape[0]` rows, nothing written, its first `locked_rows` page-locked
+    (`lock_rows` locks more as a slab grows into it). OSError where the mapping is refused."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    length = max(-(-nbytes // LOCK_STEP) * LOCK_STEP, LOCK_STEP)
+    mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+    buffer = np.frombuffer(mapping, dtype=np.uint8)
+    tensor = torch.from_numpy(buffer)[:nbytes].view(dtype).view(shape)
+    advise_huge_pages(tensor)
+    reservation = _reservations[buffer.ctypes.data] = _Reservation(buffer.ctypes.data, length)
+    # numpy clears weak references before it lets the mapping go: unlocked while mapped
+    weakref.finalize(buffer, _release, reservation).atexit = False
+    lock_rows(tensor, locked_rows)
+    return tensor
+
+
+def lock_rows(tensor: torch.Tensor, rows: int) -> None:
+    """Page-lock the first `rows` rows of a `pinned_reserve` tensor, in whole LOCK_STEPs,
+    locking only what is not locked yet; nothing for any other tensor."""
+    reservation = _reservations.get(tensor.data_ptr())
+    if reservation is None:
+        return
+    row_bytes = math.prod(tensor.shape[1:]) * tensor.dtype.itemsize
+    end = min(-(-rows * row_bytes // LOCK_STEP) * LOCK_STEP, reservation.nbytes)
+    start = reservation.address + reservation.locked_bytes
+    if end > reservation.locked_bytes and _lock_range(start, end - reservation.locked_bytes):
+        reservation.locked.append((start, end - reservation.locked_bytes))
+
+
+def _release(reservation: _Reservation) -> None:
+    _reservations.pop(reservation.address, None)
+    _unlock_ranges(reservation.locked)

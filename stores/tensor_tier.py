@@ -6,10 +6,12 @@ is then read with one `index_select` per name, never a Python loop per page. Sla
 by doubling while the budget allows and are released when empty; the bytes a tier
 reports are the bytes its slabs reserve, so a budget is a bound on device memory.
 
-A plain RAM slab past RESERVE_FROM reserves address space ahead (`RESERVE_FRACTION` of the
+A RAM slab past RESERVE_FROM reserves address space ahead (`RESERVE_FRACTION` of the
 machine's memory, within the budget). Linux backs it only where it is written, so the slab
 grows as a longer view of the same memory instead of a copy of all its pages into a new one.
-Where the reservation is refused (strict overcommit), the slab grows by copying.
+A page-locked slab (a RAM tier behind a GPU) reserves up to all of the machine's memory and
+locks only the rows in use, more as it grows (`stores/pinned.py`). Where the reservation is
+refused (strict overcommit), the slab grows by copying.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from memlayer.errors import CapacityError, InvalidInputError, NotFoundError
 from memlayer.stores.codec import check_payload
 from memlayer.stores.huge_pages import advise_huge_pages
-from memlayer.stores.pinned import pinned_empty
+from memlayer.stores.pinned import lock_rows, pinned_empty, pinned_reserve
 from memlayer.stores.policy import POLICIES
 from memlayer.stores.tier import PromotionStep, Tier
 from memlayer.types import Page
@@ -494,6 +496,8 @@ class TensorTier(Tier):
                 for name, tensor in reserved.items():
                     tensor[:capacity].copy_(slab.fields[name])
         fields = {name: tensor[:grown] for name, tensor in reserved.items()}
+        for tensor in reserved.values():
+            lock_rows(tensor, grown)
         if slab is None:
             slab = self._slabs[sig] = Slab(fields, size)
         slab.fields = fields
@@ -503,19 +507,25 @@ class TensorTier(Tier):
         return capacity
 
     def _reserve(self, sig: Signature, rows: int, most: int) -> dict[str, torch.Tensor]:
-        """Fields of at least `rows` slots: on a plain RAM tier, as many more (up to `most`)
-        as RESERVE_FRACTION of physical memory holds, address space written only as used."""
+        """Fields of at least `rows` slots: on a RAM tier, as many more (up to `most`) as
+        RESERVE_FRACTION of physical memory holds (all of it when page-locked: only the rows
+        in use are locked), address space written only as used."""
 
         def fields(count: int) -> dict[str, torch.Tensor]:
             return {name: self._empty((count, *shape), dtype) for name, dtype, shape in sig}
 
         size = max(slot_bytes(sig), 1)
-        if self.device.type != "cpu" or self.pin or rows * size < RESERVE_FROM:
+        if self.device.type != "cpu" or rows * size < RESERVE_FROM:
             return fields(rows)
-        ahead = int(_physical_bytes() * RESERVE_FRACTION) // size
+        fraction = 1.0 if self.pin else RESERVE_FRACTION
+        count = max(rows, min(most, int(_physical_bytes() * fraction) // size))
         try:
-            return fields(max(rows, min(most, ahead)))
-        except RuntimeError:  # address space refused (strict overcommit): no reserve
+            if self.pin:
+                return {
+                    name: pinned_reserve((count, *shape), dtype, rows) for name, dtype, shape in sig
+                }
+            return fields(count)
+        except (RuntimeError, OSError):  # address space refused (strict overcommit): no reserve
             return fields(rows)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import itertools
 import mmap
 import threading
 from pathlib import Path
@@ -23,7 +24,7 @@ from memlayer.errors import (
     StorageError,
 )
 from memlayer.kvretrieval.shared_pages import write_slots
-from memlayer.stores import DiskTier, PageStore, SQLTier, StoreConfig, TensorTier, Tier
+from memlayer.stores import DiskTier, PageStore, SQLTier, StoreConfig, TensorTier, Tier, pinned
 from memlayer.stores.disk_tier import HEADER_BYTES, MAGIC, OLD_MAGIC
 from memlayer.stores.pinned import registered_bytes
 from memlayer.stores.tensor_tier import _runs, copy_rows
@@ -647,6 +648,90 @@ def test_a_large_ram_slab_grows_in_place_in_its_reserved_address_space() -> None
     assert slab.capacity >= 9 and slab.fields["k"].data_ptr() == where
     assert tier.nbytes == slab.capacity * 16 << 20  # what is held, not what is reserved
     for page in pages + more:
+        assert torch.equal(tier.get(page.id).payload["k"], page.payload["k"])
+
+
+def _record_page_locks(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
+    """Stand in for cudaHostRegister / Unregister: the ranges locked now, by address; a
+    range locked twice, or overlapping one that is, fails the test."""
+    locked: dict[int, int] = {}
+
+    def register(address: int, nbytes: int) -> int:
+        assert all(address >= a + n or address + nbytes <= a for a, n in locked.items())
+        locked[address] = nbytes
+        return 0
+
+    monkeypatch.setattr(pinned, "_cuda_register", register)
+    monkeypatch.setattr(pinned, "_cuda_unregister", locked.pop)
+    return locked
+
+
+def test_a_page_locked_slab_grows_in_place_locking_only_its_new_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A RAM slab behind a GPU, past RESERVE_FROM, reserves address space and page-locks only
+    the rows in use, each range once, as it grows: the slab never moves (no copy of its old
+    rows), every page reads back, and all of it is unlocked when the tier goes. CUDA's calls
+    are recorded here; the real ones run under the `gpu` marker."""
+    locked = _record_page_locks(monkeypatch)
+    before = registered_bytes()
+    tier = TensorTier("ram", "cpu", None, pin=True)
+    pages = _big_pages(4)
+    tier.put_many(pages)  # 4 slots: 64 MB, the reserve is taken (the small slabs unlocked)
+    slab = next(iter(tier._slabs.values()))
+    where = slab.fields["k"].data_ptr()
+    assert locked == {where: 4 * (16 << 20)}
+    more = _big_pages(5, start=4)
+    tier.put_many(more)  # 9 slots: grown twice
+    assert slab.capacity >= 9 and slab.fields["k"].data_ptr() == where
+    ranges = sorted(locked.items())
+    assert [a for a, _ in ranges] == list(
+        itertools.accumulate([where] + [n for _, n in ranges[:-1]])
+    )
+    assert sum(locked.values()) == slab.capacity * (16 << 20) == registered_bytes() - before
+    for page in pages + more:
+        assert torch.equal(tier.get(page.id).payload["k"], page.payload["k"])
+    del tier, slab
+    gc.collect()
+    assert locked == {} and registered_bytes() == before
+
+
+@pytest.mark.gpu
+def test_a_large_page_locked_slab_grows_in_place_and_copies_to_the_gpu_exactly() -> None:
+    """With CUDA's real calls: the rows in use of a reserved slab are page-locked, a
+    non-blocking copy of them to the GPU is exact, and freeing the tier unlocks them."""
+    before = registered_bytes()
+    tier = TensorTier("ram", "cpu", None, pin=True)
+    pages = _big_pages(9)
+    tier.put_many(pages)
+    slab = next(iter(tier._slabs.values()))
+    keys = slab.fields["k"]
+    assert slab.reserved["k"].shape[0] > slab.capacity and keys.is_pinned()
+    assert registered_bytes() - before == slab.capacity * (16 << 20)
+    on_gpu = keys.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.cpu(), keys)
+    del tier, slab, keys
+    gc.collect()
+    assert registered_bytes() == before
+
+
+def test_a_page_locked_slab_whose_reserve_is_refused_grows_by_copying(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    locked = _record_page_locks(monkeypatch)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("address space refused")
+
+    monkeypatch.setattr(pinned.mmap, "mmap", refuse)
+    tier = TensorTier("ram", "cpu", None, pin=True)
+    pages = _big_pages(6)
+    tier.put_many(pages)
+    slab = next(iter(tier._slabs.values()))
+    assert slab.reserved["k"].shape[0] == slab.capacity == 8
+    assert locked == {slab.fields["k"].data_ptr(): 8 * (16 << 20)}  # the whole slab, once
+    for page in pages:
         assert torch.equal(tier.get(page.id).payload["k"], page.payload["k"])
 
 
