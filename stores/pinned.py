@@ -8,9 +8,10 @@ machine runs out of memory. Here a slab is plain memory registered with CUDA
 storage is freed.
 
 A large slab reserves address space instead (`pinned_reserve`) and page-locks only the rows
-in use, more as it grows (`lock_rows`): growing is then a longer view, with no copy of the
-old rows and no second locking of them. Doubling to 64 GiB by copying locks 127 GiB and
-copies 63; this locks 64 GiB once.
+in use (`lock_rows`): growing is then a longer view, with no copy of the old rows, and each
+page is first touched once. At each growth the rows in use are locked again as one range,
+since CUDA refuses a copy that spans two registered ranges ("invalid argument", seen on an
+H200); re-locking memory already written is cheaper than copying it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import mmap
 import sys
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -90,25 +91,25 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return tensor
 
 
-LOCK_STEP = 2 << 20  # bytes: a reservation is locked in whole huge pages, never twice
+LOCK_STEP = 2 << 20  # bytes: a reservation is locked in whole huge pages
 # Linux's MAP_NORESERVE (x86 and Arm): address space not counted against overcommit
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
 
 
 @dataclass
 class _Reservation:
-    """A reserved mapping: its start, its length, and the ranges locked so far (in order)."""
+    """A reserved mapping: its start, its length, and how much of it is locked (from the start)."""
 
     address: int
     nbytes: int
-    locked: list[tuple[int, int]] = field(default_factory=list)
-
-    @property
-    def locked_bytes(self) -> int:
-        return sum(nbytes for _, nbytes in self.locked)
+    locked: int = 0
 
 
 _reservations: dict[int, _Reservation] = {}  # by start address, while mapped
+
+
+def _cuda_synchronize() -> None:
+    torch.cuda.synchronize()
 
 
 def pinned_reserve(shape: tuple[int, ...], dtype: torch.dtype, locked_rows: int) -> torch.Tensor:
@@ -128,18 +129,28 @@ def pinned_reserve(shape: tuple[int, ...], dtype: torch.dtype, locked_rows: int)
 
 
 def lock_rows(tensor: torch.Tensor, rows: int) -> None:
-    """Page-lock the first `rows` rows of a `pinned_reserve` tensor, in whole LOCK_STEPs,
-    locking only what is not locked yet; nothing for any other tensor."""
+    """Page-lock the first `rows` rows of a `pinned_reserve` tensor (in whole LOCK_STEPs) as
+    one range, replacing a shorter one; nothing for any other tensor. Where CUDA cannot lock
+    that much, what was locked before stays locked."""
     reservation = _reservations.get(tensor.data_ptr())
     if reservation is None:
         return
     row_bytes = math.prod(tensor.shape[1:]) * tensor.dtype.itemsize
     end = min(-(-rows * row_bytes // LOCK_STEP) * LOCK_STEP, reservation.nbytes)
-    start = reservation.address + reservation.locked_bytes
-    if end > reservation.locked_bytes and _lock_range(start, end - reservation.locked_bytes):
-        reservation.locked.append((start, end - reservation.locked_bytes))
+    previous = reservation.locked
+    if end <= previous:
+        return
+    if previous:
+        _cuda_synchronize()  # copies in flight from the locked rows end before they unlock
+        _unlock_ranges([(reservation.address, previous)])
+        reservation.locked = 0
+    for size in (end, previous):
+        if size and _lock_range(reservation.address, size):
+            reservation.locked = size
+            return
 
 
 def _release(reservation: _Reservation) -> None:
     _reservations.pop(reservation.address, None)
-    _unlock_ranges(reservation.locked)
+    if reservation.locked:
+        _unlock_ranges([(reservation.address, reservation.locked)])

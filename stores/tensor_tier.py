@@ -10,7 +10,7 @@ A RAM slab past RESERVE_FROM reserves address space ahead (`RESERVE_FRACTION` of
 machine's memory, within the budget). Linux backs it only where it is written, so the slab
 grows as a longer view of the same memory instead of a copy of all its pages into a new one.
 A page-locked slab (a RAM tier behind a GPU) reserves up to all of the machine's memory and
-locks only the rows in use, more as it grows (`stores/pinned.py`). Where the reservation is
+locks only the rows in use, again as it grows (`stores/pinned.py`). Where the reservation is
 refused (strict overcommit), the slab grows by copying.
 """
 
