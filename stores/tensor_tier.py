@@ -209,7 +209,10 @@ class TensorTier(Tier):
                 rows = field_[slots[first] : slots[first] + count]
                 sources = [payload[name] for payload in payloads[first : first + count]]
                 devices = {t.device for t in sources}
-                if count == 1 or len(devices) > 1:
+                stacked = _consecutive_rows(sources)
+                if stacked is not None:  # already stacked (pages evicted together): one copy
+                    rows.copy_(stacked, non_blocking=non_blocking(self.device))
+                elif count == 1 or len(devices) > 1:
                     for row, tensor in zip(rows, sources, strict=True):
                         row.copy_(tensor, non_blocking=non_blocking(self.device))
                 elif devices == {self.device}:
@@ -352,7 +355,8 @@ class TensorTier(Tier):
 
     def copy_from(self, source: TensorTier, page_ids: Sequence[str]) -> list[Page]:
         """Copy pages of one payload signature from another tensor tier as one batch
-        (see `copy_rows`). Returns the pages evicted to make room, as `put` does."""
+        (see `copy_rows`). Returns the pages evicted to make room, as `put` does: the
+        coldest of that signature read together (`_evict_batch`), not one copy each."""
         if source is self:
             raise InvalidInputError("source", "must be another tier")
         ids = list(dict.fromkeys(page_ids))
@@ -370,9 +374,10 @@ class TensorTier(Tier):
         for page_id in ids:
             if page_id in self:
                 self.evict(page_id)
-        evicted: list[Page] = []
-        slots: list[int] = []
-        while len(slots) < len(ids):
+        slots = self._take_slots(sig, len(ids))
+        evicted = self._evict_batch(sig, len(ids) - len(slots))
+        slots += self._take_slots(sig, len(ids) - len(slots))
+        while len(slots) < len(ids):  # the coldest pages are of other signatures
             slot = self._allocate(sig)
             if slot is None:
                 evicted.append(self._pop_victim())
@@ -548,6 +553,28 @@ def copy_rows(
             target.copy_(src[sources[0] : sources[0] + len(sources)])
         else:
             torch.index_select(src, 0, torch.tensor(sources, device=src.device), out=target)
+
+
+def _consecutive_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The slice of one contiguous tensor whose rows, in order, `tensors` are (as the
+    payloads of pages evicted together are), else None: then they need stacking."""
+    base = tensors[0]._base
+    if len(tensors) < 2 or base is None or not base.is_contiguous() or base.dim() < 1:
+        return None
+    row_bytes = base[0].numel() * base.element_size()
+    offset = tensors[0].data_ptr() - base.data_ptr()
+    first = offset // row_bytes if row_bytes else 0
+    if not row_bytes or offset % row_bytes or first + len(tensors) > base.shape[0]:
+        return None
+    for i, tensor in enumerate(tensors):
+        if (
+            tensor._base is not base
+            or tensor.shape != base.shape[1:]
+            or not tensor.is_contiguous()
+            or tensor.data_ptr() != base.data_ptr() + (first + i) * row_bytes
+        ):
+            return None
+    return base[first : first + len(tensors)]
 
 
 def _stretches(pairs: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memlayer.errors import (
     CapacityError,
@@ -323,6 +324,42 @@ def test_a_bounded_front_tier_evicts_and_demotes_in_batches() -> None:
     assert store.stats()["moved"]["gpu->ram"]["pages"] == 14
     for page in pages:
         assert_same(ram.get(page.id) if page.id in ram else front.get(page.id), page)
+
+
+class _CopyCount(TorchDispatchMode):
+    """Counts the torch operations that copy page data, by name."""
+
+    COPIES = ("clone", "index_select", "stack", "cat", "copy_", "index_copy")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = func.overloadpacket.__name__
+        if name in self.COPIES:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("promoted", [3, 6])
+def test_promoting_into_a_full_tier_reads_its_victims_together(promoted: int) -> None:
+    """Bringing pages up into a full front tier evicts its coldest pages with one gather per
+    payload name and writes them below in one copy per name: the copies do not grow with
+    the number of pages (3 or 6 here), and every page reads back exactly where it went."""
+    size = kv_page("x").nbytes
+    front, ram = TensorTier("gpu", "cpu", 8 * size), TensorTier("ram", "cpu", None)
+    store = PageStore([front, ram])
+    pages = [kv_page(f"p{i}", seed=i) for i in range(24)]
+    for start in range(0, 24, 8):
+        store.put_many(pages[start : start + 8])  # front: p16..p23; ram: p0..p15
+    counter = _CopyCount()
+    with counter:
+        store.bring_up([p.id for p in pages[:promoted]])
+    assert sorted(front.ids()) == sorted(p.id for p in pages[:promoted] + pages[16 + promoted :])
+    assert counter.counts == {"index_select": 3, "copy_": 9}, counter.counts  # 3 names: a gather of the victims; copies of them below, of the slab below as it grows, of the pages up
+    for page in pages:
+        assert_same(front.get(page.id) if page.id in front else ram.get(page.id), page)
 
 
 def test_put_many_falls_back_for_mixed_or_repeated_pages() -> None:
