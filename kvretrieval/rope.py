@@ -33,6 +33,21 @@ def find_rotary(model: Any) -> Any:
     )
 
 
+def identity_at_zero(model: Any) -> bool:
+    """Whether the model's RoPE rotates by the identity at position 0 (cos 1, sin 0): plain
+    RoPE, not a scaled one, which also multiplies by its attention scaling there. False
+    for a model without a rotary module memlayer can drive."""
+    try:
+        module = find_rotary(model)
+    except UnsupportedModelError:
+        return False
+    device = module.inv_freq.device
+    probe = torch.empty(1, device=device, dtype=torch.float32)
+    with torch.no_grad():
+        cos, sin = module(probe, torch.zeros(1, 1, dtype=torch.long, device=device))
+    return bool((cos == 1).all() and (sin == 0).all())
+
+
 @dataclass(frozen=True)
 class TokenLayout:
     """A fixed rotation per token of a chunk (cos and signed sin [T, D]): the turn that moves

@@ -6,6 +6,8 @@ log-sum-exp merge, the rotary handling and the chunking must add up to the dense
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from kv_models import tiny, twin
@@ -46,3 +48,32 @@ def test_bounded_span_differs_from_dense_but_stays_finite() -> None:
     stats = session.stats()
     assert stats["pages"] == 2 * ((120 - 2 - 8) // 4)
     assert stats["attention_span"] == 2 + 2 * 4 + 8 + 4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "llama-yarn"])
+def test_a_session_skips_the_models_rotation_only_where_it_is_the_identity(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session's forwards run every position at 0, where plain RoPE rotates by the
+    identity: the model's own rotation is skipped there. YaRN's multiplies by its scaling,
+    so it runs. A dense forward of the same model, between the session's, still rotates and
+    equals a twin that never met memlayer."""
+    model, untouched = tiny(family), tiny(family)
+    module = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    calls = 0
+    rotate_half = module.rotate_half
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return rotate_half(x)
+
+    monkeypatch.setattr(module, "rotate_half", counted)
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(5))
+    session = KVSession(model, None, progress=False, **EXACT)
+    session.feed(ids[0].tolist())
+    assert (calls > 0) == (family == "llama-yarn")
+    calls = 0
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, untouched(ids).logits)
+    assert calls > 0
