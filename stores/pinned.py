@@ -70,10 +70,9 @@ def _lock_range(address: int, nbytes: int) -> bool:
     return True
 
 
-def _unlock_ranges(ranges: list[tuple[int, int]]) -> None:
-    for address, nbytes in ranges:
-        _cuda_unregister(address)
-        _account(-nbytes)
+def _unlock_range(address: int, nbytes: int) -> None:
+    _cuda_unregister(address)
+    _account(-nbytes)
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -87,7 +86,7 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     if _lock_range(address, buffer.nbytes):
         # the storage holds `buffer` until its last view is gone; numpy clears weak
         # references before it frees the memory, so the range is unregistered while mapped
-        weakref.finalize(buffer, _unlock_ranges, [(address, buffer.nbytes)]).atexit = False
+        weakref.finalize(buffer, _unlock_range, address, buffer.nbytes).atexit = False
     return tensor
 
 
@@ -112,9 +111,9 @@ def _cuda_synchronize() -> None:
     torch.cuda.synchronize()
 
 
-def pinned_reserve(shape: tuple[int, ...], dtype: torch.dtype, locked_rows: int) -> torch.Tensor:
-    """Address space for `shape[0]` rows, nothing written, its first `locked_rows` page-locked
-    (`lock_rows` locks more as a slab grows into it). OSError where the mapping is refused."""
+def pinned_reserve(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Address space for `shape[0]` rows, nothing written or locked yet (`lock_rows` locks
+    the rows a slab grows into). OSError where the mapping is refused."""
     nbytes = math.prod(shape) * dtype.itemsize
     length = max(-(-nbytes // LOCK_STEP) * LOCK_STEP, LOCK_STEP)
     mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
@@ -124,7 +123,6 @@ def pinned_reserve(shape: tuple[int, ...], dtype: torch.dtype, locked_rows: int)
     reservation = _reservations[buffer.ctypes.data] = _Reservation(buffer.ctypes.data, length)
     # numpy clears weak references before it lets the mapping go: unlocked while mapped
     weakref.finalize(buffer, _release, reservation).atexit = False
-    lock_rows(tensor, locked_rows)
     return tensor
 
 
@@ -142,7 +140,7 @@ def lock_rows(tensor: torch.Tensor, rows: int) -> None:
         return
     if previous:
         _cuda_synchronize()  # copies in flight from the locked rows end before they unlock
-        _unlock_ranges([(reservation.address, previous)])
+        _unlock_range(reservation.address, previous)
         reservation.locked = 0
     for size in (end, previous):
         if size and _lock_range(reservation.address, size):
@@ -153,4 +151,4 @@ def lock_rows(tensor: torch.Tensor, rows: int) -> None:
 def _release(reservation: _Reservation) -> None:
     _reservations.pop(reservation.address, None)
     if reservation.locked:
-        _unlock_ranges([(reservation.address, reservation.locked)])
+        _unlock_range(reservation.address, reservation.locked)

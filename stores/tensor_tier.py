@@ -526,9 +526,7 @@ class TensorTier(Tier):
         count = max(rows, min(most, int(_physical_bytes() * fraction) // size))
         try:
             if self.pin:
-                return {
-                    name: pinned_reserve((count, *shape), dtype, rows) for name, dtype, shape in sig
-                }
+                return {name: pinned_reserve((count, *shape), dtype) for name, dtype, shape in sig}
             return fields(count)
         except (RuntimeError, OSError):  # address space refused (strict overcommit): no reserve
             return fields(rows)
@@ -556,25 +554,23 @@ def copy_rows(
 
 
 def _consecutive_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """The slice of one contiguous tensor whose rows, in order, `tensors` are (as the
+    """The stretch of one contiguous tensor whose rows, in order, `tensors` are (as the
     payloads of pages evicted together are), else None: then they need stacking."""
-    base = tensors[0]._base
-    if len(tensors) < 2 or base is None or not base.is_contiguous() or base.dim() < 1:
-        return None
-    row_bytes = base[0].numel() * base.element_size()
-    offset = tensors[0].data_ptr() - base.data_ptr()
-    first = offset // row_bytes if row_bytes else 0
-    if not row_bytes or offset % row_bytes or first + len(tensors) > base.shape[0]:
+    first, base = tensors[0], tensors[0]._base
+    if len(tensors) < 2 or base is None or not base.is_contiguous():
         return None
     for i, tensor in enumerate(tensors):
         if (
             tensor._base is not base
-            or tensor.shape != base.shape[1:]
+            or tensor.dtype != base.dtype
+            or tensor.shape != first.shape
             or not tensor.is_contiguous()
-            or tensor.data_ptr() != base.data_ptr() + (first + i) * row_bytes
+            or tensor.data_ptr() != first.data_ptr() + i * first.nbytes
         ):
             return None
-    return base[first : first + len(tensors)]
+    start = (first.data_ptr() - base.data_ptr()) // base.element_size()
+    flat = base.view(-1)[start : start + len(tensors) * first.numel()]
+    return flat.view(len(tensors), *first.shape)
 
 
 def _stretches(pairs: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
