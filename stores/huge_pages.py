@@ -1,10 +1,10 @@
-"""Transparent huge pages for a large CPU slab (Linux): fewer TLB misses on scattered reads.
+"""Transparent huge pages for a page-locked host slab (Linux): fewer pages to lock and map.
 
-A KV step reads its selected pages from all over a layer's slab, a few 16 KB runs each. On
-4 KB pages every run costs page walks and restarts the hardware prefetcher at each 4 KB
-boundary; on 2 MB pages it does not. Linux backs a range with huge pages on its first touch
-when asked (`madvise(MADV_HUGEPAGE)`, the default `madvise` mode of
-/sys/kernel/mm/transparent_hugepage/enabled). Elsewhere, or when THP is off, nothing happens.
+A host slab behind a GPU is locked with `cudaHostRegister` as it grows; on 2 MB pages the
+driver pins and maps 512 times fewer pages, and the GPU's copies walk fewer of them. Linux
+backs a range with huge pages on its first touch when asked (`madvise(MADV_HUGEPAGE)`, the
+default `madvise` mode of /sys/kernel/mm/transparent_hugepage/enabled). Elsewhere, or when
+THP is off, nothing happens. (A plain RAM slab does not ask: see `TensorTier._empty`.)
 """
 
 from __future__ import annotations
