@@ -7,8 +7,8 @@ it fits the model's 8K window), the floor's cache holds the context's first 512 
 then every method runs `--tokens` one-token forwards in turn (the same token ids for
 every method: the context's own, from its start), for `--rounds` rounds. `--page-dtypes
 model bfloat16` adds a session per selector with its pages kept in bfloat16, and
-`--attention-dtypes model bfloat16` one whose prefill attention takes bfloat16 products
-(KVConfig.attention_dtype). Reports
+`--attention-dtypes bfloat16 model` one whose prefill attention takes float32 products
+beside the default's bfloat16 ones (KVConfig.attention_dtype). Reports
 the median ms per token of each method's rounds, its speed as a fraction of the floor's
 (floor ms / method ms), and the median over rounds of that fraction taken within each round
 (back-to-back turns: slow drifts of the machine cancel), side by side from the same
@@ -22,7 +22,7 @@ a round), and the table gives tok/s as a fraction of the floor's.
     python benchmarks/decode_ratio.py --lengths 2k 8k 32k --rounds 7 --tokens 12
     python benchmarks/decode_ratio.py --lengths 32k 64k --rounds 0 --prefill-rounds 5
     python benchmarks/decode_ratio.py --rounds 0 --prefill-rounds 7 \
-        --attention-dtypes model bfloat16
+        --attention-dtypes bfloat16 model
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def main() -> None:
         "--attention-dtypes",
         nargs="+",
         choices=["model", "bfloat16"],
-        default=["model"],
+        default=["bfloat16"],
         help="one session per selector and attention dtype (KVConfig.attention_dtype)",
     )
     parser.add_argument("--rounds", type=int, default=7, help="decode rounds (0: none)")
@@ -200,7 +200,7 @@ def main() -> None:
                 name = " ".join(
                     [selector]
                     + ([page_dtype] if page_dtype != "model" else [])
-                    + (["bf16 products"] if attention_dtype != "model" else [])
+                    + (["f32 products"] if attention_dtype == "model" else [])
                 )
                 runners[name] = Memory(
                     model, tokenizer, ids, selector,

@@ -209,8 +209,9 @@ def main() -> None:
     parser.add_argument(
         "--attention-dtype",
         choices=["model", "bfloat16"],
-        default="model",
-        help="bfloat16: prefill attention with bfloat16 products (KVConfig.attention_dtype)",
+        default="bfloat16",
+        help="prefill attention with bfloat16 products (the default) or the model's dtype"
+        " (KVConfig.attention_dtype)",
     )
     parser.add_argument(
         "--json", type=Path, help="where to write the run (default: benchmarks/results/)"

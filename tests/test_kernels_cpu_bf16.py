@@ -163,8 +163,8 @@ def test_a_session_with_bfloat16_products_is_dense_within_bfloat16_rounding() ->
     ids = torch.randint(0, 96, (1, 300), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = dense(ids).logits[0]
-    wide = _logits(dense, ids)
-    narrow = _logits(dense, ids, attention_dtype="bfloat16")
+    wide = _logits(dense, ids, attention_dtype="model")
+    narrow = _logits(dense, ids)  # the default: bfloat16 products where the CPU has them
     torch.testing.assert_close(wide, expected, rtol=1e-5, atol=1e-5)
     error = (narrow - expected).abs().max().item()
     scale = expected.abs().max().item()
@@ -174,9 +174,9 @@ def test_a_session_with_bfloat16_products_is_dense_within_bfloat16_rounding() ->
 def test_without_avx512_bf16_a_session_computes_float32(monkeypatch: pytest.MonkeyPatch) -> None:
     dense = _model()
     ids = torch.randint(0, 96, (1, 200), generator=torch.Generator().manual_seed(4))
-    wide = _logits(dense, ids)
+    wide = _logits(dense, ids, attention_dtype="model")
     monkeypatch.setattr(cpu_bf16, "library", lambda: None)
-    assert torch.equal(_logits(dense, ids, attention_dtype="bfloat16"), wide)
+    assert torch.equal(_logits(dense, ids), wide)
 
 
 def test_an_unknown_attention_dtype_is_refused_by_name() -> None:
