@@ -1,7 +1,7 @@
 """Transparent huge pages for a page-locked host slab (Linux): fewer pages to lock and map.
 
 A host slab behind a GPU is locked with `cudaHostRegister` as it grows; on 2 MB pages the
-driver pins and maps 512 times fewer pages, and the GPU's copies walk fewer of them. Linux
+driver pins and maps 512 times fewer pages. Linux
 backs a range with huge pages on its first touch when asked (`madvise(MADV_HUGEPAGE)`, the
 default `madvise` mode of /sys/kernel/mm/transparent_hugepage/enabled). Elsewhere, or when
 THP is off, nothing happens. (A plain RAM slab does not ask: see `TensorTier._empty`.)
