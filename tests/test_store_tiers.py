@@ -275,7 +275,8 @@ def test_a_page_locked_host_slab_copies_to_the_gpu_exactly_and_unlocks_when_free
     keys = slab.fields["k"]
     on_gpu = keys.to("cuda", non_blocking=True)
     torch.cuda.synchronize()
-    assert torch.equal(on_gpu.cpu(), keys)
+    # bit for bit: rows past the pages in use are uninitialised and may hold NaNs
+    assert torch.equal(on_gpu.cpu().view(torch.uint8), keys.view(torch.uint8))
     del tier, slab, keys
     gc.collect()
     assert registered_bytes() == before
