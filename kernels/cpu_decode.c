@@ -417,3 +417,89 @@ int memlayer_select_bounds_f32(const float *q, int heads, int tokens, int kv_hea
     free(positive), free(negative), free(score), free(best);
     return 0;
 }
+
+/* RoPE of rows x [heads, tokens, dim] (unrotated), token t of every head at table row
+ * first + t, into out (same layout): x·cos + roll(x, dim / 2)·signed_sin, rounded as torch's
+ * mul then addcmul round it (the first product alone, then one fused multiply-add), so the
+ * result is bit for bit the reference's. */
+__attribute__((optimize("fp-contract=off"))) static void rope_rows(
+    const float *x, int heads, int tokens, int dim, const float *cos, const float *ssin,
+    int64_t first, int64_t head_stride, float *out) {
+    const int half = dim / 2;
+    for (int h = 0; h < heads; h++)
+        for (int t = 0; t < tokens; t++) {
+            const float *row = x + ((int64_t)h * tokens + t) * dim;
+            const float *c = cos + (first + t) * dim, *s = ssin + (first + t) * dim;
+            float *to = out + h * head_stride + (int64_t)t * dim;
+            for (int d = 0; d < dim; d++) {
+                float turned = row[d] * c[d];
+                to[d] = fmaf(row[d < half ? d + half : d - half], s[d], turned);
+            }
+        }
+}
+
+/* A few tokens' keys and values [kv_heads, tokens, dim] (rows packed) into a layer's window
+ * buffers at raw / rot / val (each head's rows `head_stride` floats apart): keys as they
+ * came and rotated at table rows first, first + 1, ...; values as they came. */
+void memlayer_window_put_f32(const float *k, const float *v, int kv_heads, int tokens, int dim,
+                             const float *cos, const float *ssin, int64_t first,
+                             int64_t head_stride, float *raw, float *rot, float *val) {
+    for (int h = 0; h < kv_heads; h++) {
+        size_t bytes = sizeof(float) * tokens * dim;
+        memcpy(raw + h * head_stride, k + (int64_t)h * tokens * dim, bytes);
+        memcpy(val + h * head_stride, v + (int64_t)h * tokens * dim, bytes);
+    }
+    rope_rows(k, kv_heads, tokens, dim, cos, ssin, first, head_stride, rot);
+}
+
+/* One layer's whole decode step: the unrotated queries q_raw [heads, tokens, dim] rotated to
+ * the window's positions (table rows from local_at) and to memory's (every token at row
+ * memory_at; memory_at < 0: the window's), k pages selected from the summaries of the
+ * `sealed` pages (kind 0: InfLLM's and ReKV's summed score, [sealed, kv_heads, dim], one
+ * selection every head shares; kind 1: Quest's bounds, [sealed, kv_heads, 2, dim], per KV
+ * head), their slots read from table [sealed], then memlayer_sparse_decode_f32. The same
+ * arithmetic as those calls made one by one from Python. Returns 0, or -1 when out of memory
+ * (nothing written). */
+int memlayer_decode_layer_f32(
+    const float *q_raw, const float *cos, const float *ssin, int64_t local_at, int64_t memory_at,
+    int kind, const float *summaries, int sealed, int k, const int64_t *table,
+    const float *win_k, const float *win_v, int64_t win_head_stride, int win_len,
+    const float *sink_k, const float *sink_v, int64_t sink_head_stride, int sinks,
+    const void *pool_k, const void *pool_v, int pool_bf16, int page, int heads, int kv_heads,
+    int tokens, int dim, float scale, int threads, float *out) {
+    const int64_t size = (int64_t)heads * tokens * dim;
+    const int choices = kind == 0 ? 1 : kv_heads;
+    float *placed = malloc(sizeof(float) * 2 * size);
+    int64_t *chosen = malloc(sizeof(int64_t) * choices * k);
+    int64_t *slots = malloc(sizeof(int64_t) * kv_heads * k);
+    if (!placed || !chosen || !slots) {
+        free(placed), free(chosen), free(slots);
+        return -1;
+    }
+    float *local = placed, *memory = placed + size;
+    rope_rows(q_raw, heads, tokens, dim, cos, ssin, local_at, (int64_t)tokens * dim, local);
+    if (memory_at >= 0) {
+        for (int t = 0; t < tokens; t++) /* every token at the one memory position */
+            for (int h = 0; h < heads; h++)
+                rope_rows(q_raw + ((int64_t)h * tokens + t) * dim, 1, 1, dim, cos, ssin,
+                          memory_at, 0, memory + ((int64_t)h * tokens + t) * dim);
+    } else {
+        memory = local;
+    }
+    int failed = kind == 0
+        ? memlayer_select_summed_f32(memory, heads, tokens, kv_heads, dim, summaries, sealed, k, chosen)
+        : memlayer_select_bounds_f32(memory, heads, tokens, kv_heads, dim, summaries, sealed, k, chosen);
+    if (!failed) {
+        for (int g = 0; g < kv_heads; g++)
+            for (int i = 0; i < k; i++) {
+                int64_t page_index = chosen[(kind == 0 ? 0 : (int64_t)g * k) + i];
+                slots[(int64_t)g * k + i] = page_index < 0 ? -1 : table[page_index];
+            }
+        failed = memlayer_sparse_decode_f32(
+            local, memory, win_k, win_v, win_head_stride, win_len, sink_k, sink_v,
+            sink_head_stride, sinks, pool_k, pool_v, pool_bf16, slots, NULL, k, page, heads,
+            kv_heads, tokens, dim, scale, threads, out);
+    }
+    free(placed), free(chosen), free(slots);
+    return failed;
+}

@@ -42,6 +42,19 @@ def library() -> ctypes.CDLL | None:
     for select in (lib.memlayer_select_summed_f32, lib.memlayer_select_bounds_f32):
         select.argtypes = [pointer, i32, i32, i32, i32, pointer, i32, i32, pointer]
         select.restype = i32
+    put = lib.memlayer_window_put_f32
+    put.argtypes = [pointer, pointer, i32, i32, i32, pointer, pointer, i64, i64, *(pointer,) * 3]
+    put.restype = None
+    layer = lib.memlayer_decode_layer_f32
+    layer.argtypes = [
+        *(pointer,) * 3, i64, i64,  # q_raw, cos, signed sin, local and memory table rows
+        i32, pointer, i32, i32, pointer,  # kind, summaries, sealed pages, k, page table
+        *(pointer,) * 2, i64, i32,  # window k/v, head stride, length
+        *(pointer,) * 2, i64, i32,  # sink k/v, head stride, count
+        pointer, pointer, i32, i32,  # pool k/v, bfloat16 or not, page size
+        i32, i32, i32, i32, ctypes.c_float, i32, pointer,  # heads .. threads, out
+    ]  # fmt: skip
+    layer.restype = i32
     return lib
 
 
@@ -259,3 +272,104 @@ def _(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
 @_select_bounds.register_fake
 def _(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch.Tensor:
     return q.new_empty((1, summary.shape[1], k), dtype=torch.long)
+
+
+SELECTIONS = {"summed": 0, "bounds": 1}  # the C step's selection kinds
+
+
+def handles_window_put(keys: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """True for a few CPU float32 tokens' keys [Hkv, T, D] into float32 window buffers whose
+    head size the kernel takes, when it is built (a prefill chunk stays in torch)."""
+    return (
+        keys.device.type == "cpu"
+        and keys.dtype == buffer.dtype == torch.float32
+        and keys.shape[1] <= BOUNDS_MAX_TOKENS
+        and keys.shape[-1] % 2 == 0
+        and buffer.stride(-1) == 1
+        and buffer.stride(1) == buffer.shape[2]
+        and available()
+    )
+
+
+def window_put(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor],
+    first: int,
+    buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    at: int,
+) -> None:
+    """Write keys and values [Hkv, T, D] at index `at` of a window's buffers (raw, rotated,
+    values: [Hkv, capacity, D]), the keys rotated at rows first .. first + T - 1 of `tables`
+    (cos, signed sin [N, D], `Rotary`'s): `WindowBuffer.append`'s writes in one C call."""
+    lib = library()
+    assert lib is not None
+    heads, tokens, dim = keys.shape
+    keys, values = keys.contiguous(), values.contiguous()
+    raw, rot, val = buffers
+    offset = at * dim * raw.element_size()
+    lib.memlayer_window_put_f32(
+        keys.data_ptr(), values.data_ptr(), heads, tokens, dim, tables[0].data_ptr(),
+        tables[1].data_ptr(), first, raw.stride(0), raw.data_ptr() + offset,
+        rot.data_ptr() + offset, val.data_ptr() + offset,
+    )  # fmt: skip
+
+
+def handles_layer(
+    q_raw: torch.Tensor, window_k: torch.Tensor, k_pool: torch.Tensor, summaries: torch.Tensor
+) -> bool:
+    """True when `decode_layer` takes this step (window [Hkv, n, D]): at most
+    BOUNDS_MAX_TOKENS queries (where the separate selections are C calls too), `handles`'
+    conditions, and float32 summaries with their rows packed."""
+    return (
+        q_raw.shape[2] <= BOUNDS_MAX_TOKENS
+        and summaries.dtype == torch.float32
+        and summaries.is_contiguous()
+        and handles(q_raw, window_k[None], k_pool)
+    )
+
+
+def decode_layer(
+    q_raw: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor],
+    local_at: int,
+    memory_at: int | None,
+    selection: str,
+    summaries: torch.Tensor,
+    k: int,
+    table: torch.Tensor,
+    window_k: torch.Tensor,
+    window_v: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    *,
+    scale: float,
+) -> torch.Tensor:
+    """A resident layer's whole decode step in one C call: unrotated queries [1, Hq, T, D]
+    rotated at rows `local_at` .. of `tables` (cos, signed sin) for the window and at row
+    `memory_at` for memory (None: the window's), the top-`k` pages by `selection` ("summed"
+    or "bounds") of `summaries` [P, Hkv, R, D], their slots from `table` [P], then
+    `sparse_attention` over window [Hkv, n, D], sinks and the slab's pages. The same numbers
+    as those steps taken one by one."""
+    lib = library()
+    assert lib is not None
+    _, heads, tokens, dim = q_raw.shape
+    q_raw = q_raw.contiguous()
+    window_k, window_v = _packed(window_k[None], window_v[None])
+    sink_k, sink_v = _packed(sink_k[None], sink_v[None])
+    out = torch.empty_like(q_raw)
+    failed = lib.memlayer_decode_layer_f32(
+        q_raw.data_ptr(), tables[0].data_ptr(), tables[1].data_ptr(), local_at,
+        -1 if memory_at is None else memory_at, SELECTIONS[selection], summaries.data_ptr(),
+        summaries.shape[0], k, table.data_ptr(),
+        window_k.data_ptr(), window_v.data_ptr(), window_k.stride(1), window_k.shape[2],
+        sink_k.data_ptr(), sink_v.data_ptr(), sink_k.stride(1), sink_k.shape[2],
+        k_pool.data_ptr(), v_pool.data_ptr(), int(k_pool.dtype == torch.bfloat16),
+        k_pool.shape[2], heads, window_k.shape[1], tokens, dim, scale,
+        torch.get_num_threads(), out.data_ptr(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("cpu_decode: out of memory for the step's scratch")
+    return out

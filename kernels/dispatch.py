@@ -94,6 +94,52 @@ def select_pages_bounds(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch
     return reference.select_pages(score_pages(q, summary, kind="bounds"), k)
 
 
+def window_put(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor],
+    first: int,
+    buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    at: int,
+) -> bool:
+    """Write a decode token's keys and values [Hkv, T, D] into a window's buffers in one C
+    call (`cpu_decode.window_put`) and say True; False, with nothing written, where that
+    kernel does not take them (the caller writes them with torch)."""
+    if _forced_reference() or not cpu_decode.handles_window_put(keys, buffers[0]):
+        return False
+    cpu_decode.window_put(keys, values, tables, first, buffers, at)
+    return True
+
+
+def decode_layer(
+    q_raw: torch.Tensor,
+    tables: tuple[torch.Tensor, torch.Tensor],
+    local_at: int,
+    memory_at: int | None,
+    selection: str,
+    summaries: torch.Tensor,
+    k: int,
+    table: torch.Tensor,
+    window_k: torch.Tensor,
+    window_v: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    *,
+    scale: float,
+) -> torch.Tensor | None:
+    """A resident layer's whole CPU decode step (query placement, selection, page table,
+    attention) in one C call (`cpu_decode.decode_layer`, same arguments); None where that
+    kernel does not take the step, which the caller then takes part by part."""
+    if _forced_reference() or not cpu_decode.handles_layer(q_raw, window_k, k_pool, summaries):
+        return None
+    return cpu_decode.decode_layer(
+        q_raw, tables, local_at, memory_at, selection, summaries, k, table, window_k,
+        window_v, sink_k, sink_v, k_pool, v_pool, scale=scale,
+    )  # fmt: skip
+
+
 def takes_bf16_products(q: torch.Tensor) -> bool:
     """Whether a step of these queries [1, Hq, T, D] runs with bfloat16 products when asked
     (`sparse_attention(bf16_products=True)`): a CPU chunk of many queries, on a CPU with

@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from memlayer.errors import InvalidInputError, UnsupportedModelError
-from memlayer.kernels import sparse_attention, takes_bf16_products
+from memlayer.kernels import decode_layer, sparse_attention, takes_bf16_products
 from memlayer.kvretrieval.config import KVConfig
 from memlayer.kvretrieval.rope import Rotary, TokenLayout
 from memlayer.kvretrieval.sealed_pages import SealedPages
@@ -163,6 +163,9 @@ class LayerMemory(CacheLayerMixin):
         # while a chunk of image tokens is read (multimodal RoPE): their turn from the 1-D
         # positions the memory gives them to their (time, row, column) ones (`laid_out`)
         self.layout: TokenLayout | None = None
+        # the selection a CPU decode step's single kernel call makes (`_attend_fused`); None
+        # takes every step part by part, through `select`
+        self.fused_selection = selector.decode_selection if device.type == "cpu" else None
 
     @property
     def window_start(self) -> int:
@@ -218,7 +221,9 @@ class LayerMemory(CacheLayerMixin):
         if self.recorded is not None:
             self.recorded.append(self._placed_queries(q_raw)[1])
             self.recorded_scale = scale
-        out = self.attend_resident(q_raw, scale)
+        out = self._attend_fused(q_raw, scale)
+        if out is None:
+            out = self.attend_resident(q_raw, scale)
         self.pages.prefetch_next()
         if self.pages.count and self.topk:
             taken = self._step_pages() * self.window.heads
@@ -266,6 +271,45 @@ class LayerMemory(CacheLayerMixin):
             padded=padded,
             page_lengths=lengths,
             bf16_products=bf16,
+        )
+
+    def _attend_fused(self, q_raw: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """`attend_resident`'s step in one kernel call (`decode_layer`), where one takes it:
+        a CPU decode step over this layer's own resident pages, none pinned, chosen by a
+        selector whose selection the kernel has. None: take the step part by part."""
+        pages, window = self.pages, self.window
+        if (
+            self.fused_selection is None
+            or not (pages.count and self.topk)
+            or self.pin is not None
+            or pages.first
+            or pages.partial
+            or not pages.resident
+        ):
+            return None
+        slab = pages.front.slab(pages.signature)
+        if slab is None:
+            return None
+        tokens = q_raw.shape[-2]
+        local_at = window.end - tokens - window.base
+        memory_at = None if window.exact else self.config.n_local
+        upto = max(local_at + tokens, 0 if memory_at is None else memory_at + 1)
+        return decode_layer(
+            q_raw,
+            self.rotary.tables(upto, q_raw.dtype),
+            local_at,
+            memory_at,
+            self.fused_selection,
+            pages.summaries[: pages.count],
+            self.topk,
+            pages.table,
+            window.keys(),
+            window.values(),
+            self.sinks.keys(),
+            self.sinks.values(),
+            slab.fields["k"],
+            slab.fields["v"],
+            scale=scale,
         )
 
     def _placed_queries(self, q_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

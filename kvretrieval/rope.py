@@ -121,6 +121,12 @@ class Rotary:
             self._cast[dtype] = (self._cos.to(dtype), signed.to(dtype))
         return self._cast[dtype]
 
+    def tables(self, upto: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [N, D] in `dtype` for positions 0 .. at least upto - 1: what
+        `rotate` applies, for a kernel that rotates rows itself."""
+        self._ensure(upto)
+        return self._tables(dtype)
+
     def unscale(self, x: torch.Tensor) -> torch.Tensor:
         """Undo the rotation at position 0 the model applied (identity for plain RoPE)."""
         return x if self._plain else x / self.scale.to(x.dtype)

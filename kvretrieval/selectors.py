@@ -107,6 +107,13 @@ class PageSelector:
             return select_pages(scores[:, :1], topk).expand(-1, scores.shape[1], -1)
         return select_pages(scores, topk)
 
+    @property
+    def decode_selection(self) -> str | None:
+        """The C decode step's selection ("summed", "bounds") that is exactly this selector's
+        `select`, so a layer may take its whole CPU decode step in one kernel call
+        (`memlayer.kernels.decode_layer`); None: `select` runs as written."""
+        return None
+
     def layout(
         self, keys: torch.Tensor, positions: torch.Tensor, page_size: int
     ) -> PageLayout | None:
@@ -169,6 +176,10 @@ class SummedScoreSelector(PageSelector):
         chosen = select_pages_summed(queries, summaries, topk)
         return chosen.expand(-1, summaries.shape[1], -1)
 
+    @property
+    def decode_selection(self) -> str | None:
+        return "summed" if type(self).select is SummedScoreSelector.select else None
+
 
 @SELECTORS.register("infllm")
 @dataclass
@@ -229,6 +240,10 @@ class QuestSelector(PageSelector):
         """The top-k of `score` per KV head, through one kernel call (one C call on a CPU
         decode step)."""
         return select_pages_bounds(queries, summaries, topk)
+
+    @property
+    def decode_selection(self) -> str | None:
+        return "bounds" if type(self).select is QuestSelector.select else None
 
 
 @SELECTORS.register("rekv")

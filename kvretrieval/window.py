@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from memlayer.kernels import window_put
 from memlayer.kvretrieval.config import KVConfig
 from memlayer.kvretrieval.rope import Rotary
 
@@ -62,14 +63,17 @@ class WindowBuffer:
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write a chunk's unrotated keys and values [Hkv, T, D] after the window's last
-        token, rotating the keys once."""
+        token, rotating the keys once (a decode token's in one C call on the CPU)."""
         count = keys.shape[1]
         if self.head + self.length + count > self.capacity:
             self._move_to_front(count)
         at = self.head + self.length
-        self._raw[:, at : at + count] = keys
-        self._val[:, at : at + count] = values
-        self._rot[:, at : at + count] = self.rotary.rotate(keys, self.end - self.base)
+        first = self.end - self.base
+        tables = self.rotary.tables(first + count, keys.dtype)
+        if not window_put(keys, values, tables, first, self._buffers(), at):
+            self._raw[:, at : at + count] = keys
+            self._val[:, at : at + count] = values
+            self._rot[:, at : at + count] = self.rotary.rotate(keys, first)
         self.length += count
 
     def rotate_queries(self, queries: torch.Tensor) -> torch.Tensor:

@@ -217,6 +217,7 @@ def record_selection(session: KVSession) -> dict[tuple[int, int], list[list[int]
             return chosen
 
         memory.select = select
+        memory.fused_selection = None  # every step through `select` (no one-call step)
     return picks
 
 
