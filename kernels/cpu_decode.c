@@ -21,6 +21,19 @@ typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 typedef uint16_t h16 __attribute__((vector_size(32), aligned(2)));
 typedef int32_t i16x __attribute__((vector_size(64)));
+/* The same vectors read from and written to memory of any alignment, in one instruction: a
+ * memcpy into a vector made GCC copy through the stack in halves and then read the whole,
+ * which stalls on every read (store forwarding fails), most of a step's time. */
+typedef float v16_mem __attribute__((vector_size(64), aligned(4), may_alias));
+typedef uint16_t h16_mem __attribute__((vector_size(32), aligned(2), may_alias));
+
+static inline __attribute__((always_inline)) v16 loadu(const float *p) {
+    return *(const v16_mem *)p;
+}
+
+static inline __attribute__((always_inline)) void storeu(float *p, v16 x) {
+    *(v16_mem *)p = x;
+}
 
 #define BLOCK 64    /* keys per piece: one page of the default size */
 #define MAX_ROWS 64 /* query rows (group heads x tokens) of one KV head */
@@ -48,16 +61,12 @@ static inline float exp_nonpositive(float x) {
 /* 16 consecutive values at `at` (element index) of a float32 or bfloat16 array, as float32:
  * a bfloat16 is the top half of the float32 it stands for. */
 static inline __attribute__((always_inline)) v16 load16(const void *base, int64_t at, int bf16) {
-    v16 out;
     if (bf16) {
-        h16 half;
-        memcpy(&half, (const uint16_t *)base + at, 32);
+        h16 half = *(const h16_mem *)((const uint16_t *)base + at);
         i16x wide = __builtin_convertvector(half, i16x) << 16;
-        memcpy(&out, &wide, 64);
-    } else {
-        memcpy(&out, (const float *)base + at, 64);
+        return (v16)wide;
     }
-    return out;
+    return loadu((const float *)base + at);
 }
 
 static inline float lane_sum(v16 a) {
@@ -111,7 +120,7 @@ static inline __attribute__((always_inline)) void attend_piece(
         const int held = rows - r0 < block ? rows - r0 : block;
         v16 qv[4][MAX_LANES];
         for (int b = 0; b < held; b++)
-            for (int w = 0; w < lanes; w++) memcpy(&qv[b][w], q + (r0 + b) * dim + 16 * w, 64);
+            for (int w = 0; w < lanes; w++) qv[b][w] = loadu(q + (r0 + b) * dim + 16 * w);
         for (int j = 0; j < p.n; j++) {
             if (r0 == 0 && j % 8 == 0) prefetch_share(next, dim, j / 8, (p.n + 7) / 8);
             const int64_t kj = p.at + (int64_t)j * dim;
@@ -154,7 +163,7 @@ static inline __attribute__((always_inline)) void attend_piece(
         const int held = rows - r0 < block ? rows - r0 : block;
         v16 av[4][MAX_LANES];
         for (int b = 0; b < held; b++)
-            for (int w = 0; w < lanes; w++) memcpy(&av[b][w], st.acc + (r0 + b) * dim + 16 * w, 64);
+            for (int w = 0; w < lanes; w++) av[b][w] = loadu(st.acc + (r0 + b) * dim + 16 * w);
         for (int j = 0; j < p.n; j++) {
             const int64_t vj = p.at + (int64_t)j * dim;
             v16 vv[MAX_LANES];
@@ -166,7 +175,7 @@ static inline __attribute__((always_inline)) void attend_piece(
             }
         }
         for (int b = 0; b < held; b++)
-            for (int w = 0; w < lanes; w++) memcpy(st.acc + (r0 + b) * dim + 16 * w, &av[b][w], 64);
+            for (int w = 0; w < lanes; w++) storeu(st.acc + (r0 + b) * dim + 16 * w, av[b][w]);
     }
 }
 
@@ -361,10 +370,7 @@ int memlayer_select_summed_f32(const float *q, int heads, int tokens, int kv_hea
         const float *row = summaries + (int64_t)p * width;
         v16 a = {0};
         for (int i = 0; i < width; i += 16) {
-            v16 x, y;
-            memcpy(&x, row + i, 64);
-            memcpy(&y, query + i, 64);
-            a += x * y;
+            a += loadu(row + i) * loadu(query + i);
         }
         score[p] = lane_sum(a);
     }
@@ -402,10 +408,8 @@ int memlayer_select_bounds_f32(const float *q, int heads, int tokens, int kv_hea
                 const int64_t at = ((int64_t)h * rows + r) * dim;
                 v16 a = {0};
                 for (int d = 0; d < dim; d += 16) {
-                    v16 mx, mn, qp, qn;
-                    memcpy(&mx, high + d, 64), memcpy(&mn, low + d, 64);
-                    memcpy(&qp, positive + at + d, 64), memcpy(&qn, negative + at + d, 64);
-                    a += qp * mx + qn * mn;
+                    a += loadu(positive + at + d) * loadu(high + d) +
+                         loadu(negative + at + d) * loadu(low + d);
                 }
                 float s = lane_sum(a);
                 top = s > top ? s : top;
