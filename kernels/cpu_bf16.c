@@ -267,17 +267,49 @@ int memlayer_attend_bf16(const part_t *parts, int count, int rows, int tokens, i
     return 0;
 }
 
-/* Quest's scores of a chunk: out[h][p] = max over rows r of q-[h][r] . min[p][h] + q+[h][r] .
- * max[p][h] (q- = min(q, 0), q+ = max(q, 0)). Shapes: q [kv_heads, rows, dim] float32,
- * summary [pages, kv_heads, 2, dim] float32 (min row, max row), out [kv_heads, pages]; dim a
- * multiple of 32, 2 * dim at most MAX_DIM. 0 on success. */
-int memlayer_bounds_bf16(const float *q, int rows, const float *summary, int pages,
-                         int kv_heads, int dim, int threads, float *out) {
-    int wide = 2 * dim; /* [q-, q+] against [min, max] */
-    if (wide % 64 || wide > MAX_DIM || rows < 1) return 1;
-    uint16_t *signed_rows = aligned_alloc(64, (size_t)kv_heads * rows * wide * sizeof(uint16_t));
-    if (!signed_rows) return 2;
-    int64_t all = (int64_t)kv_heads * rows;
+/* Rows idx[0 .. count) of m (each `stride` elements after the one before it) in key pair
+ * layout, as pack_rows lays out consecutive ones. */
+static void pack_list(const float *m, int64_t stride, const int *idx, int count, int dim,
+                      uint16_t *kp) {
+    memset(kp, 0, (size_t)KB * dim * sizeof *kp);
+    for (int n = 0; n < count; n++) {
+        const float *row = m + (int64_t)idx[n] * stride;
+        for (int d = 0; d < dim; d++) kp[(d / 2) * KB * 2 + n * 2 + d % 2] = to_bf16(row[d]);
+    }
+}
+
+/* lanes[n] = max over the head's signed rows qh [rows, wide] of the row . packed key n. */
+static void score_block(const uint16_t *qh, int rows, int wide, const uint16_t *kp,
+                        float *lanes) {
+    __m512 best[4];
+    for (int j = 0; j < 4; j++) best[j] = _mm512_set1_ps(-INFINITY);
+    for (int r = 0; r < rows; r += MR) {
+        const uint16_t *row[MR]; /* past the last row: the block's first again (same max) */
+        for (int i = 0; i < MR; i++) row[i] = qh + (int64_t)(r + i < rows ? r + i : r) * wide;
+        __m512 s[MR][4];
+        for (int i = 0; i < MR; i++)
+            for (int j = 0; j < 4; j++) s[i][j] = _mm512_setzero_ps();
+        for (int p = 0; p < wide / 2; p++) {
+            __m512bh kk[4];
+            for (int j = 0; j < 4; j++)
+                kk[j] = (__m512bh)_mm512_load_si512((const void *)(kp + (p * KB + 16 * j) * 2));
+            for (int i = 0; i < MR; i++) {
+                __m512bh qq = (__m512bh)_mm512_set1_epi32(pair_at(row[i], p));
+                for (int j = 0; j < 4; j++) s[i][j] = _mm512_dpbf16_ps(s[i][j], qq, kk[j]);
+            }
+        }
+        for (int i = 0; i < MR; i++)
+            for (int j = 0; j < 4; j++) best[j] = _mm512_max_ps(best[j], s[i][j]);
+    }
+    for (int j = 0; j < 4; j++) _mm512_store_ps(lanes + 16 * j, best[j]);
+}
+
+/* [q-, q+] rows of q [kv_heads * rows, dim] in bfloat16 ([kv_heads * rows, 2 * dim]), or NULL
+ * when out of memory. */
+static uint16_t *signed_rows_of(const float *q, int64_t all, int dim, int threads) {
+    int wide = 2 * dim;
+    uint16_t *signed_rows = aligned_alloc(64, (size_t)all * wide * sizeof(uint16_t));
+    if (!signed_rows) return NULL;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < all; r++) {
         const float *row = q + r * dim;
@@ -287,6 +319,19 @@ int memlayer_bounds_bf16(const float *q, int rows, const float *summary, int pag
             to[dim + d] = to_bf16(row[d] > 0.f ? row[d] : 0.f);
         }
     }
+    return signed_rows;
+}
+
+/* Quest's scores of a chunk: out[h][p] = max over rows r of q-[h][r] . min[p][h] + q+[h][r] .
+ * max[p][h] (q- = min(q, 0), q+ = max(q, 0)). Shapes: q [kv_heads, rows, dim] float32,
+ * summary [pages, kv_heads, 2, dim] float32 (min row, max row), out [kv_heads, pages]; dim a
+ * multiple of 32, 2 * dim at most MAX_DIM. 0 on success. */
+int memlayer_bounds_bf16(const float *q, int rows, const float *summary, int pages,
+                         int kv_heads, int dim, int threads, float *out) {
+    int wide = 2 * dim; /* [q-, q+] against [min, max] */
+    if (wide % 64 || wide > MAX_DIM || rows < 1) return 1;
+    uint16_t *signed_rows = signed_rows_of(q, (int64_t)kv_heads * rows, dim, threads);
+    if (!signed_rows) return 2;
     int blocks = (pages + KB - 1) / KB;
     int items = kv_heads * blocks;
 #pragma omp parallel for schedule(dynamic) num_threads(threads)
@@ -296,32 +341,130 @@ int memlayer_bounds_bf16(const float *q, int rows, const float *summary, int pag
         uint16_t kp[KB * MAX_DIM] __attribute__((aligned(64)));
         pack_rows(summary + (int64_t)h * wide, (int64_t)kv_heads * wide, (int64_t)b * KB, count,
                   wide, kp);
-        __m512 best[4];
-        for (int j = 0; j < 4; j++) best[j] = _mm512_set1_ps(-INFINITY);
-        const uint16_t *qh = signed_rows + (int64_t)h * rows * wide;
-        for (int r = 0; r < rows; r += MR) {
-            const uint16_t *row[MR]; /* past the last row: the block's first again (same max) */
-            for (int i = 0; i < MR; i++) row[i] = qh + (int64_t)(r + i < rows ? r + i : r) * wide;
-            __m512 s[MR][4];
-            for (int i = 0; i < MR; i++)
-                for (int j = 0; j < 4; j++) s[i][j] = _mm512_setzero_ps();
-            for (int p = 0; p < wide / 2; p++) {
-                __m512bh kk[4];
-                for (int j = 0; j < 4; j++)
-                    kk[j] = (__m512bh)_mm512_load_si512((const void *)(kp + (p * KB + 16 * j) * 2));
-                for (int i = 0; i < MR; i++) {
-                    __m512bh qq = (__m512bh)_mm512_set1_epi32(pair_at(row[i], p));
-                    for (int j = 0; j < 4; j++) s[i][j] = _mm512_dpbf16_ps(s[i][j], qq, kk[j]);
-                }
-            }
-            for (int i = 0; i < MR; i++)
-                for (int j = 0; j < 4; j++) best[j] = _mm512_max_ps(best[j], s[i][j]);
-        }
         float lanes[KB] __attribute__((aligned(64)));
-        for (int j = 0; j < 4; j++) _mm512_store_ps(lanes + 16 * j, best[j]);
+        score_block(signed_rows + (int64_t)h * rows * wide, rows, wide, kp, lanes);
         memcpy(out + (int64_t)h * pages + (int64_t)b * KB, lanes, (size_t)count * sizeof(float));
     }
     free(signed_rows);
+    return 0;
+}
+
+#define GROUP 8 /* pages a group bound covers */
+
+/* Exact scores of the pages list[0 .. count) of head h into score (by page index). */
+static void score_list(const uint16_t *qh, int rows, int wide, const float *summary_h,
+                       int64_t stride, const int *list, int count, int threads, float *score) {
+    int blocks = (count + KB - 1) / KB;
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+    for (int b = 0; b < blocks; b++) {
+        int n = count - b * KB < KB ? count - b * KB : KB;
+        uint16_t kp[KB * MAX_DIM] __attribute__((aligned(64)));
+        float lanes[KB] __attribute__((aligned(64)));
+        pack_list(summary_h, stride, list + b * KB, n, wide, kp);
+        score_block(qh, rows, wide, kp, lanes);
+        for (int i = 0; i < n; i++) score[list[b * KB + i]] = lanes[i];
+    }
+}
+
+typedef struct {
+    float bound;
+    int group;
+} ranked_t;
+
+static int by_bound_descending(const void *a, const void *b) {
+    const ranked_t *x = a, *y = b;
+    if (x->bound != y->bound) return x->bound < y->bound ? 1 : -1;
+    return x->group - y->group;
+}
+
+/* memlayer_bounds_bf16's scores where they can reach a head's top k, -INFINITY for pages
+ * shown unable to: a group of GROUP pages is bounded by [min of its mins, max of its maxes]
+ * (never below any member's score: the products are monotone in the summary and rounding is
+ * too); the pages of the highest-bounded groups are scored first, the k-th best of them is a
+ * threshold, and every page of a group bounded at or above it is scored exactly. So the top
+ * k of `out` is the top k of the full scores. Same shapes as memlayer_bounds_bf16. */
+int memlayer_bounds_pruned_bf16(const float *q, int rows, const float *summary, int pages,
+                                int kv_heads, int dim, int k, int threads, float *out) {
+    int wide = 2 * dim;
+    if (wide % 64 || wide > MAX_DIM || rows < 1 || k < 1) return 1;
+    int groups = (pages + GROUP - 1) / GROUP;
+    uint16_t *signed_rows = signed_rows_of(q, (int64_t)kv_heads * rows, dim, threads);
+    float *grouped = malloc(sizeof(float) * (size_t)groups * kv_heads * wide);
+    float *bound = malloc(sizeof(float) * (size_t)kv_heads * groups);
+    int *order = malloc(sizeof(int) * (size_t)groups), *list = malloc(sizeof(int) * (size_t)pages);
+    ranked_t *ranked = malloc(sizeof(ranked_t) * (size_t)groups);
+    float *best = malloc(sizeof(float) * (size_t)k);
+    if (!signed_rows || !grouped || !bound || !order || !list || !ranked || !best) {
+        free(signed_rows), free(grouped), free(bound), free(order), free(list), free(ranked);
+        free(best);
+        return 2;
+    }
+    for (int g = 0; g < groups; g++) /* [groups, kv_heads, (min, max), dim] */
+        for (int h = 0; h < kv_heads; h++) {
+            float *to = grouped + ((int64_t)g * kv_heads + h) * wide;
+            for (int d = 0; d < wide; d++) to[d] = d < dim ? INFINITY : -INFINITY;
+            for (int p = g * GROUP; p < pages && p < (g + 1) * GROUP; p++) {
+                const float *from = summary + ((int64_t)p * kv_heads + h) * wide;
+                for (int d = 0; d < dim; d++) {
+                    to[d] = from[d] < to[d] ? from[d] : to[d];
+                    to[dim + d] = from[dim + d] > to[dim + d] ? from[dim + d] : to[dim + d];
+                }
+            }
+        }
+    for (int h = 0; h < kv_heads; h++) {
+        const uint16_t *qh = signed_rows + (int64_t)h * rows * wide;
+        const float *summary_h = summary + (int64_t)h * wide;
+        const int64_t stride = (int64_t)kv_heads * wide;
+        float *score = out + (int64_t)h * pages, *bound_h = bound + (int64_t)h * groups;
+        for (int g = 0; g < groups; g++) order[g] = g;
+        score_list(qh, rows, wide, grouped + (int64_t)h * wide, stride, order, groups, threads,
+                   bound_h);
+        for (int g = 0; g < groups; g++) ranked[g] = (ranked_t){bound_h[g], g};
+        qsort(ranked, groups, sizeof *ranked, by_bound_descending);
+        for (int g = 0; g < groups; g++) order[g] = ranked[g].group;
+        for (int p = 0; p < pages; p++) score[p] = -INFINITY;
+        /* the best-bounded groups, a block of pages or at least k pages' worth */
+        int first = 0, count = 0;
+        while (first < groups && (count < KB || count < k)) {
+            int g = order[first++];
+            for (int p = g * GROUP; p < pages && p < (g + 1) * GROUP; p++) list[count++] = p;
+        }
+        score_list(qh, rows, wide, summary_h, stride, list, count, threads, score);
+        /* the k-th best exact score so far: a min-heap of the k best */
+        int held = 0;
+        for (int i = 0; i < count; i++) {
+            float v = score[list[i]];
+            if (held < k) {
+                int at = held++;
+                best[at] = v;
+                while (at > 0 && best[(at - 1) / 2] > best[at]) {
+                    float t = best[at];
+                    best[at] = best[(at - 1) / 2], best[(at - 1) / 2] = t;
+                    at = (at - 1) / 2;
+                }
+            } else if (v > best[0]) {
+                best[0] = v;
+                for (int at = 0;;) {
+                    int low = at, l = 2 * at + 1, r = l + 1;
+                    if (l < k && best[l] < best[low]) low = l;
+                    if (r < k && best[r] < best[low]) low = r;
+                    if (low == at) break;
+                    float t = best[at];
+                    best[at] = best[low], best[low] = t;
+                    at = low;
+                }
+            }
+        }
+        float threshold = held < k ? -INFINITY : best[0];
+        count = 0;
+        for (int i = first; i < groups && bound_h[order[i]] >= threshold; i++) {
+            int g = order[i];
+            for (int p = g * GROUP; p < pages && p < (g + 1) * GROUP; p++) list[count++] = p;
+        }
+        score_list(qh, rows, wide, summary_h, stride, list, count, threads, score);
+    }
+    free(signed_rows), free(grouped), free(bound), free(order), free(list), free(ranked);
+    free(best);
     return 0;
 }
 

@@ -39,6 +39,9 @@ def library() -> ctypes.CDLL | None:
     bounds = lib.memlayer_bounds_bf16
     bounds.argtypes = [pointer, i32, pointer, i32, i32, i32, i32, pointer]
     bounds.restype = i32
+    pruned = lib.memlayer_bounds_pruned_bf16
+    pruned.argtypes = [pointer, i32, pointer, i32, i32, i32, i32, i32, pointer]
+    pruned.restype = i32
     return lib
 
 
@@ -75,22 +78,38 @@ def handles_bounds(q: torch.Tensor, summary: torch.Tensor) -> bool:
     )
 
 
-def bounds_scores(q: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+PRUNE_FROM = 512  # pages from which `bounds_scores(k=...)` skips the groups that cannot win
+
+
+def bounds_scores(q: torch.Tensor, summary: torch.Tensor, k: int | None = None) -> torch.Tensor:
     """`reference.score_pages(kind="bounds")` [1, Hkv, P] with bfloat16 products: per KV
-    head, the largest [q⁻, q⁺]·[min, max] over the group's query rows."""
+    head, the largest [q⁻, q⁺]·[min, max] over the group's query rows.
+
+    With `k` (and at least PRUNE_FROM pages), only the scores that can reach a head's top k
+    are computed, the others are -inf: groups of 8 pages are bounded first, and a group whose
+    bound is below the k-th best score found is skipped (its pages cannot beat it), so the
+    top k of these scores is the top k of the full ones at a fraction of the products."""
     lib = library()
     assert lib is not None
     pages, kv_heads, _, dim = summary.shape
     rows = q.float().reshape(kv_heads, -1, dim).contiguous()
     summary = summary.contiguous()
     out = torch.empty(1, kv_heads, pages, dtype=torch.float32)
-    if pages:
-        code = lib.memlayer_bounds_bf16(
-            rows.data_ptr(), rows.shape[1], summary.data_ptr(), pages, kv_heads, dim,
-            torch.get_num_threads(), out.data_ptr(),
+    threads = torch.get_num_threads()
+    if k is not None and pages >= PRUNE_FROM and k < pages:
+        code = lib.memlayer_bounds_pruned_bf16(
+            rows.data_ptr(), rows.shape[1], summary.data_ptr(), pages, kv_heads, dim, k,
+            threads, out.data_ptr(),
         )  # fmt: skip
-        if code:
-            raise MemoryError(f"memlayer_bounds_bf16 failed (code {code})")
+    elif pages:
+        code = lib.memlayer_bounds_bf16(
+            rows.data_ptr(), rows.shape[1], summary.data_ptr(), pages, kv_heads, dim, threads,
+            out.data_ptr(),
+        )  # fmt: skip
+    else:
+        code = 0
+    if code:
+        raise MemoryError(f"memlayer_bounds_bf16 failed (code {code})")
     return out
 
 

@@ -90,7 +90,7 @@ def select_pages_bounds(q: torch.Tensor, summary: torch.Tensor, k: int) -> torch
         if cpu_decode.handles_bounds(q, summary):
             return cpu_decode.select_pages_bounds(q, summary, k)
         if q.dtype == torch.bfloat16 and cpu_bf16.handles_bounds(q, summary):
-            return reference.select_pages(cpu_bf16.bounds_scores(q, summary), k)
+            return reference.select_pages(cpu_bf16.bounds_scores(q, summary, k), k)
     return reference.select_pages(score_pages(q, summary, kind="bounds"), k)
 
 

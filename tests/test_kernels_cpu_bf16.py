@@ -208,6 +208,34 @@ def test_quest_bounds_with_bfloat16_products_are_the_bounds_of_the_rounded_input
 
 
 @needs_bf16
+@pytest.mark.parametrize(
+    ("pages", "k", "seed"), [(600, 16, 0), (1000, 16, 1), (2000, 4, 2), (700, 8, 3)]
+)
+def test_pruned_quest_bounds_pick_the_pages_the_full_bounds_pick(
+    pages: int, k: int, seed: int
+) -> None:
+    """Pages of widely different key scales, so whole groups fall below a head's k-th best:
+    the scores computed are the full ones, the others -inf, and the top k is the same."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.rand(pages, 1, 1, 1, generator=gen) ** 4 * 3
+    keys = torch.randn(pages, 3, 64, 64, generator=gen) * scale
+    summary = torch.stack([keys.amin(dim=2), keys.amax(dim=2)], dim=2)
+    q = torch.randn(1, 9, 512, 64, generator=gen)
+    full = cpu_bf16.bounds_scores(q, summary)
+    pruned = cpu_bf16.bounds_scores(q, summary, k)
+    kept = torch.isfinite(pruned)
+    assert torch.equal(pruned[kept], full[kept])
+    assert 0 < kept.float().mean() < 1  # some pages skipped, none of a head's top k
+    assert torch.equal(reference.select_pages(pruned, k), reference.select_pages(full, k))
+
+
+@needs_bf16
+def test_quest_bounds_of_few_pages_are_all_computed() -> None:
+    q, summary = _bounds(cpu_bf16.PRUNE_FROM - 1, 64, 64, seed=4)
+    assert torch.equal(cpu_bf16.bounds_scores(q, summary, 16), cpu_bf16.bounds_scores(q, summary))
+
+
+@needs_bf16
 def test_bfloat16_queries_select_quest_pages_as_their_rounded_bounds_rank_them() -> None:
     q, summary = _bounds(300, 64, 64, seed=2)
     chosen = dispatch.select_pages_bounds(q.bfloat16(), summary, 16)
@@ -223,9 +251,9 @@ def test_a_quest_chunk_scores_with_bfloat16_products_only_when_asked(
     calls = []
     scores = cpu_bf16.bounds_scores
 
-    def counted(q: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+    def counted(q: torch.Tensor, summary: torch.Tensor, k: int | None = None) -> torch.Tensor:
         calls.append(q.dtype)
-        return scores(q, summary)
+        return scores(q, summary, k)
 
     monkeypatch.setattr(cpu_bf16, "bounds_scores", counted)
     session = KVSession(
