@@ -8,8 +8,9 @@ bfloat16 and keeps everything else in float32 (the logits, the running softmax, 
 the numerics of a bfloat16 flash attention on a GPU. A causal part skips the key blocks no
 row of a block sees. Quest's page scores for a chunk (the largest upper bound over its query
 rows) take the same products (`bounds_scores`); given the selection's k, only the pages that
-can reach a head's top k are scored (groups of 8 pages bounded first). Compiled on first use (`native.build`);
-where the CPU or the compiler lacks AVX512-BF16, `available` is False and float32 runs.
+can reach a head's top k are scored (groups of 8 pages bounded first). Compiled on first use
+(`native.build`); where the CPU or the compiler lacks AVX512-BF16, `available` is False and
+float32 runs.
 """
 
 from __future__ import annotations

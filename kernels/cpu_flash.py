@@ -10,7 +10,10 @@ tokens and the pages. A one-token decode step is cheaper in the reference's one 
 
 With `bf16_products` (and a CPU with AVX512-BF16, `cpu_bf16.py`), the window (causal), the
 sinks and the pages go through one C call, a flash attention whose products take bfloat16:
-about twice as fast, with nothing to merge.
+about twice as fast, with nothing to merge. On a CPU with AMX tiles for bfloat16 the same
+parts go instead through PyTorch's flash attention on bfloat16 copies (its matrix products
+run in the tiles: twice as fast again as the C call there), each part's output rounded to
+bfloat16 as a GPU's flash attention rounds it, and merged in float32.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from memlayer.kernels import cpu_bf16
+from memlayer.kernels import cpu_bf16, native
 from memlayer.kernels.reference import filled, merge_attention
 
 FLASH_FROM = 32  # queries; below this the reference's one softmax is as fast or faster
@@ -36,6 +39,7 @@ def _flash_kernel() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
 
 
 _FLASH = _flash_kernel()
+TILES_BF16 = "amx_bf16" in native.cpu_flags()  # bfloat16 products: torch's flash, in tiles
 
 
 def handles(q: torch.Tensor) -> bool:
@@ -74,12 +78,17 @@ def sparse_attention(
     def grouped(q: torch.Tensor) -> torch.Tensor:  # [B, Hkv, G·T, D]: no K/V copy for GQA
         return q.reshape(batch, kv_heads, group * length, dim)
 
-    ql, qm = grouped(q_local), grouped(q_memory)
+    dtype = q_local.dtype
     if bf16_products and cpu_bf16.handles(q_local):
-        return _bf16_parts(
-            ql, window_k, window_v, qm, sink_k, sink_v, k_pool, v_pool, page_idx,
-            length, scale, padded, page_lengths,
-        ).reshape(batch, heads, length, dim)  # fmt: skip
+        if not TILES_BF16:
+            return _bf16_parts(
+                grouped(q_local), window_k, window_v, grouped(q_memory), sink_k, sink_v,
+                k_pool, v_pool, page_idx, length, scale, padded, page_lengths,
+            ).reshape(batch, heads, length, dim)  # fmt: skip
+        q_local, q_memory, window_k, window_v, sink_k, sink_v = (
+            t.bfloat16() for t in (q_local, q_memory, window_k, window_v, sink_k, sink_v)
+        )
+    ql, qm = grouped(q_local), grouped(q_memory)
     outs, lses = [], []
     if keys > length:  # the window before the chunk: seen by every query
         before = keys - length
@@ -99,7 +108,7 @@ def sparse_attention(
         out, lse = _pages(qm, k_pool, v_pool, page_idx, scale, padded, page_lengths)
         outs.append(out)
         lses.append(lse)
-    out, _ = merge_attention(outs, lses)
+    out, _ = merge_attention([part.to(dtype) for part in outs], lses)
     return out.reshape(batch, heads, length, dim)
 
 

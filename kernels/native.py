@@ -42,6 +42,19 @@ def _cpu_id() -> str:
     return "\n".join(sorted(set(wanted)))
 
 
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction set flags as /proc/cpuinfo lists them (empty where it cannot
+    be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
 def _compile(compiler: str, source: Path, target: Path) -> bool:
     """Build the library at `target`, with OpenMP where the compiler has it (else one
     thread); False when neither build works."""

@@ -127,14 +127,29 @@ def _step(mode: str, pool_dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...],
 @needs_bf16
 @pytest.mark.parametrize("mode", ["full", "padded", "lengths"])
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tiles", [False, True])
 def test_a_prefill_step_with_bfloat16_products_is_the_step_within_their_rounding(
-    mode: str, pool_dtype: torch.dtype
+    mode: str, pool_dtype: torch.dtype, tiles: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Through the C call, or (`tiles`: a CPU with AMX) through torch's flash attention on
+    bfloat16 copies, every part of it in bfloat16."""
+    monkeypatch.setattr(cpu_flash, "TILES_BF16", tiles)
+    flash, seen = cpu_flash._FLASH, []
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        seen.append(args[0].dtype)
+        return flash(*args, **kwargs)
+
     tensors, options = _step(mode, pool_dtype)
     want = reference.sparse_attention(*tensors, **options)
     plain = cpu_flash.sparse_attention(*tensors, **options)
+    monkeypatch.setattr(cpu_flash, "_FLASH", recorded)
     fast = cpu_flash.sparse_attention(*tensors, **options, bf16_products=True)
+    assert set(seen) == (
+        {torch.bfloat16} if tiles else {torch.float32} if mode != "full" else set()
+    )
     torch.testing.assert_close(plain, want, rtol=1e-5, atol=1e-5)
+    assert fast.dtype == torch.float32
     error = (fast - want).abs().max().item()
     assert 1e-4 < error < 2**-7  # rounded to bfloat16 (float32 is 1e-6 off), no further
 
