@@ -39,7 +39,9 @@ class KVConfig(BaseModel):
     products in bfloat16 with float32 accumulation (queries, keys, values and probabilities
     rounded to bfloat16; logits, softmax and output float32), about twice as fast, where the
     CPU has AVX512-BF16 (`memlayer.kernels.bf16_products_available()`): the numerics of a
-    bfloat16 flash attention on a GPU, with passkey recall unchanged (43/43). Elsewhere, for
+    bfloat16 flash attention on a GPU, with passkey recall unchanged (43/43). On a CPU with
+    AMX the products run in its tiles, through PyTorch's flash attention on bfloat16 copies
+    (each part's output rounded to bfloat16 as well, then merged in float32). Elsewhere, for
     decode steps, and with `"model"` (float32 attention equal to dense's), attention stays
     in the model's dtype.
     """
