@@ -18,6 +18,7 @@ bfloat16 as a GPU's flash attention rounds it, and merged in float32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -39,7 +40,13 @@ def _flash_kernel() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
 
 
 _FLASH = _flash_kernel()
-TILES_BF16 = "amx_bf16" in native.cpu_flags()  # bfloat16 products: torch's flash, in tiles
+
+
+@functools.cache
+def tiles_bf16() -> bool:
+    """Whether this CPU has AMX tiles for bfloat16: its bfloat16 products then go through
+    torch's flash attention (read once, on the first chunk that asks)."""
+    return "amx_bf16" in native.cpu_flags()
 
 
 def handles(q: torch.Tensor) -> bool:
@@ -80,7 +87,7 @@ def sparse_attention(
 
     dtype = q_local.dtype
     if bf16_products and cpu_bf16.handles(q_local):
-        if not TILES_BF16:
+        if not tiles_bf16():
             return _bf16_parts(
                 grouped(q_local), window_k, window_v, grouped(q_memory), sink_k, sink_v,
                 k_pool, v_pool, page_idx, length, scale, padded, page_lengths,

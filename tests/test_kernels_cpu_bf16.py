@@ -133,7 +133,7 @@ def test_a_prefill_step_with_bfloat16_products_is_the_step_within_their_rounding
 ) -> None:
     """Through the C call, or (`tiles`: a CPU with AMX) through torch's flash attention on
     bfloat16 copies, every part of it in bfloat16."""
-    monkeypatch.setattr(cpu_flash, "TILES_BF16", tiles)
+    monkeypatch.setattr(cpu_flash, "tiles_bf16", lambda: tiles)
     flash, seen = cpu_flash._FLASH, []
 
     def recorded(*args: Any, **kwargs: Any) -> Any:
