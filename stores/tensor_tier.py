@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +28,14 @@ import torch
 
 from memlayer.errors import CapacityError, InvalidInputError, NotFoundError
 from memlayer.stores.codec import check_payload
-from memlayer.stores.pinned import lock_rows, pinned_empty, pinned_reserve
+from memlayer.stores.pinned import (
+    device_rows,
+    lock_rows,
+    pinned_empty,
+    pinned_reserve,
+    range_starts,
+    word_dtype,
+)
 from memlayer.stores.policy import POLICIES
 from memlayer.stores.tier import PromotionStep, Tier
 from memlayer.types import Page
@@ -46,8 +53,18 @@ def signature(payload: dict[str, torch.Tensor]) -> Signature:
 
 def non_blocking(target: torch.device) -> bool:
     """Copies into a GPU run async (stream-ordered); copies into host memory wait, so nothing
-    on the CPU reads a host slot before its bytes have landed."""
+    on the CPU reads a host slot before its bytes have landed (a page-locked tier's own
+    writes from the GPU are the exception: `TensorTier._settle`)."""
     return target.type != "cpu"
+
+
+def device_index(rows: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Row indices as a tensor on `device`. Onto a GPU they go from page-locked memory without
+    waiting: a copy from pageable memory waits for every kernel queued before it."""
+    index = torch.tensor(rows, dtype=torch.int64)
+    if device.type != "cuda":
+        return index
+    return index.pin_memory().to(device, non_blocking=True)
 
 
 def slot_bytes(sig: Signature) -> int:
@@ -100,6 +117,7 @@ class TensorTier(Tier):
         self._blobs: dict[str, bytes] = {}
         self._headers: dict[str, Page] = {}
         self._stream: Any = None  # the CUDA side stream prefetches copy on, made on first use
+        self._landing: dict[Any, Any] = {}  # CUDA stream -> event after its last copy in here
         self._listeners: list[SlotListener] = []
 
     # -- Tier -----------------------------------------------------------------------------
@@ -185,8 +203,9 @@ class TensorTier(Tier):
             ids.append(victim)
         if not ids:
             return []
+        self._settle()
         fields = self._slabs[sig].fields
-        index = torch.tensor([self._slots[pid][1] for pid in ids], device=self.device)
+        index = device_index([self._slots[pid][1] for pid in ids], self.device)
         gathered = {name: field.index_select(0, index) for name, field in fields.items()}
         pages = []
         for row, page_id in enumerate(ids):
@@ -203,26 +222,54 @@ class TensorTier(Tier):
         page enters this tier by `put` or `put_many`."""
         payloads = [page.payload for page in pages if isinstance(page.payload, dict)]
         slab = self._slabs[sig]
-        for first, count in _slot_runs(slots):
+        landing = self._lands_async(payloads)
+        async_ = landing or non_blocking(self.device)
+        breaks = {row for field_ in slab.fields.values() for row in range_starts(field_)}
+        for first, count in _slot_runs(slots, breaks):
             for name, field_ in slab.fields.items():
                 rows = field_[slots[first] : slots[first] + count]
                 sources = [payload[name] for payload in payloads[first : first + count]]
                 devices = {t.device for t in sources}
                 stacked = _consecutive_rows(sources)
                 if stacked is not None:  # already stacked (pages evicted together): one copy
-                    rows.copy_(stacked, non_blocking=non_blocking(self.device))
+                    rows.copy_(stacked, non_blocking=async_)
                 elif count == 1 or len(devices) > 1:
                     for row, tensor in zip(rows, sources, strict=True):
-                        row.copy_(tensor, non_blocking=non_blocking(self.device))
+                        row.copy_(tensor, non_blocking=async_)
                 elif devices == {self.device}:
                     torch.stack(sources, out=rows)
                 else:  # stacked where they are, then one copy across
-                    rows.copy_(torch.stack(sources), non_blocking=non_blocking(self.device))
+                    rows.copy_(torch.stack(sources), non_blocking=async_)
+        if landing:
+            self._mark_landing()
         for page, slot in zip(pages, slots, strict=True):
             self._slots[page.id] = (sig, slot)
             self._headers[page.id] = dataclasses.replace(page, payload=b"")
             self.policy.touch(page.id)
         self._moved([page.id for page in pages], slots)
+
+    def _lands_async(self, payloads: list[dict[str, torch.Tensor]]) -> bool:
+        """Whether copies of these payloads into this tier may run without waiting: GPU
+        tensors into a page-locked host slab (the GPU's queue goes on while they land, and
+        `_settle` waits for them before the CPU reads this tier)."""
+        return (
+            self.device.type == "cpu"
+            and self.pin
+            and any(t.is_cuda for payload in payloads for t in payload.values())
+        )
+
+    def _mark_landing(self) -> None:
+        """Record that copies into this host tier are in flight on the current stream."""
+        stream = torch.cuda.current_stream()
+        event = torch.cuda.Event()
+        event.record(stream)
+        self._landing[stream] = event
+
+    def _settle(self) -> None:
+        """Wait for this host tier's copies from the GPU still in flight (before the CPU reads
+        its slabs, copies from them elsewhere, or frees them)."""
+        while self._landing:
+            self._landing.popitem()[1].synchronize()
 
     def _batch_signature(self, pages: Sequence[Page]) -> Signature | None:
         """The signature shared by `pages` when they can be written as one batch: tensor
@@ -259,6 +306,7 @@ class TensorTier(Tier):
         self._free(sig, slot)
 
     def close(self) -> None:
+        self._settle()
         self._slabs.clear()
         self._slots.clear()
         self._blobs.clear()
@@ -361,6 +409,8 @@ class TensorTier(Tier):
         ids = list(dict.fromkeys(page_ids))
         if not ids:
             return []
+        if self.device.type == "cpu":
+            source._settle()  # read by the CPU; a GPU's copies from it queue behind its landing
         src_slab, src_slots = source._slot_list(ids)
         by_slot = sorted(zip(src_slots, ids, strict=True))  # source order: longest runs
         src_slots, ids = [slot for slot, _ in by_slot], [page_id for _, page_id in by_slot]
@@ -405,6 +455,7 @@ class TensorTier(Tier):
         """The slab of pages with this payload signature (None while there are none): read
         `slab.fields[name][slot]` for a slot `watch` reported. A slab that grows is a new
         tensor with the same slots, so read it again after pages arrive."""
+        self._settle()
         return self._slabs.get(sig)
 
     def _moved(self, page_ids: list[str], slots: list[int]) -> None:
@@ -416,6 +467,7 @@ class TensorTier(Tier):
     def gather(self, page_ids: Sequence[str], name: str) -> torch.Tensor:
         """Tensor `name` of many pages stacked [len(ids), *shape]: one gather on the device."""
         slab, slots = self.locate(page_ids)
+        self._settle()
         if name not in slab.fields:
             raise InvalidInputError("name", f"is not a tensor of these pages: {list(slab.fields)}")
         return slab.fields[name].index_select(0, slots)
@@ -426,7 +478,8 @@ class TensorTier(Tier):
         for pid in page_ids:
             self.policy.touch(pid)
         self.counters.hits += len(page_ids)
-        return slab, torch.tensor(slots, device=self.device)
+        self._settle()
+        return slab, device_index(slots, self.device)
 
     def signature_of(self, page_id: str) -> Signature | None:
         """The payload signature of a page held as tensors here; None for a bytes page."""
@@ -451,6 +504,7 @@ class TensorTier(Tier):
         if page_id in self._blobs:
             return dataclasses.replace(header, payload=self._blobs[page_id])
         sig, slot = self._slots[page_id]
+        self._settle()
         payload = {n: t[slot].clone() for n, t in self._slabs[sig].fields.items()}
         return dataclasses.replace(header, payload=payload)
 
@@ -467,6 +521,7 @@ class TensorTier(Tier):
         slab = self._slabs[sig]
         slab.used -= 1
         if slab.used == 0:
+            self._settle()  # no copy lands in memory freed
             del self._slabs[sig]
         else:
             slab.free.append(slot)
@@ -497,6 +552,7 @@ class TensorTier(Tier):
         if reserved is None or next(iter(reserved.values())).shape[0] < grown:
             reserved = self._reserve(sig, grown, capacity + headroom)
             if slab is not None:
+                self._settle()
                 for name, tensor in reserved.items():
                     tensor[:capacity].copy_(slab.fields[name])
         fields = {name: tensor[:grown] for name, tensor in reserved.items()}
@@ -534,22 +590,51 @@ class TensorTier(Tier):
 def copy_rows(
     dst: torch.Tensor, dst_rows: list[int], src: torch.Tensor, src_rows: list[int]
 ) -> None:
-    """dst[dst_rows] = src[src_rows] with no temporary: per stretch of consecutive destination
-    rows, a slice copy where the source rows are consecutive too, else one `index_select`
-    into the slice. Across devices, one slice copy per run of rows consecutive on both sides."""
+    """dst[dst_rows] = src[src_rows]. Per stretch of consecutive destination rows, a slice
+    copy where the source rows are consecutive too, else one `index_select` into the slice;
+    on a GPU, rows in several stretches go as one gather and one scatter. Across devices,
+    one slice copy per run of rows consecutive on both sides, except from a page-locked host
+    slab to a GPU, where rows in several runs are gathered over the bus by one kernel."""
     pairs = sorted(zip(dst_rows, src_rows, strict=True))
     if dst.device != src.device:
-        for dst_start, src_start, length in _runs(pairs):
-            dst[dst_start : dst_start + length].copy_(
-                src[src_start : src_start + length], non_blocking=non_blocking(dst.device)
-            )
+        runs = _runs(pairs, {*range_starts(dst), *range_starts(src)})
+        words = min(word_dtype(dst), word_dtype(src), key=lambda dtype: dtype.itemsize)
+        seen = device_rows(src, dst.device, words) if len(runs) > 1 else None
+        if seen is None:
+            for dst_start, src_start, length in runs:
+                dst[dst_start : dst_start + length].copy_(
+                    src[src_start : src_start + length], non_blocking=non_blocking(dst.device)
+                )
+            return
+        _gather_on_gpu(_words(dst, words), seen, pairs)
         return
-    for dst_start, sources in _stretches(pairs):
+    stretches = _stretches(pairs)
+    if len(stretches) > 1 and dst.device.type == "cuda":
+        _gather_on_gpu(dst, src, pairs)
+        return
+    for dst_start, sources in stretches:
         target = dst[dst_start : dst_start + len(sources)]
         if sources == list(range(sources[0], sources[0] + len(sources))):
             target.copy_(src[sources[0] : sources[0] + len(sources)])
         else:
-            torch.index_select(src, 0, torch.tensor(sources, device=src.device), out=target)
+            torch.index_select(src, 0, device_index(sources, src.device), out=target)
+
+
+def _gather_on_gpu(dst: torch.Tensor, src: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+    """dst[d] = src[s] for the (d, s) `pairs` (sorted, d unique) as kernels alone: one gather
+    into the destination rows where they are one stretch, else a gather and a scatter."""
+    sources = device_index([row for _, row in pairs], dst.device)
+    first = pairs[0][0]
+    if pairs[-1][0] - first == len(pairs) - 1:
+        torch.index_select(src, 0, sources, out=dst[first : first + len(pairs)])
+    else:
+        targets = device_index([row for row, _ in pairs], dst.device)
+        dst.index_copy_(0, targets, src.index_select(0, sources))
+
+
+def _words(tensor: torch.Tensor, words: torch.dtype) -> torch.Tensor:
+    """A contiguous slab field's rows as [rows, row bytes / word] of the integer type `words`."""
+    return tensor.view(tensor.shape[0], -1).view(torch.uint8).view(words)
 
 
 def _consecutive_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -583,11 +668,12 @@ def _stretches(pairs: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
     return stretches
 
 
-def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """(dst start, src start, length) of the stretches where both rows step by one."""
+def _runs(pairs: list[tuple[int, int]], breaks: Collection[int] = ()) -> list[tuple[int, int, int]]:
+    """(dst start, src start, length) of the stretches where both rows step by one, each
+    ending before a row in `breaks` (where a locked range begins, on either side)."""
     runs: list[tuple[int, int, int]] = []
     for dst_row, src_row in pairs:
-        if runs:
+        if runs and dst_row not in breaks and src_row not in breaks:
             dst_start, src_start, length = runs[-1]
             if dst_row == dst_start + length and src_row == src_start + length:
                 runs[-1] = (dst_start, src_start, length + 1)
@@ -596,11 +682,12 @@ def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def _slot_runs(slots: list[int]) -> list[tuple[int, int]]:
-    """(first position, length) of each stretch of `slots` that steps by one."""
+def _slot_runs(slots: list[int], breaks: Collection[int] = ()) -> list[tuple[int, int]]:
+    """(first position, length) of each stretch of `slots` that steps by one, each ending
+    before a slot in `breaks`."""
     runs: list[tuple[int, int]] = []
     for i, slot in enumerate(slots):
-        if runs and slot == slots[i - 1] + 1:
+        if runs and slot == slots[i - 1] + 1 and slot not in breaks:
             runs[-1] = (runs[-1][0], runs[-1][1] + 1)
         else:
             runs.append((i, 1))

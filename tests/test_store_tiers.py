@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
+import itertools
 import mmap
 import threading
 from pathlib import Path
@@ -27,7 +29,7 @@ from memlayer.kvretrieval.shared_pages import write_slots
 from memlayer.stores import DiskTier, PageStore, SQLTier, StoreConfig, TensorTier, Tier, pinned
 from memlayer.stores.disk_tier import HEADER_BYTES, MAGIC, OLD_MAGIC
 from memlayer.stores.pinned import registered_bytes
-from memlayer.stores.tensor_tier import _runs, copy_rows
+from memlayer.stores.tensor_tier import _runs, _slot_runs, copy_rows
 from memlayer.types import Page, Scope
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int8, torch.bool]
@@ -257,9 +259,10 @@ def test_a_page_locked_host_slab_copies_to_the_gpu_exactly_and_unlocks_when_free
 ) -> None:
     """A RAM tier behind a GPU page-locks its slab. A small one doubles by copying, each
     earlier size unlocked when freed (PyTorch's caching host allocator would keep them all);
-    a large one reserves address space and locks its rows in use as one range (a copy that
-    spanned two registered ranges failed on an H200). Every page reads back, a non-blocking
-    copy of the whole slab to the GPU is exact, and freeing the tier unlocks it all."""
+    a large one reserves address space and locks each growth's rows as one more range (a
+    copy that spans two registered ranges failed on an H200). Every page reads back, non-blocking
+    copies of the slab to the GPU (one per locked range) are exact, so is a kernel reading it
+    whole over the bus, and freeing the tier unlocks it all."""
     before = registered_bytes()
     tier = TensorTier("ram", "cpu", None, pin=True)
     pages = _big_pages(9) if large else [kv_page(f"p{i}", seed=i) for i in range(40)]
@@ -273,13 +276,91 @@ def test_a_page_locked_host_slab_copies_to_the_gpu_exactly_and_unlocks_when_free
     for page in pages:
         assert_same(tier.get(page.id), page)
     keys = slab.fields["k"]
-    on_gpu = keys.to("cuda", non_blocking=True)
+    assert bool(pinned.range_starts(keys)) == large  # grown in ranges: copies split at them
+    bounds = [0, *pinned.range_starts(keys), keys.shape[0]]
+    parts = [keys[a:b].to("cuda", non_blocking=True) for a, b in itertools.pairwise(bounds)]
+    seen = pinned.device_rows(keys, torch.device("cuda"), torch.int64)
+    assert seen is not None
+    over_the_bus = seen.clone()  # one kernel reads every range
     torch.cuda.synchronize()
     # bit for bit: rows past the pages in use are uninitialised and may hold NaNs
-    assert torch.equal(on_gpu.cpu().view(torch.uint8), keys.view(torch.uint8))
+    raw = keys.view(torch.uint8)
+    assert torch.equal(torch.cat(parts).cpu().view(torch.uint8), raw)
+    assert torch.equal(over_the_bus.cpu().view(torch.uint8).view(raw.shape), raw)
     del tier, slab, keys
     gc.collect()
     assert registered_bytes() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("large", [False, True])
+def test_scattered_pages_come_up_from_a_page_locked_slab_through_one_gather_over_the_bus(
+    large: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages scattered over a page-locked RAM slab (a top-k's picks) are promoted into
+    scattered GPU slots by kernels reading the host rows over the bus, not by one copy per
+    page; every byte arrives, and the pages left out of the promotion stay as they were."""
+    from memlayer.stores import tensor_tier
+
+    ram = TensorTier("ram", "cpu", None, pin=True)
+    pages = _big_pages(9) if large else [kv_page(f"p{i}", seed=i) for i in range(40)]
+    ram.put_many(pages)
+    gpu = TensorTier("gpu", "cuda", None)
+    gpu.copy_from(ram, [p.id for p in pages[:6]])
+    for page in pages[:6:2]:  # holes: the promoted pages take scattered GPU slots
+        gpu.evict(page.id)
+    seen: list[torch.Tensor] = []
+    real = tensor_tier.device_rows
+
+    def spy(*args: Any) -> torch.Tensor | None:
+        found = real(*args)
+        if found is not None:
+            seen.append(found)
+        return found
+
+    monkeypatch.setattr(tensor_tier, "device_rows", spy)
+    picked = pages[::3][::-1]
+    gpu.copy_from(ram, [p.id for p in picked])
+    assert seen and all(view.is_cuda for view in seen)
+    for page in picked + pages[1:6:2]:
+        held = gpu.get(page.id)
+        for name, tensor in page.payload.items():
+            on_gpu = held.payload[name]
+            assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), tensor)
+
+
+@pytest.mark.gpu
+def test_pages_demoted_from_the_gpu_land_in_page_locked_ram_before_the_cpu_reads_them() -> None:
+    """Demotion from the GPU into page-locked RAM does not wait for the GPU's queue (the GPU
+    is still busy when it returns), and a read of the RAM tier waits for the bytes: each
+    page reads back exact at once, and a promotion straight back up is exact too."""
+    pages = [kv_page(f"p{i}", seed=i, tokens=256) for i in range(24)]
+    on_gpu = [
+        dataclasses.replace(p, payload={n: t.cuda() for n, t in p.payload.items()}) for p in pages
+    ]
+    gpu = TensorTier("gpu", "cuda", 8 * pages[0].nbytes)
+    ram = TensorTier("ram", "cpu", None, pin=True)
+    ram.put_many([kv_page(f"w{i}", tokens=256) for i in range(32)])
+    for i in range(1, 32):  # room for what comes down, without growing (locking) the slab
+        ram.evict(f"w{i}")
+    store = PageStore([gpu, ram])
+    store.put_many(on_gpu[:8])
+    store.put_many(on_gpu[8:16])  # warm: the batch path once (pinned index buffers); 8 down
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of the GPU's clock
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        store.put_many(on_gpu[16:])  # the next 8 coldest go down behind the sleep
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not torch.cuda.current_stream().query(), "the demotion waited for the GPU"
+    assert sorted(ram.ids()) == sorted(["w0"] + [p.id for p in pages[:16]])
+    assert all(p.id in gpu for p in pages[16:])
+    for page in pages[8:16]:
+        assert_same(ram.get(page.id), page)
+    store.bring_up([p.id for p in pages[8:12]])
+    for page in pages[8:12]:
+        assert torch.equal(gpu.gather([page.id], "k")[0].cpu(), page.payload["k"])
 
 
 @pytest.mark.parametrize("budget_pages", [None, 5])
@@ -401,9 +482,12 @@ def test_write_slots_equals_indexed_assignment(moves: list[tuple[int, int]]) -> 
 @settings(max_examples=60, deadline=None)
 @given(
     rows=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 11)), min_size=1, max_size=12),
+    breaks=st.sets(st.integers(1, 11), max_size=3),
 )
-def test_copy_rows_equals_indexed_assignment(rows: list[tuple[int, int]]) -> None:
-    """Runs, scattered rows and repeated destinations all land where dst[d] = src[s] puts them."""
+def test_copy_rows_equals_indexed_assignment(rows: list[tuple[int, int]], breaks: set[int]) -> None:
+    """Runs, scattered rows and repeated destinations all land where dst[d] = src[s] puts them.
+    The cross-device plan's runs (and a batch write's slot runs) cover the same rows, and none
+    spans a row where a locked range begins (`breaks`)."""
     rows = list(dict((d, s) for d, s in rows).items())  # a destination row is written once
     dst_rows, src_rows = [d for d, _ in rows], [s for _, s in rows]
     src = torch.arange(12 * 6, dtype=torch.bfloat16).reshape(12, 2, 3)
@@ -412,9 +496,17 @@ def test_copy_rows_equals_indexed_assignment(rows: list[tuple[int, int]]) -> Non
     expected[dst_rows] = src[src_rows].float()
     assert torch.equal(got.float(), expected)
     # the cross-device plan (one slice copy per run) covers exactly the same row pairs
-    runs = _runs(sorted(rows))
+    runs = _runs(sorted(rows), breaks)
     covered = [(d + i, s + i) for d, s, length in runs for i in range(length)]
     assert covered == sorted(rows)
+    for d, s, length in runs:
+        assert not breaks & ({*range(d + 1, d + length)} | {*range(s + 1, s + length)})
+    slots = sorted({d for d, _ in rows})
+    slot_runs = _slot_runs(slots, breaks)
+    assert [slots[first + i] for first, n in slot_runs for i in range(n)] == slots
+    for first, n in slot_runs:
+        assert slots[first + n - 1] - slots[first] == n - 1
+        assert not breaks & {*range(slots[first] + 1, slots[first] + n)}
 
 
 def test_gather_promotes_a_batch_from_scattered_slots(tmp_path: Path) -> None:
@@ -705,7 +797,6 @@ def _record_page_locks(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
     """Stand in for cudaHostRegister / Unregister: the ranges locked now, by address; a
     range locked twice, or overlapping one that is, fails the test (as it fails in CUDA)."""
     locked: dict[int, int] = {}
-    monkeypatch.setattr(pinned, "_cuda_synchronize", lambda: None)
 
     def register(address: int, nbytes: int) -> int:
         assert all(address >= a + n or address + nbytes <= a for a, n in locked.items())
@@ -721,8 +812,8 @@ def test_a_page_locked_slab_grows_in_place_locking_only_its_new_rows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A RAM slab behind a GPU, past RESERVE_FROM, reserves address space and page-locks only
-    the rows in use, as one range (a copy to the GPU must not span two), as it grows: the
-    slab never moves (no copy of its old rows), every page reads back, and all of it is
+    the rows in use as it grows, each growth's new rows as one more range (rows locked once):
+    the slab never moves (no copy of its old rows), every page reads back, and all of it is
     unlocked when the tier goes. CUDA's calls are recorded here; the real ones run under the
     `gpu` marker."""
     locked = _record_page_locks(monkeypatch)
@@ -735,8 +826,11 @@ def test_a_page_locked_slab_grows_in_place_locking_only_its_new_rows(
     assert locked == {where: 4 * (16 << 20)}
     more = _big_pages(5, start=4)
     tier.put_many(more)  # 9 slots: grown twice
-    assert slab.capacity >= 9 and slab.fields["k"].data_ptr() == where
-    assert locked == {where: slab.capacity * (16 << 20)}
+    assert slab.capacity == 16 and slab.fields["k"].data_ptr() == where
+    row = 16 << 20
+    assert locked == {where: 4 * row, where + 4 * row: 4 * row, where + 8 * row: 8 * row}
+    assert pinned.range_starts(slab.fields["k"]) == [4, 8]
+    assert pinned.fully_locked(slab.fields["k"])
     assert registered_bytes() - before == slab.capacity * (16 << 20)
     for page in pages + more:
         assert torch.equal(tier.get(page.id).payload["k"], page.payload["k"])
@@ -749,16 +843,25 @@ def test_a_page_locked_slab_keeps_its_rows_locked_when_cuda_refuses_more(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Growing past what CUDA will lock warns, keeps the rows locked before locked, and
-    loses no page."""
+    loses no page; the slab's rows are then not all locked, so no GPU kernel reads them."""
     locked = _record_page_locks(monkeypatch)
     record = pinned._cuda_register
     most = 4 * (16 << 20)
-    monkeypatch.setattr(pinned, "_cuda_register", lambda a, n: 2 if n > most else record(a, n))
+
+    def register(address: int, nbytes: int) -> int:  # a reservation's first range only
+        inside = any(
+            r.address < address < r.address + r.nbytes for r in pinned._reservations.values()
+        )
+        return 2 if inside else record(address, nbytes)
+
+    monkeypatch.setattr(pinned, "_cuda_register", register)
     tier = TensorTier("ram", "cpu", None, pin=True)
     pages = _big_pages(6)
     tier.put_many(pages)
     slab = next(iter(tier._slabs.values()))
     assert slab.capacity == 8 and locked == {slab.fields["k"].data_ptr(): most}
+    assert not pinned.fully_locked(slab.fields["k"])
+    assert pinned.device_rows(slab.fields["k"], torch.device("cuda"), torch.int64) is None
     assert "could not page-lock" in caplog.text
     for page in pages:
         assert torch.equal(tier.get(page.id).payload["k"], page.payload["k"])
