@@ -34,20 +34,18 @@ class PageTable(Protocol):
 
 def write_slots(table: torch.Tensor, indices: list[int], slots: list[int]) -> None:
     """table[indices] = slots with no host-to-device copy: one `arange` per run of pages
-    whose indices and slots both step by one (a batch sealed together), else one `fill_`
-    (a kernel argument, not a synchronous copy)."""
+    whose indices and slots both step by one (a batch sealed together), one `fill_` per run
+    of pages that left together (slot -1) or per page alone (a kernel argument, not a
+    synchronous copy)."""
     first = 0
     for i in range(1, len(indices) + 1):
-        if (
-            i < len(indices)
-            and indices[i] == indices[i - 1] + 1
-            and slots[i] == slots[i - 1] + 1
-            and slots[i - 1] >= 0
-        ):
-            continue
+        if i < len(indices) and indices[i] == indices[i - 1] + 1:
+            stepped = slots[i] == slots[i - 1] + 1 and slots[first] >= 0
+            if stepped or slots[i] == slots[first] == -1:
+                continue
         start, count = indices[first], i - first
-        if count == 1:
-            table[start : start + 1].fill_(slots[first])
+        if count == 1 or slots[first] == -1:
+            table[start : start + count].fill_(slots[first])
         else:
             torch.arange(slots[first], slots[first] + count, out=table[start : start + count])
         first = i
