@@ -199,6 +199,33 @@ def profile(model: Any, context: list[int], path: Path) -> None:
     path.write_text(table + "\n")
 
 
+def host_profile(
+    model: Any, context: list[int], path: Path, chunk_size: int, gpu_budget: str | None
+) -> None:
+    """cProfile of an InfLLM KVSession's prefill over `context` (where the host's time goes:
+    waits on the GPU show up in the calls that read from it)."""
+    import cProfile
+    import io
+    import pstats
+
+    from memlayer import KVSession
+
+    session = KVSession(
+        model, None, chat=False, progress=False, chunk_size=chunk_size, gpu_budget=gpu_budget
+    )
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.runcall(session.feed, context)
+    synchronize()
+    seconds = time.perf_counter() - started
+    out = io.StringIO()
+    out.write(f"{len(context)} tokens in {seconds:.1f} s under cProfile; moved:\n")
+    out.write(json.dumps(session.stats()["moved"], indent=1) + "\n")
+    for key in ("cumulative", "tottime"):
+        pstats.Stats(profiler, stream=out).sort_stats(key).print_stats(45)
+    path.write_text(out.getvalue())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -220,6 +247,12 @@ def main() -> None:
         "--progress", action="store_true", help="a progress bar over each KVSession's feed"
     )
     parser.add_argument("--profile", type=Path, help="also write a profile of one chunk here")
+    parser.add_argument(
+        "--cprofile", type=Path, help="also write a cProfile of an InfLLM prefill here"
+    )
+    parser.add_argument(
+        "--cprofile-tokens", type=int, default=131072, help="the profiled prefill's length"
+    )
     parser.add_argument("--out", type=Path, help="JSON file for the rows")
     args = parser.parse_args()
     if args.tiny:
@@ -257,6 +290,11 @@ def main() -> None:
             )
     if args.profile:
         profile(model, context, args.profile)
+    if args.cprofile:
+        host_profile(
+            *(model, context[: args.cprofile_tokens], args.cprofile),
+            *(args.chunk_size, args.gpu_budget),
+        )
     record = {
         "command": shlex.join(["python", "benchmarks/e2e_gpu.py", *sys.argv[1:]]),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
