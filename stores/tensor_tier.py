@@ -42,6 +42,7 @@ from memlayer.types import Page
 
 RESERVE_FRACTION = 0.25  # of physical memory: the address space a RAM slab reserves ahead
 RESERVE_FROM = 64 << 20  # bytes: smaller slabs double by copying (cheap, and no reserve each)
+GATHER_OVER_BUS = True  # scattered host rows reach a GPU by one kernel (False: copy per run)
 Signature = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
 SlotListener = Callable[[list[str], list[int]], None]  # page ids, their slots now (-1: left)
 
@@ -599,7 +600,8 @@ def copy_rows(
     if dst.device != src.device:
         runs = _runs(pairs, {*range_starts(dst), *range_starts(src)})
         words = min(word_dtype(dst), word_dtype(src), key=lambda dtype: dtype.itemsize)
-        seen = device_rows(src, dst.device, words) if len(runs) > 1 else None
+        bus = GATHER_OVER_BUS and len(runs) > 1
+        seen = device_rows(src, dst.device, words) if bus else None
         if seen is None:
             for dst_start, src_start, length in runs:
                 dst[dst_start : dst_start + length].copy_(
