@@ -468,6 +468,56 @@ int memlayer_bounds_pruned_bf16(const float *q, int rows, const float *summary, 
     return 0;
 }
 
+/* One attention over part of the keys, for memlayer_merge_bf16: its output (bfloat16) and
+ * log-sum-exp (float32), row (h, g, t) of each at h * hs + g * gs + t * ts (elements). */
+typedef struct {
+    const uint16_t *out;
+    const float *lse;
+    int64_t hs, gs, ts;    /* the output's strides */
+    int64_t lhs, lgs, lts; /* the log-sum-exp's strides */
+} merge_part_t;
+
+/* The exact softmax merge of `count` attentions over disjoint key sets: for each of the
+ * kv_heads x groups x tokens rows, out = sum_i w_i part_i with w_i = exp(lse_i - total),
+ * total = log sum_i exp lse_i; out [kv_heads, groups * tokens, dim] and total float32. A
+ * row that no part saw (every lse -inf) gets 0 and -inf. 0 on success. */
+int memlayer_merge_bf16(const merge_part_t *parts, int count, int kv_heads, int groups,
+                        int tokens, int dim, int threads, float *out, float *total) {
+    if (count < 1 || count > 8 || dim < 1) return 1;
+    int64_t rows = (int64_t)kv_heads * groups * tokens;
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows > 1024)
+    for (int64_t row = 0; row < rows; row++) {
+        int64_t h = row / ((int64_t)groups * tokens), g = row / tokens % groups, t = row % tokens;
+        float lse[8], top = -INFINITY, sum = 0.f;
+        for (int i = 0; i < count; i++) {
+            const merge_part_t *p = &parts[i];
+            lse[i] = p->lse[h * p->lhs + g * p->lgs + t * p->lts];
+            top = lse[i] > top ? lse[i] : top;
+        }
+        float *dst = out + row * dim;
+        memset(dst, 0, (size_t)dim * sizeof(float));
+        if (top == -INFINITY) {
+            total[row] = -INFINITY;
+            continue;
+        }
+        for (int i = 0; i < count; i++) sum += expf(lse[i] - top);
+        float log_sum = logf(sum);
+        for (int i = 0; i < count; i++) {
+            const merge_part_t *p = &parts[i];
+            const uint16_t *src = p->out + h * p->hs + g * p->gs + t * p->ts;
+            float w = expf(lse[i] - top - log_sum);
+            for (int d = 0; d < dim; d++) {
+                uint32_t bits = (uint32_t)src[d] << 16;
+                float x;
+                memcpy(&x, &bits, sizeof x);
+                dst[d] += w * x;
+            }
+        }
+        total[row] = top + log_sum;
+    }
+    return 0;
+}
+
 #else
 
 int memlayer_bf16_available(void) { return 0; }

@@ -44,6 +44,9 @@ def library() -> ctypes.CDLL | None:
     pruned = lib.memlayer_bounds_pruned_bf16
     pruned.argtypes = [pointer, i32, pointer, i32, i32, i32, i32, i32, pointer]
     pruned.restype = i32
+    merge = lib.memlayer_merge_bf16
+    merge.argtypes = [pointer, i32, i32, i32, i32, i32, i32, pointer, pointer]
+    merge.restype = i32
     return lib
 
 
@@ -177,3 +180,46 @@ def attend(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`attend_parts` of one part."""
     return attend_parts([(q, k, v, causal)], tokens=tokens, scale=scale)
+
+
+class _MergePart(ctypes.Structure):
+    _fields_ = [
+        ("out", ctypes.c_void_p),
+        ("lse", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("hs", "gs", "ts", "lhs", "lgs", "lts")),
+    ]
+
+
+def merge(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor]], *, kv_heads: int, tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact softmax merge of attentions over disjoint key sets, in one pass: (out
+    [1, Hkv, G·T, D] float32, log-sum-exp [1, Hkv, G·T]) from parts (out, lse) in bfloat16
+    and float32. A part is grouped, out [1, Hkv, G·T, D] and lse [1, Hkv, G·T], or per query
+    head, [1, Hkv·G, T, D] and [1, Hkv·G, T]; any strides (torch's flash attention returns
+    its output transposed)."""
+    lib = library()
+    assert lib is not None and 0 < len(parts) <= MAX_PARTS
+    dim = parts[0][0].shape[-1]
+    rows = parts[0][0].shape[1] * parts[0][0].shape[2]
+    groups = rows // (kv_heads * tokens)
+    table = (_MergePart * len(parts))()
+    for slot, (out, lse) in zip(table, parts, strict=True):
+        if out.dtype != torch.bfloat16 or lse.dtype != torch.float32 or out.stride(-1) != 1:
+            raise ValueError("merge takes bfloat16 outputs with unit-stride rows, float32 lses")
+        slot.out, slot.lse = out.data_ptr(), lse.data_ptr()
+        if out.shape[1] == kv_heads:  # grouped: row r = g·T + t
+            slot.hs, slot.gs, slot.ts = out.stride(1), tokens * out.stride(2), out.stride(2)
+            slot.lhs, slot.lgs, slot.lts = lse.stride(1), tokens * lse.stride(2), lse.stride(2)
+        else:  # per query head: head h·G + g
+            slot.hs, slot.gs, slot.ts = groups * out.stride(1), out.stride(1), out.stride(2)
+            slot.lhs, slot.lgs, slot.lts = groups * lse.stride(1), lse.stride(1), lse.stride(2)
+    merged = torch.empty(1, kv_heads, groups * tokens, dim, dtype=torch.float32)
+    total = torch.empty(1, kv_heads, groups * tokens, dtype=torch.float32)
+    code = lib.memlayer_merge_bf16(
+        table, len(parts), kv_heads, groups, tokens, dim, torch.get_num_threads(),
+        merged.data_ptr(), total.data_ptr(),
+    )  # fmt: skip
+    if code:
+        raise ValueError(f"memlayer_merge_bf16 failed (code {code})")
+    return merged, total

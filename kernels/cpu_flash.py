@@ -13,7 +13,8 @@ sinks and the pages go through one C call, a flash attention whose products take
 about twice as fast, with nothing to merge. On a CPU with AMX tiles for bfloat16 the same
 parts go instead through PyTorch's flash attention on bfloat16 copies (its matrix products
 run in the tiles: twice as fast again as the C call there), each part's output rounded to
-bfloat16 as a GPU's flash attention rounds it, and merged in float32.
+bfloat16 as a GPU's flash attention rounds it, and merged in float32 by one C pass
+(`cpu_bf16.merge`) that reads each part where torch left it.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def sparse_attention(
     def grouped(q: torch.Tensor) -> torch.Tensor:  # [B, Hkv, G·T, D]: no K/V copy for GQA
         return q.reshape(batch, kv_heads, group * length, dim)
 
-    dtype = q_local.dtype
+    dtype, tiles = q_local.dtype, False
     if bf16_products and cpu_bf16.handles(q_local):
         if not tiles_bf16():
             return _bf16_parts(
@@ -95,28 +96,38 @@ def sparse_attention(
         q_local, q_memory, window_k, window_v, sink_k, sink_v = (
             t.bfloat16() for t in (q_local, q_memory, window_k, window_v, sink_k, sink_v)
         )
+        tiles = True
     ql, qm = grouped(q_local), grouped(q_memory)
-    outs, lses = [], []
+    parts = []  # (out, lse) per part, of the grouped queries
     if keys > length:  # the window before the chunk: seen by every query
         before = keys - length
-        out, lse = _FLASH(ql, window_k[:, :, :before], window_v[:, :, :before], scale=scale)
-        outs.append(out)
-        lses.append(lse)
-    own_k = window_k[:, :, keys - length :].repeat_interleave(group, dim=1)
-    own_v = window_v[:, :, keys - length :].repeat_interleave(group, dim=1)
-    out, lse = _FLASH(q_local, own_k, own_v, is_causal=True, scale=scale)
-    outs.append(grouped(out))
-    lses.append(lse.reshape(batch, kv_heads, group * length))
+        parts.append(_FLASH(ql, window_k[:, :, :before], window_v[:, :, :before], scale=scale))
+    own_k, own_v = window_k[:, :, keys - length :], window_v[:, :, keys - length :]
+    mask = _grouped_causal_mask(group, length, q_local.dtype)
+    parts.append(_FLASH(ql, own_k, own_v, attn_mask=mask, scale=scale))
     if sink_k.shape[2]:
-        out, lse = _FLASH(qm, sink_k, sink_v, scale=scale)
-        outs.append(out)
-        lses.append(lse)
+        parts.append(_FLASH(qm, sink_k, sink_v, scale=scale))
     if page_idx.shape[2]:
-        out, lse = _pages(qm, k_pool, v_pool, page_idx, scale, padded, page_lengths)
-        outs.append(out)
-        lses.append(lse)
-    out, _ = merge_attention([part.to(dtype) for part in outs], lses)
+        parts.append(_pages(qm, k_pool, v_pool, page_idx, scale, padded, page_lengths))
+    if tiles:  # bfloat16 parts: merged in one C pass, straight from their layouts
+        out, _ = cpu_bf16.merge(parts, kv_heads=kv_heads, tokens=length)
+    else:
+        outs = [grouped(part).to(dtype) for part, _ in parts]
+        lses = [lse.reshape(batch, kv_heads, group * length) for _, lse in parts]
+        out, _ = merge_attention(outs, lses)
     return out.reshape(batch, heads, length, dim)
+
+
+@functools.lru_cache(maxsize=8)
+def _grouped_causal_mask(group: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[1, 1, G·T, T] additive mask of the chunk's own keys for grouped queries (row r is
+    token r % T): 0 where key n <= r % T, else -inf. One per chunk shape, shared by every
+    layer: grouped, the causal part needs no copy of its keys per query head (the flash
+    kernel's own causal flag would read row r as token r)."""
+    token = torch.arange(length).repeat(group)
+    mask = torch.zeros(group * length, length, dtype=dtype)
+    mask.masked_fill_(torch.arange(length)[None, :] > token[:, None], float("-inf"))
+    return mask[None, None]
 
 
 def _bf16_parts(

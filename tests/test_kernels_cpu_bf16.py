@@ -154,6 +154,39 @@ def test_a_prefill_step_with_bfloat16_products_is_the_step_within_their_rounding
     assert 1e-4 < error < 2**-7  # rounded to bfloat16 (float32 is 1e-6 off), no further
 
 
+@needs_bf16
+def test_merge_is_the_softmax_merge_of_parts_in_either_layout() -> None:
+    """Grouped parts [1, Hkv, G·T, D] and a per-query-head one [1, Hkv·G, T, D], with
+    torch's transposed strides, merge to `merge_attention` of the same parts within float32
+    rounding; a row one part never saw takes the others, a row none saw is 0 and -inf."""
+    gen = torch.Generator().manual_seed(3)
+    kv_heads, groups, tokens, dim = 2, 3, 5, 64
+
+    def grouped_part() -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.randn(1, groups * tokens, kv_heads, dim, generator=gen).bfloat16()
+        lse = torch.randn(1, groups * tokens, kv_heads, generator=gen) * 4
+        return out.transpose(1, 2), lse.transpose(1, 2)
+
+    per_head = (
+        torch.randn(1, kv_heads * groups, tokens, dim, generator=gen).bfloat16(),
+        torch.randn(1, kv_heads * groups, tokens, generator=gen) * 4,
+    )
+    parts = [grouped_part(), per_head, grouped_part()]
+    parts[0][1][0, 1, 4] = float("-inf")  # row (1, 4): one part saw nothing
+    for _, lse in parts[::2]:
+        lse[0, 0, 2] = float("-inf")
+    per_head[1][0, 0, 2] = float("-inf")  # row (0, 2): no part saw anything
+    merged, total = cpu_bf16.merge(parts, kv_heads=kv_heads, tokens=tokens)
+    outs = [out.reshape(1, kv_heads, groups * tokens, dim).float() for out, _ in parts]
+    lses = [lse.reshape(1, kv_heads, groups * tokens) for _, lse in parts]
+    want, want_total = reference.merge_attention(outs, lses)
+    torch.testing.assert_close(merged, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total, want_total, rtol=1e-6, atol=1e-6)
+    assert torch.equal(merged[0, 0, 2], torch.zeros(dim)) and total[0, 0, 2] == float("-inf")
+    with pytest.raises(ValueError, match="bfloat16 outputs"):
+        cpu_bf16.merge([(outs[0], lses[0])], kv_heads=kv_heads, tokens=tokens)
+
+
 def _model(seed: int = 0) -> Any:
     """A tiny Llama with SmolLM2's head size (64), which the kernel takes."""
     torch.manual_seed(seed)
