@@ -6,7 +6,8 @@ length, one passkey context is fed to a session per selector (and to dense atten
 it fits the model's 8K window), the floor's cache holds the context's first 512 tokens, and
 then every method runs `--tokens` one-token forwards in turn (the same token ids for
 every method: the context's own, from its start), for `--rounds` rounds. `--page-dtypes
-model bfloat16` adds a session per selector with its pages kept in bfloat16, and
+auto model` adds a session per selector with its pages kept in float32 (the default, auto,
+keeps a float32 model's pages in bfloat16), and
 `--attention-dtypes bfloat16 model` one whose prefill attention takes float32 products
 beside the default's bfloat16 ones (KVConfig.attention_dtype). Reports
 the median ms per token of each method's rounds, its speed as a fraction of the floor's
@@ -161,8 +162,8 @@ def main() -> None:
     parser.add_argument(
         "--page-dtypes",
         nargs="+",
-        choices=["model", "bfloat16"],
-        default=["model"],
+        choices=["auto", "model", "bfloat16"],
+        default=["auto"],
         help="one session per selector and page dtype (KVConfig.page_dtype)",
     )
     parser.add_argument(
@@ -199,7 +200,7 @@ def main() -> None:
             ):
                 name = " ".join(
                     [selector]
-                    + ([page_dtype] if page_dtype != "model" else [])
+                    + ([f"{page_dtype} pages"] if page_dtype != "auto" else [])
                     + (["f32 products"] if attention_dtype == "model" else [])
                 )
                 runners[name] = Memory(

@@ -202,8 +202,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--page-dtype",
-        choices=["model", "bfloat16"],
-        default="model",
+        choices=["auto", "model", "bfloat16"],
+        default="auto",
         help="the dtype memlayer keeps sealed pages in (KVConfig.page_dtype)",
     )
     parser.add_argument(

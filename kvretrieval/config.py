@@ -12,7 +12,7 @@ from memlayer.config import ByteSize
 from memlayer.errors import InvalidInputError
 
 PositionMode = Literal["infllm", "exact"]
-PageDtype = Literal["model", "bfloat16"]
+PageDtype = Literal["auto", "model", "bfloat16"]
 AttentionDtype = Literal["model", "bfloat16"]
 Config = TypeVar("Config", bound=BaseModel)
 
@@ -30,10 +30,13 @@ class KVConfig(BaseModel):
     blocks, 4 representative keys) scaled to a small model on a CPU: the attention span
     init + topk·block + local stays at 2K tokens.
 
-    `page_dtype` is the dtype sealed pages are kept in: the model's (default), or bfloat16
-    under a float32 model, which halves the bytes a step reads and the pages' memory (keys
-    and values rounded to 8 bits of mantissa; sinks, window and summaries stay in the
-    model's dtype, and attention still computes in float32).
+    `page_dtype` is the dtype sealed pages are kept in: `"auto"` (the default) keeps them in
+    bfloat16 under a float32 model and in the model's dtype otherwise; `"bfloat16"` always;
+    `"model"` in the model's dtype (float32 pages: attention over them equal to dense's).
+    Bfloat16 pages under a float32 model halve the bytes a step reads and the pages' memory
+    (keys and values rounded to 8 bits of mantissa; sinks, window and summaries stay in the
+    model's dtype, and attention still computes in float32), with passkey recall unchanged
+    (43/43 per selector on the full plan).
 
     `attention_dtype="bfloat16"` (the default) makes a CPU prefill chunk's attention take its
     products in bfloat16 with float32 accumulation (queries, keys, values and probabilities
@@ -59,7 +62,7 @@ class KVConfig(BaseModel):
     ram_budget: ByteSize | None = None
     offload_path: Path | None = None
     prefetch: bool = True  # with a bounded front tier: each layer's picks go up for the next
-    page_dtype: PageDtype = "model"
+    page_dtype: PageDtype = "auto"
     attention_dtype: AttentionDtype = "bfloat16"
 
     @field_validator("n_local", "block_size", "topk", "chunk_size")
@@ -76,6 +79,8 @@ class KVConfig(BaseModel):
 
     def page_dtype_for(self, model_dtype: torch.dtype) -> torch.dtype:
         """The dtype sealed pages are kept in under a model of `model_dtype`."""
+        if self.page_dtype == "auto":
+            return torch.bfloat16 if model_dtype == torch.float32 else model_dtype
         return model_dtype if self.page_dtype == "model" else getattr(torch, self.page_dtype)
 
     @classmethod
@@ -98,6 +103,7 @@ class VideoConfig(BaseModel):
     VLM's image frames have the size its vision side gives), written as `text_format` says.
     `frame_size` is the side in pixels image frames are resized to for a vision side that
     takes any size (Qwen2-VL, Qwen2.5-VL: a multiple of 28, default 392: 196 tokens a frame).
+    `page_dtype` is `KVConfig.page_dtype` (by default bfloat16 pages under a float32 model).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -116,6 +122,7 @@ class VideoConfig(BaseModel):
     gpu_budget: ByteSize | None = None
     ram_budget: ByteSize | None = None
     offload_path: Path | None = None
+    page_dtype: PageDtype = "auto"
 
     @field_validator("text_format")
     @classmethod

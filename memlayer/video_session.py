@@ -168,6 +168,7 @@ class VideoSession:
             gpu_budget=self.config.gpu_budget,
             ram_budget=self.config.ram_budget,
             offload_path=self.config.offload_path,
+            page_dtype=self.config.page_dtype,
         )
         rotary = Rotary(find_rotary(model), geometry.head_dim, param.device, param.dtype)
         self._rotary = rotary

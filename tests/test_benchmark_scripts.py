@@ -230,12 +230,12 @@ def test_decode_ratio_tiny_interleaves_floor_dense_and_both_selectors(tmp_path: 
     done = _run(
         "decode_ratio.py",
         *("--tiny", "--lengths", "2k", "--rounds", "2", "--tokens", "2", "--json", str(out)),
-        *("--page-dtypes", "model", "bfloat16", "--prefill-rounds", "3"),
+        *("--page-dtypes", "auto", "model", "--prefill-rounds", "3"),
         *("--attention-dtypes", "bfloat16", "model"),
     )
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())["rows"]
-    variants = ["", " f32 products", " bfloat16", " bfloat16 f32 products"]
+    variants = ["", " f32 products", " model pages", " model pages f32 products"]
     methods = ["floor", "dense"] + [s + v for s in ("infllm", "quest") for v in variants]
     assert [(row["phase"], row["method"]) for row in rows] == [
         (phase, method) for phase in ("decode", "prefill") for method in methods

@@ -195,7 +195,15 @@ def _model(seed: int = 0) -> Any:
     return tf.LlamaForCausalLM(config).eval()
 
 
-EXACT = dict(n_init=3, n_local=64, block_size=16, topk=1000, chunk_size=64, positions="exact")
+EXACT = dict(
+    n_init=3,
+    n_local=64,
+    block_size=16,
+    topk=1000,
+    chunk_size=64,
+    positions="exact",
+    page_dtype="model",
+)
 
 
 def _logits(model: Any, ids: torch.Tensor, **config: Any) -> torch.Tensor:

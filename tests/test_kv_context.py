@@ -29,7 +29,15 @@ from memlayer import (
 )
 
 SMALL = dict(n_init=2, n_local=8, block_size=4, topk=2, chunk_size=8)
-EXACT = dict(n_init=3, n_local=8, block_size=4, topk=1000, chunk_size=8, positions="exact")
+EXACT = dict(
+    n_init=3,
+    n_local=8,
+    block_size=4,
+    topk=1000,
+    chunk_size=8,
+    positions="exact",
+    page_dtype="model",
+)
 SELECTORS = ["infllm", "quest", "rekv"]
 
 

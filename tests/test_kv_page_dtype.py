@@ -29,7 +29,7 @@ def _session(model: Any, **config: Any) -> KVSession:
 @pytest.mark.parametrize("selector", ["infllm", "quest"])
 def test_bfloat16_pages_take_half_the_bytes_and_are_read_as_bfloat16(selector: str) -> None:
     model = tiny("llama")
-    wide = _session(model, selector=selector)
+    wide = _session(model, selector=selector, page_dtype="model")
     narrow = _session(model, selector=selector, page_dtype="bfloat16")
     for session in (wide, narrow):
         session.feed(_ids(120))

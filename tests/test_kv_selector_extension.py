@@ -18,7 +18,15 @@ from kv_models import tiny, twin
 from memlayer import InvalidInputError, KVSession
 from memlayer.kvretrieval.selectors import SELECTORS, PageSelector
 
-EXACT = dict(n_init=3, n_local=8, block_size=4, topk=1000, chunk_size=8, positions="exact")
+EXACT = dict(
+    n_init=3,
+    n_local=8,
+    block_size=4,
+    topk=1000,
+    chunk_size=8,
+    positions="exact",
+    page_dtype="model",
+)
 SMALL = dict(n_init=2, n_local=8, block_size=4, topk=2, chunk_size=8)
 
 

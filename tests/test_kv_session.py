@@ -168,7 +168,7 @@ def test_offloaded_pages_give_identical_outputs(selector: str, tmp_path: Path) -
 
 def test_budgets_too_small_for_a_step_are_refused() -> None:
     with pytest.raises(InvalidInputError, match="ram_budget: must hold the 2 pages"):
-        KVSession(tiny("llama"), None, progress=False, ram_budget=1500, **SMALL)
+        KVSession(tiny("llama"), None, progress=False, ram_budget=1500, page_dtype="model", **SMALL)
     with pytest.raises(InvalidInputError, match="ram_budget"):
         KVSession(tiny("llama"), None, progress=False, ram_budget="100B", **SMALL)
     with pytest.raises(InvalidInputError, match="gpu_budget: needs a model on a CUDA device"):
@@ -201,7 +201,7 @@ def test_prefetch_for_the_next_layer_raises_the_hit_rate_and_changes_no_answer(
             None,
             progress=False,
             selector="quest",
-            ram_budget="4KiB",  # one layer's picks: the next layer's were pushed out
+            ram_budget="2KiB",  # one layer's picks: the next layer's were pushed out
             offload_path=tmp_path / f"offload-{prefetch}",
             prefetch=prefetch,
             **SMALL,

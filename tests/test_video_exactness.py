@@ -32,6 +32,7 @@ STREAM: dict[str, Any] = dict(
     chunk_frames=3,
     n_local=8,
     positions="exact",
+    page_dtype="model",  # float32 pages: attention equal to the reference's
 )
 MASK: list[torch.Tensor] = []  # the reference attention's mask for the current forward
 
@@ -202,7 +203,9 @@ def test_qwen_vl_frames_are_the_model_processors_patches() -> None:
         Qwen2VLImageProcessorPil,
     )
 
-    session = VideoSession(tiny_qwen_vl(), byte_tokenizer(), progress=False, frame_size=56)
+    session = VideoSession(
+        tiny_qwen_vl(), byte_tokenizer(), progress=False, frame_size=56, page_dtype="model"
+    )
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for _ in range(3)]
     pixels, grid = session._images.patches(frames)

@@ -115,7 +115,8 @@ def _match_question(s: VideoSession, recording: Recording, target: int) -> None:
         page_keys = keys[:, None].expand(-1, s.frame_tokens, -1).contiguous()
         page_id = memory.pages.page_id(target)
         old = memory.pages.store.get([page_id])[0]
-        memory.pages.store.put(Page(page_id, {"k": page_keys, "v": old.payload["v"]}))
+        kept = page_keys.to(old.payload["k"].dtype)  # in the pages' dtype: one slab
+        memory.pages.store.put(Page(page_id, {"k": kept, "v": old.payload["v"]}))
         memory.pages.summaries[target] = memory.selector.summarize(page_keys[None], queries[0])
 
 
@@ -254,7 +255,7 @@ def test_keyword_terms_find_the_frame_a_time_names() -> None:
 
 def test_front_tier_stays_flat_while_the_offload_tier_grows(video: Path, tmp_path: Path) -> None:
     frames = list(read_video(video, fps=None, size=56))[:40]
-    page_bytes = 2 * 2 * 4 * 16 * 4  # k and v: kv heads x frame tokens x head dim x float32
+    page_bytes = 2 * 2 * 4 * 16 * 2  # k and v: kv heads x frame tokens x head dim x bfloat16
     budget = 8 * page_bytes
     bounded = session(fps=None, retrieve=4, ram_budget=budget, offload_path=tmp_path / "off")
     ram, disk, resident = [], [], []
