@@ -27,6 +27,18 @@ YARN = {
 }
 
 
+# every page selected at its true position, in float32: attention over the whole past, as dense
+EXACT = dict(
+    n_init=3,
+    n_local=8,
+    block_size=4,
+    topk=1000,
+    chunk_size=8,
+    positions="exact",
+    page_dtype="model",
+)
+
+
 def tiny(family: str, seed: int = 0) -> Any:
     """A tiny random model of `family`, in float32 eval mode (sdpa attention)."""
     import transformers as tf

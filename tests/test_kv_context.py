@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from kv_models import steps_without_host_sync, tiny, twin
+from kv_models import EXACT, steps_without_host_sync, tiny, twin
 from test_kv_resident_step import no_host_reads
 
 from memlayer import (
@@ -29,15 +29,6 @@ from memlayer import (
 )
 
 SMALL = dict(n_init=2, n_local=8, block_size=4, topk=2, chunk_size=8)
-EXACT = dict(
-    n_init=3,
-    n_local=8,
-    block_size=4,
-    topk=1000,
-    chunk_size=8,
-    positions="exact",
-    page_dtype="model",
-)
 SELECTORS = ["infllm", "quest", "rekv"]
 
 

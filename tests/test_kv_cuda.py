@@ -11,21 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from kv_models import steps_without_host_sync, tiny, twin
+from kv_models import EXACT, steps_without_host_sync, tiny, twin
 
 from memlayer import KVSession
 
 pytestmark = pytest.mark.gpu
 
-EXACT = dict(
-    n_init=3,
-    n_local=8,
-    block_size=4,
-    topk=1000,
-    chunk_size=8,
-    positions="exact",
-    page_dtype="model",
-)
 SMALL = dict(n_init=2, n_local=8, block_size=4, topk=2, chunk_size=8)
 
 

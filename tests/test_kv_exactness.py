@@ -10,20 +10,11 @@ import sys
 
 import pytest
 import torch
-from kv_models import tiny, twin
+from kv_models import EXACT, tiny, twin
 
 from memlayer import KVSession
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "llama-yarn"]
-EXACT = dict(
-    n_init=3,
-    n_local=8,
-    block_size=4,
-    topk=1000,
-    chunk_size=8,
-    positions="exact",
-    page_dtype="model",
-)
 
 
 @pytest.mark.parametrize("selector", ["infllm", "quest"])

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from kv_models import tiny, twin
+from kv_models import EXACT, tiny, twin
 from test_kv_resident_step import no_host_reads
 
 from memlayer import InvalidInputError, KVSession, ModelMismatchError
@@ -27,15 +27,6 @@ from memlayer.kvretrieval.question_pages import page_summaries, question_pages, 
 from memlayer.kvretrieval.retrolm import RetroLMSelector, training_free_scores
 from memlayer.retrolm_training import collect, retrieval_examples, train_retriever_file
 
-EXACT = dict(
-    n_init=3,
-    n_local=8,
-    block_size=4,
-    topk=1000,
-    chunk_size=8,
-    positions="exact",
-    page_dtype="model",
-)
 SMALL = dict(n_init=2, n_local=8, block_size=4, topk=2, chunk_size=8)
 TINY_GEOMETRY = (2, 2, 16)  # tiny(): layers, KV heads, head dim
 

@@ -13,20 +13,11 @@ from typing import ClassVar
 
 import pytest
 import torch
-from kv_models import tiny, twin
+from kv_models import EXACT, tiny, twin
 
 from memlayer import InvalidInputError, KVSession
 from memlayer.kvretrieval.selectors import SELECTORS, PageSelector
 
-EXACT = dict(
-    n_init=3,
-    n_local=8,
-    block_size=4,
-    topk=1000,
-    chunk_size=8,
-    positions="exact",
-    page_dtype="model",
-)
 SMALL = dict(n_init=2, n_local=8, block_size=4, topk=2, chunk_size=8)
 
 

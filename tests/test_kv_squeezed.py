@@ -16,22 +16,13 @@ from typing import Any
 
 import pytest
 import torch
-from kv_models import tiny, twin
+from kv_models import EXACT, tiny, twin
 from test_kv_resident_step import no_host_reads
 
 from memlayer import InvalidInputError, KVSession
 from memlayer.kvretrieval import cluster_index
 from memlayer.kvretrieval.squeezed import SqueezedSelector
 
-EXACT = dict(
-    n_init=3,
-    n_local=8,
-    block_size=4,
-    topk=1000,
-    chunk_size=8,
-    positions="exact",
-    page_dtype="model",
-)
 SMALL = dict(n_init=2, n_local=8, block_size=4, topk=3, chunk_size=8)
 
 
