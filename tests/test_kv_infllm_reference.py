@@ -175,6 +175,19 @@ def test_the_reference_is_the_dense_model_while_nothing_left_the_window(family: 
     torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
 
 
+def _session(dense: Any, selector: str, topk: int, config: dict[str, int]) -> KVSession:
+    """A session on a copy of `dense` with float32 pages (the reference keeps float32 keys)."""
+    return KVSession(
+        twin(dense),
+        None,
+        progress=False,
+        selector=selector,
+        topk=topk,
+        page_dtype="model",
+        **config,
+    )
+
+
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 @pytest.mark.parametrize("selector", ["infllm", "quest"])
 @pytest.mark.parametrize("family", FAMILIES)
@@ -187,30 +200,14 @@ def test_every_page_selected_equals_the_reference(
     reference = Reference(twin(dense), config)
     size = config["chunk_size"]
 
-    session = KVSession(
-        twin(dense),
-        None,
-        progress=False,
-        selector=selector,
-        topk=1000,
-        page_dtype="model",
-        **config,
-    )
+    session = _session(dense, selector, 1000, config)
     logits = session._forward(fed, all_logits=True)
     pages = session.stats()["pages"]
     assert 0 < pages // len(session.cache.memories) <= session.config.topk  # all pages picked
     expected = reference.logits(fed, chunk_starts(0, 90, size))
     torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
 
-    session = KVSession(
-        twin(dense),
-        None,
-        progress=False,
-        selector=selector,
-        topk=1000,
-        page_dtype="model",
-        **config,
-    )
+    session = _session(dense, selector, 1000, config)
     session.feed(fed)
     tokens = session.continue_ids(prompt, 8)
     # The prompt runs in chunks from position 90, then each generated token alone. The
@@ -248,9 +245,7 @@ def test_each_kv_head_reads_exactly_the_pages_selected_for_it(family: str, selec
     config = CONFIGS["sinks-then-blocks"]
     dense = tiny(family)
     fed = _ids(90, seed=3)
-    session = KVSession(
-        twin(dense), None, progress=False, selector=selector, topk=2, page_dtype="model", **config
-    )
+    session = _session(dense, selector, 2, config)
     picks = record_selection(session)
     logits = session._forward(fed, all_logits=True)
     if selector == "quest":
