@@ -480,6 +480,7 @@ def test_write_slots_equals_indexed_assignment(moves: list[tuple[int, int]]) -> 
 
 
 @settings(max_examples=60, deadline=None)
+@example(rows=[(i, i + 1) for i in range(10)], breaks={3, 7})  # one long run, split twice
 @given(
     rows=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 11)), min_size=1, max_size=12),
     breaks=st.sets(st.integers(1, 11), max_size=3),
