@@ -10,8 +10,8 @@ passkey.py's job. For each context length, in one run:
             cost per call was 60% of a dense decode step's host time);
   infllm,   KVSession with that selector and its default span (2K tokens): feed in chunks,
   quest     then greedy tokens through `continue_ids`.
-  infllm-runs  InfLLM with promotions copied run by run (the copy engine), not gathered by
-            one kernel over the bus (`tensor_tier.GATHER_OVER_BUS`): the A/B of that gather.
+  infllm-bus  InfLLM with scattered promotions gathered by one kernel over the bus, not
+            copied run by run by the copy engine (`tensor_tier.GATHER_OVER_BUS`): its A/B.
 Prefill is tokens/s over the synchronised wall time; decode is ms per generated token (mean
 over the tokens; dense also gives its median); memory is torch's peak allocation. A
 KVSession row also records its selection hit rate (the share of selected pages already on
@@ -279,12 +279,15 @@ def main() -> None:
             if method in ("dense", "dense-no-cudnn"):
                 row = run_dense(model, context, args.new_tokens, cudnn=method == "dense")
             else:
-                tensor_tier.GATHER_OVER_BUS = method != "infllm-runs"
+                default, tensor_tier.GATHER_OVER_BUS = (
+                    tensor_tier.GATHER_OVER_BUS,
+                    method.endswith("-bus"),
+                )
                 row = run_memlayer(
-                    *(model, context, args.new_tokens, method.removesuffix("-runs")),
+                    *(model, context, args.new_tokens, method.removesuffix("-bus")),
                     *(args.chunk_size, args.gpu_budget, args.progress),
                 )
-                tensor_tier.GATHER_OVER_BUS = True
+                tensor_tier.GATHER_OVER_BUS = default
                 row |= {"chunk_size": args.chunk_size, "gpu_budget": args.gpu_budget}
             row = {"context": name, "method": method, **row}
             row["peak_gib"] = peak_gib()

@@ -197,7 +197,8 @@ def device_rows(
         return None
     shape = (tensor.shape[0], tensor[0].nbytes // words.itemsize)
     view = torch.as_tensor(_CudaArray(address, shape, _TYPESTR[words]))
-    return view if view.device == device else None
+    same = view.device.type == "cuda" and device.index in (None, view.device.index)
+    return view if same else None
 
 
 def word_dtype(tensor: torch.Tensor) -> torch.dtype:

@@ -42,7 +42,10 @@ from memlayer.types import Page
 
 RESERVE_FRACTION = 0.25  # of physical memory: the address space a RAM slab reserves ahead
 RESERVE_FROM = 64 << 20  # bytes: smaller slabs double by copying (cheap, and no reserve each)
-GATHER_OVER_BUS = True  # scattered host rows reach a GPU by one kernel (False: copy per run)
+# scattered host rows reach a GPU by one kernel over the bus (True), or by the copy engine
+# run by run (False): on an H200 the kernel was 1.8x faster alone, but took the SMs from
+# the model, and a 128K InfLLM session prefilled 18% slower with it (RESULTS.md)
+GATHER_OVER_BUS = False
 Signature = tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]
 SlotListener = Callable[[list[str], list[int]], None]  # page ids, their slots now (-1: left)
 

@@ -116,8 +116,8 @@ def test_bfloat16_pages_under_a_float32_cuda_model_are_dense_within_bfloat16(
     ids = _ids(150, seed=3)
     with torch.no_grad():
         expected = dense(torch.tensor([ids], device="cuda")).logits[0]
-    config = {**EXACT, "chunk_size": chunk_size}
-    session = KVSession(twin(dense), None, progress=False, page_dtype="bfloat16", **config)
+    config = {**EXACT, "chunk_size": chunk_size, "page_dtype": "bfloat16"}
+    session = KVSession(twin(dense), None, progress=False, **config)
     logits = session._forward(ids, all_logits=True)
     pages = session.cache.memories[0].pages
     slab = pages.front.slab(pages.signature)
