@@ -14,8 +14,10 @@
  * when n <= causal + r % tokens.
  *
  * The same products give Quest's page scores for a chunk: the largest upper bound
- * [q-, q+] . [min, max] over its query rows (memlayer_bounds_bf16). Where the compiler does
- * not target AVX512-BF16, memlayer_bf16_available() is 0 and nothing else is compiled.
+ * [q-, q+] . [min, max] over its query rows (memlayer_bounds_bf16); where the CPU has AMX-BF16,
+ * its tiles take those products, 32 rows by 32 pages at a time (score_block_amx). Where the
+ * compiler does not target AVX512-BF16, memlayer_bf16_available() is 0 and nothing else is
+ * compiled.
  * memlayer/kernels/cpu_bf16.py compiles and calls it.
  */
 #include <math.h>
@@ -304,15 +306,129 @@ static void score_block(const uint16_t *qh, int rows, int wide, const uint16_t *
     for (int j = 0; j < 4; j++) _mm512_store_ps(lanes + 16 * j, best[j]);
 }
 
-/* [q-, q+] rows of q [kv_heads * rows, dim] in bfloat16 ([kv_heads * rows, 2 * dim]), or NULL
- * when out of memory. */
-static uint16_t *signed_rows_of(const float *q, int64_t all, int dim, int threads) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX_ROWS 32 /* query rows a tile pass takes: two 16-row tiles */
+
+/* The tile layout of palette 1 (the ldtilecfg operand): every tile 16 rows of 64 bytes. */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config_t;
+
+/* Whether this process may use AMX tiles: Linux grants the tile state on request. */
+static int amx_granted(void) {
+    static int granted = -1; /* a race only asks twice; the answer is the same */
+    if (granted < 0) granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                       18 /* XFEATURE_XTILEDATA */) == 0;
+    return granted;
+}
+
+/* score_block with AMX tiles: the head's signed rows qh [rows, wide] (rows a multiple of
+ * AMX_ROWS) against the KB packed keys kp (whose pair layout is the B operand's), 32 rows by
+ * 32 keys at a time in four float32 accumulator tiles. */
+static void score_block_amx(const uint16_t *qh, int rows, int wide, const uint16_t *kp,
+                            float *lanes) {
+    tile_config_t config = {.palette = 1};
+    for (int t = 0; t < 8; t++) config.rows[t] = 16, config.colsb[t] = 64;
+    _tile_loadconfig(&config);
+    float c[4][16][16] __attribute__((aligned(64)));
+    for (int half = 0; half < 2; half++) {
+        __m512 best[2] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY)};
+        for (int r = 0; r < rows; r += AMX_ROWS) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int s = 0; s < wide / 32; s++) {
+                const uint16_t *a = qh + (int64_t)r * wide + 32 * s;
+                const uint16_t *b = kp + (16 * s * KB + 32 * half) * 2;
+                _tile_loadd(4, a, wide * 2);
+                _tile_loadd(5, a + 16 * wide, wide * 2);
+                _tile_loadd(6, b, KB * 4);
+                _tile_loadd(7, b + 32, KB * 4);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, c[0], 64);
+            _tile_stored(1, c[1], 64);
+            _tile_stored(2, c[2], 64);
+            _tile_stored(3, c[3], 64);
+            for (int i = 0; i < 16; i++) {
+                best[0] = _mm512_max_ps(best[0], _mm512_max_ps(_mm512_load_ps(c[0][i]),
+                                                               _mm512_load_ps(c[2][i])));
+                best[1] = _mm512_max_ps(best[1], _mm512_max_ps(_mm512_load_ps(c[1][i]),
+                                                               _mm512_load_ps(c[3][i])));
+            }
+        }
+        _mm512_store_ps(lanes + 32 * half, best[0]);
+        _mm512_store_ps(lanes + 32 * half + 16, best[1]);
+    }
+    _tile_release();
+}
+
+static int amx_wanted = 1;
+
+static int amx_usable(void) { return amx_wanted && amx_granted(); }
+
+/* Whether Quest's bounds take AMX tiles from now on (`wanted` 0: the AVX512 path), as far as
+ * the CPU and the kernel allow: the tiles' use after the call. */
+int memlayer_bf16_tiles(int wanted) {
+    amx_wanted = wanted;
+    return amx_usable();
+}
+#else
+#define AMX_ROWS 1
+static void score_block_amx(const uint16_t *qh, int rows, int wide, const uint16_t *kp,
+                            float *lanes) {
+    (void)qh, (void)rows, (void)wide, (void)kp, (void)lanes;
+}
+static int amx_usable(void) { return 0; }
+int memlayer_bf16_tiles(int wanted) {
+    (void)wanted;
+    return 0;
+}
+#endif
+
+/* The signed rows a head keeps for the bounds: with AMX, padded to whole tile passes. */
+typedef struct {
+    int rows, padded, amx;
+} row_plan_t;
+
+static row_plan_t row_plan(int rows) {
+    int amx = amx_usable();
+    int padded = amx ? (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS : rows;
+    return (row_plan_t){rows, padded, amx};
+}
+
+/* lanes[n] = max over the head's signed rows of the row . packed key n, by tiles where the
+ * CPU has them. */
+static void score_rows(const uint16_t *qh, row_plan_t plan, int wide, const uint16_t *kp,
+                       float *lanes) {
+    if (plan.amx)
+        score_block_amx(qh, plan.padded, wide, kp, lanes);
+    else
+        score_block(qh, plan.rows, wide, kp, lanes);
+}
+
+/* [q-, q+] rows of q [kv_heads * rows, dim] in bfloat16, `padded` rows a head ([kv_heads *
+ * padded, 2 * dim]; a head's rows past `rows` repeat its last, which leaves every maximum over
+ * rows as it is), or NULL when out of memory. */
+static uint16_t *signed_rows_of(const float *q, int kv_heads, int rows, int padded, int dim,
+                                int threads) {
     int wide = 2 * dim;
+    int64_t all = (int64_t)kv_heads * padded;
     uint16_t *signed_rows = aligned_alloc(64, (size_t)all * wide * sizeof(uint16_t));
     if (!signed_rows) return NULL;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < all; r++) {
-        const float *row = q + r * dim;
+        int64_t h = r / padded, i = r % padded < rows ? r % padded : rows - 1;
+        const float *row = q + (h * rows + i) * dim;
         uint16_t *to = signed_rows + r * wide;
         for (int d = 0; d < dim; d++) {
             to[d] = to_bf16(row[d] < 0.f ? row[d] : 0.f);
@@ -330,7 +446,8 @@ int memlayer_bounds_bf16(const float *q, int rows, const float *summary, int pag
                          int kv_heads, int dim, int threads, float *out) {
     int wide = 2 * dim; /* [q-, q+] against [min, max] */
     if (wide % 64 || wide > MAX_DIM || rows < 1) return 1;
-    uint16_t *signed_rows = signed_rows_of(q, (int64_t)kv_heads * rows, dim, threads);
+    row_plan_t plan = row_plan(rows);
+    uint16_t *signed_rows = signed_rows_of(q, kv_heads, rows, plan.padded, dim, threads);
     if (!signed_rows) return 2;
     int blocks = (pages + KB - 1) / KB;
     int items = kv_heads * blocks;
@@ -342,7 +459,7 @@ int memlayer_bounds_bf16(const float *q, int rows, const float *summary, int pag
         pack_rows(summary + (int64_t)h * wide, (int64_t)kv_heads * wide, (int64_t)b * KB, count,
                   wide, kp);
         float lanes[KB] __attribute__((aligned(64)));
-        score_block(signed_rows + (int64_t)h * rows * wide, rows, wide, kp, lanes);
+        score_rows(signed_rows + (int64_t)h * plan.padded * wide, plan, wide, kp, lanes);
         memcpy(out + (int64_t)h * pages + (int64_t)b * KB, lanes, (size_t)count * sizeof(float));
     }
     free(signed_rows);
@@ -352,7 +469,7 @@ int memlayer_bounds_bf16(const float *q, int rows, const float *summary, int pag
 #define GROUP 8 /* pages a group bound covers */
 
 /* Exact scores of the pages list[0 .. count) of head h into score (by page index). */
-static void score_list(const uint16_t *qh, int rows, int wide, const float *summary_h,
+static void score_list(const uint16_t *qh, row_plan_t plan, int wide, const float *summary_h,
                        int64_t stride, const int *list, int count, int threads, float *score) {
     int blocks = (count + KB - 1) / KB;
 #pragma omp parallel for schedule(dynamic) num_threads(threads)
@@ -361,7 +478,7 @@ static void score_list(const uint16_t *qh, int rows, int wide, const float *summ
         uint16_t kp[KB * MAX_DIM] __attribute__((aligned(64)));
         float lanes[KB] __attribute__((aligned(64)));
         pack_list(summary_h, stride, list + b * KB, n, wide, kp);
-        score_block(qh, rows, wide, kp, lanes);
+        score_rows(qh, plan, wide, kp, lanes);
         for (int i = 0; i < n; i++) score[list[b * KB + i]] = lanes[i];
     }
 }
@@ -388,7 +505,8 @@ int memlayer_bounds_pruned_bf16(const float *q, int rows, const float *summary, 
     int wide = 2 * dim;
     if (wide % 64 || wide > MAX_DIM || rows < 1 || k < 1) return 1;
     int groups = (pages + GROUP - 1) / GROUP;
-    uint16_t *signed_rows = signed_rows_of(q, (int64_t)kv_heads * rows, dim, threads);
+    row_plan_t plan = row_plan(rows);
+    uint16_t *signed_rows = signed_rows_of(q, kv_heads, rows, plan.padded, dim, threads);
     float *grouped = malloc(sizeof(float) * (size_t)groups * kv_heads * wide);
     float *bound = malloc(sizeof(float) * (size_t)kv_heads * groups);
     int *order = malloc(sizeof(int) * (size_t)groups), *list = malloc(sizeof(int) * (size_t)pages);
@@ -412,12 +530,12 @@ int memlayer_bounds_pruned_bf16(const float *q, int rows, const float *summary, 
             }
         }
     for (int h = 0; h < kv_heads; h++) {
-        const uint16_t *qh = signed_rows + (int64_t)h * rows * wide;
+        const uint16_t *qh = signed_rows + (int64_t)h * plan.padded * wide;
         const float *summary_h = summary + (int64_t)h * wide;
         const int64_t stride = (int64_t)kv_heads * wide;
         float *score = out + (int64_t)h * pages, *bound_h = bound + (int64_t)h * groups;
         for (int g = 0; g < groups; g++) order[g] = g;
-        score_list(qh, rows, wide, grouped + (int64_t)h * wide, stride, order, groups, threads,
+        score_list(qh, plan, wide, grouped + (int64_t)h * wide, stride, order, groups, threads,
                    bound_h);
         for (int g = 0; g < groups; g++) ranked[g] = (ranked_t){bound_h[g], g};
         qsort(ranked, groups, sizeof *ranked, by_bound_descending);
@@ -429,7 +547,7 @@ int memlayer_bounds_pruned_bf16(const float *q, int rows, const float *summary, 
             int g = order[first++];
             for (int p = g * GROUP; p < pages && p < (g + 1) * GROUP; p++) list[count++] = p;
         }
-        score_list(qh, rows, wide, summary_h, stride, list, count, threads, score);
+        score_list(qh, plan, wide, summary_h, stride, list, count, threads, score);
         /* the k-th best exact score so far: a min-heap of the k best */
         int held = 0;
         for (int i = 0; i < count; i++) {
@@ -461,7 +579,7 @@ int memlayer_bounds_pruned_bf16(const float *q, int rows, const float *summary, 
             int g = order[i];
             for (int p = g * GROUP; p < pages && p < (g + 1) * GROUP; p++) list[count++] = p;
         }
-        score_list(qh, rows, wide, summary_h, stride, list, count, threads, score);
+        score_list(qh, plan, wide, summary_h, stride, list, count, threads, score);
     }
     free(signed_rows), free(grouped), free(bound), free(order), free(list), free(ranked);
     free(best);

@@ -7,8 +7,9 @@ float32 rate. `cpu_bf16.c` rounds queries, keys, values and the softmax's probab
 bfloat16 and keeps everything else in float32 (the logits, the running softmax, the output):
 the numerics of a bfloat16 flash attention on a GPU. A causal part skips the key blocks no
 row of a block sees. Quest's page scores for a chunk (the largest upper bound over its query
-rows) take the same products (`bounds_scores`); given the selection's k, only the pages that
-can reach a head's top k are scored (groups of 8 pages bounded first). Compiled on first use
+rows) take the same products (`bounds_scores`), by AMX tiles where the CPU has them (8× the
+AVX512 loop at 500 pages); given the selection's k, only the pages that can reach a head's
+top k are scored (groups of 8 pages bounded first). Compiled on first use
 (`native.build`); where the CPU or the compiler lacks AVX512-BF16, `available` is False and
 float32 runs.
 """
@@ -44,6 +45,8 @@ def library() -> ctypes.CDLL | None:
     pruned = lib.memlayer_bounds_pruned_bf16
     pruned.argtypes = [pointer, i32, pointer, i32, i32, i32, i32, i32, pointer]
     pruned.restype = i32
+    lib.memlayer_bf16_tiles.argtypes = [ctypes.c_int]
+    lib.memlayer_bf16_tiles.restype = ctypes.c_int
     merge = lib.memlayer_merge_bf16
     merge.argtypes = [pointer, i32, i32, i32, i32, i32, i32, pointer, pointer]
     merge.restype = i32
@@ -81,6 +84,13 @@ def handles_bounds(q: torch.Tensor, summary: torch.Tensor) -> bool:
         and 2 * dim <= MAX_DIM
         and available()
     )
+
+
+def use_tiles(wanted: bool) -> bool:
+    """Let Quest's chunk bounds take AMX tiles (the default, where the CPU has AMX-BF16 and
+    Linux grants the tile state) or not (AVX512-BF16 alone): whether they take them now."""
+    lib = library()
+    return lib is not None and bool(lib.memlayer_bf16_tiles(int(wanted)))
 
 
 PRUNE_FROM = 512  # pages from which `bounds_scores(k=...)` skips the groups that cannot win

@@ -248,13 +248,23 @@ def _bounds(pages: int, tokens: int, dim: int, seed: int = 0) -> tuple[torch.Ten
     return q, torch.stack([keys.amin(dim=2), keys.amax(dim=2)], dim=2)
 
 
+@pytest.fixture(params=[False, True], ids=["avx512", "amx-tiles"])
+def tiles(request: pytest.FixtureRequest) -> Any:
+    """Quest's bounds by AVX512-BF16 alone, then by AMX tiles (skipped where the CPU has
+    none); the default (tiles where they are) is restored after."""
+    if not cpu_bf16.use_tiles(request.param) and request.param:
+        pytest.skip("this CPU has no AMX-BF16 tiles (or Linux does not grant them)")
+    yield request.param
+    cpu_bf16.use_tiles(True)
+
+
 @needs_bf16
 @pytest.mark.parametrize(
     ("pages", "tokens", "dim"),
-    [(500, 512, 64), (37, 5, 64), (70, 33, 128), (3, 40, 32), (0, 40, 64)],
+    [(500, 512, 64), (37, 5, 64), (70, 33, 128), (3, 40, 32), (0, 40, 64), (130, 47, 64)],
 )
 def test_quest_bounds_with_bfloat16_products_are_the_bounds_of_the_rounded_inputs(
-    pages: int, tokens: int, dim: int
+    pages: int, tokens: int, dim: int, tiles: bool
 ) -> None:
     q, summary = _bounds(pages, tokens, dim)
     scores = cpu_bf16.bounds_scores(q, summary)
@@ -264,11 +274,23 @@ def test_quest_bounds_with_bfloat16_products_are_the_bounds_of_the_rounded_input
 
 
 @needs_bf16
+def test_quest_bounds_below_zero_are_kept(tiles: bool) -> None:
+    """Keys opposite every query: each bound is negative, and no padding of the query rows
+    (tiles take them 32 at a time) may lift it to zero."""
+    q, summary = _bounds(70, 5, 64, seed=5)
+    q, summary = q.abs(), -summary.abs() - 0.1
+    scores = cpu_bf16.bounds_scores(q, summary)
+    want = reference.score_pages(q.bfloat16().float(), summary.bfloat16().float(), kind="bounds")
+    assert (want < 0).all()
+    torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_bf16
 @pytest.mark.parametrize(
     ("pages", "k", "seed"), [(600, 16, 0), (1000, 16, 1), (2000, 4, 2), (700, 8, 3)]
 )
 def test_pruned_quest_bounds_pick_the_pages_the_full_bounds_pick(
-    pages: int, k: int, seed: int
+    pages: int, k: int, seed: int, tiles: bool
 ) -> None:
     """Pages of widely different key scales, so whole groups fall below a head's k-th best:
     the scores computed are the full ones, the others -inf, and the top k is the same."""
