@@ -103,6 +103,53 @@ static inline int32_t pair_at(const uint16_t *row, int pair) {
     return bits;
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define HAVE_TILES 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* The tile layout of palette 1 (the ldtilecfg operand). */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config_t;
+
+/* Every tile 16 rows of 64 bytes: 16 x 32 bfloat16 (A), 16 pairs x 16 (B), 16 x 16 float32
+ * (C). The configuration is per thread: each work item loads it. */
+static void load_tiles(void) {
+    tile_config_t config = {.palette = 1};
+    for (int t = 0; t < 8; t++) config.rows[t] = 16, config.colsb[t] = 64;
+    _tile_loadconfig(&config);
+}
+
+/* Whether this process may use AMX tiles: Linux grants the tile state on request. */
+static int amx_granted(void) {
+    static int granted = -1; /* a race only asks twice; the answer is the same */
+    if (granted < 0) granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                       18 /* XFEATURE_XTILEDATA */) == 0;
+    return granted;
+}
+
+static int amx_wanted = 1;
+
+static int amx_usable(void) { return amx_wanted && amx_granted(); }
+
+/* Whether the products take AMX tiles from now on (`wanted` 0: the AVX512 loops; below 0:
+ * as they are), as far as the CPU and the kernel allow: the tiles' use after the call. */
+int memlayer_bf16_tiles(int wanted) {
+    if (wanted >= 0) amx_wanted = wanted;
+    return amx_usable();
+}
+#else
+#define HAVE_TILES 0
+static int amx_usable(void) { return 0; }
+int memlayer_bf16_tiles(int wanted) {
+    (void)wanted;
+    return 0;
+}
+#endif
+
 /* One part of a step: query rows against one set of keys and values. */
 typedef struct {
     const float *q;     /* [kv_heads, rows, dim] float32 */
@@ -205,6 +252,199 @@ static void attend_part(const float *qh, int r0, int m, int tokens, const part_t
     }
 }
 
+#define TR 16 /* query rows a tile holds */
+
+/* The online softmax of TR rows, carried from part to part (tiles' share of state_t). */
+typedef struct {
+    float acc[TR][MAX_DIM] __attribute__((aligned(64)));
+    float run_max[TR], run_sum[TR];
+} tile_state_t;
+
+#if HAVE_TILES
+/* attend_part with AMX tiles: rows [r0, r0 + m) (m <= TR) of one head against one part's
+ * packed blocks. A block's logits [TR, KB] come from four accumulator tiles (the packed keys
+ * are the B operand as they are), the softmax runs on them in AVX512 registers as
+ * attend_part's does, and the probabilities [TR, KB] in bfloat16 are the A operand of the
+ * product with the packed values, 64 output columns at a time. */
+static void attend_part_amx(const float *qh, int r0, int m, int tokens, const part_t *part,
+                            int dim, float scale, const uint16_t *kp, const uint16_t *vp,
+                            tile_state_t *st) {
+    uint16_t qb[TR][MAX_DIM] __attribute__((aligned(64)));
+    uint16_t pb[TR][KB] __attribute__((aligned(64)));
+    float sb[TR][KB] __attribute__((aligned(64)));
+    float ob[TR][64] __attribute__((aligned(64)));
+    int64_t last[TR]; /* the last key each row sees */
+    int64_t reach = -1;
+    for (int i = 0; i < TR; i++) {
+        int live = i < m;
+        const float *row = qh + (int64_t)(r0 + (live ? i : 0)) * dim;
+        for (int d = 0; d < dim; d += 16) {
+            __m512 x = live ? _mm512_loadu_ps(row + d) : _mm512_setzero_ps();
+            _mm256_store_si256((__m256i *)(qb[i] + d), (__m256i)_mm512_cvtneps_pbh(x));
+        }
+        last[i] = part->keys - 1;
+        int64_t seen = part->causal + (r0 + i) % tokens;
+        if (part->causal >= 0 && seen < last[i]) last[i] = seen;
+        if (!live) last[i] = -1;
+        if (last[i] > reach) reach = last[i];
+    }
+    int blocks = (int)((reach + KB) / KB);
+    float *run_max = st->run_max, *run_sum = st->run_sum;
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int b = 0; b < blocks; b++) {
+        const uint16_t *kb = kp + (int64_t)b * KB * dim;
+        const uint16_t *vb = vp + (int64_t)b * KB * dim;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int s = 0; s < dim / 32; s++) { /* 32 dimensions: 16 pairs of the keys' layout */
+            const uint16_t *kk = kb + 16 * s * KB * 2;
+            _tile_loadd(4, qb[0] + 32 * s, MAX_DIM * 2);
+            _tile_loadd(5, kk, KB * 4);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(6, kk + 32, KB * 4);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(7, kk + 64, KB * 4);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_loadd(5, kk + 96, KB * 4);
+            _tile_dpbf16ps(3, 4, 5);
+        }
+        _tile_stored(0, sb[0], KB * 4);
+        _tile_stored(1, sb[0] + 16, KB * 4);
+        _tile_stored(2, sb[0] + 32, KB * 4);
+        _tile_stored(3, sb[0] + 48, KB * 4);
+        /* each row's largest logit in the block (raw: scale > 0 keeps the order) */
+        float peak_raw[TR] __attribute__((aligned(64)));
+        for (int i = 0; i < TR; i++) {
+            __m512 best = _mm512_set1_ps(-INFINITY);
+            if (last[i] >= (int64_t)b * KB + KB - 1) {
+                for (int j = 0; j < 4; j++) best = _mm512_max_ps(best, _mm512_load_ps(sb[i] + 16 * j));
+            } else {
+                for (int j = 0; j < 4; j++) {
+                    __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32(b * KB + 16 * j));
+                    __mmask16 seen = _mm512_cmple_epi32_mask(key, _mm512_set1_epi32((int)last[i]));
+                    __m512 x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), seen,
+                                                  _mm512_load_ps(sb[i] + 16 * j));
+                    _mm512_store_ps(sb[i] + 16 * j, x);
+                    best = _mm512_max_ps(best, x);
+                }
+            }
+            peak_raw[i] = _mm512_reduce_max_ps(best);
+        }
+        /* the running maxima and their shrink factors, all TR rows in one register */
+        __m512 before = _mm512_loadu_ps(run_max);
+        __m512 grown = _mm512_max_ps(before, _mm512_mul_ps(_mm512_load_ps(peak_raw),
+                                                           _mm512_set1_ps(scale)));
+        __mmask16 live = _mm512_cmp_ps_mask(grown, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        __mmask16 held = _mm512_cmp_ps_mask(before, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        float shrink[TR] __attribute__((aligned(64)));
+        _mm512_store_ps(shrink, _mm512_maskz_mov_ps(
+                                    held, exp512_nonpositive(_mm512_maskz_sub_ps(
+                                              held, before, grown))));
+        _mm512_storeu_ps(run_max, grown);
+        float peak[TR] __attribute__((aligned(64)));
+        _mm512_store_ps(peak, grown);
+        for (int i = 0; i < TR; i++) {
+            if (!(live >> i & 1)) { /* nothing seen yet: the block weighs nothing */
+                memset(pb[i], 0, sizeof pb[i]);
+                continue;
+            }
+            __m512 total = _mm512_setzero_ps();
+            __m512 top = _mm512_set1_ps(peak[i]), f = _mm512_set1_ps(scale);
+            for (int j = 0; j < 4; j++) {
+                __m512 e = exp512_nonpositive(_mm512_fmsub_ps(_mm512_load_ps(sb[i] + 16 * j), f, top));
+                total = _mm512_add_ps(total, e);
+                _mm256_store_si256((__m256i *)(pb[i] + 16 * j), (__m256i)_mm512_cvtneps_pbh(e));
+            }
+            run_sum[i] = run_sum[i] * shrink[i] + _mm512_reduce_add_ps(total);
+            if (shrink[i] != 1.f) {
+                __m512 by = _mm512_set1_ps(shrink[i]);
+                for (int d = 0; d < dim; d += 16)
+                    _mm512_store_ps(st->acc[i] + d, _mm512_mul_ps(_mm512_load_ps(st->acc[i] + d), by));
+            }
+        }
+        for (int d0 = 0; d0 < dim; d0 += 64) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int s = 0; s < KB / 32; s++) { /* 32 keys: 16 pairs of the values' layout */
+                const uint16_t *vv = vb + ((int64_t)16 * s * dim + d0) * 2;
+                _tile_loadd(4, pb[0] + 32 * s, KB * 2);
+                _tile_loadd(5, vv, dim * 4);
+                _tile_dpbf16ps(0, 4, 5);
+                _tile_loadd(6, vv + 32, dim * 4);
+                _tile_dpbf16ps(1, 4, 6);
+                _tile_loadd(7, vv + 64, dim * 4);
+                _tile_dpbf16ps(2, 4, 7);
+                _tile_loadd(5, vv + 96, dim * 4);
+                _tile_dpbf16ps(3, 4, 5);
+            }
+            _tile_stored(0, ob[0], 64 * 4);
+            _tile_stored(1, ob[0] + 16, 64 * 4);
+            _tile_stored(2, ob[0] + 32, 64 * 4);
+            _tile_stored(3, ob[0] + 48, 64 * 4);
+            for (int i = 0; i < m; i++)
+                for (int j = 0; j < 4; j++) {
+                    float *to = st->acc[i] + d0 + 16 * j;
+                    _mm512_store_ps(to, _mm512_add_ps(_mm512_load_ps(to),
+                                                      _mm512_load_ps(ob[i] + 16 * j)));
+                }
+        }
+    }
+}
+#else
+static void attend_part_amx(const float *qh, int r0, int m, int tokens, const part_t *part,
+                            int dim, float scale, const uint16_t *kp, const uint16_t *vp,
+                            tile_state_t *st) {
+    (void)qh, (void)r0, (void)m, (void)tokens, (void)part, (void)dim, (void)scale, (void)kp;
+    (void)vp, (void)st;
+}
+#endif
+
+/* memlayer_attend_bf16's rows by tiles, TR at a time, from the packed blocks. */
+static void attend_tiles(const part_t *parts, int count, int rows, int tokens, int kv_heads,
+                         int dim, float scale, int threads, const uint16_t *kp,
+                         const uint16_t *vp, const int *blocks, const int *first, float *out,
+                         float *lse) {
+    size_t block_elems = (size_t)KB * dim;
+    int per_head = (rows + ROWS - 1) / ROWS;
+    int items = kv_heads * per_head;
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+    for (int item = 0; item < items; item++) {
+        int h = item / per_head, start = (item % per_head) * ROWS;
+        int end = start + ROWS < rows ? start + ROWS : rows;
+        tile_state_t st;
+#if HAVE_TILES
+        load_tiles();
+#endif
+        for (int r = start; r < end; r += TR) {
+            int m = end - r < TR ? end - r : TR;
+            for (int i = 0; i < TR; i++) {
+                memset(st.acc[i], 0, (size_t)dim * sizeof(float));
+                st.run_max[i] = -INFINITY;
+                st.run_sum[i] = 0.f;
+            }
+            for (int i = 0; i < count; i++) {
+                size_t at = ((size_t)first[i] + (size_t)h * blocks[i]) * block_elems;
+                attend_part_amx(parts[i].q + (int64_t)h * rows * dim, r, m, tokens, &parts[i],
+                                dim, scale, kp + at, vp + at, &st);
+            }
+            for (int i = 0; i < m; i++) {
+                float *row = out + ((int64_t)h * rows + r + i) * dim;
+                float inv = st.run_sum[i] > 0.f ? 1.f / st.run_sum[i] : 0.f;
+                for (int d = 0; d < dim; d++) row[d] = st.acc[i][d] * inv;
+                lse[(int64_t)h * rows + r + i] =
+                    st.run_sum[i] > 0.f ? st.run_max[i] + logf(st.run_sum[i]) : -INFINITY;
+            }
+        }
+#if HAVE_TILES
+        _tile_release();
+#endif
+    }
+}
+
 /* The parts of one step in one online softmax: out [kv_heads, rows, dim] and lse
  * [kv_heads, rows] float32 (a row that sees no key: 0 and -inf). dim a multiple of 64, at
  * most MAX_DIM. 0 on success. */
@@ -238,6 +478,11 @@ int memlayer_attend_bf16(const part_t *parts, int count, int rows, int tokens, i
     }
     int per_head = (rows + ROWS - 1) / ROWS;
     int items = kv_heads * per_head;
+    if (amx_usable()) {
+        attend_tiles(parts, count, rows, tokens, kv_heads, dim, scale, threads, kp, vp, blocks,
+                     first, out, lse);
+        items = 0;
+    }
 #pragma omp parallel for schedule(dynamic) num_threads(threads)
     for (int item = 0; item < items; item++) {
         int h = item / per_head, start = (item % per_head) * ROWS;
@@ -306,35 +551,15 @@ static void score_block(const uint16_t *qh, int rows, int wide, const uint16_t *
     for (int j = 0; j < 4; j++) _mm512_store_ps(lanes + 16 * j, best[j]);
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
+#define AMX_ROWS 32 /* query rows a tile pass of the bounds takes: two 16-row tiles */
 
-#define AMX_ROWS 32 /* query rows a tile pass takes: two 16-row tiles */
-
-/* The tile layout of palette 1 (the ldtilecfg operand): every tile 16 rows of 64 bytes. */
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config_t;
-
-/* Whether this process may use AMX tiles: Linux grants the tile state on request. */
-static int amx_granted(void) {
-    static int granted = -1; /* a race only asks twice; the answer is the same */
-    if (granted < 0) granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                                       18 /* XFEATURE_XTILEDATA */) == 0;
-    return granted;
-}
-
+#if HAVE_TILES
 /* score_block with AMX tiles: the head's signed rows qh [rows, wide] (rows a multiple of
  * AMX_ROWS) against the KB packed keys kp (whose pair layout is the B operand's), 32 rows by
  * 32 keys at a time in four float32 accumulator tiles. */
 static void score_block_amx(const uint16_t *qh, int rows, int wide, const uint16_t *kp,
                             float *lanes) {
-    tile_config_t config = {.palette = 1};
-    for (int t = 0; t < 8; t++) config.rows[t] = 16, config.colsb[t] = 64;
-    _tile_loadconfig(&config);
+    load_tiles();
     float c[4][16][16] __attribute__((aligned(64)));
     for (int half = 0; half < 2; half++) {
         __m512 best[2] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY)};
@@ -372,26 +597,10 @@ static void score_block_amx(const uint16_t *qh, int rows, int wide, const uint16
     _tile_release();
 }
 
-static int amx_wanted = 1;
-
-static int amx_usable(void) { return amx_wanted && amx_granted(); }
-
-/* Whether Quest's bounds take AMX tiles from now on (`wanted` 0: the AVX512 path), as far as
- * the CPU and the kernel allow: the tiles' use after the call. */
-int memlayer_bf16_tiles(int wanted) {
-    amx_wanted = wanted;
-    return amx_usable();
-}
 #else
-#define AMX_ROWS 1
 static void score_block_amx(const uint16_t *qh, int rows, int wide, const uint16_t *kp,
                             float *lanes) {
     (void)qh, (void)rows, (void)wide, (void)kp, (void)lanes;
-}
-static int amx_usable(void) { return 0; }
-int memlayer_bf16_tiles(int wanted) {
-    (void)wanted;
-    return 0;
 }
 #endif
 

@@ -3,13 +3,14 @@ AVX512-BF16 (`KVConfig(attention_dtype="bfloat16")`).
 
 The products of a float32 flash attention are most of a CPU prefill's attention time; the
 dot instruction of AVX512-BF16 takes bfloat16 pairs and accumulates in float32 at twice the
-float32 rate. `cpu_bf16.c` rounds queries, keys, values and the softmax's probabilities to
-bfloat16 and keeps everything else in float32 (the logits, the running softmax, the output):
-the numerics of a bfloat16 flash attention on a GPU. A causal part skips the key blocks no
-row of a block sees. Quest's page scores for a chunk (the largest upper bound over its query
-rows) take the same products (`bounds_scores`), by AMX tiles where the CPU has them (8× the
-AVX512 loop at 500 pages); given the selection's k, only the pages that can reach a head's
-top k are scored (groups of 8 pages bounded first). Compiled on first use
+float32 rate; where the CPU has AMX-BF16, its tiles take the products instead, 16 rows by 64
+keys at a time (`tiles`). `cpu_bf16.c` rounds queries, keys, values and the softmax's
+probabilities to bfloat16 and keeps everything else in float32 (the logits, the running
+softmax, the output): the numerics of a bfloat16 flash attention on a GPU. A causal part
+skips the key blocks no row of a block sees. Quest's page scores for a chunk (the largest
+upper bound over its query rows) take the same products (`bounds_scores`; the tiles are 8×
+the AVX512 loop at 500 pages); given the selection's k, only the pages that can reach a
+head's top k are scored (groups of 8 pages bounded first). Compiled on first use
 (`native.build`); where the CPU or the compiler lacks AVX512-BF16, `available` is False and
 float32 runs.
 """
@@ -87,10 +88,17 @@ def handles_bounds(q: torch.Tensor, summary: torch.Tensor) -> bool:
 
 
 def use_tiles(wanted: bool) -> bool:
-    """Let Quest's chunk bounds take AMX tiles (the default, where the CPU has AMX-BF16 and
-    Linux grants the tile state) or not (AVX512-BF16 alone): whether they take them now."""
+    """Let the kernel's products take AMX tiles (the default, where the CPU has AMX-BF16, the
+    compiler targets it and Linux grants the tile state) or not (AVX512-BF16 alone): whether
+    they take them now."""
     lib = library()
     return lib is not None and bool(lib.memlayer_bf16_tiles(int(wanted)))
+
+
+def tiles() -> bool:
+    """Whether the kernel's products take AMX tiles."""
+    lib = library()
+    return lib is not None and bool(lib.memlayer_bf16_tiles(-1))
 
 
 PRUNE_FROM = 512  # pages from which `bounds_scores(k=...)` skips the groups that cannot win

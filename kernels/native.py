@@ -9,6 +9,7 @@ keep their torch reference.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -42,6 +43,7 @@ def _cpu_id() -> str:
     return "\n".join(sorted(set(wanted)))
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """This CPU's instruction set flags as /proc/cpuinfo lists them (empty where it cannot
     be read)."""

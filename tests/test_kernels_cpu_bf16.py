@@ -21,6 +21,16 @@ needs_bf16 = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(params=[False, True], ids=["avx512", "amx-tiles"])
+def tiles(request: pytest.FixtureRequest) -> Any:
+    """The C kernel's products by AVX512-BF16 alone, then by AMX tiles (skipped where the CPU
+    has none); the default (tiles where they are) is restored after."""
+    if not cpu_bf16.use_tiles(request.param) and request.param:
+        pytest.skip("this CPU has no AMX-BF16 tiles (or Linux does not grant them)")
+    yield request.param
+    cpu_bf16.use_tiles(True)
+
+
 def _rounded_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: int, causal: int | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +56,7 @@ def _rounded_attention(
     ],
 )
 def test_bfloat16_products_are_attention_of_the_rounded_inputs(
-    kv_heads: int, group: int, tokens: int, keys: int, causal: int | None, dim: int
+    kv_heads: int, group: int, tokens: int, keys: int, causal: int | None, dim: int, tiles: bool
 ) -> None:
     gen = torch.Generator().manual_seed(keys + tokens)
     q = torch.randn(1, kv_heads, group * tokens, dim, generator=gen)
@@ -60,7 +70,7 @@ def test_bfloat16_products_are_attention_of_the_rounded_inputs(
 
 
 @needs_bf16
-def test_bfloat16_pools_and_strided_heads_read_as_they_are() -> None:
+def test_bfloat16_pools_and_strided_heads_read_as_they_are(tiles: bool) -> None:
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(1, 2, 3 * 40, 64, generator=gen)
     buffer = torch.randn(2, 2, 300, 64, generator=gen).bfloat16()  # heads 300 rows apart
@@ -72,7 +82,7 @@ def test_bfloat16_pools_and_strided_heads_read_as_they_are() -> None:
 
 
 @needs_bf16
-def test_parts_with_their_own_queries_run_in_one_softmax() -> None:
+def test_parts_with_their_own_queries_run_in_one_softmax(tiles: bool) -> None:
     """The window (causal, local queries) and the pages (memory queries) of one step."""
     gen = torch.Generator().manual_seed(2)
     tokens, dim = 40, 64
@@ -94,7 +104,7 @@ def test_parts_with_their_own_queries_run_in_one_softmax() -> None:
 
 
 @needs_bf16
-def test_no_keys_give_zero_and_a_log_sum_exp_of_minus_infinity() -> None:
+def test_no_keys_give_zero_and_a_log_sum_exp_of_minus_infinity(tiles: bool) -> None:
     q = torch.randn(1, 2, 8, 64)
     out, lse = cpu_bf16.attend(q, q[:, :, :0], q[:, :, :0], tokens=8, scale=0.125)
     assert torch.equal(out, torch.zeros_like(q))
@@ -133,7 +143,7 @@ def test_a_prefill_step_with_bfloat16_products_is_the_step_within_their_rounding
 ) -> None:
     """Through the C call, or (`tiles`: a CPU with AMX) through torch's flash attention on
     bfloat16 copies, every part of it in bfloat16."""
-    monkeypatch.setattr(cpu_flash, "tiles_bf16", lambda: tiles)
+    monkeypatch.setattr(cpu_flash, "torch_tiles", lambda: tiles)
     flash, seen = cpu_flash._FLASH, []
 
     def recorded(*args: Any, **kwargs: Any) -> Any:
@@ -246,16 +256,6 @@ def _bounds(pages: int, tokens: int, dim: int, seed: int = 0) -> tuple[torch.Ten
     keys = torch.randn(pages, 3, 16, dim, generator=gen)
     q = torch.randn(1, 9, tokens, dim, generator=gen)
     return q, torch.stack([keys.amin(dim=2), keys.amax(dim=2)], dim=2)
-
-
-@pytest.fixture(params=[False, True], ids=["avx512", "amx-tiles"])
-def tiles(request: pytest.FixtureRequest) -> Any:
-    """Quest's bounds by AVX512-BF16 alone, then by AMX tiles (skipped where the CPU has
-    none); the default (tiles where they are) is restored after."""
-    if not cpu_bf16.use_tiles(request.param) and request.param:
-        pytest.skip("this CPU has no AMX-BF16 tiles (or Linux does not grant them)")
-    yield request.param
-    cpu_bf16.use_tiles(True)
 
 
 @needs_bf16
