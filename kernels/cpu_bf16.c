@@ -43,14 +43,6 @@ static inline uint16_t to_bf16(float x) {
     return (uint16_t)(bits >> 16);
 }
 
-static inline float read_value(const void *base, int64_t at, int bf16) {
-    if (!bf16) return ((const float *)base)[at];
-    uint32_t bits = (uint32_t)((const uint16_t *)base)[at] << 16;
-    float x;
-    memcpy(&x, &bits, sizeof x);
-    return x;
-}
-
 /* e^x lane-wise for x <= 0 (0 below -87): 2^n e^r, |r| <= ln 2 / 2, e^r by its degree-6
  * Taylor polynomial. */
 static inline __m512 exp512_nonpositive(__m512 x) {
@@ -70,20 +62,59 @@ static inline __m512 exp512_nonpositive(__m512 x) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ), e);
 }
 
-/* The block of `count` keys from element `at` in pair layout: kp[(d/2) * KB * 2 + n * 2 +
- * d % 2] = k[n][d], and its values as vp[(n/2) * dim * 2 + d * 2 + n % 2] = v[n][d]; rows
- * past `count` are zero. */
-static void pack_block(const void *k, const void *v, int bf16, int64_t at, int count, int dim,
-                       uint16_t *kp, uint16_t *vp) {
-    memset(kp, 0, (size_t)KB * dim * sizeof *kp);
-    memset(vp, 0, (size_t)KB * dim * sizeof *vp);
-    for (int n = 0; n < count; n++) {
-        int64_t row = at + (int64_t)n * dim;
-        for (int d = 0; d < dim; d++) {
-            kp[(d / 2) * KB * 2 + n * 2 + d % 2] = to_bf16(read_value(k, row + d, bf16));
-            vp[(n / 2) * dim * 2 + d * 2 + n % 2] = to_bf16(read_value(v, row + d, bf16));
+/* Rows [at / dim, + count) of x (float32, or bfloat16 where `bf16`) in bfloat16 as to[KB]
+ * [MAX_DIM]; the rows past `count` are zero. */
+static void block_rows(const void *x, int bf16, int64_t at, int count, int dim,
+                       uint16_t to[][MAX_DIM]) {
+    for (int n = 0; n < KB; n++) {
+        if (n >= count) {
+            memset(to[n], 0, (size_t)dim * sizeof(uint16_t));
+        } else if (bf16) {
+            memcpy(to[n], (const uint16_t *)x + at + (int64_t)n * dim, (size_t)dim * 2);
+        } else {
+            const float *row = (const float *)x + at + (int64_t)n * dim;
+            for (int d = 0; d < dim; d += 16)
+                _mm256_store_si256((__m256i *)(to[n] + d),
+                                   (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + d)));
         }
     }
+}
+
+/* The block of `count` keys from element `at` in pair layout: kp[(d/2) * KB * 2 + n * 2 +
+ * d % 2] = k[n][d] (the pairs of each key's row, transposed to pair-major: 32-bit gathers),
+ * and its values as vp[(n/2) * dim * 2 + d * 2 + n % 2] = v[n][d] (two rows interleaved);
+ * rows past `count` are zero. */
+static void pack_block(const void *k, const void *v, int bf16, int64_t at, int count, int dim,
+                       uint16_t *kp, uint16_t *vp) {
+    uint16_t rows[KB][MAX_DIM] __attribute__((aligned(64)));
+    block_rows(k, bf16, at, count, dim, rows);
+    const __m512i key = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32(MAX_DIM / 2));
+    for (int p = 0; p < dim / 2; p++)
+        for (int g = 0; g < KB / 16; g++) {
+            const int *from = (const int *)rows[16 * g] + p;
+            _mm512_store_si512((void *)(kp + (p * KB + 16 * g) * 2),
+                               _mm512_i32gather_epi32(key, from, 4));
+        }
+    block_rows(v, bf16, at, count, dim, rows);
+    __m512i low = _mm512_setzero_si512(), high = _mm512_setzero_si512();
+    {
+        int16_t l[32], h[32];
+        for (int i = 0; i < 32; i++) {
+            l[i] = (int16_t)((i % 2) * 32 + i / 2);
+            h[i] = (int16_t)((i % 2) * 32 + 16 + i / 2);
+        }
+        low = _mm512_loadu_si512(l);
+        high = _mm512_loadu_si512(h);
+    }
+    for (int m = 0; m < KB / 2; m++)
+        for (int d0 = 0; d0 < dim; d0 += 32) {
+            __m512i a = _mm512_load_si512(rows[2 * m] + d0), b = _mm512_load_si512(rows[2 * m + 1] + d0);
+            uint16_t *to = vp + ((int64_t)m * dim + d0) * 2;
+            _mm512_store_si512(to, _mm512_permutex2var_epi16(a, low, b));
+            _mm512_store_si512(to + 32, _mm512_permutex2var_epi16(a, high, b));
+        }
 }
 
 /* Rows [first, first + count) of m, `stride` elements apart, in key pair layout (as
@@ -257,7 +288,8 @@ static void attend_part(const float *qh, int r0, int m, int tokens, const part_t
 /* The online softmax of TR rows, carried from part to part (tiles' share of state_t). */
 typedef struct {
     float acc[TR][MAX_DIM] __attribute__((aligned(64)));
-    float run_max[TR], run_sum[TR];
+    float sums[TR][16] __attribute__((aligned(64))); /* each row's running sum, in 16 lanes */
+    float run_max[TR];
 } tile_state_t;
 
 #if HAVE_TILES
@@ -289,7 +321,7 @@ static void attend_part_amx(const float *qh, int r0, int m, int tokens, const pa
         if (last[i] > reach) reach = last[i];
     }
     int blocks = (int)((reach + KB) / KB);
-    float *run_max = st->run_max, *run_sum = st->run_sum;
+    float *run_max = st->run_max;
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int b = 0; b < blocks; b++) {
         const uint16_t *kb = kp + (int64_t)b * KB * dim;
@@ -357,7 +389,8 @@ static void attend_part_amx(const float *qh, int r0, int m, int tokens, const pa
                 total = _mm512_add_ps(total, e);
                 _mm256_store_si256((__m256i *)(pb[i] + 16 * j), (__m256i)_mm512_cvtneps_pbh(e));
             }
-            run_sum[i] = run_sum[i] * shrink[i] + _mm512_reduce_add_ps(total);
+            _mm512_store_ps(st->sums[i], _mm512_fmadd_ps(_mm512_load_ps(st->sums[i]),
+                                                         _mm512_set1_ps(shrink[i]), total));
             if (shrink[i] != 1.f) {
                 __m512 by = _mm512_set1_ps(shrink[i]);
                 for (int d = 0; d < dim; d += 16)
@@ -423,8 +456,8 @@ static void attend_tiles(const part_t *parts, int count, int rows, int tokens, i
             int m = end - r < TR ? end - r : TR;
             for (int i = 0; i < TR; i++) {
                 memset(st.acc[i], 0, (size_t)dim * sizeof(float));
+                memset(st.sums[i], 0, sizeof st.sums[i]);
                 st.run_max[i] = -INFINITY;
-                st.run_sum[i] = 0.f;
             }
             for (int i = 0; i < count; i++) {
                 size_t at = ((size_t)first[i] + (size_t)h * blocks[i]) * block_elems;
@@ -433,10 +466,10 @@ static void attend_tiles(const part_t *parts, int count, int rows, int tokens, i
             }
             for (int i = 0; i < m; i++) {
                 float *row = out + ((int64_t)h * rows + r + i) * dim;
-                float inv = st.run_sum[i] > 0.f ? 1.f / st.run_sum[i] : 0.f;
+                float sum = _mm512_reduce_add_ps(_mm512_load_ps(st.sums[i]));
+                float inv = sum > 0.f ? 1.f / sum : 0.f;
                 for (int d = 0; d < dim; d++) row[d] = st.acc[i][d] * inv;
-                lse[(int64_t)h * rows + r + i] =
-                    st.run_sum[i] > 0.f ? st.run_max[i] + logf(st.run_sum[i]) : -INFINITY;
+                lse[(int64_t)h * rows + r + i] = sum > 0.f ? st.run_max[i] + logf(sum) : -INFINITY;
             }
         }
 #if HAVE_TILES
