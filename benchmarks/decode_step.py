@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from memlayer import KVSession
-from memlayer.kernels import sparse_attention
+from memlayer.kernels import cpu_bf16, sparse_attention
 from memlayer.kvretrieval.model import load_smollm2
 from memlayer.kvretrieval.passkey import samples
 
@@ -138,6 +138,18 @@ def measure(session: KVSession, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (the platform's, where it cannot)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    names = [
+        line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")
+    ]
+    return names[0] if names else platform.machine()
+
+
 def write_record(name: str, args: argparse.Namespace, rows: list[dict[str, Any]]) -> Path:
     """Write the run (command, date, machine, settings, rows) to `args.json`, else to
     results/{name}-{date}.json; print and return where."""
@@ -150,7 +162,9 @@ def write_record(name: str, args: argparse.Namespace, rows: list[dict[str, Any]]
         "date": now.isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),
+            "cpu": cpu_model(),
             "cpu_count": os.cpu_count(),
+            "amx_tiles": cpu_bf16.tiles(),
             "load_average": os.getloadavg(),
             "torch": torch.__version__,
         },
