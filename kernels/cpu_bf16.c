@@ -293,6 +293,33 @@ typedef struct {
 } tile_state_t;
 
 #if HAVE_TILES
+/* c [16, 64] float32 (rows `c_stride` bytes apart) = the sum over `steps` of A_s [16, 32]
+ * bfloat16 (from a + 32 s, rows `a_stride` bytes apart) times B_s in pair layout (from
+ * b + s * b_step: 16 pair rows `b_stride` bytes apart, 64 columns as four tiles of 16). */
+static inline void tile_product(const uint16_t *a, int a_stride, const uint16_t *b, int64_t b_step,
+                                int b_stride, int steps, float *c, int c_stride) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int s = 0; s < steps; s++) {
+        const uint16_t *bs = b + s * b_step;
+        _tile_loadd(4, a + 32 * s, a_stride);
+        _tile_loadd(5, bs, b_stride);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, bs + 32, b_stride);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(7, bs + 64, b_stride);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_loadd(5, bs + 96, b_stride);
+        _tile_dpbf16ps(3, 4, 5);
+    }
+    _tile_stored(0, c, c_stride);
+    _tile_stored(1, c + 16, c_stride);
+    _tile_stored(2, c + 32, c_stride);
+    _tile_stored(3, c + 48, c_stride);
+}
+
 /* attend_part with AMX tiles: rows [r0, r0 + m) (m <= TR) of one head against one part's
  * packed blocks. A block's logits [TR, KB] come from four accumulator tiles (the packed keys
  * are the B operand as they are), the softmax runs on them in AVX512 registers as
@@ -326,26 +353,8 @@ static void attend_part_amx(const float *qh, int r0, int m, int tokens, const pa
     for (int b = 0; b < blocks; b++) {
         const uint16_t *kb = kp + (int64_t)b * KB * dim;
         const uint16_t *vb = vp + (int64_t)b * KB * dim;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int s = 0; s < dim / 32; s++) { /* 32 dimensions: 16 pairs of the keys' layout */
-            const uint16_t *kk = kb + 16 * s * KB * 2;
-            _tile_loadd(4, qb[0] + 32 * s, MAX_DIM * 2);
-            _tile_loadd(5, kk, KB * 4);
-            _tile_dpbf16ps(0, 4, 5);
-            _tile_loadd(6, kk + 32, KB * 4);
-            _tile_dpbf16ps(1, 4, 6);
-            _tile_loadd(7, kk + 64, KB * 4);
-            _tile_dpbf16ps(2, 4, 7);
-            _tile_loadd(5, kk + 96, KB * 4);
-            _tile_dpbf16ps(3, 4, 5);
-        }
-        _tile_stored(0, sb[0], KB * 4);
-        _tile_stored(1, sb[0] + 16, KB * 4);
-        _tile_stored(2, sb[0] + 32, KB * 4);
-        _tile_stored(3, sb[0] + 48, KB * 4);
+        /* 32 dimensions a step: 16 pairs of the keys' layout */
+        tile_product(qb[0], MAX_DIM * 2, kb, 16 * KB * 2, KB * 4, dim / 32, sb[0], KB * 4);
         /* each row's largest logit in the block (raw: scale > 0 keeps the order) */
         float peak_raw[TR] __attribute__((aligned(64)));
         for (int i = 0; i < TR; i++) {
@@ -398,26 +407,9 @@ static void attend_part_amx(const float *qh, int r0, int m, int tokens, const pa
             }
         }
         for (int d0 = 0; d0 < dim; d0 += 64) {
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int s = 0; s < KB / 32; s++) { /* 32 keys: 16 pairs of the values' layout */
-                const uint16_t *vv = vb + ((int64_t)16 * s * dim + d0) * 2;
-                _tile_loadd(4, pb[0] + 32 * s, KB * 2);
-                _tile_loadd(5, vv, dim * 4);
-                _tile_dpbf16ps(0, 4, 5);
-                _tile_loadd(6, vv + 32, dim * 4);
-                _tile_dpbf16ps(1, 4, 6);
-                _tile_loadd(7, vv + 64, dim * 4);
-                _tile_dpbf16ps(2, 4, 7);
-                _tile_loadd(5, vv + 96, dim * 4);
-                _tile_dpbf16ps(3, 4, 5);
-            }
-            _tile_stored(0, ob[0], 64 * 4);
-            _tile_stored(1, ob[0] + 16, 64 * 4);
-            _tile_stored(2, ob[0] + 32, 64 * 4);
-            _tile_stored(3, ob[0] + 48, 64 * 4);
+            /* 32 keys a step: 16 pairs of the values' layout */
+            tile_product(pb[0], KB * 2, vb + d0 * 2, (int64_t)16 * dim * 2, dim * 4, KB / 32, ob[0],
+                         64 * 4);
             for (int i = 0; i < m; i++)
                 for (int j = 0; j < 4; j++) {
                     float *to = st->acc[i] + d0 + 16 * j;
