@@ -197,23 +197,35 @@ typedef struct {
     float run_max[MR], run_sum[MR];
 } state_t;
 
-/* Rows [r0, r0 + m) (m <= MR) of one head (queries qh) against one part's packed blocks. */
-static void attend_part(const float *qh, int r0, int m, int tokens, const part_t *part, int dim,
-                        float scale, const uint16_t *kp, const uint16_t *vp, state_t *st) {
-    uint16_t qb[MR][MAX_DIM] __attribute__((aligned(64)));
-    uint16_t pb[MR][KB] __attribute__((aligned(64)));
-    int64_t last[MR]; /* the last key each row sees */
+/* A block of n query rows from r0 (the first m of them live) of one head's queries qh, in
+ * bfloat16 as qb (dead rows zero), and the last key of the part each row sees (-1: none);
+ * returns the largest. */
+static int64_t block_rows_of(const float *qh, int r0, int m, int n, int tokens,
+                             const part_t *part, int dim, uint16_t qb[][MAX_DIM], int64_t *last) {
     int64_t reach = -1;
-    for (int i = 0; i < MR; i++) {
+    for (int i = 0; i < n; i++) {
         int live = i < m;
         const float *row = qh + (int64_t)(r0 + (live ? i : 0)) * dim;
-        for (int d = 0; d < dim; d++) qb[i][d] = live ? to_bf16(row[d]) : 0;
+        for (int d = 0; d < dim; d += 16) {
+            __m512 x = live ? _mm512_loadu_ps(row + d) : _mm512_setzero_ps();
+            _mm256_store_si256((__m256i *)(qb[i] + d), (__m256i)_mm512_cvtneps_pbh(x));
+        }
         last[i] = part->keys - 1;
         int64_t seen = part->causal + (r0 + i) % tokens;
         if (part->causal >= 0 && seen < last[i]) last[i] = seen;
         if (!live) last[i] = -1;
         if (last[i] > reach) reach = last[i];
     }
+    return reach;
+}
+
+/* Rows [r0, r0 + m) (m <= MR) of one head (queries qh) against one part's packed blocks. */
+static void attend_part(const float *qh, int r0, int m, int tokens, const part_t *part, int dim,
+                        float scale, const uint16_t *kp, const uint16_t *vp, state_t *st) {
+    uint16_t qb[MR][MAX_DIM] __attribute__((aligned(64)));
+    uint16_t pb[MR][KB] __attribute__((aligned(64)));
+    int64_t last[MR]; /* the last key each row sees */
+    int64_t reach = block_rows_of(qh, r0, m, MR, tokens, part, dim, qb, last);
     int blocks = (int)((reach + KB) / KB);
     float *run_max = st->run_max, *run_sum = st->run_sum;
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
@@ -333,20 +345,7 @@ static void attend_part_amx(const float *qh, int r0, int m, int tokens, const pa
     float sb[TR][KB] __attribute__((aligned(64)));
     float ob[TR][64] __attribute__((aligned(64)));
     int64_t last[TR]; /* the last key each row sees */
-    int64_t reach = -1;
-    for (int i = 0; i < TR; i++) {
-        int live = i < m;
-        const float *row = qh + (int64_t)(r0 + (live ? i : 0)) * dim;
-        for (int d = 0; d < dim; d += 16) {
-            __m512 x = live ? _mm512_loadu_ps(row + d) : _mm512_setzero_ps();
-            _mm256_store_si256((__m256i *)(qb[i] + d), (__m256i)_mm512_cvtneps_pbh(x));
-        }
-        last[i] = part->keys - 1;
-        int64_t seen = part->causal + (r0 + i) % tokens;
-        if (part->causal >= 0 && seen < last[i]) last[i] = seen;
-        if (!live) last[i] = -1;
-        if (last[i] > reach) reach = last[i];
-    }
+    int64_t reach = block_rows_of(qh, r0, m, TR, tokens, part, dim, qb, last);
     int blocks = (int)((reach + KB) / KB);
     float *run_max = st->run_max;
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);

@@ -10,7 +10,7 @@ tokens and the pages. A one-token decode step is cheaper in the reference's one 
 
 With `bf16_products` (and a CPU with AVX512-BF16, `cpu_bf16.py`), the window (causal), the
 sinks and the pages go through one C call, a flash attention whose products take bfloat16,
-with nothing to merge; on a CPU with AMX its products run in the tiles (2.7 ms a SmolLM2
+with nothing to merge; on a CPU with AMX its products run in the tiles (2.4 ms a SmolLM2
 layer's 512-token chunk on the Xeon, against 4.2 through torch's flash attention by parts).
 Where the CPU has AMX tiles but the C kernel cannot use them (a compiler that does not
 target them), the parts go through PyTorch's flash attention on bfloat16 copies instead
