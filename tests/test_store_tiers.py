@@ -754,12 +754,16 @@ def _advised_mappings_get_huge_pages() -> bool:
 )
 def test_a_page_locked_reservation_asks_for_huge_pages_and_a_ram_slab_does_not() -> None:
     """A slab behind a GPU is locked page by page: 2 MB pages make that 512 times fewer. A
-    plain RAM slab stays on 4 KB pages, whose first touch skips direct compaction."""
+    plain RAM slab stays on 4 KB pages, whose first touch skips direct compaction.
+
+    The slab is 64 MB, past glibc's largest mmap threshold (32 MB), so it gets a mapping of its
+    own: a smaller one may reuse heap that numpy advised for an array of 4 MB or more, and
+    inherit that advice, which no code of ours asked for."""
     reserved = pinned.pinned_reserve((64, 1024, 1024), torch.float32)  # nothing locked yet
     inside = -(-reserved.data_ptr() // (2 << 20)) * (2 << 20) + 4096  # in a whole 2 MB page
     assert _thp_eligible(inside) is True
     tier = TensorTier("ram", "cpu", None, pin=False)
-    payload = {"k": make_tensor(1, (1024, 1024), torch.float32)}  # a 4 MB slot
+    payload = {"k": make_tensor(1, (4096, 4096), torch.float32)}  # a 64 MB slot
     tier.put(Page(id="big", payload=payload, scope=Scope(tenant_id="t1")))
     slab = next(iter(tier._slabs.values())).fields["k"]
     inside = -(-slab.data_ptr() // (2 << 20)) * (2 << 20) + 4096
