@@ -43,6 +43,7 @@ import re
 import struct
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -57,6 +58,7 @@ from memlayer.errors import (
     NotFoundError,
     StorageError,
 )
+from memlayer.stores.batch_read import CHECKSUM, BodyRead, read_bodies
 from memlayer.stores.codec import TensorLayout, decode, encode, read_header
 from memlayer.stores.tier import Tier
 from memlayer.types import Page
@@ -111,6 +113,7 @@ class _Parsed:
     start: int
     page: Page
     layout: TensorLayout
+    signature: Signature
 
 
 @dataclass(frozen=True)
@@ -222,7 +225,10 @@ def _resync(data: mmap.mmap, position: int) -> int:
 
 
 class DiskTier(Tier):
-    """Pages in segment files under `path` (one writer process; many reader threads)."""
+    """Pages in segment files under `path` (one writer process; many reader threads).
+
+    `read_threads`: the threads a batch read (`read_many_into`, how a RAM tier above
+    promotes pages) spreads its reads and checksums over."""
 
     persistent = True
 
@@ -234,10 +240,15 @@ class DiskTier(Tier):
         segment_bytes: int = 256 * 2**20,
         sync: bool = True,
         name: str = "disk",
+        read_threads: int = 2,
     ) -> None:
         super().__init__()
         if segment_bytes <= HEADER_BYTES:
             raise InvalidInputError("segment_bytes", f"must exceed {HEADER_BYTES}", segment_bytes)
+        if read_threads < 1:
+            raise InvalidInputError("read_threads", "must be at least 1", read_threads)
+        self.read_threads = read_threads
+        self._pool: ThreadPoolExecutor | None = None
         self.name = name
         self.path = Path(path)
         self.budget = budget
@@ -249,8 +260,8 @@ class DiskTier(Tier):
         self._index: dict[str, Location] = {}
         self._live_bytes = 0
         self._maps: dict[int, mmap.mmap] = {}
-        self._readers: dict[int, int] = {}  # segment -> read-only fd for read_into
-        self._parsed: dict[str, _Parsed] = {}  # headers read_into has parsed (or put wrote)
+        self._readers: dict[int, int] = {}  # segment -> read-only fd for read_many_into
+        self._parsed: dict[str, _Parsed] = {}  # headers read_many_into parsed (or put wrote)
         self._lock = threading.RLock()
         self._closed = False
         try:
@@ -324,59 +335,84 @@ class DiskTier(Tier):
         self.counters.hits += 1
         return decode(body)
 
-    def read_into(
+    def read_many_into(
         self,
-        page_id: str,
-        destinations: Callable[[Signature], Mapping[str, torch.Tensor] | None],
-    ) -> Page | None:
-        """Read a page's tensors straight into memory the caller gives, with no copy
-        between: `destinations(signature)` returns a contiguous CPU tensor per payload name
-        (or None to decline), the file's bytes are read into them with one `preadv`, and the
-        checksum is verified over what arrived (CorruptionError as `get` raises it; the
-        destinations then hold garbage). Returns the page without its payload; None when
-        the page cannot be read this way (bytes payload, declined): use `get`.
+        page_ids: Sequence[str],
+        destinations: Callable[[str, Signature], Mapping[str, memoryview] | None],
+    ) -> list[Page | StorageError | None]:
+        """Read pages' tensors straight into memory the caller gives, with no copy between:
+        `destinations(page_id, signature)` returns, per payload name, the writable bytes of
+        the tensor the page's own lands in (or None to decline the page); it is called for
+        every page before any bytes are taken from what it returned, so a later call may
+        move an earlier page's memory (a slab that grows) when it returned a mapping that
+        follows the move. Neighbouring
+        records are read with one `preadv`, spread over `read_threads` threads, and each
+        checksum is verified over what arrived.
+
+        Per page, in order: the page without its payload; None when it cannot be read this
+        way (bytes payload, or declined: use `get`); or the error that refused it
+        (CorruptionError, as `get` raises it, or StorageError for a short read), its
+        destinations then holding garbage. NotFoundError, before anything is read or any
+        destination asked for, when an id is not here.
 
         A header is parsed once (when `put` writes it, or on the first read of a page found
-        on disk) and kept: later reads are one `preadv` of the header's bytes and the
-        tensors, with no JSON on the way; the checksum still covers both."""
+        on disk) and kept: later reads take the header's bytes and the tensors with no JSON
+        on the way; the checksum still covers both."""
         with self._lock:  # compaction closes readers under it: no read through a stale fd
             self._check_open()
-            location = self._index.get(page_id)
-            if location is None:
-                self.counters.misses += 1
-                raise NotFoundError("page", page_id)
-            fd = self._reader(location.segment)
-            parsed = self._parsed.get(page_id)
-            if parsed is None:
-                prefix = os.pread(fd, min(location.length, 1024), location.offset)
-                parsed = self._parse(prefix, location)
+            locations = []
+            for page_id in page_ids:
+                location = self._index.get(page_id)
+                if location is None:
+                    self.counters.misses += 1
+                    raise NotFoundError("page", page_id)
+                locations.append(location)
+            wanted: list[tuple[int, _Parsed, Mapping[str, memoryview]]] = []
+            reads: list[BodyRead] = []
+            for n, (page_id, location) in enumerate(zip(page_ids, locations, strict=True)):
+                fd = self._reader(location.segment)
+                parsed = self._parsed.get(page_id)
                 if parsed is None:
-                    return None
-            fields = destinations(_signature(parsed.layout))
-            if fields is None:
-                return None
-            head = bytearray(parsed.start)
-            views = [memoryview(head)]
-            views += [
-                fields[name].view(torch.uint8).reshape(-1).numpy().data
-                for name, *_ in parsed.layout
-            ]
-            if os.preadv(fd, views, location.offset) != location.length:
-                raise StorageError(f"page {page_id!r}: short read from segment {location.segment}")
-        digest = xxhash.xxh3_64()
-        for view in views:
-            digest.update(view)
-        if digest.intdigest() != location.checksum:
-            damage = self._body_failed(page_id, location)
-            raise CorruptionError(
-                f"page {page_id!r}: body checksum mismatch in segment {damage.segment} "
-                f"at {damage.offset} (kept on disk, never returned)"
-            )
-        with self._lock:
-            if self._index.get(page_id) == location:  # the header read is the one verified
-                self._parsed.setdefault(page_id, parsed)
-        self.counters.hits += 1
-        return replace(parsed.page, metadata=dict(parsed.page.metadata))
+                    prefix = os.pread(fd, min(location.length, 1024), location.offset)
+                    parsed = self._parse(prefix, location)
+                    if parsed is None:
+                        continue
+                fields = destinations(page_id, parsed.signature)
+                if fields is not None:
+                    wanted.append((n, parsed, fields))
+            for n, parsed, fields in wanted:  # a later call may have moved an earlier one's
+                location = locations[n]
+                views = [memoryview(bytearray(parsed.start))]
+                views += [fields[name] for name, *_ in parsed.layout]
+                fd = self._reader(location.segment)
+                reads.append(
+                    BodyRead(fd, location.offset, location.length, views, location.checksum)
+                )
+            outcomes = read_bodies(reads, self._read_pool(), self.read_threads)
+            results: list[Page | StorageError | None] = [None] * len(page_ids)
+            for (n, parsed, _), why in zip(wanted, outcomes, strict=True):
+                page_id, location = page_ids[n], locations[n]
+                if why == CHECKSUM:
+                    damage = self._body_failed(page_id, location)
+                    results[n] = CorruptionError(
+                        f"page {page_id!r}: body checksum mismatch in segment "
+                        f"{damage.segment} at {damage.offset} (kept on disk, never returned)"
+                    )
+                elif why is not None:
+                    results[n] = StorageError(
+                        f"page {page_id!r}: {why} from segment {location.segment}"
+                    )
+                else:
+                    self._parsed.setdefault(page_id, parsed)  # the header read is verified
+                    self.counters.hits += 1
+                    results[n] = replace(parsed.page, metadata=dict(parsed.page.metadata))
+        return results
+
+    def _read_pool(self) -> ThreadPoolExecutor | None:
+        """The threads that help the caller's with `read_many_into` (None: it reads alone)."""
+        if self.read_threads > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(self.read_threads - 1, thread_name_prefix="disk-read")
+        return self._pool
 
     @staticmethod
     def _parse(prefix: bytes, location: Location) -> _Parsed | None:
@@ -388,10 +424,10 @@ class DiskTier(Tier):
         start, page, layout = found
         if start + sum(nbytes for *_, nbytes in layout) != location.length:
             return None
-        return _Parsed(start, page, layout)
+        return _Parsed(start, page, layout, _signature(layout))
 
     def _remember_header(self, page_id: str, body: bytes) -> None:
-        """Keep the header of a body just written (the next read_into skips parsing it)."""
+        """Keep the header of a body just written (the next read_many_into skips parsing it)."""
         parsed = self._parse(body[:1024], self._index[page_id])
         if parsed is not None:
             self._parsed[page_id] = parsed
@@ -420,6 +456,8 @@ class DiskTier(Tier):
                 os.close(fd)
             self._readers.clear()
             self._parsed.clear()
+            if self._pool is not None:
+                self._pool.shutdown()
 
     def stats(self) -> dict[str, float | int | str | None]:
         return {

@@ -82,18 +82,23 @@ class ReadOnlyTier(Tier):
             dataclasses.replace(page, id=pid) for page, pid in zip(pages, page_ids, strict=True)
         ]
 
-    def read_into(
-        self, page_id: str, destinations: Callable[[Any], Mapping[str, torch.Tensor] | None]
-    ) -> Page | None:
-        """The source's `read_into` (a disk tier reads straight into a RAM slab); None, so
-        the caller reads the page with `get`, when the source has none."""
-        read = getattr(self._source, "read_into", None)
-        if read is None or page_id not in self._ids:
-            return None
-        header = read(page_id, destinations)
-        if header is not None:
-            self.counters.hits += 1
-        return header
+    def read_many_into(
+        self,
+        page_ids: Sequence[str],
+        destinations: Callable[[str, Any], Mapping[str, torch.Tensor] | None],
+    ) -> list[Page | Exception | None]:
+        """The source's `read_many_into` (a disk tier reads straight into a RAM slab); all
+        None, so the caller reads the pages with `get`, when the source has none."""
+        read = getattr(self._source, "read_many_into", None)
+        if read is None:
+            return [None] * len(page_ids)
+        missing = [page_id for page_id in page_ids if page_id not in self._ids]
+        if missing:
+            self.counters.misses += len(missing)
+            raise NotFoundError("page", missing[0])
+        results: list[Page | Exception | None] = read(page_ids, destinations)
+        self.counters.hits += sum(isinstance(result, Page) for result in results)
+        return results
 
     def put(self, page: Page) -> list[Page]:
         raise InvalidInputError("page", f"tier {self.name!r} is read-only", page.id)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,10 +85,39 @@ class Slab:
     free: list[int] = field(default_factory=list)
     used: int = 0
     reserved: dict[str, torch.Tensor] | None = None  # [rows >= capacity, *shape], unwritten past
+    _bytes: dict[str, tuple[torch.Tensor, Any]] = field(default_factory=dict)  # field, its rows
 
     @property
     def capacity(self) -> int:
         return next(iter(self.fields.values())).shape[0]
+
+    def row_bytes(self, name: str, slot: int) -> memoryview:
+        """The bytes of one slot of a CPU field, writable in place (each field's rows are
+        seen as bytes once, until the slab grows into a new field)."""
+        tensor = self.fields[name]
+        cached = self._bytes.get(name)
+        if cached is None or cached[0] is not tensor:
+            rows = tensor.view(torch.uint8).reshape(tensor.shape[0], -1).numpy()
+            cached = self._bytes[name] = (tensor, rows)
+        view: memoryview = cached[1][slot].data
+        return view
+
+
+class _SlotBytes(Mapping[str, memoryview]):
+    """The bytes of a slot's row in each field of its slab, looked up when read: a slab that
+    grows later (by copying) moves its fields, and rows taken before then must follow."""
+
+    def __init__(self, slabs: dict[Signature, Slab], sig: Signature, slot: int) -> None:
+        self._slabs, self._sig, self._slot = slabs, sig, slot
+
+    def __getitem__(self, name: str) -> memoryview:
+        return self._slabs[self._sig].row_bytes(name, self._slot)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._slabs[self._sig].fields)
+
+    def __len__(self) -> int:
+        return len(self._slabs[self._sig].fields)
 
 
 class TensorTier(Tier):
@@ -329,7 +358,7 @@ class TensorTier(Tier):
         (`copy_from`), as many per step as the budget holds (of more pages than fit, the last
         ones stay); bytes pages and other sources go the generic way (`Tier.promote`)."""
         if not isinstance(source, TensorTier):
-            if self.device.type == "cpu" and hasattr(source, "read_into"):
+            if self.device.type == "cpu" and hasattr(source, "read_many_into"):
                 yield from self._read_from(source, page_ids)
             else:
                 yield from super().promote(source, page_ids)
@@ -351,42 +380,64 @@ class TensorTier(Tier):
                 yield PromotionStep(chunk, len(chunk) * size, self.copy_from(source, chunk))
 
     def _read_from(self, source: Any, page_ids: Sequence[str]) -> Iterator[PromotionStep]:
-        """Promotion from a tier that reads pages straight into slab rows (`read_into`, the
-        disk tier): the file's bytes land in the slot, with no decoded copy between. Pages it
-        cannot read that way (bytes payloads) go the generic way."""
-        for page_id in dict.fromkeys(page_ids):
-            step = self._read_one(source, page_id)
-            if step is None:
-                yield from super().promote(source, [page_id])
-            else:
-                yield step
+        """Promotion from a tier that reads pages straight into slab rows (`read_many_into`,
+        the disk tier): the file's bytes land in the slots, with no decoded copy between, as
+        many pages per batch as the tier holds. Pages it cannot read that way (bytes
+        payloads) go the generic way; a page refused (damaged) gives its slot back, and its
+        error is raised once the pages read with it have arrived."""
+        pending = list(dict.fromkeys(page_ids))
+        while pending:
+            step, generic, refused, pending = self._read_batch(source, pending)
+            yield step
+            if generic:
+                yield from super().promote(source, generic)
+            if refused is not None:
+                raise refused
 
-    def _read_one(self, source: Any, page_id: str) -> PromotionStep | None:
+    def _read_batch(
+        self, source: Any, page_ids: list[str]
+    ) -> tuple[PromotionStep, list[str], Exception | None, list[str]]:
+        """One `read_many_into` of as many of `page_ids` as the tier holds: the step, the
+        pages to read the generic way, the first error, and the pages left for next time."""
         evicted: list[Page] = []
-        taken: list[tuple[Signature, int]] = []
+        taken: dict[str, tuple[Signature, int]] = {}
+        left: list[str] = []  # the batch filled the tier before these
 
-        def slot_for(sig: Signature) -> dict[str, torch.Tensor]:
+        def slot_for(page_id: str, sig: Signature) -> Mapping[str, memoryview] | None:
             if page_id in self:
                 self.evict(page_id)
             while (slot := self._allocate(sig)) is None:
+                if taken and self.policy.victim() is None:
+                    left.append(page_id)
+                    return None
                 evicted.append(self._pop_victim())
-            taken.append((sig, slot))
-            return {name: tensor[slot] for name, tensor in self._slabs[sig].fields.items()}
+            taken[page_id] = (sig, slot)
+            return _SlotBytes(self._slabs, sig, slot)
 
         try:
-            header = source.read_into(page_id, slot_for)
+            results = source.read_many_into(page_ids, slot_for)
         except BaseException:
-            for sig, slot in taken:  # the slot never held a page: give it back
+            for sig, slot in taken.values():  # no slot ever held a page: give them back
                 self._free(sig, slot)
             raise
-        if header is None:
-            return None
-        sig, slot = taken[0]
-        self._slots[page_id] = (sig, slot)
-        self._headers[page_id] = header
-        self.policy.touch(page_id)
-        self._moved([page_id], [slot])
-        return PromotionStep([page_id], slot_bytes(sig), evicted)
+        arrived: list[str] = []
+        generic: list[str] = []
+        refused: Exception | None = None
+        later = set(left)
+        for page_id, result in zip(page_ids, results, strict=True):
+            if isinstance(result, Exception):
+                self._free(*taken[page_id])
+                refused = refused or result
+            elif result is not None:
+                self._slots[page_id] = taken[page_id]
+                self._headers[page_id] = result
+                self.policy.touch(page_id)
+                arrived.append(page_id)
+            elif page_id not in later:
+                generic.append(page_id)
+        self._moved(arrived, [self._slots[page_id][1] for page_id in arrived])
+        moved = sum(slot_bytes(self._slots[page_id][0]) for page_id in arrived)
+        return PromotionStep(arrived, moved, evicted), generic, refused, left
 
     @contextmanager
     def prefetching(self) -> Iterator[None]:

@@ -6,12 +6,13 @@ checksum is verified over what arrived; a damaged page is refused and leaves no 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from memlayer.errors import CapacityError, CorruptionError
+from memlayer.errors import CapacityError, CorruptionError, InvalidInputError, StorageError
 from memlayer.stores import DiskTier, PageStore, TensorTier, disk_tier
 from memlayer.types import Page
 
@@ -132,4 +133,94 @@ def test_a_header_is_parsed_once_and_a_damaged_header_is_still_refused(
     ram.evict(ids[0])
     with pytest.raises(CorruptionError, match="checksum"):
         store.bring_up(ids[:1])
+    store.close()
+
+
+def _bigger_pages(count: int) -> list[Page]:
+    """Pages of 64 KiB each, so that a batch of them makes several runs."""
+    gen = torch.Generator().manual_seed(11)
+    return [
+        Page(
+            id=f"p{i}",
+            payload={"k": torch.randn(8, 64, 64, generator=gen).to(torch.bfloat16)},
+            metadata={"index": i},
+        )
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize("read_threads", [1, 3])
+def test_one_batch_brings_up_pages_from_many_segments_exactly_while_its_slab_grows(
+    tmp_path: Path, read_threads: int
+) -> None:
+    """The slab grows by copying as the batch takes slots (1, 2, 4, ... rows): each page's
+    bytes must land where its slot is once the batch is done, not where it was first given."""
+    pages = _bigger_pages(40)
+    disk = DiskTier(tmp_path / "disk", sync=False, segment_bytes=300_000, read_threads=read_threads)
+    disk.put_many(pages)
+    disk.evict(pages[5].id)  # a tombstone between two records: a run breaks or reads the gap
+    assert len(list((tmp_path / "disk").glob("segment-*.log"))) >= 8
+    ram = TensorTier("ram", "cpu", None)
+    store = PageStore([ram, disk])
+    wanted = [page for page in pages if page.id != pages[5].id][::-1]  # any order
+    store.prefetch([page.id for page in wanted]).result()
+    for page in wanted:
+        held = ram.get(page.id)
+        assert torch.equal(held.payload["k"], page.payload["k"]), page.id
+        assert held.metadata == page.metadata
+    store.close()
+
+
+def test_a_batch_larger_than_the_tier_leaves_its_last_pages_resident(tmp_path: Path) -> None:
+    pages = _bigger_pages(7)
+    disk = DiskTier(tmp_path / "disk", sync=False)
+    disk.put_many(pages)
+    ram = TensorTier("ram", "cpu", 3 * pages[0].nbytes)
+    store = PageStore([ram, disk])
+    store.prefetch([page.id for page in pages]).result()
+    assert sorted(ram.ids()) == sorted(page.id for page in pages[-3:])
+    for page in pages[-3:]:
+        assert torch.equal(ram.get(page.id).payload["k"], page.payload["k"])
+    store.close()
+
+
+def test_a_damaged_page_in_a_batch_is_refused_and_the_rest_arrive(tmp_path: Path) -> None:
+    pages = _bigger_pages(8)
+    disk = DiskTier(tmp_path / "disk", sync=False)
+    disk.put_many(pages)
+    disk.close()
+    segment = next((tmp_path / "disk").glob("segment-*.log"))
+    data = bytearray(segment.read_bytes())
+    at = data.find(pages[3].payload["k"].view(torch.uint8).numpy().tobytes())
+    data[at + 1000] ^= 0x10
+    segment.write_bytes(bytes(data))
+    ram = TensorTier("ram", "cpu", None)
+    store = PageStore([ram, DiskTier(tmp_path / "disk", sync=False)])
+    with pytest.raises(CorruptionError, match="'p3': body checksum mismatch"):
+        store.prefetch([page.id for page in pages]).result()
+    assert pages[3].id not in ram
+    for page in pages[:3] + pages[4:]:
+        assert torch.equal(ram.get(page.id).payload["k"], page.payload["k"])
+    store.close()
+
+
+def test_read_threads_below_one_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="read_threads"):
+        DiskTier(tmp_path / "disk", read_threads=0)
+    assert not (tmp_path / "disk").exists()
+
+
+def test_a_segment_cut_short_under_an_open_tier_is_a_storage_error(tmp_path: Path) -> None:
+    pages = _bigger_pages(4)
+    disk = DiskTier(tmp_path / "disk", sync=False, read_threads=1)
+    disk.put_many(pages)
+    segment = next((tmp_path / "disk").glob("segment-*.log"))
+    os.truncate(segment, segment.stat().st_size - 10)  # the last page loses its tail
+    ram = TensorTier("ram", "cpu", None)
+    store = PageStore([ram, disk])
+    with pytest.raises(StorageError, match="'p3': short read from segment 1"):
+        store.prefetch([page.id for page in pages]).result()
+    assert pages[3].id not in ram
+    for page in pages[:3]:
+        assert torch.equal(ram.get(page.id).payload["k"], page.payload["k"])
     store.close()
