@@ -121,9 +121,9 @@ def promotion(
     return {"bytes": total, "ours_s": ours, "baseline_s": raw, "one_thread_s": raw_one_thread}
 
 
-def disk_read(pages: list[Page], folder: Path, repeats: int) -> dict[str, float]:
+def disk_read(pages: list[Page], folder: Path, repeats: int, read_threads: int) -> dict[str, float]:
     """disk→RAM promotion through the store vs a raw sequential read of the same files."""
-    disk = DiskTier(folder / "disk", sync=False)
+    disk = DiskTier(folder / "disk", sync=False, read_threads=read_threads)
     disk.put_many(pages)
     ids = [p.id for p in pages]
     ram = warm_front(torch.device("cpu"), None)
@@ -224,6 +224,9 @@ def main() -> None:
         default=torch.get_num_threads(),
         help="CPU threads of the overlap row's compute (fewer than cores leaves one to prefetch)",
     )
+    parser.add_argument(
+        "--read-threads", type=int, default=2, help="the disk tier's read_threads (its default: 2)"
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pages = [kv_page(i) for i in range(args.pages)]
@@ -233,7 +236,7 @@ def main() -> None:
             "page_bytes": pages[0].nbytes,
             "promotion": promotion(pages, device, args.repeats),
             "promotion_scattered": promotion(pages, device, args.repeats, scattered=True),
-            "disk_read": disk_read(pages, Path(folder), args.repeats),
+            "disk_read": disk_read(pages, Path(folder), args.repeats, args.read_threads),
             "prefetch": prefetch_overlap(
                 pages[: args.pages // 4], device, args.repeats, args.compute_threads
             ),

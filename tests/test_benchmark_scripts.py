@@ -108,6 +108,8 @@ def test_store_bench_small_run_compares_with_raw_copies(tmp_path: Path) -> None:
     results = json.loads(out.read_text())
     for key in ("promotion", "promotion_scattered", "disk_read"):
         assert _positive(results[key]["ours_s"]) and _positive(results[key]["baseline_s"])
+    assert _positive(results["disk_read"]["raw_threads_s"])
+    assert results["disk_read"]["read_threads"] == 2
 
 
 def test_crag_eval_small_run_compares_ranked_and_crag(tmp_path: Path) -> None:
