@@ -340,14 +340,14 @@ class DiskTier(Tier):
         page_ids: Sequence[str],
         destinations: Callable[[str, Signature], Mapping[str, memoryview] | None],
     ) -> list[Page | StorageError | None]:
-        """Read pages' tensors straight into memory the caller gives, with no copy between:
-        `destinations(page_id, signature)` returns, per payload name, the writable bytes of
-        the tensor the page's own lands in (or None to decline the page); it is called for
-        every page before any bytes are taken from what it returned, so a later call may
-        move an earlier page's memory (a slab that grows) when it returned a mapping that
-        follows the move. Neighbouring
-        records are read with one `preadv`, spread over `read_threads` threads, and each
-        checksum is verified over what arrived.
+        """Read pages' tensors straight into memory the caller gives, with no copy between.
+
+        `destinations(page_id, signature)` returns, per payload name, the writable bytes
+        the tensor lands in (or None to decline the page). It is called for every page
+        before any bytes are taken from what it returned, so a later call may move an
+        earlier page's memory (a slab that grows) when its mapping follows the move.
+        Neighbouring records are read with one `preadv`, spread over `read_threads`
+        threads, and each checksum is verified over what arrived.
 
         Per page, in order: the page without its payload; None when it cannot be read this
         way (bytes payload, or declined: use `get`); or the error that refused it
@@ -368,45 +368,55 @@ class DiskTier(Tier):
                     raise NotFoundError("page", page_id)
                 locations.append(location)
             wanted: list[tuple[int, _Parsed, Mapping[str, memoryview]]] = []
-            reads: list[BodyRead] = []
             for n, (page_id, location) in enumerate(zip(page_ids, locations, strict=True)):
-                fd = self._reader(location.segment)
-                parsed = self._parsed.get(page_id)
-                if parsed is None:
-                    prefix = os.pread(fd, min(location.length, 1024), location.offset)
-                    parsed = self._parse(prefix, location)
-                    if parsed is None:
-                        continue
-                fields = destinations(page_id, parsed.signature)
-                if fields is not None:
+                parsed = self._parsed_header(page_id, location)
+                fields = destinations(page_id, parsed.signature) if parsed else None
+                if parsed is not None and fields is not None:
                     wanted.append((n, parsed, fields))
-            for n, parsed, fields in wanted:  # a later call may have moved an earlier one's
-                location = locations[n]
-                views = [memoryview(bytearray(parsed.start))]
-                views += [fields[name] for name, *_ in parsed.layout]
-                fd = self._reader(location.segment)
-                reads.append(
-                    BodyRead(fd, location.offset, location.length, views, location.checksum)
+            reads = [
+                BodyRead(
+                    self._reader(locations[n].segment),
+                    locations[n].offset,
+                    locations[n].length,
+                    [memoryview(bytearray(parsed.start))]
+                    + [fields[name] for name, *_ in parsed.layout],
+                    locations[n].checksum,
                 )
+                for n, parsed, fields in wanted
+            ]
             outcomes = read_bodies(reads, self._read_pool(), self.read_threads)
             results: list[Page | StorageError | None] = [None] * len(page_ids)
             for (n, parsed, _), why in zip(wanted, outcomes, strict=True):
-                page_id, location = page_ids[n], locations[n]
-                if why == CHECKSUM:
-                    damage = self._body_failed(page_id, location)
-                    results[n] = CorruptionError(
-                        f"page {page_id!r}: body checksum mismatch in segment "
-                        f"{damage.segment} at {damage.offset} (kept on disk, never returned)"
-                    )
-                elif why is not None:
-                    results[n] = StorageError(
-                        f"page {page_id!r}: {why} from segment {location.segment}"
-                    )
-                else:
-                    self._parsed.setdefault(page_id, parsed)  # the header read is verified
-                    self.counters.hits += 1
-                    results[n] = replace(parsed.page, metadata=dict(parsed.page.metadata))
+                results[n] = self._read_result(page_ids[n], locations[n], parsed, why)
         return results
+
+    def _parsed_header(self, page_id: str, location: Location) -> _Parsed | None:
+        """The page's header as kept, else read and parsed (kept once its body checks out);
+        None when it does not parse (bytes payload)."""
+        parsed = self._parsed.get(page_id)
+        if parsed is None:
+            prefix = os.pread(
+                self._reader(location.segment), min(location.length, 1024), location.offset
+            )
+            parsed = self._parse(prefix, location)
+        return parsed
+
+    def _read_result(
+        self, page_id: str, location: Location, parsed: _Parsed, why: str | None
+    ) -> Page | StorageError:
+        """What `read_many_into` returns for a page read: its header, or the error (call
+        under the lock)."""
+        if why == CHECKSUM:
+            damage = self._body_failed(page_id, location)
+            return CorruptionError(
+                f"page {page_id!r}: body checksum mismatch in segment {damage.segment} "
+                f"at {damage.offset} (kept on disk, never returned)"
+            )
+        if why is not None:
+            return StorageError(f"page {page_id!r}: {why} from segment {location.segment}")
+        self._parsed.setdefault(page_id, parsed)  # the header read is the one verified
+        self.counters.hits += 1
+        return replace(parsed.page, metadata=dict(parsed.page.metadata))
 
     def _read_pool(self) -> ThreadPoolExecutor | None:
         """The threads that help the caller's with `read_many_into` (None: it reads alone)."""
