@@ -45,16 +45,18 @@ def read_bodies(
     their checksum, else why not (`SHORT`, `CHECKSUM`, or the error the read raised).
 
     The runs are shared out to `threads` threads as each becomes free: this one and
-    `threads - 1` of `helpers`."""
+    `threads - 1` of `helpers` (no more than there are runs)."""
     outcome: list[str | None] = [None] * len(reads)
-    runs = iter(list(_runs(reads)))  # each thread takes the next run left (under the GIL)
+    planned = list(_runs(reads))
+    runs = iter(planned)  # each thread takes the next run left (under the GIL)
 
     def work() -> None:
         for run in runs:
             for n, why in zip(run, _read_run([reads[n] for n in run]), strict=True):
                 outcome[n] = why
 
-    shares = [helpers.submit(work) for _ in range(threads - 1)] if helpers is not None else []
+    helping = min(threads, len(planned)) - 1 if helpers is not None else 0
+    shares = [helpers.submit(work) for _ in range(helping)] if helpers is not None else []
     work()
     for share in shares:
         share.result()
