@@ -249,6 +249,7 @@ class DiskTier(Tier):
             raise InvalidInputError("read_threads", "must be at least 1", read_threads)
         self.read_threads = read_threads
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = os.getpid()
         self.name = name
         self.path = Path(path)
         self.budget = budget
@@ -419,9 +420,11 @@ class DiskTier(Tier):
         return replace(parsed.page, metadata=dict(parsed.page.metadata))
 
     def _read_pool(self) -> ThreadPoolExecutor | None:
-        """The threads that help the caller's with `read_many_into` (None: it reads alone)."""
-        if self.read_threads > 1 and self._pool is None:
+        """The threads that help the caller's with `read_many_into` (None: it reads alone).
+        A forked child gets a pool of its own: the parent's threads did not come with it."""
+        if self.read_threads > 1 and (self._pool is None or self._pool_pid != os.getpid()):
             self._pool = ThreadPoolExecutor(self.read_threads - 1, thread_name_prefix="disk-read")
+            self._pool_pid = os.getpid()
         return self._pool
 
     @staticmethod

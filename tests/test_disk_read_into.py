@@ -7,6 +7,8 @@ checksum is verified over what arrived; a damaged page is refused and leaves no 
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -223,4 +225,36 @@ def test_a_segment_cut_short_under_an_open_tier_is_a_storage_error(tmp_path: Pat
     assert pages[3].id not in ram
     for page in pages[:3]:
         assert torch.equal(ram.get(page.id).payload["k"], page.payload["k"])
+    store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_reads_through_a_tier_its_parent_read_with(tmp_path: Path) -> None:
+    """The parent's reader threads do not survive a fork: the child must not wait on them.
+    (The child reads into plain buffers and compares bytes: no torch after the fork.)"""
+    pages = _bigger_pages(40)  # several runs: a helper thread is asked for
+    disk = DiskTier(tmp_path / "disk", sync=False)
+    disk.put_many(pages)
+    store = PageStore([TensorTier("ram", "cpu", None), disk])
+    store.prefetch([page.id for page in pages]).result()  # the parent's pool is started
+    expected = [page.payload["k"].view(torch.uint8).numpy().tobytes() for page in pages]
+    buffers = [bytearray(len(data)) for data in expected]
+    ids = [page.id for page in pages]
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            into = dict(zip(ids, buffers, strict=True))
+            read = disk.read_many_into(ids, lambda pid, sig: {"k": memoryview(into[pid])})
+            code = 0 if all(r is not None for r in read) and buffers == expected else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while (done := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        pytest.fail("the forked child hung reading the disk tier")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
     store.close()
