@@ -55,8 +55,9 @@ def read_bodies(
             for n, why in zip(run, _read_run([reads[n] for n in run]), strict=True):
                 outcome[n] = why
 
-    helping = min(threads, len(planned)) - 1 if helpers is not None else 0
-    shares = [helpers.submit(work) for _ in range(helping)] if helpers is not None else []
+    shares = []
+    if helpers is not None:
+        shares = [helpers.submit(work) for _ in range(min(threads, len(planned)) - 1)]
     work()
     for share in shares:
         share.result()

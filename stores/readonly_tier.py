@@ -14,8 +14,6 @@ import dataclasses
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-import torch
-
 from memlayer.errors import InvalidInputError, NotFoundError
 from memlayer.stores.tier import Tier
 from memlayer.types import Page
@@ -85,7 +83,7 @@ class ReadOnlyTier(Tier):
     def read_many_into(
         self,
         page_ids: Sequence[str],
-        destinations: Callable[[str, Any], Mapping[str, torch.Tensor] | None],
+        destinations: Callable[[str, Any], Mapping[str, memoryview] | None],
     ) -> list[Page | Exception | None]:
         """The source's `read_many_into` (a disk tier reads straight into a RAM slab); all
         None, so the caller reads the pages with `get`, when the source has none."""
