@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import kv_models
 import pytest
 import torch
 import transformers as tf
@@ -205,15 +206,8 @@ def _model(seed: int = 0) -> Any:
     return tf.LlamaForCausalLM(config).eval()
 
 
-EXACT = dict(
-    n_init=3,
-    n_local=64,
-    block_size=16,
-    topk=1000,
-    chunk_size=64,
-    positions="exact",
-    page_dtype="model",
-)
+# every page selected at its true position (kv_models.EXACT), in blocks the kernel's 64 rows fill
+EXACT = {**kv_models.EXACT, "n_local": 64, "block_size": 16, "chunk_size": 64}
 
 
 def _logits(model: Any, ids: torch.Tensor, **config: Any) -> torch.Tensor:
